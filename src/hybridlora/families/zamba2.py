@@ -1,0 +1,33 @@
+"""Zamba2: Mamba-2 backbone; hybrid layers also run one *shared* attention+MLP block (same weights at every
+hybrid layer) whose output is projected by a per-layer Linear before the layer's Mamba mixer."""
+from . import CONV_BYPASS, MAMBA2_OUT_PROJ_BYPASS, Family, Rule, mamba2_rules
+
+_SHARED = r"shared_transformer"
+FAMILY = Family(
+    name="zamba2",
+    model_types=("zamba2",),
+    topology="sequential",
+    schedule_attr="layers_block_type",
+    rules=(
+        Rule(rf"{_SHARED}\.self_attn\.(q|k|v|o)_proj", "softmax_attention", r"\1"),
+        Rule(rf"{_SHARED}\.self_attn\.linear_(q|k|v)_adapter_list\.\d+\.\d+", "softmax_attention", r"\1_adapter"),
+        Rule(rf"{_SHARED}\.self_attn", "softmax_attention", "params"),
+        Rule(rf"{_SHARED}\.feed_forward\.gate_up_proj", "mlp", "gate_up"),
+        Rule(rf"{_SHARED}\.feed_forward\.down_proj", "mlp", "down"),
+        Rule(rf"{_SHARED}\.feed_forward\.gate_up_proj_adapter_list\.\d+\.\d+", "mlp", "gate_up_adapter"),
+        # Per-layer projection of the shared block's output into the residual stream.
+        Rule(r"linear", "softmax_attention", "shared_out"),
+    )
+    + mamba2_rules(r"(?:mamba_decoder\.)?mamba"),
+    bypassed={r"(?:mamba_decoder\.)?mamba\.out_proj": MAMBA2_OUT_PROJ_BYPASS,
+              r"(?:mamba_decoder\.)?mamba\.conv1d": CONV_BYPASS},
+    tiny=dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=4,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+        num_attention_heads=4, num_key_value_heads=4, attention_head_dim=32, intermediate_size=128,
+        mamba_d_state=16, mamba_headdim=16, n_mamba_heads=8, mamba_ngroups=1, chunk_size=16,
+        num_mem_blocks=1, use_shared_attention_adapter=False, adapter_rank=8, max_position_embeddings=512,
+    ),
+    notes="The shared transformer block is one module reused by every hybrid layer: one adapter on it acts "
+    "at all of them.",
+)

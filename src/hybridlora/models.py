@@ -1,0 +1,175 @@
+"""Turning a MODEL argument into a transformers config and model.
+
+MODEL may be a catalog name (``qwen3.5-0.8b``), a hub id (loaded when the hub is reachable, else the catalog
+entry of the same id), a local model directory, or a path to a config.json. Inspecting and planning build the
+model on the ``meta`` device: exact shapes and counts, no weights, no memory.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .families import Family, family_for
+
+
+class ModelError(ValueError):
+    """A MODEL argument that cannot be resolved; the message says what to do."""
+
+
+@dataclass
+class ModelSource:
+    spec: str  # what the user typed
+    kind: str  # "catalog" | "hub" | "local" | "config"
+    name: str  # display name: hub id where known
+    config: Any  # transformers PretrainedConfig
+    path: Path | None = None  # local directory holding weights, if any
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict[str, dict[str, Any]]:
+    """All shipped catalog entries, keyed by their short name."""
+    entries = {}
+    for item in resources.files("hybridlora.catalog").iterdir():
+        if item.name.endswith(".json"):
+            entry = json.loads(item.read_text())
+            entries[entry["name"]] = entry
+    return entries
+
+
+def _catalog_lookup(spec: str) -> dict[str, Any] | None:
+    key = spec.lower()
+    for entry in catalog().values():
+        names = [entry["name"], entry.get("hub_id", ""), *entry.get("aliases", [])]
+        if key in (n.lower() for n in names if n):
+            return entry
+    return None
+
+
+def config_from_dict(data: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    data = copy.deepcopy(data)
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise ModelError("config has no model_type; pass a transformers config.json")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except ValueError as exc:
+        raise ModelError(f"transformers does not know model_type {model_type!r} ({exc}); upgrade transformers") from exc
+
+
+def text_config(config: Any) -> Any:
+    """The language-model part of a (possibly multimodal) config."""
+    sub = getattr(config, "text_config", None)
+    return sub if sub is not None and getattr(sub, "model_type", None) else config
+
+
+def resolve_model(spec: str) -> ModelSource:
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return ModelSource(spec, "config", spec, config_from_dict(_read_json(path)))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{spec}: directory has no config.json; point MODEL at a transformers model directory")
+        config = config_from_dict(_read_json(path / "config.json"))
+        return ModelSource(spec, "local", spec, config, path=path)
+    entry = _catalog_lookup(spec)
+    if "/" in spec:
+        hub = _try_hub_config(spec)
+        if hub is not None:
+            return ModelSource(spec, "hub", spec, hub)
+        if entry is not None:
+            return _from_catalog(spec, entry)
+        raise ModelError(f"{spec}: hub not reachable and no catalog entry with that id; {_suggest(spec)}")
+    if entry is not None:
+        return _from_catalog(spec, entry)
+    raise ModelError(f"unknown model {spec!r}; {_suggest(spec)}")
+
+
+def _from_catalog(spec: str, entry: dict[str, Any]) -> ModelSource:
+    return ModelSource(spec, "catalog", entry.get("hub_id", entry["name"]), config_from_dict(entry["config"]))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def _try_hub_config(hub_id: str) -> Any | None:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(hub_id)
+    except Exception:  # offline, gated, or no such repo: the caller falls back to the catalog
+        return None
+
+
+def _suggest(spec: str) -> str:
+    names = sorted(catalog())
+    close = difflib.get_close_matches(spec.lower(), names, n=3, cutoff=0.3)
+    if close:
+        return f"did you mean {', '.join(close)}? (`hybridlora catalog` lists all)"
+    return "run `hybridlora catalog` for the offline names, or pass a local model directory"
+
+
+def build_meta_model(config: Any) -> torch.nn.Module:
+    """The exact full-size causal LM on the meta device (shapes only, no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(text_config(config))
+
+
+def tiny_config(config: Any, family: Family) -> Any:
+    """A small same-family config: the real config with the family's size overrides applied."""
+    if not family.tiny:
+        raise ModelError(f"family {family.name} has no tiny config; liveness needs real weights (--load-weights)")
+    data = text_config(config).to_dict()
+    data.update(copy.deepcopy(family.tiny))
+    for key in ("quantization_config", "auto_map", "_name_or_path", "architectures"):
+        data.pop(key, None)
+    return config_from_dict(data)
+
+
+def tiny_config_for(model_type: str, **overrides: Any) -> Any:
+    """A small config of the family covering ``model_type``, from transformers' defaults (for tests/demos)."""
+    from transformers import AutoConfig
+
+    family = family_for(model_type)
+    if family is None:
+        raise ModelError(f"no family entry for model_type {model_type!r}")
+    base = AutoConfig.for_model(model_type)
+    data = base.to_dict()
+    data.update(copy.deepcopy(family.tiny))
+    data.update(overrides)
+    return config_from_dict(data)
+
+
+def build_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A randomly initialised causal LM on the CPU (tiny configs only: this allocates real memory)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(text_config(config), dtype=dtype)
+    return model.eval()
+
+
+def load_pretrained(source: ModelSource, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    where = str(source.path) if source.path else source.name
+    return AutoModelForCausalLM.from_pretrained(where, dtype=dtype).eval()
