@@ -140,7 +140,7 @@ def tiny_config(config: Any, family: Family) -> Any:
     data.update(copy.deepcopy(family.tiny))
     for key in ("quantization_config", "auto_map", "_name_or_path", "architectures"):
         data.pop(key, None)
-    return config_from_dict(data)
+    return config_from_dict(_consistent(data))
 
 
 def tiny_config_for(model_type: str, **overrides: Any) -> Any:
@@ -154,7 +154,25 @@ def tiny_config_for(model_type: str, **overrides: Any) -> Any:
     data = base.to_dict()
     data.update(copy.deepcopy(family.tiny))
     data.update(overrides)
-    return config_from_dict(data)
+    return config_from_dict(_consistent(data))
+
+
+_PER_LAYER_LISTS = ("layer_types", "layers_block_type", "mlp_layer_types")
+_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def _consistent(data: dict[str, Any]) -> dict[str, Any]:
+    """Shrinking a config can leave per-layer lists or special-token ids out of range: cut them to fit."""
+    n_layers, vocab = data.get("num_hidden_layers"), data.get("vocab_size")
+    for key in _PER_LAYER_LISTS:
+        value = data.get(key)
+        if isinstance(value, list) and n_layers and len(value) != n_layers:
+            data[key] = [value[i % len(value)] for i in range(n_layers)]
+    for key in _TOKEN_IDS:
+        value = data.get(key)
+        if isinstance(value, int) and vocab and value >= vocab:
+            data[key] = vocab - 1
+    return data
 
 
 def build_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -1,5 +1,7 @@
-"""Zamba2: Mamba-2 backbone; hybrid layers also run one *shared* attention+MLP block (same weights at every
-hybrid layer) whose output is projected by a per-layer Linear before the layer's Mamba mixer."""
+"""Zamba2: Mamba-2 backbone; hybrid layers also run a *shared* attention+MLP block whose output is projected by
+a per-layer Linear before the layer's Mamba mixer. transformers gives each hybrid layer its own copy of the
+block with the weights tied, so the map counts them once (``tied_to``) while LoRA adapters on them are per
+layer (the frozen base weight stays shared)."""
 from . import CONV_BYPASS, MAMBA2_OUT_PROJ_BYPASS, Family, Rule, mamba2_rules
 
 _SHARED = r"shared_transformer"
@@ -23,11 +25,11 @@ FAMILY = Family(
               r"(?:mamba_decoder\.)?mamba\.conv1d": CONV_BYPASS},
     tiny=dict(
         vocab_size=256, hidden_size=64, num_hidden_layers=4,
-        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], hybrid_layer_ids=[1, 3],
         num_attention_heads=4, num_key_value_heads=4, attention_head_dim=32, intermediate_size=128,
         mamba_d_state=16, mamba_headdim=16, n_mamba_heads=8, mamba_ngroups=1, chunk_size=16,
         num_mem_blocks=1, use_shared_attention_adapter=False, adapter_rank=8, max_position_embeddings=512,
     ),
-    notes="The shared transformer block is one module reused by every hybrid layer: one adapter on it acts "
-    "at all of them.",
+    notes="The shared transformer block's weights are tied across hybrid layers (counted once); LoRA adapters "
+    "on it are separate per layer.",
 )
