@@ -202,7 +202,7 @@ def build_component_map(model: nn.Module) -> ComponentMap:
                 owner_of[id(p)] = name
                 params += p.numel()
 
-        bypass = family.bypass_reason(path) if (family and layer is not None) else None
+        bypass = family.bypass_reason(path, layer, config) if (family and layer is not None) else None
         reason = _ineligibility(mod, component, bypass)
         shared = sorted({_layer_of(a, layers_path)[0] for a in aliases[id(mod)]} - {layer, None})
         modules.append(ModuleInfo(

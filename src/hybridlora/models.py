@@ -106,9 +106,29 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
 
 
+@lru_cache(maxsize=1)
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """A quick probe, so that an offline machine falls back to the catalog at once instead of after
+    transformers' long network retries. HF_HUB_OFFLINE=1 skips the probe."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        socket.create_connection((host, int(port or 443)), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _try_hub_config(hub_id: str) -> Any | None:
     from transformers import AutoConfig
 
+    if not hub_reachable():
+        return None
     try:
         return AutoConfig.from_pretrained(hub_id)
     except Exception:  # offline, gated, or no such repo: the caller falls back to the catalog

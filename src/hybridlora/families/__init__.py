@@ -80,6 +80,8 @@ class Family:
     study_presets: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     layers_path: str = "model.layers"
     notes: str = ""
+    # (path inside layer, layer index, config) -> reason when a module exists but is never called at that layer
+    unused: Callable[[str, int, Any], str | None] | None = None
 
     def classify(self, path: str, layer_kind: str | None, config: Any) -> tuple[str, str] | None:
         for rule in self.rules:
@@ -88,10 +90,12 @@ class Family:
                 return rule.component, role
         return None
 
-    def bypass_reason(self, path: str) -> str | None:
+    def bypass_reason(self, path: str, layer: int | None = None, config: Any = None) -> str | None:
         for pattern, reason in self.bypassed.items():
             if re.fullmatch(pattern, path):
                 return reason
+        if self.unused is not None and layer is not None:
+            return self.unused(path, layer, config)
         return None
 
     def schedule(self, config: Any, num_layers: int) -> list[str] | None:

@@ -2,9 +2,25 @@
 a per-layer Linear before the layer's Mamba mixer. transformers gives each hybrid layer its own copy of the
 block with the weights tied, so the map counts them once (``tied_to``) while LoRA adapters on them are per
 layer (the frozen base weight stays shared)."""
+import re
+
 from . import CONV_BYPASS, MAMBA2_OUT_PROJ_BYPASS, Family, Rule, mamba2_rules
 
 _SHARED = r"shared_transformer"
+
+
+def _unused_adapter(path: str, layer: int, config) -> str | None:
+    """Each copy of the shared block holds one adapter per hybrid layer but calls only the one for its own
+    layer; the others exist (tied across copies) and are never run here."""
+    m = re.search(r"adapter_list\.(\d+)\.", path)
+    hybrid = list(getattr(config, "hybrid_layer_ids", []) or [])
+    if not m or layer not in hybrid:
+        return None
+    serves = hybrid[int(m.group(1))] if int(m.group(1)) < len(hybrid) else None
+    if serves == layer:
+        return None
+    return f"never called at layer {layer}: this adapter slot serves hybrid layer {serves}"
+
 FAMILY = Family(
     name="zamba2",
     model_types=("zamba2",),
@@ -27,9 +43,11 @@ FAMILY = Family(
         vocab_size=256, hidden_size=64, num_hidden_layers=4,
         layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], hybrid_layer_ids=[1, 3],
         num_attention_heads=4, num_key_value_heads=4, attention_head_dim=32, intermediate_size=128,
+        attention_hidden_size=128, kv_channels=16, num_query_groups=4,  # derived keys transformers serialises
         mamba_d_state=16, mamba_headdim=16, n_mamba_heads=8, mamba_ngroups=1, chunk_size=16,
         num_mem_blocks=1, use_shared_attention_adapter=False, adapter_rank=8, max_position_embeddings=512,
     ),
+    unused=_unused_adapter,
     notes="The shared transformer block's weights are tied across hybrid layers (counted once); LoRA adapters "
     "on it are separate per layer.",
 )

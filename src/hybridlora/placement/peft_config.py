@@ -1,6 +1,7 @@
 """PEFT ``LoraConfig`` for a resolved placement: exact full module names, never suffixes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections import Counter
@@ -42,3 +43,24 @@ def save_adapter_config(resolved: ResolvedPlacement, directory: str | Path, base
     path = directory / "adapter_config.json"
     json.loads(path.read_text())  # written whole, readable
     return path
+
+
+@contextlib.contextmanager
+def exact_targets():
+    """Stop PEFT rewriting our exact target names while it attaches or loads an adapter.
+
+    PEFT (0.21) converts LoRA configs written for transformers v4 MoE models: on Qwen-MoE-style models
+    (qwen3_next, qwen3_5_moe, ...) any target ending in ``.gate_proj``/``.up_proj``/``.down_proj``/``.gate`` is
+    re-pointed at the fused expert parameters — including our *shared expert* and router names, which would move
+    the adapter to modules the placement never chose. hybridlora's configs are always written for the model as
+    built, so the conversion never applies; verification (``check_static``) would report the move otherwise.
+    """
+    from unittest import mock
+
+    try:
+        import peft.utils.transformers_weight_conversion as conversion
+    except ImportError:  # older PEFT without the conversion: nothing to neutralise
+        yield
+        return
+    with mock.patch.object(conversion, "convert_peft_config_for_transformers", lambda *a, **k: None):
+        yield

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .peft_config import lora_config
+from .peft_config import exact_targets, lora_config
 from .resolve import ResolvedPlacement
 
 
@@ -47,7 +47,8 @@ def attach(model: nn.Module, resolved: ResolvedPlacement, *, init_lora_weights: 
     """Wrap ``model`` with PEFT LoRA on exactly the resolved hosts."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(resolved, init_lora_weights=init_lora_weights))
+    with exact_targets():
+        return get_peft_model(model, lora_config(resolved, init_lora_weights=init_lora_weights))
 
 
 def lora_hosts(peft_model: nn.Module) -> dict[str, nn.Module]:

@@ -1,0 +1,1225 @@
+"""Sandboxed execution of untrusted, model-generated Python code (HumanEval pass@1).
+
+Every program runs in its own short-lived process tree, built by a small *launcher* (this
+very file run as a script: ``python -I -S sandbox.py --hybridlora-sandbox-launch CONFIG``)::
+
+    caller (run_program)                      -- waits with a wall-clock timeout, then kills
+      └─ launcher   (own session/process group, root if the caller is root)
+           └─ init  (pid 1 of a fresh PID namespace, when available; reaps, relays status)
+                └─ worker -> exec python -I -S -B -c RUNNER   (unprivileged, limited)
+
+Protection layers, each one independent of the others (defence in depth):
+
+* scrubbed environment (minimal PATH/LANG/HOME/TMPDIR only) and a fresh private working
+  directory used as cwd, HOME and TMPDIR, removed afterwards;
+* own session / process group; the whole group is SIGKILLed when the run ends, also on success;
+* resource limits set in the worker before exec: RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE,
+  RLIMIT_NOFILE, RLIMIT_NPROC, RLIMIT_CORE=0 (and RLIMIT_MEMLOCK/RLIMIT_MSGQUEUE=0);
+* when running as root: the worker drops to a *dedicated* unprivileged uid/gid taken from a
+  private range (one uid per concurrent run, guarded by a lock file so that concurrent
+  evaluation processes never share one).  It therefore cannot signal the caller, RLIMIT_NPROC
+  counts only its own processes, and after the run every process still owned by that uid is
+  killed (a "uid sweep"), which catches daemons that escaped the process group;
+* Linux namespaces when permitted: network (no interface but a downed loopback: nothing can
+  be reached), IPC, mount (fresh size-limited tmpfs over /tmp, /var/tmp, /dev/shm, /run/lock,
+  so nothing written there outlives the run and the host's temporary files are invisible),
+  and PID (the sandbox sees only itself; when its init exits the kernel kills everything
+  left inside; /proc is remounted so host processes are not even visible);
+* PR_SET_NO_NEW_PRIVS and a seccomp-BPF filter (x86-64): no sockets, no new processes
+  (threads are allowed), signals only to itself, no ptrace / namespaces / mount / io_uring /
+  bpf / keyrings;
+* an in-interpreter guard prelude executed before the untrusted code: process spawning,
+  signalling, socket creation and ``ctypes`` are disabled, ``os._exit`` raises SystemExit.
+
+The layers really in force on this machine are reported by :func:`protections` (obtained by
+running a probe program through the sandbox), and any layer that could not be established is
+reported loudly through :mod:`warnings` (:class:`SandboxWarning`) and :mod:`logging`.
+
+The launcher part of this file (up to the ``__main__`` dispatch) deliberately imports only
+cheap built-in modules, because it is started once per program.
+"""
+from __future__ import annotations
+
+import marshal
+import os
+import sys
+
+_LAUNCH_FLAG = "--hybridlora-sandbox-launch"
+
+# Layers that a caller may switch off (tests use this to exercise the remaining layers).
+DISABLEABLE_LAYERS = frozenset(
+    {"python_guard", "seccomp", "net_namespace", "ipc_namespace", "mount_namespace", "pid_namespace"}
+)
+
+# Linux constants (x86-64 / generic values; the seccomp table is x86-64 only).
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWIPC = 0x08000000
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEWPID = 0x20000000
+_CLONE_THREAD = 0x00010000
+_MS_RDONLY = 0x1
+_MS_NOSUID = 0x2
+_MS_NODEV = 0x4
+_MS_NOEXEC = 0x8
+_MS_REMOUNT = 0x20
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MS_PRIVATE = 0x40000
+_PR_SET_PDEATHSIG = 1
+_PR_SET_SECCOMP = 22
+_PR_SET_NO_NEW_PRIVS = 38
+_SECCOMP_MODE_FILTER = 2
+_SIGKILL = 9
+_EXIT_SANDBOX_ERROR = 70
+
+# Directories that any user may write into; inside the mount namespace each gets a fresh tmpfs.
+_WORLD_WRITABLE_CANDIDATES = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock")
+_NS_WORKDIR = "/tmp/sandbox"
+_NS_PYTHON_MOUNT = "/tmp/.sandbox-python"
+
+# The guard prelude and program runner, executed by the sandboxed interpreter via ``-c``.
+# argv: program path, strict-exit flag ("1"/"0"), guard flag ("1"/"0").
+_RUNNER_SRC = r'''
+import sys
+
+def _sandbox_guard(real_exit):
+    import builtins, posix, os
+
+    def deny(what):
+        def denied(*args, **kwargs):
+            raise PermissionError("sandbox: %s is disabled" % what)
+        denied.__name__ = what.rsplit(".", 1)[-1]
+        return denied
+
+    blocked = (
+        "fork", "forkpty", "vfork", "system", "popen", "posix_spawn", "posix_spawnp",
+        "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
+        "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp", "execvpe", "fexecve",
+        "kill", "killpg", "setsid", "setpgid", "setpgrp", "pidfd_open", "plock",
+        "setuid", "seteuid", "setreuid", "setresuid", "setgid", "setegid", "setregid",
+        "setresgid", "setgroups", "unshare", "setns", "chroot",
+    )
+    for module in (posix, os):
+        for name in blocked:
+            if hasattr(module, name):
+                setattr(module, name, deny("os." + name))
+
+    def guarded_exit(code=0):
+        raise SystemExit(code)
+    posix._exit = os._exit = guarded_exit
+
+    import _posixsubprocess
+    _posixsubprocess.fork_exec = deny("subprocess")
+    import _signal
+    for name in ("pthread_kill", "pidfd_send_signal"):
+        if hasattr(_signal, name):
+            setattr(_signal, name, deny("signal." + name))
+    if "signal" in sys.modules:
+        for name in ("pthread_kill", "pidfd_send_signal"):
+            if hasattr(sys.modules["signal"], name):
+                setattr(sys.modules["signal"], name, deny("signal." + name))
+
+    import _socket
+
+    class socket(_socket.socket):
+        def __init__(self, *args, **kwargs):
+            raise PermissionError("sandbox: socket creation is disabled")
+
+    _socket.socket = _socket.SocketType = socket
+    for name in ("socketpair", "fromfd"):
+        if hasattr(_socket, name):
+            setattr(_socket, name, deny("socket." + name))
+    for name in ("ctypes", "_ctypes", "cffi", "_cffi_backend", "multiprocessing", "_multiprocessing"):
+        sys.modules[name] = None
+
+
+def _sandbox_main():
+    import builtins, os, types
+    path, strict, guard = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+    real_exit = os._exit
+
+    def finish(code):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        real_exit(code)
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            source = handle.read()
+        code = compile(source, path, "exec", dont_inherit=True)
+    except BaseException as exc:
+        import traceback
+        sys.stderr.write("".join(traceback.format_exception_only(type(exc), exc)))
+        finish(1)
+    if guard:
+        _sandbox_guard(real_exit)
+    module = types.ModuleType("__main__")
+    module.__file__ = path
+    module.__builtins__ = builtins
+    sys.modules["__main__"] = module
+    sys.argv = [path]
+    try:
+        exec(code, module.__dict__)
+    except SystemExit as exc:
+        if strict:
+            sys.stderr.write("sandbox: the program exited early via SystemExit(%r) "
+                             "before its tests finished\n" % (exc.code,))
+            finish(1)
+        if exc.code is None:
+            finish(0)
+        if isinstance(exc.code, int):
+            finish(exc.code & 0xFF)
+        sys.stderr.write("%s\n" % (exc.code,))
+        finish(1)
+    except BaseException as exc:
+        import traceback
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        sys.stderr.write("".join(traceback.format_exception(type(exc), exc, tb)))
+        finish(1)
+    finish(0)
+
+_sandbox_main()
+'''
+
+
+# ======================================================================= launcher side
+# Everything up to the ``__main__`` dispatch runs inside the launcher process.
+
+def _record(fd: int, **entry) -> None:
+    """Append one length-prefixed marshal record to the report file."""
+    data = marshal.dumps(entry)
+    os.write(fd, len(data).to_bytes(4, "little") + data)
+
+
+def _err_text(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno:
+        return f"{type(exc).__name__}: [{os.strerror(exc.errno)}] {exc.args[-1] if exc.args else ''}".strip()
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _Libc:
+    """Thin ctypes wrapper around the few libc calls the launcher needs."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self.ctypes = ctypes
+        self.lib = ctypes.CDLL(None, use_errno=True)
+        self.lib.unshare.argtypes = [ctypes.c_int]
+        self.lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+        self.lib.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            err = self.ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def unshare(self, flags: int, what: str) -> None:
+        self._check(self.lib.unshare(flags), f"unshare({what})")
+
+    def mount(self, source, target, fstype, flags: int, data=None) -> None:
+        enc = lambda s: None if s is None else s.encode()  # noqa: E731
+        self._check(self.lib.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+
+    def prctl(self, option: int, arg2, what: str) -> None:
+        self._check(self.lib.prctl(option, arg2, 0, 0, 0), what)
+
+
+def _seccomp_program(self_pid: int) -> list[tuple[int, int, int, int]]:
+    """Classic-BPF seccomp filter (x86-64 syscall numbers)."""
+    audit_arch_x86_64 = 0xC000003E
+    nr_clone, nr_clone3 = 56, 435
+    self_only = (62, 200, 234, 129, 297)  # kill tkill tgkill rt_sigqueueinfo rt_tgsigqueueinfo
+    denied = (
+        41, 53,  # socket socketpair
+        57, 58,  # fork vfork
+        101, 310, 311,  # ptrace process_vm_readv process_vm_writev
+        272, 308,  # unshare setns
+        165, 166, 155, 161,  # mount umount2 pivot_root chroot
+        425, 426, 427,  # io_uring_setup/enter/register
+        321, 298, 323,  # bpf perf_event_open userfaultfd
+        248, 249, 250,  # add_key request_key keyctl
+        424, 438,  # pidfd_send_signal pidfd_getfd
+    )
+    ld_w_abs, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill = 0x7FFF0000, 0x80000000
+    eperm, enosys = 0x00050000 | 1, 0x00050000 | 38
+    prog: list = []  # entries: (code, jt_label_or_0, jf_label_or_0, k)
+
+    prog.append((ld_w_abs, 0, 0, 4))  # seccomp_data.arch
+    prog.append((jeq, 0, "kill", audit_arch_x86_64))
+    prog.append((ld_w_abs, 0, 0, 0))  # seccomp_data.nr
+    prog.append((jge, "eperm", 0, 0x40000000))  # x32 ABI: refuse
+    prog.append((jeq, "clone", 0, nr_clone))
+    prog.append((jeq, "enosys", 0, nr_clone3))  # glibc falls back to clone()
+    for nr in self_only:
+        prog.append((jeq, "self", 0, nr))
+    for nr in denied:
+        prog.append((jeq, "eperm", 0, nr))
+    prog.append((ret, 0, 0, allow))
+    labels = {}
+    labels["clone"] = len(prog)
+    prog.append((ld_w_abs, 0, 0, 16))  # args[0] low word: clone flags
+    prog.append((jset, "allow", "eperm", _CLONE_THREAD))
+    labels["self"] = len(prog)
+    prog.append((ld_w_abs, 0, 0, 16))  # args[0] low word: target pid
+    prog.append((jeq, "allow", "eperm", self_pid))
+    labels["allow"] = len(prog)
+    prog.append((ret, 0, 0, allow))
+    labels["eperm"] = len(prog)
+    prog.append((ret, 0, 0, eperm))
+    labels["enosys"] = len(prog)
+    prog.append((ret, 0, 0, enosys))
+    labels["kill"] = len(prog)
+    prog.append((ret, 0, 0, kill))
+
+    out = []
+    for i, (code, jt, jf, k) in enumerate(prog):
+        jt = labels[jt] - i - 1 if isinstance(jt, str) else jt
+        jf = labels[jf] - i - 1 if isinstance(jf, str) else jf
+        if not (0 <= jt < 256 and 0 <= jf < 256):
+            raise ValueError("seccomp jump out of range")
+        out.append((code, jt, jf, k))
+    return out
+
+
+def _install_seccomp(libc: _Libc) -> None:
+    machine = os.uname().machine  # no imports here: the stdlib may be unreadable after the uid drop
+    if machine != "x86_64":
+        raise OSError(0, f"seccomp filter table not available for {machine}")
+    ctypes = libc.ctypes
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    insns = _seccomp_program(os.getpid())
+    array = (SockFilter * len(insns))(*[SockFilter(*insn) for insn in insns])
+    prog = SockFprog(len(insns), ctypes.cast(array, ctypes.POINTER(SockFilter)))
+    rc = libc.lib.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_SECCOMP): {os.strerror(err)}")
+
+
+class _Launcher:
+    def __init__(self, cfg: dict, report_fd: int) -> None:
+        self.cfg = cfg
+        self.report_fd = report_fd
+        self.disabled = set(cfg["disable"])
+        self.uid = cfg["uid"]
+        self.gid = cfg["gid"]
+        self.layers: dict = {}
+        self.python = cfg["python"]
+        self.extra_env: dict = {}
+        self.workdir = cfg["host_workdir"]
+        self.mount_ns = False
+        self.libc: _Libc | None = None
+
+    # -- helpers -----------------------------------------------------------------------
+    def _wanted(self, layer: str) -> bool:
+        if layer in self.disabled:
+            self.layers[layer] = "disabled by caller"
+            return False
+        return True
+
+    def _access_failures(self, checks: list) -> list:
+        """Paths the sandbox uid could not use (checked with the launcher's euid switched)."""
+        os.setegid(self.gid)
+        os.seteuid(self.uid)
+        try:
+            return [path for path, mode in checks if not os.access(path, mode, effective_ids=True)]
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+
+    def _python_checks(self, python: str, prefix_from: str | None = None, prefix_to: str | None = None) -> list:
+        def remap(path: str) -> str:
+            if prefix_from and path.startswith(prefix_from):
+                return prefix_to + path[len(prefix_from):]
+            return path
+
+        checks = [(python, os.X_OK)]
+        if self.cfg["stdlib"]:
+            checks.append((remap(os.path.join(self.cfg["stdlib"], "os.py")), os.R_OK))
+        if self.cfg["libdir"] and os.path.isdir(self.cfg["libdir"]):
+            checks.append((remap(self.cfg["libdir"]), os.X_OK))
+        return checks
+
+    # -- stages ------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self.libc = _Libc()
+        except Exception as exc:  # pragma: no cover - ctypes missing
+            self.layers["ctypes"] = _err_text(exc)
+        if self.libc is not None:
+            self.libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")
+        if os.getppid() != self.cfg["parent_pid"]:
+            return _EXIT_SANDBOX_ERROR  # caller already gone
+        with open(self.cfg["program"], "rb") as handle:
+            program = handle.read()
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.setgroups([])
+        self._namespaces(as_root)
+        self._prepare_workdir(program)
+        self._choose_interpreter(as_root)
+        self._pid_namespace(as_root)
+        _record(self.report_fd, layers=self.layers)
+
+        pid = os.fork()
+        if pid == 0:  # child: init of the PID namespace, or directly the worker
+            if self.layers.get("pid_namespace") is True:
+                self._init_main()
+            else:
+                self._worker_main()
+            os._exit(_EXIT_SANDBOX_ERROR)  # not reached
+        if self.layers.get("pid_namespace") is True:
+            os.waitpid(pid, 0)
+        else:
+            self._reap_worker(pid)
+        return 0
+
+    def _namespaces(self, as_root: bool) -> None:
+        libc = self.libc
+        not_root = "needs root (CAP_SYS_ADMIN); the sandbox is not running as root"
+        for layer, flag in (("net_namespace", _CLONE_NEWNET), ("ipc_namespace", _CLONE_NEWIPC)):
+            if not self._wanted(layer):
+                continue
+            if not as_root or libc is None:
+                self.layers[layer] = not_root if libc else "ctypes unavailable"
+                continue
+            try:
+                libc.unshare(flag, layer)
+                self.layers[layer] = True
+            except OSError as exc:
+                self.layers[layer] = _err_text(exc)
+        if not self._wanted("mount_namespace"):
+            return
+        if not as_root or libc is None:
+            self.layers["mount_namespace"] = not_root if libc else "ctypes unavailable"
+            return
+        try:
+            libc.unshare(_CLONE_NEWNS, "mount_namespace")
+            # Never let our mounts propagate back to the host.
+            libc.mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+        except OSError as exc:
+            self.layers["mount_namespace"] = _err_text(exc)
+            return
+        failures, seen = [], set()
+        tmpfs_mb = self.cfg["tmpfs_mb"]
+        for path in _WORLD_WRITABLE_CANDIDATES:
+            real = os.path.realpath(path)
+            if real in seen or not os.path.isdir(real) or not (os.stat(real).st_mode & 0o002):
+                continue
+            seen.add(real)
+            try:
+                libc.mount("tmpfs", real, "tmpfs", _MS_NOSUID | _MS_NODEV,
+                           f"size={tmpfs_mb}m,nr_inodes=16384,mode=1777")
+                if real == "/tmp":
+                    self.mount_ns = True
+            except OSError as exc:
+                failures.append(_err_text(exc))
+        if failures:
+            self.layers["mount_namespace"] = "partial: " + "; ".join(failures)
+        elif not self.mount_ns:
+            self.layers["mount_namespace"] = "no world-writable /tmp to replace"
+        else:
+            self.layers["mount_namespace"] = True
+
+    def _prepare_workdir(self, program: bytes) -> None:
+        if self.mount_ns:
+            os.mkdir(_NS_WORKDIR, 0o700)
+            if self.uid is not None:
+                os.chown(_NS_WORKDIR, self.uid, self.gid)
+            self.workdir = _NS_WORKDIR
+        if not os.path.isdir(self.workdir):
+            raise RuntimeError(f"working directory {self.workdir} is not visible in the sandbox")
+        path = os.path.join(self.workdir, "_program.py")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(program)
+        self.program_path = path
+
+    def _choose_interpreter(self, as_root: bool) -> None:
+        if self.uid is None:
+            self.layers["uid_drop"] = (
+                "not running as root: the program runs under the caller's own uid" if not as_root
+                else "no sandbox uid available")
+            return
+        checks = self._python_checks(self.python) + [(self.program_path, os.R_OK)]
+        if not self._access_failures(checks):
+            self.layers["uid_drop"] = True
+            return
+        reasons = [f"{self.python} is not usable by uid {self.uid}"]
+        prefix = self.cfg["python_prefix"]
+        if self.mount_ns and prefix and self.python.startswith(prefix + os.sep):
+            try:  # expose the interpreter's installation read-only at a path the uid can reach
+                os.mkdir(_NS_PYTHON_MOUNT, 0o755)
+                self.libc.mount(prefix, _NS_PYTHON_MOUNT, None, _MS_BIND | _MS_REC)
+                self.libc.mount(None, _NS_PYTHON_MOUNT, None,
+                                _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+                candidate = _NS_PYTHON_MOUNT + self.python[len(prefix):]
+                if not self._access_failures(self._python_checks(candidate, prefix, _NS_PYTHON_MOUNT)):
+                    self.python = candidate
+                    libdir = self.cfg["libdir"]
+                    if libdir and libdir.startswith(prefix):
+                        self.extra_env["LD_LIBRARY_PATH"] = _NS_PYTHON_MOUNT + libdir[len(prefix):]
+                    self.layers["uid_drop"] = True
+                    self.layers["interpreter"] = f"{self.cfg['python']} (bind-mounted read-only at {_NS_PYTHON_MOUNT})"
+                    return
+                reasons.append("relocated interpreter still not usable")
+            except OSError as exc:
+                reasons.append(_err_text(exc))
+        for fallback in self.cfg["fallback_pythons"]:
+            if not self._access_failures([(fallback, os.X_OK)]):
+                self.python = fallback
+                self.layers["uid_drop"] = True
+                self.layers["interpreter"] = f"{fallback} (fallback: {'; '.join(reasons)})"
+                return
+        self.layers["uid_drop"] = "; ".join(reasons) + "; no fallback interpreter usable either"
+        self.uid = self.gid = None
+
+    def _pid_namespace(self, as_root: bool) -> None:
+        if not self._wanted("pid_namespace"):
+            return
+        if not as_root or self.libc is None:
+            self.layers["pid_namespace"] = "needs root (CAP_SYS_ADMIN); the sandbox is not running as root"
+            return
+        try:
+            self.libc.unshare(_CLONE_NEWPID, "pid_namespace")
+            self.layers["pid_namespace"] = True
+        except OSError as exc:
+            self.layers["pid_namespace"] = _err_text(exc)
+
+    def _reap_worker(self, pid: int) -> None:
+        """Wait for the worker (reaping any other child) and record how it ended."""
+        while True:
+            try:
+                wpid, status, usage = os.wait4(-1, 0)
+            except ChildProcessError:
+                _record(self.report_fd, error="worker vanished without an exit status")
+                return
+            if wpid == pid:
+                break
+        cpu = usage.ru_utime + usage.ru_stime
+        if os.WIFSIGNALED(status):
+            _record(self.report_fd, worker={"signal": os.WTERMSIG(status), "cpu_s": cpu})
+        else:
+            _record(self.report_fd, worker={"exitcode": os.WEXITSTATUS(status), "cpu_s": cpu})
+
+    def _init_main(self) -> None:
+        """PID 1 of the new PID namespace: start the worker, reap, relay its status."""
+        try:
+            self.libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")
+            layers = {}
+            if self.mount_ns:
+                try:
+                    self.libc.mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+                    layers["proc_remount"] = True
+                except OSError as exc:
+                    layers["proc_remount"] = _err_text(exc)
+            else:
+                layers["proc_remount"] = "needs the mount namespace"
+            _record(self.report_fd, layers=layers)
+            pid = os.fork()
+            if pid == 0:
+                self._worker_main()
+            self._reap_worker(pid)
+        except BaseException as exc:
+            try:
+                _record(self.report_fd, error=f"sandbox init failed: {_err_text(exc)}")
+            finally:
+                os._exit(_EXIT_SANDBOX_ERROR)
+        os._exit(0)  # the kernel now kills whatever is left in the namespace
+
+    def _worker_main(self) -> None:
+        """Apply limits, drop privileges, install seccomp, then exec the interpreter."""
+        import resource
+
+        try:
+            cfg, layers = self.cfg, {}
+            os.chdir(self.workdir)
+            os.umask(0o077)
+            cpu = cfg["cpu_s"]
+            limits = [
+                (resource.RLIMIT_CORE, 0),
+                (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+                (resource.RLIMIT_AS, cfg["memory_mb"] * 1024 * 1024),
+                (resource.RLIMIT_FSIZE, cfg["file_size_mb"] * 1024 * 1024),
+                (resource.RLIMIT_NOFILE, cfg["max_open_files"]),
+                (resource.RLIMIT_MEMLOCK, 0),
+            ]
+            if hasattr(resource, "RLIMIT_MSGQUEUE"):
+                limits.append((resource.RLIMIT_MSGQUEUE, 0))
+            if self.uid is not None:
+                # Only meaningful for a dedicated uid: the count is per real uid.
+                limits.append((resource.RLIMIT_NPROC, cfg["max_processes"]))
+            for which, value in limits:
+                soft, hard = value if isinstance(value, tuple) else (value, value)
+                resource.setrlimit(which, (soft, hard))
+            layers["rlimits"] = True
+            layers["rlimit_nproc"] = True if self.uid is not None else (
+                "not set: without a dedicated uid RLIMIT_NPROC would count all of the caller's processes")
+            if self.uid is not None:
+                os.setgroups([])
+                os.setresgid(self.gid, self.gid, self.gid)
+                os.setresuid(self.uid, self.uid, self.uid)
+                if os.getresuid() != (self.uid,) * 3 or os.getresgid() != (self.gid,) * 3:
+                    raise RuntimeError("privilege drop did not take effect")
+                try:
+                    os.setuid(0)
+                except PermissionError:
+                    pass
+                else:
+                    raise RuntimeError("privilege drop is reversible")
+            libc = self.libc
+            if libc is None:
+                layers["no_new_privs"] = layers["seccomp"] = "ctypes unavailable"
+            else:
+                try:
+                    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
+                    layers["no_new_privs"] = True
+                except OSError as exc:
+                    layers["no_new_privs"] = _err_text(exc)
+                libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")
+                if "seccomp" in self.disabled:
+                    layers["seccomp"] = "disabled by caller"
+                elif layers["no_new_privs"] is not True:
+                    layers["seccomp"] = "needs PR_SET_NO_NEW_PRIVS"
+                else:
+                    try:
+                        _install_seccomp(libc)
+                        layers["seccomp"] = True
+                    except OSError as exc:
+                        layers["seccomp"] = _err_text(exc)
+            layers["python_guard"] = "disabled by caller" if "python_guard" in self.disabled else True
+            _record(self.report_fd, layers=layers)
+            env = {
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "LANG": "C.UTF-8",
+                "LC_ALL": "C.UTF-8",
+                "HOME": self.workdir,
+                "TMPDIR": self.workdir,
+                "PWD": self.workdir,
+                "USER": "sandbox",
+                "LOGNAME": "sandbox",
+                **self.extra_env,
+            }
+            argv = [self.python, "-I", "-S", "-B", "-c", _RUNNER_SRC, self.program_path,
+                    "1" if cfg["strict_exit"] else "0",
+                    "0" if "python_guard" in self.disabled else "1"]
+            os.closerange(3, 65536)
+            os.execve(self.python, argv, env)
+        except BaseException as exc:
+            try:
+                msg = f"sandbox worker setup failed: {_err_text(exc)}"
+                os.write(2, (msg + "\n").encode())
+                _record(self.report_fd, error=msg)
+            finally:
+                os._exit(_EXIT_SANDBOX_ERROR)
+
+
+def _launcher_main(cfg_path: str) -> int:
+    report_fd = -1
+    try:
+        with open(cfg_path, "rb") as handle:
+            cfg = marshal.load(handle)
+        report_fd = os.open(cfg["report"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return _Launcher(cfg, report_fd).run()
+    except BaseException as exc:
+        import traceback
+
+        traceback.print_exc()
+        if report_fd >= 0:
+            _record(report_fd, error=f"sandbox launcher failed: {_err_text(exc)}")
+        return _EXIT_SANDBOX_ERROR
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == _LAUNCH_FLAG:
+    _code = _launcher_main(sys.argv[2])
+    sys.stderr.flush()
+    os._exit(_code)
+
+
+# ======================================================================= caller side
+import fcntl  # noqa: E402
+import functools  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import select  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, Iterable, Mapping  # noqa: E402
+
+__all__ = [
+    "DISABLEABLE_LAYERS",
+    "SandboxResult",
+    "SandboxWarning",
+    "describe_protections",
+    "humaneval_program",
+    "protections",
+    "run_humaneval",
+    "run_many",
+    "run_program",
+]
+
+logger = logging.getLogger(__name__)
+
+_DETAIL_CHARS = 1500
+_UID_BASE_DEFAULT = 1_900_000_000
+_UID_POOL_SIZE = 512
+_LAYER_ORDER = (
+    "python_guard", "rlimits", "rlimit_nproc", "uid_drop", "no_new_privs", "seccomp",
+    "net_namespace", "ipc_namespace", "mount_namespace", "pid_namespace", "proc_remount",
+)
+
+
+class SandboxWarning(RuntimeWarning):
+    """A protection layer of the sandbox is not in force."""
+
+
+@dataclass
+class SandboxResult:
+    passed: bool
+    status: str  # 'passed' | 'failed' | 'timeout' | 'error'
+    detail: str  # short, truncated stderr / reason
+    wall_s: float
+
+
+# ----------------------------------------------------------------------- uids and processes
+def _uid_status(pid: int) -> tuple[set[int], bool] | None:
+    """(real/effective/saved/fs uids, is_zombie) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    uids, zombie = set(), False
+    for line in data.split(b"\n"):
+        if line.startswith(b"Uid:"):
+            uids = {int(x) for x in line.split()[1:]}
+        elif line.startswith(b"State:"):
+            zombie = line.split()[1:2] in ([b"Z"], [b"X"])
+    return uids, zombie
+
+
+def processes_of_uid(uid: int) -> list[int]:
+    """Live (non-zombie) processes that hold ``uid`` as real, effective, saved or fs uid."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            info = _uid_status(int(name))
+            if info is not None and uid in info[0] and not info[1]:
+                pids.append(int(name))
+    return pids
+
+
+def _kill_pid_if_uid(pid: int, uid: int) -> bool:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        info = _uid_status(pid)  # re-check after pinning the process: no pid-reuse accidents
+        if info is None or uid not in info[0]:
+            return False
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _sweep_uid(uid: int, deadline_s: float = 5.0) -> int:
+    """SIGKILL every process running as the (dedicated) sandbox uid until none is left."""
+    killed, end = 0, time.monotonic() + deadline_s
+    while True:
+        pids = processes_of_uid(uid)
+        if not pids:
+            return killed
+        if time.monotonic() > end:
+            logger.error("sandbox: processes of uid %d survive the sweep: %s", uid, pids)
+            warnings.warn(f"sandbox: processes of uid {uid} survived cleanup: {pids}", SandboxWarning, stacklevel=3)
+            return killed
+        for pid in pids:
+            killed += _kill_pid_if_uid(pid, uid)
+        time.sleep(0.005)
+
+
+def _id_mapped(value: int, map_path: str) -> bool:
+    try:
+        with open(map_path) as handle:
+            for line in handle:
+                inside, _outside, count = (int(x) for x in line.split())
+                if inside <= value < inside + count:
+                    return True
+    except (OSError, ValueError):
+        return True  # no user namespace information: assume the full range
+    return False
+
+
+class _UidPool:
+    """Dedicated sandbox uids, one per concurrent run, exclusive across processes (flock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[int] = []
+        self._held: dict[int, int] = {}
+        self._cursor: int | None = None
+        self._problem: str | None = None
+
+    def _setup(self) -> None:
+        base = int(os.environ.get("HYBRIDLORA_SANDBOX_UID_BASE", _UID_BASE_DEFAULT))
+        last = base + _UID_POOL_SIZE - 1
+        if not all(_id_mapped(v, f"/proc/self/{m}_map") for v in (base, last) for m in ("uid", "gid")):
+            self._problem = f"uids {base}..{last} are not mapped in this user namespace (set HYBRIDLORA_SANDBOX_UID_BASE)"
+            return
+        self._lockdir = os.path.join(tempfile.gettempdir(), "hybridlora-sandbox-uids")
+        try:
+            os.mkdir(self._lockdir, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(self._lockdir)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
+            self._problem = f"lock directory {self._lockdir} is not a private root-owned directory"
+            return
+        self._cursor, self._end = base, base + _UID_POOL_SIZE
+
+    def acquire(self) -> int | None:
+        import pwd
+
+        with self._lock:
+            if self._cursor is None and self._problem is None:
+                self._setup()
+            if self._free:
+                return self._free.pop()
+            if self._problem is not None:
+                return None
+            while self._cursor < self._end:
+                uid = self._cursor
+                self._cursor += 1
+                try:
+                    pwd.getpwuid(uid)
+                    continue  # a real account: never use it
+                except KeyError:
+                    pass
+                fd = os.open(os.path.join(self._lockdir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)
+                    continue  # used by another evaluation process
+                _sweep_uid(uid)  # leftovers of a crashed earlier run, if any
+                self._held[uid] = fd
+                return uid
+            self._problem = "sandbox uid range exhausted"
+            return None
+
+    def release(self, uid: int) -> None:
+        with self._lock:
+            self._free.append(uid)
+
+    @property
+    def problem(self) -> str | None:
+        return self._problem
+
+
+_UID_POOL = _UidPool()
+
+
+# ----------------------------------------------------------------------- interpreter
+@functools.lru_cache(maxsize=None)
+def _interpreters() -> tuple[str, str, str | None, str | None, list[str]]:
+    """(python, prefix, stdlib dir, libdir, fallbacks) for the sandboxed interpreter."""
+    import sysconfig
+
+    python = os.path.realpath(sys.executable)
+    prefix = os.path.realpath(sys.base_prefix)
+    if sys.prefix != sys.base_prefix or not python.startswith(prefix + os.sep):
+        for name in (f"python{sys.version_info[0]}.{sys.version_info[1]}", f"python{sys.version_info[0]}"):
+            candidate = os.path.join(prefix, "bin", name)
+            if os.access(candidate, os.X_OK):
+                python = os.path.realpath(candidate)
+                break
+    stdlib = sysconfig.get_paths().get("stdlib")
+    libdir = sysconfig.get_config_var("LIBDIR")
+    fallbacks = []
+    for name in (f"python{sys.version_info[0]}.{sys.version_info[1]}", "python3"):
+        found = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
+        if found and os.path.realpath(found) != python and found not in fallbacks:
+            fallbacks.append(found)
+    return python, prefix, stdlib and os.path.realpath(stdlib), libdir and os.path.realpath(libdir), fallbacks
+
+
+# ----------------------------------------------------------------------- running one program
+def _read_report(path: str) -> list[dict]:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return []
+    out, pos = [], 0
+    while pos + 4 <= len(data):
+        size = int.from_bytes(data[pos:pos + 4], "little")
+        try:
+            out.append(marshal.loads(data[pos + 4:pos + 4 + size]))
+        except (EOFError, ValueError, TypeError):
+            break
+        pos += 4 + size
+    return out
+
+
+def _tail(path: str, limit: int = _DETAIL_CHARS) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 4 * limit))
+            data = handle.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace").strip()
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def _rmtree(path: str) -> None:
+    def fix(func, target, _exc):
+        try:
+            os.chmod(os.path.dirname(target), 0o700)
+            os.chmod(target, 0o700)
+        except OSError:
+            pass
+        try:
+            func(target)
+        except OSError:
+            pass
+
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=fix)
+
+
+def _remove_owned_in_world_writable(uid: int) -> int:
+    """Fallback without a mount namespace: delete what the sandbox uid left in /tmp & co."""
+    removed, seen = 0, set()
+    for base in _WORLD_WRITABLE_CANDIDATES:
+        real = os.path.realpath(base)
+        if real in seen or not os.path.isdir(real):
+            continue
+        seen.add(real)
+        try:
+            entries = list(os.scandir(real))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid == uid:
+                    if entry.is_dir(follow_symlinks=False):
+                        _rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait for the launcher to exit without reaping it; True if the timeout expired."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout_s)
+            return False
+        except subprocess.TimeoutExpired:
+            return True
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        end = time.monotonic() + timeout_s
+        while True:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return True
+            if poller.poll(max(1, int(remaining * 1000))):
+                return False
+    finally:
+        os.close(pidfd)
+
+
+_SIGNAL_REASONS = {
+    signal.SIGXCPU: "CPU time limit exceeded",
+    signal.SIGXFSZ: "file size limit exceeded",
+    signal.SIGSEGV: "segmentation fault",
+    signal.SIGKILL: "killed (SIGKILL)",
+    signal.SIGSYS: "forbidden system call (seccomp)",
+}
+
+
+def _classify(timed_out: bool, timeout_s: float, cpu_limit: int, returncode: int | None,
+              records: list[dict], stderr: str, wall: float) -> SandboxResult:
+    def result(status: str, detail: str) -> SandboxResult:
+        return SandboxResult(status == "passed", status, detail[-_DETAIL_CHARS - 200:], wall)
+
+    def with_tail(reason: str) -> str:
+        return f"{reason}\n{stderr}" if stderr else reason
+
+    worker = next((r["worker"] for r in records if "worker" in r), None)
+    errors = [r["error"] for r in records if "error" in r]
+    if timed_out:
+        return result("timeout", with_tail(f"timeout: exceeded the {timeout_s:g}s wall-clock limit"))
+    if worker is None or errors:
+        reason = "; ".join(errors) or f"sandbox error: launcher exited with status {returncode} and no worker status"
+        return result("error", with_tail(reason))
+    if "signal" in worker:
+        sig = worker["signal"]
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and worker["cpu_s"] >= cpu_limit):
+            return result("timeout", with_tail(f"timeout: exceeded the {cpu_limit}s CPU-time limit"))
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return result("failed", with_tail(f"killed by signal {name}: {_SIGNAL_REASONS.get(sig, 'terminated')}"))
+    code = worker["exitcode"]
+    if code == 0:
+        return result("passed", "")
+    return result("failed", stderr or f"exited with status {code}")
+
+
+def _run(program: str, *, timeout_s: float, memory_mb: int, strict_exit: bool,
+         disable: Iterable[str], file_size_mb: int, max_processes: int, max_open_files: int,
+         tmpfs_mb: int) -> tuple[SandboxResult, dict]:
+    if not isinstance(program, str):
+        raise TypeError("program must be a str")
+    if not (timeout_s > 0 and memory_mb > 0):
+        raise ValueError("timeout_s and memory_mb must be positive")
+    disable = sorted(set(disable))
+    unknown = set(disable) - DISABLEABLE_LAYERS
+    if unknown:
+        raise ValueError(f"unknown or non-disableable sandbox layers: {sorted(unknown)}")
+
+    as_root = os.geteuid() == 0
+    uid = _UID_POOL.acquire() if as_root else None
+    private = workdir = None
+    start = time.monotonic()
+    try:
+        private = tempfile.mkdtemp(prefix="hybridlora-sbx-")  # root/caller only: config, report
+        workdir = tempfile.mkdtemp(prefix="hybridlora-sbx-work-")  # fallback cwd without mount ns
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        python, prefix, stdlib, libdir, fallbacks = _interpreters()
+        program_path = os.path.join(private, "program.py")
+        with open(program_path, "w", encoding="utf-8") as handle:
+            handle.write(program)
+        cpu_s = max(1, math.ceil(timeout_s)) + 1
+        cfg = {
+            "parent_pid": os.getpid(), "program": program_path, "report": os.path.join(private, "report"),
+            "host_workdir": workdir, "uid": uid, "gid": uid, "python": python, "python_prefix": prefix,
+            "stdlib": stdlib, "libdir": libdir, "fallback_pythons": fallbacks, "disable": disable,
+            "strict_exit": strict_exit, "cpu_s": cpu_s, "memory_mb": int(memory_mb),
+            "file_size_mb": int(file_size_mb), "max_processes": int(max_processes),
+            "max_open_files": int(max_open_files), "tmpfs_mb": int(tmpfs_mb),
+        }
+        cfg_path = os.path.join(private, "config")
+        with open(cfg_path, "wb") as handle:
+            marshal.dump(cfg, handle)
+        stderr_path = os.path.join(private, "stderr")
+        with open(stderr_path, "wb") as err:
+            start = time.monotonic()
+            try:
+                proc = subprocess.Popen(
+                    [python, "-I", "-S", "-B", os.path.abspath(__file__), _LAUNCH_FLAG, cfg_path],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                    env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+                    cwd=private, start_new_session=True, close_fds=True,
+                )
+            except OSError as exc:
+                return SandboxResult(False, "error", f"cannot start the sandbox: {exc}", 0.0), {}
+        try:
+            timed_out = _wait(proc, timeout_s)
+        finally:
+            try:  # the launcher is unreaped (at worst a zombie), so its group id is still ours
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait()
+        wall = time.monotonic() - start
+        if uid is not None:
+            stray = _sweep_uid(uid)
+            if stray:
+                logger.debug("sandbox: killed %d stray process(es) of uid %d", stray, uid)
+        records = _read_report(os.path.join(private, "report"))
+        layers: dict = {}
+        for record in records:
+            layers.update(record.get("layers", {}))
+        if uid is not None and layers.get("mount_namespace") is not True:
+            _remove_owned_in_world_writable(uid)
+        res = _classify(timed_out, timeout_s, cpu_s, proc.returncode, records, _tail(stderr_path), wall)
+        return res, layers
+    finally:
+        for path in (private, workdir):
+            if path:
+                _rmtree(path)
+        if uid is not None:
+            _UID_POOL.release(uid)
+
+
+# ----------------------------------------------------------------------- protections report
+_PROBE_LOCK = threading.Lock()
+_PROBED: dict | None = None
+_WARNED: set = set()
+
+
+def _warn_layers(layers: Mapping[str, Any], disabled: Iterable[str] = ()) -> None:
+    disabled = set(disabled)
+    for name in _LAYER_ORDER:
+        if name not in layers:
+            continue
+        value = layers[name]
+        if value is True or name in disabled:
+            continue
+        reason = value if isinstance(value, str) else "not established"
+        key = (name, reason)
+        if key in _WARNED:
+            continue
+        _WARNED.add(key)
+        msg = f"sandbox protection '{name}' is NOT in force: {reason}"
+        logger.warning(msg)
+        warnings.warn(msg, SandboxWarning, stacklevel=3)
+
+
+def protections(*, refresh: bool = False) -> dict[str, bool | str]:
+    """Protection layers in force for sandboxed runs from this process.
+
+    Obtained by running a probe program through the sandbox (once, cached).  Layer keys map to
+    ``True`` when active and ``False`` otherwise; ``"<layer>_reason"`` keys say why a layer is
+    missing, and a few informational keys (``running_as``, ``sandbox_uid``, ``interpreter``,
+    ``architecture``) describe the setup.  Missing layers are also reported as warnings.
+    """
+    global _PROBED
+    with _PROBE_LOCK:
+        if _PROBED is None or refresh:
+            res, layers = _run("pass\n", timeout_s=30.0, memory_mb=512, strict_exit=False, disable=(),
+                               file_size_mb=1, max_processes=8, max_open_files=64, tmpfs_mb=8)
+            info: dict[str, bool | str] = {
+                "process_group": True,
+                "scrubbed_environment": True,
+                "private_workdir": True,
+            }
+            for name in _LAYER_ORDER:
+                value = layers.get(name)
+                info[name] = value is True
+                if value is not True:
+                    info[f"{name}_reason"] = value if isinstance(value, str) else "not established by the probe"
+            info["uid_sweep"] = info["uid_drop"]
+            info["running_as"] = f"uid {os.geteuid()}" + (" (root)" if os.geteuid() == 0 else "")
+            if os.geteuid() == 0 and _UID_POOL.problem:
+                info["uid_drop_reason"] = _UID_POOL.problem
+            info["sandbox_uid"] = (
+                f"dedicated per run from {int(os.environ.get('HYBRIDLORA_SANDBOX_UID_BASE', _UID_BASE_DEFAULT))}"
+                if info["uid_drop"] else "caller's uid")
+            info["interpreter"] = layers.get("interpreter") or _interpreters()[0]
+            info["probe"] = "ok" if res.passed else f"{res.status}: {res.detail[:300]}"
+            import platform
+
+            info["architecture"] = platform.machine()
+            _PROBED = info
+            _warn_layers(layers)
+            if not res.passed:
+                msg = f"sandbox probe program did not pass ({res.status}): {res.detail[:300]}"
+                logger.warning(msg)
+                warnings.warn(msg, SandboxWarning, stacklevel=2)
+        return dict(_PROBED)
+
+
+def describe_protections() -> str:
+    """One line for evaluation logs: which sandbox layers are active and which are not."""
+    info = protections()
+    active = [name for name in ("process_group", "scrubbed_environment", "private_workdir", *_LAYER_ORDER, "uid_sweep")
+              if info.get(name) is True]
+    missing = [name for name in _LAYER_ORDER if info.get(name) is not True]
+    return (f"sandbox ({info['running_as']}, interpreter {info['interpreter']}): active: {', '.join(active)}"
+            + (f"; NOT active: {', '.join(missing)}" if missing else ""))
+
+
+# ----------------------------------------------------------------------- public API
+def run_program(program: str, *, timeout_s: float = 10.0, memory_mb: int = 1024, strict_exit: bool = False,
+                disable: Iterable[str] = (), file_size_mb: int = 16, max_processes: int = 16,
+                max_open_files: int = 128, tmpfs_mb: int = 64) -> SandboxResult:
+    """Run ``program`` (Python source) in the sandbox; passed iff it exits 0 within the limits.
+
+    ``strict_exit`` makes a ``SystemExit``/``os._exit`` from the program a failure (used for
+    HumanEval: the tests must run to the end).  ``disable`` switches off named layers (see
+    :data:`DISABLEABLE_LAYERS`); it exists for testing the remaining layers.
+    """
+    protections()  # probe once, warn loudly about missing layers
+    res, layers = _run(program, timeout_s=timeout_s, memory_mb=memory_mb, strict_exit=strict_exit,
+                       disable=disable, file_size_mb=file_size_mb, max_processes=max_processes,
+                       max_open_files=max_open_files, tmpfs_mb=tmpfs_mb)
+    if layers and res.status != "error":
+        expected = [k for k in _LAYER_ORDER if _PROBED and _PROBED.get(k) is True]
+        _warn_layers({k: layers.get(k, "not established in this run") for k in expected}, disabled=disable)
+    return res
+
+
+def humaneval_program(problem: Mapping[str, Any], completion: str) -> str:
+    """Prompt + completion + the problem's tests + ``check(entry_point)``."""
+    return (f"{problem['prompt']}{completion}\n\n"
+            f"{problem['test']}\n\n"
+            f"check({problem['entry_point']})\n")
+
+
+def run_humaneval(problem: Mapping[str, Any], completion: str, *, timeout_s: float = 10.0,
+                  **options: Any) -> SandboxResult:
+    """Execute one HumanEval completion against its tests; exiting early counts as failure."""
+    options.setdefault("strict_exit", True)
+    return run_program(humaneval_program(problem, completion), timeout_s=timeout_s, **options)
+
+
+def run_many(items: Iterable[Any], *, workers: int | None = None, timeout_s: float = 10.0,
+             **options: Any) -> list[SandboxResult]:
+    """Run several programs concurrently (at most ``workers`` at a time), results in input order.
+
+    Each item is either program source (``str``, run with :func:`run_program`) or a
+    ``(problem, completion)`` pair (run with :func:`run_humaneval`).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = list(items)
+    if not items:
+        return []
+    if workers is None:
+        workers = os.cpu_count() or 1
+    workers = max(1, min(int(workers), len(items)))
+    protections()
+
+    def one(item: Any) -> SandboxResult:
+        try:
+            if isinstance(item, str):
+                return run_program(item, timeout_s=timeout_s, **options)
+            problem, completion = item
+            return run_humaneval(problem, completion, timeout_s=timeout_s, **options)
+        except Exception as exc:  # a broken item must not abort the whole batch
+            logger.exception("sandbox run failed")
+            return SandboxResult(False, "error", f"sandbox error: {type(exc).__name__}: {exc}", 0.0)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
+        return list(pool.map(one, items))
