@@ -95,3 +95,14 @@ def test_console_script_entry_point():
     assert result.returncode == 0, result.stderr
     names = {row["name"] for row in json.loads(result.stdout)}
     assert {"qwen3.5-0.8b", "falcon-h1-0.5b"} <= names
+
+
+def test_verify_local_directory_with_weights(capsys, tmp_path):
+    from hybridlora.models import build_model, tiny_config_for
+
+    build_model(tiny_config_for("falcon_h1")).save_pretrained(tmp_path / "tiny-falcon")
+    code, out, err = run(capsys, "verify", str(tmp_path / "tiny-falcon"), "--preset", "study", "--load-weights")
+    assert code == 0, out + err
+    assert out.count("[OK]") == 6 and "liveness on model" in out
+    code, out, err = run(capsys, "inspect", str(tmp_path / "tiny-falcon" / "config.json"), "--format", "json")
+    assert code == 0 and json.loads(out)["topology"] == "parallel"

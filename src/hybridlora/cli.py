@@ -161,14 +161,13 @@ def cmd_verify(args) -> int:
     from .placement.verify import verify_placement
 
     source, _, cmap = _source_and_map(args.model)
-    model = None
-    if args.load_weights:
-        if source.kind not in ("local", "hub"):
-            raise CliError("--load-weights needs a local model directory or a reachable hub id")
-        model = load_pretrained(source)
+    if args.load_weights and source.kind not in ("local", "hub"):
+        raise CliError("--load-weights needs a local model directory or a reachable hub id")
     failed = False
     reports = []
     for placement in _placements(args, cmap):
+        # PEFT wraps the model in place: each placement gets freshly loaded weights.
+        model = load_pretrained(source) if args.load_weights else None
         report, _ = verify_placement(source.config, placement, budget=args.budget, model=model)
         reports.append(report.to_dict())
         failed |= not report.ok

@@ -76,12 +76,11 @@ def text_config(config: Any) -> Any:
 def resolve_model(spec: str) -> ModelSource:
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".json":
-        return ModelSource(spec, "config", spec, config_from_dict(_read_json(path)))
+        return ModelSource(spec, "config", spec, _config_from_file(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{spec}: directory has no config.json; point MODEL at a transformers model directory")
-        config = config_from_dict(_read_json(path / "config.json"))
-        return ModelSource(spec, "local", spec, config, path=path)
+        return ModelSource(spec, "local", spec, _config_from_file(path / "config.json"), path=path)
     entry = _catalog_lookup(spec)
     if "/" in spec:
         hub = _try_hub_config(spec)
@@ -97,6 +96,16 @@ def resolve_model(spec: str) -> ModelSource:
 
 def _from_catalog(spec: str, entry: dict[str, Any]) -> ModelSource:
     return ModelSource(spec, "catalog", entry.get("hub_id", entry["name"]), config_from_dict(entry["config"]))
+
+
+def _config_from_file(path: Path) -> Any:
+    """Read a config.json through its config class, which decodes what transformers encodes (e.g. infinities)."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = _read_json(path).get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ModelError(f"{path}: model_type {model_type!r} unknown to this transformers; upgrade transformers")
+    return CONFIG_MAPPING[model_type].from_json_file(str(path))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
