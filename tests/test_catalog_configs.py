@@ -17,26 +17,14 @@ import torch
 import transformers
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from family_fixtures import REQUIRED_MODEL_TYPES as _REQUIRED  # noqa: E402
+
 CATALOG_DIR = Path(__file__).resolve().parents[1] / "src" / "hybridlora" / "catalog"
 CATALOG_FILES = sorted(CATALOG_DIR.glob("*.json"))
 ALLOWED_KEYS = {"name", "hub_id", "aliases", "source", "expected_params", "config"}
 
-# Families the catalog must cover (one real checkpoint each).
-REQUIRED_MODEL_TYPES = {
-    "qwen3_5_text",
-    "qwen3_5_moe_text",
-    "qwen3_next",
-    "falcon_h1",
-    "jamba",
-    "zamba2",
-    "bamba",
-    "granitemoehybrid",
-    "nemotron_h",
-    "lfm2",
-    "olmo_hybrid",
-    "llama",
-    "qwen3",
-}
+# Families the catalog must cover (one real checkpoint each): the same list the family tests use.
+REQUIRED_MODEL_TYPES = set(_REQUIRED)
 
 
 def _load(path: Path) -> dict:

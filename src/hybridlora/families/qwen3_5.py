@@ -19,6 +19,16 @@ QWEN_MOE_RULES = (
     Rule(r"mlp\.experts", "moe", "experts"),
 )
 
+# Small config shared by the Qwen GDN families (dense and MoE keys: each config class reads its own).
+TINY_GDN_MOE = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    max_position_embeddings=512,
+)
+
 _ATTN = ["q", "k", "v", "o"]
 _GDN = ["qkv", "z", "a", "b", "out"]
 _MLP = ["gate", "up", "down"]
@@ -29,14 +39,7 @@ FAMILY = Family(
     topology="sequential",
     schedule_attr="layer_types",
     rules=attention_rules() + GDN_RULES + QWEN_MOE_RULES + dense_mlp_rules(),
-    tiny=dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-        max_position_embeddings=512,
-    ),
+    tiny=TINY_GDN_MOE,
     # "Where Should LoRA Go?" conditions for Qwen3.5-0.8B, named as the study named them.
     study_presets={
         "all_layers": {"softmax_attention": _ATTN, "linear_attention": _GDN, "mlp": _MLP},

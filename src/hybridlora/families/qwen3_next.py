@@ -1,6 +1,6 @@
 """Qwen3-Next: Gated DeltaNet with fused qkvz / ba projections, full attention every fourth layer, MoE."""
 from . import Family, Rule, attention_rules, dense_mlp_rules
-from .qwen3_5 import QWEN_MOE_RULES
+from .qwen3_5 import QWEN_MOE_RULES, TINY_GDN_MOE
 
 FAMILY = Family(
     name="qwen3_next",
@@ -17,12 +17,5 @@ FAMILY = Family(
     )
     + QWEN_MOE_RULES
     + dense_mlp_rules(),
-    tiny=dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-        max_position_embeddings=512,
-    ),
+    tiny=TINY_GDN_MOE,
 )
