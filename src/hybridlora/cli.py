@@ -263,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the real weights and check liveness on them (default: a tiny same-family model)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_verify)
+
+    from .train.cli import register as register_train
+
+    register_train(sub)
     return parser
 
 

@@ -1,0 +1,6 @@
+"""LoRA fine-tuning of any placement (see ``loop`` for the recipe, outputs and resume semantics)."""
+from .loop import (TrainConfig, TrainingError, TrainResult, attach_lora, checkpoints, evaluate_loss, load_adapter, prepare_data,
+                   lora_norms, lora_state, train)
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "attach_lora", "checkpoints", "evaluate_loss",
+           "load_adapter", "lora_norms", "lora_state", "prepare_data", "train"]

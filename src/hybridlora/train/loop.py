@@ -1,0 +1,456 @@
+"""LoRA fine-tuning of a model with a resolved placement: a lean, resumable loop.
+
+Only the placement's LoRA weights train (PEFT freezes everything else). Optimizer: torch AdamW (weight decay
+on LoRA weights), cosine schedule with linear warmup (transformers). Batches are right-padded, never packed.
+The loss of one optimizer step is the mean over all loss tokens of its accumulated micro-batches.
+
+Determinism and resume: epoch ``e`` visits the data in ``randperm(n, seed + e)`` order, so the position
+of optimizer step ``s`` in the data is a function of ``s`` alone. A checkpoint holds the LoRA weights,
+optimizer, scheduler and RNG states; resuming from it continues exactly where the run stopped.
+
+Output directory (every file is written to a temporary name and renamed into place)::
+
+    adapter/               PEFT adapter (save_pretrained), written at the end
+    run_config.yaml        model, placement (hosts, ranks), training config
+    data_manifest.json     ids of the train/validation examples used and the skipped-row counts
+    train_log.jsonl        one JSON object per line: event "start" / "step" / "lora_norms" / "eval" / "end"
+    checkpoints/step-N/    lora.pt + trainer_state.pt (the last ``keep_checkpoints`` are kept)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.formatting import TokenizedExample, TokenizedSet, collate
+
+LOG_NAME = "train_log.jsonl"
+ADAPTER_DIR = "adapter"
+CKPT_DIR = "checkpoints"
+
+
+class TrainingError(RuntimeError):
+    """Training could not run or stopped (bad configuration, non-finite loss, nothing to resume)."""
+
+
+@dataclass
+class TrainConfig:
+    """The study's recipe as defaults; every field is overridable."""
+    lora_dropout: float = 0.05
+    learning_rate: float = 2e-4
+    epochs: int = 3
+    micro_batch_size: int = 4
+    grad_accum: int = 4  # effective batch = micro_batch_size × grad_accum = 16
+    max_length: int = 1024
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    seed: int = 3407
+    save_every: int = 100  # optimizer steps between checkpoints (0: only the end)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    norm_every: int = 10  # LoRA ‖B·A‖ dynamics every N steps (0: never)
+    eval_every: int = 0  # validation loss every N steps (0: only at the end)
+    loss_on: str = "assistant"
+    precision: str = "auto"  # "auto" (fp32 on CPU, bf16 autocast on GPU) | "fp32" | "bf16"
+    progress: bool = True
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be at least 1"),
+            (self.micro_batch_size >= 1, "micro_batch_size must be at least 1"),
+            (self.grad_accum >= 1, "grad_accum must be at least 1"),
+            (self.learning_rate > 0, "learning_rate must be positive"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
+            (self.save_every >= 0 and self.norm_every >= 0 and self.eval_every >= 0, "intervals must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise TrainingError(msg)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    final_loss: float | None
+    val_loss: float | None
+    trainable_params: int
+    peft_model: Any = field(repr=False, default=None)
+
+
+# --- atomic file helpers ---------------------------------------------------------------------------
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+# --- LoRA bookkeeping -------------------------------------------------------------------------------
+def attach_lora(model: nn.Module, resolved, dropout: float = 0.05):
+    """PEFT model with LoRA on exactly the resolved hosts (``placement.verify.attach``)."""
+    from ..placement.verify import attach
+
+    peft_model = attach(model, resolved)
+    if dropout != 0.05:  # attach() uses the study's 0.05; change it on the built layers
+        from ..placement.verify import lora_hosts
+
+        for mod in lora_hosts(peft_model).values():
+            drop = mod.lora_dropout["default"]
+            if isinstance(drop, nn.Dropout):
+                drop.p = dropout
+            elif dropout > 0:
+                mod.lora_dropout["default"] = nn.Dropout(dropout)
+        peft_model.peft_config["default"].lora_dropout = dropout
+    return peft_model
+
+
+def lora_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def lora_norms(peft_model: nn.Module, component_of: dict[str, str]) -> dict[str, float]:
+    """Σ over hosts of ‖B·A‖_F (no α/r scaling), per component type; computed as sqrt(Σ (BᵀB)∘(AAᵀ))."""
+    from ..placement.verify import lora_hosts
+
+    out: dict[str, float] = defaultdict(float)
+    for name, mod in lora_hosts(peft_model).items():
+        a = mod.lora_A["default"].weight.float()
+        b = mod.lora_B["default"].weight.float()
+        sq = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0)
+        out[component_of.get(name, "other")] += float(sq.sqrt())
+    return dict(out)
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16), "bf16"
+    return torch.autocast(device.type, enabled=False), "fp32"
+
+
+def _sum_loss(model, batch, device, ctx) -> tuple[torch.Tensor, int]:
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with ctx:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1].float()
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[TokenizedExample], pad_id: int, batch_size: int = 8,
+                  precision: str = "auto") -> float | None:
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    ctx, _ = _autocast(device, precision)
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        loss, n = _sum_loss(model, collate(examples[i:i + batch_size], pad_id), device, ctx)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    root = Path(output_dir) / CKPT_DIR
+    found = [p for p in root.glob("step-*") if p.is_dir() and (p / "trainer_state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(output_dir: Path, step: int, peft_model, optimizer, scheduler, keep: int) -> Path:
+    root = output_dir / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=root))
+    torch.save(lora_state(peft_model), tmp / "lora.pt")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state()}, tmp / "trainer_state.pt")
+    final = root / f"step-{step}"
+    _replace_dir(tmp, final)
+    for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+class _Log:
+    """Append-only JSONL; on resume, lines after the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is None:
+            write_atomic(path, "")
+        else:
+            kept = []
+            if path.is_file():
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a torn last line from a crash
+                    if rec.get("step", 0) <= resume_step and rec.get("event") not in ("end", "error"):
+                        kept.append(line)
+            write_atomic(path, "".join(k + "\n" for k in kept))
+        self.fh = path.open("a", encoding="utf-8")
+
+    def write(self, **record) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedExample], output_dir: str | Path,
+          config: TrainConfig | None = None, *, pad_id: int, val_set: TokenizedSet | list[TokenizedExample] | None = None,
+          data_manifest: dict | None = None, run_info: dict | None = None, resume: bool = False,
+          stop_after_steps: int | None = None, component_of: dict[str, str] | None = None) -> TrainResult:
+    """Fine-tune LoRA on ``resolved``'s hosts of ``model`` (a plain transformers causal LM, not yet wrapped).
+
+    ``resume=True`` continues from the newest checkpoint in ``output_dir`` (the model must be the same base
+    model, freshly built/loaded). ``stop_after_steps`` stops after that many optimizer steps in total, saving a
+    checkpoint but no adapter (used to simulate an interrupted run). ``component_of`` maps host name ->
+    component type for the norm dynamics (default: from the resolved hosts).
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    config = config or TrainConfig()
+    config.validate()
+    examples = train_set.examples if isinstance(train_set, TokenizedSet) else list(train_set)
+    val_examples = (val_set.examples if isinstance(val_set, TokenizedSet) else list(val_set or []))
+    if not examples:
+        raise TrainingError("no training examples left after formatting (all skipped?)")
+    output_dir = Path(output_dir)
+    ckpts = checkpoints(output_dir) if resume else []
+    if resume and not ckpts:
+        raise TrainingError(f"--resume: no checkpoint under {output_dir / CKPT_DIR}")
+    if not resume and (output_dir / ADAPTER_DIR).exists():
+        raise TrainingError(f"{output_dir} already holds a finished run; choose another --output or --resume")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and (output_dir / CKPT_DIR).exists():
+        shutil.rmtree(output_dir / CKPT_DIR)  # stale checkpoints of an unrelated start
+    component_of = component_of or {h.name: h.component for h in resolved.hosts}
+
+    peft_model = attach_lora(model, resolved, config.lora_dropout)
+    device = _device_of(peft_model)
+    ctx, precision = _autocast(device, config.precision)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    decay = [p for n, p in peft_model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in peft_model.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
+    n = len(examples)
+    micro_per_epoch = math.ceil(n / config.micro_batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+
+    step = 0
+    if ckpts:
+        ckpt = ckpts[-1]
+        saved = torch.load(ckpt / "lora.pt")
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        named = dict(peft_model.named_parameters())
+        missing = set(saved) ^ {k for k, p in named.items() if p.requires_grad}
+        if missing:
+            raise TrainingError(f"checkpoint {ckpt} does not match this placement ({len(missing)} LoRA tensors differ)")
+        with torch.no_grad():
+            for k, v in saved.items():
+                named[k].copy_(v.to(named[k].device))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step = state["step"]
+    else:
+        torch.manual_seed(config.seed)
+
+    write_atomic(output_dir / "run_config.yaml", _run_yaml(resolved, config, run_info, precision, trainable))
+    if data_manifest is not None:
+        write_atomic(output_dir / "data_manifest.json", json.dumps(data_manifest, indent=1))
+    log = _Log(output_dir / LOG_NAME, step if ckpts else None)
+    log.write(event="start" if not ckpts else "resume", step=step, total_steps=total_steps,
+              trainable_params=trainable, num_train=n, num_val=len(val_examples),
+              effective_batch=config.effective_batch, precision=precision, batching="padding (no packing)",
+              loss_on=config.loss_on, placement=resolved.name)
+
+    progress = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=step, desc=f"train {resolved.name}", unit="step", leave=False)
+    peft_model.train()
+    last_loss = None
+    try:
+        end = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
+        while step < end:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
+            first = in_epoch * config.grad_accum
+            micro = [order[i * config.micro_batch_size:(i + 1) * config.micro_batch_size]
+                     for i in range(first, min(first + config.grad_accum, micro_per_epoch))]
+            batches = [collate([examples[j] for j in idx], pad_id) for idx in micro]
+            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            seen_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            t0 = time.perf_counter()
+            total = 0.0
+            for batch in batches:
+                loss, _ = _sum_loss(peft_model, batch, device, ctx)
+                loss = loss / max(n_tokens, 1)
+                if not torch.isfinite(loss):
+                    raise TrainingError(_nan_message(step + 1, output_dir))
+                loss.backward()
+                total += float(loss.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise TrainingError(_nan_message(step + 1, output_dir, what="gradient norm"))
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = total
+            tps = seen_tokens / max(time.perf_counter() - t0, 1e-9)
+            if config.log_every and step % config.log_every == 0:
+                log.write(event="step", step=step, epoch=epoch, loss=total, lr=lr, grad_norm=grad_norm,
+                          tokens=seen_tokens, loss_tokens=n_tokens, tokens_per_s=round(tps, 1))
+            if config.norm_every and (step % config.norm_every == 0 or step == 1):
+                log.write(event="lora_norms", step=step, norms=lora_norms(peft_model, component_of))
+            if config.eval_every and step % config.eval_every == 0 and val_examples:
+                log.write(event="eval", step=step, val_loss=evaluate_loss(peft_model, val_examples, pad_id,
+                                                                          config.micro_batch_size, config.precision))
+            if config.save_every and step % config.save_every == 0 and step < total_steps:
+                _save_checkpoint(output_dir, step, peft_model, optimizer, scheduler, config.keep_checkpoints)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:.0f}")
+        if step < total_steps:  # stopped early on request: keep a checkpoint to resume from
+            _save_checkpoint(output_dir, step, peft_model, optimizer, scheduler, config.keep_checkpoints)
+            log.write(event="stopped", step=step, reason=f"stop_after_steps={stop_after_steps}")
+            return TrainResult(output_dir, output_dir / ADAPTER_DIR, step, last_loss, None, trainable, peft_model)
+        val_loss = evaluate_loss(peft_model, val_examples, pad_id, config.micro_batch_size, config.precision)
+        if val_examples:
+            log.write(event="eval", step=step, val_loss=val_loss)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.", dir=output_dir))
+        peft_model.save_pretrained(str(tmp))
+        _replace_dir(tmp, output_dir / ADAPTER_DIR)
+        log.write(event="end", step=step, final_loss=last_loss, val_loss=val_loss,
+                  lora_norms=lora_norms(peft_model, component_of))
+    except TrainingError as exc:
+        log.write(event="error", step=step, message=str(exc))
+        raise
+    finally:
+        log.close()
+        if progress is not None:
+            progress.close()
+    return TrainResult(output_dir, output_dir / ADAPTER_DIR, step, last_loss, val_loss, trainable, peft_model)
+
+
+def _nan_message(step: int, output_dir: Path, what: str = "loss") -> str:
+    ckpts = checkpoints(output_dir)
+    keep = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+    return f"non-finite {what} at step {step}; training stopped ({keep}); lower the learning rate or check the data"
+
+
+def _run_yaml(resolved, config: TrainConfig, run_info: dict | None, precision: str, trainable: int) -> str:
+    import yaml
+
+    doc = {
+        "run": dict(run_info or {}),
+        "placement": {
+            "name": resolved.name,
+            "spec": resolved.placement.model_dump(mode="json"),
+            "trainable_params": trainable,
+            "components": resolved.components(),
+            "hosts": [{"name": h.name, "component": h.component, "role": h.role, "layer": h.layer,
+                       "rank": h.rank, "alpha": h.alpha} for h in resolved.hosts],
+        },
+        "training": {**asdict(config), "effective_batch": config.effective_batch, "precision_used": precision,
+                     "batching": "padding (no packing)"},
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path):
+    """Reload a saved adapter onto a fresh base model (PEFT, exact target names kept)."""
+    from peft import PeftModel
+
+    from ..placement import exact_targets
+
+    with exact_targets():
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
+def prepare_data(source: str, tokenizer, config: TrainConfig | None = None, *, data_dir: str | Path | None = None,
+                 max_examples: int | None = None, val_examples: int | None = None,
+                 fields: dict[str, str] | None = None) -> tuple[TokenizedSet, TokenizedSet, dict]:
+    """Load, split (seeded by ``config.seed``) and tokenize; the manifest also counts rows skipped while
+    formatting and keeps only the ids that survived."""
+    from ..data import load_split, tokenize_examples
+
+    config = config or TrainConfig()
+    split = load_split(source, data_dir=data_dir, max_examples=max_examples, val_examples=val_examples,
+                       seed=config.seed, fields=fields)
+    tr = tokenize_examples(split.train, tokenizer, max_length=config.max_length, loss_on=config.loss_on)
+    va = tokenize_examples(split.val, tokenizer, max_length=config.max_length, loss_on=config.loss_on)
+    manifest = dict(split.manifest)
+    manifest.update({
+        "template": tr.template, "loss_on": config.loss_on, "max_length": config.max_length,
+        "skipped_formatting": {"train": dict(tr.skipped), "val": dict(va.skipped)},
+        "train_ids": [e.id for e in tr.examples], "val_ids": [e.id for e in va.examples],
+        "num_train": len(tr.examples), "num_val": len(va.examples),
+    })
+    return tr, va, manifest
