@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import register as register_train
 
     register_train(sub)
+    from .evaluate.cli import register as register_eval
+
+    register_eval(sub)
     return parser
 
 

@@ -1,0 +1,220 @@
+"""The model boundary: the only code that touches the model (in the spirit of lm-eval's ``LM`` interface).
+
+* :meth:`CausalLM.choice_logprobs` — multiple choice. For each context, the log-probability of each candidate
+  continuation (the answer letters " A", " B", ...). ONE forward per question: the candidates must tokenize to
+  the same length and differ only in their last token (true of letters in every common tokenizer; a byte
+  tokenizer gives " "+"A"), so the shared prefix is appended to the context and every candidate is read from the
+  same last-position logits. Rows are right-padded and read at their own last index, which is exact for any
+  causal model (attention or recurrent): padding comes after the positions that are read.
+* :meth:`CausalLM.generate_until` — batched greedy decoding (left padding, attention mask) with stop strings;
+  each completion is cut at its earliest stop string.
+* :meth:`CausalLM.mean_loglikelihood` — mean token log-likelihood / perplexity of held-out text.
+
+Contexts longer than ``max_length`` keep their last tokens (the benchmark modules first drop whole few-shot
+examples, oldest first, so this only bites when a single example is too long).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+
+class CausalLM:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int = 8, max_length: int | None = None,
+                 name: str = "model", adapter: str | None = None, device: str | torch.device | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.batch_size = max(1, int(batch_size))
+        config = getattr(model, "config", None)
+        limit = max_length or getattr(config, "max_position_embeddings", None) or 2048
+        self.max_length = int(min(limit, 32768))
+        self.name, self.adapter = name, adapter
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    # ------------------------------------------------------------------ tokens
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text).input_ids)
+
+    def token_count(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def continuation_ids(self, context: str, continuation: str) -> list[int]:
+        """Tokens ``continuation`` adds after ``context`` (encoded jointly, so merges at the seam count)."""
+        ctx = self.encode(context)
+        whole = self.encode(context + continuation)
+        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+            return whole[len(ctx):]
+        return list(self.tokenizer(continuation, add_special_tokens=False).input_ids)
+
+    # ------------------------------------------------------------------ scoring
+    def _forward_positions(self, rows: list[list[int]], positions: list[list[int]]) -> list[torch.Tensor]:
+        """Log-softmax rows at the requested positions of right-padded ``rows`` (one forward)."""
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        wanted = sorted({p for ps in positions for p in ps})
+        keep = torch.tensor(wanted, dtype=torch.long)
+        kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        try:
+            logits = self.model(**kwargs, logits_to_keep=keep.to(self.device)).logits
+            if logits.shape[1] != len(wanted):
+                raise TypeError
+        except TypeError:  # a model without logits_to_keep: slice afterwards
+            logits = self.model(**kwargs).logits[:, keep.to(self.device)]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        where = {p: j for j, p in enumerate(wanted)}
+        return [logp[i, [where[p] for p in ps]] for i, ps in enumerate(positions)]
+
+    def choice_logprobs(self, contexts: Sequence[str], choices: Sequence[Sequence[str]], *,
+                        progress: Any = None) -> list[list[float]]:
+        """log p(choice | context) for every choice of every context; one forward per context, batched."""
+        prepared = []
+        for context, options in zip(contexts, choices, strict=True):
+            conts = [self.continuation_ids(context, c) for c in options]
+            length = len(conts[0])
+            if any(len(c) != length or c[:-1] != conts[0][:-1] for c in conts):
+                raise ValueError(f"choices {list(options)!r} do not tokenize to one shared prefix + one differing "
+                                 "token; one-forward scoring needs that (use letters as choices)")
+            row = (self.encode(context) + conts[0][:-1])[-self.max_length:]
+            prepared.append((row, conts[0][:-1], [c[-1] for c in conts]))
+        order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
+        out: list[list[float]] = [[] for _ in prepared]
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start: start + self.batch_size]
+                rows, positions = [], []
+                for i in batch:
+                    row, prefix, _ = prepared[i]
+                    n = len(row)
+                    rows.append(row)
+                    positions.append(list(range(n - 1 - len(prefix), n)))  # predicts prefix tokens, then the letter
+                for i, logp in zip(batch, self._forward_positions(rows, positions)):
+                    _, prefix, lasts = prepared[i]
+                    shared = sum(float(logp[j, t]) for j, t in enumerate(prefix))
+                    out[i] = [shared + float(logp[-1, t]) for t in lasts]
+                if progress is not None:
+                    progress.update(len(batch))
+        return out
+
+    def mean_loglikelihood(self, texts: Sequence[str], *, stride: int | None = None) -> dict[str, float]:
+        """Mean per-token log-likelihood and perplexity of ``texts`` (non-overlapping windows of max_length;
+        the first token of each window is conditioned on nothing and not counted)."""
+        window = stride or self.max_length
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for text in texts:
+                ids = self.encode(text)
+                for start in range(0, max(len(ids) - 1, 0), window):
+                    chunk = ids[start: start + window]
+                    if len(chunk) < 2:
+                        continue
+                    x = torch.tensor([chunk], device=self.device)
+                    logp = torch.log_softmax(self.model(input_ids=x).logits.float(), dim=-1)[0, :-1]
+                    total += float(logp.gather(1, x[0, 1:, None]).sum())
+                    count += len(chunk) - 1
+        if count == 0:
+            raise ValueError("no tokens to score")
+        mean = total / count
+        return {"mean_token_logprob": mean, "perplexity": math.exp(-mean), "tokens": count}
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, prompts: Sequence[str], stop: Sequence[str] = (), max_new_tokens: int = 256, *,
+                       progress: Any = None) -> list[str]:
+        """Greedy completions of ``prompts`` (batched, left padding), each cut at its earliest stop string."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tok = self.tokenizer
+        budget = max(1, self.max_length - max_new_tokens)
+        stop = tuple(s for s in stop if s)
+
+        class StopStrings(StoppingCriteria):
+            def __init__(self, width: int) -> None:
+                self.width = width
+
+            def __call__(self, input_ids, scores, **kwargs):
+                texts = tok.batch_decode(input_ids[:, self.width:], skip_special_tokens=False)
+                done = [any(s in t for s in stop) for t in texts]
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        out: list[str] = [""] * len(prompts)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start: start + self.batch_size]
+                rows = [self.encode(prompts[i])[-budget:] for i in batch]
+                width = max(len(r) for r in rows)
+                ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for j, row in enumerate(rows):
+                    ids[j, width - len(row):] = torch.tensor(row)
+                    mask[j, width - len(row):] = 1
+                generated = self.model.generate(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False,
+                    max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                    stopping_criteria=StoppingCriteriaList([StopStrings(width)]) if stop else None,
+                    temperature=None, top_p=None, top_k=None)
+                texts = tok.batch_decode(generated[:, width:], skip_special_tokens=True)
+                for i, text in zip(batch, texts):
+                    out[i] = trim_at_stop(text, stop)
+                if progress is not None:
+                    progress.update(len(batch))
+        return out
+
+
+def trim_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) its earliest stop string."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def load_lm(model: str, *, adapter: str | Path | None = None, tiny: bool = False, dtype: torch.dtype = torch.float32,
+            device: str | None = None, batch_size: int = 8, max_length: int | None = None) -> CausalLM:
+    """A :class:`CausalLM` for ``model`` (catalog name, hub id or local dir; see ``hybridlora.models``).
+
+    ``tiny``: a randomly initialised small model of the same family with the offline byte tokenizer (for demos
+    and tests). ``adapter``: a PEFT adapter directory, loaded inside ``exact_targets()`` so that PEFT keeps its
+    exact module names.
+    """
+    from hybridlora import models
+
+    source = models.resolve_model(model)
+    if tiny:
+        from .tokenizer import byte_tokenizer
+
+        from hybridlora.families import family_for
+
+        config = models.text_config(source.config)
+        family = family_for(config.model_type)
+        if family is None:
+            raise models.ModelError(f"{model}: no family entry for {config.model_type!r}, so no tiny config")
+        net = models.build_model(models.tiny_config(config, family), dtype=dtype)
+        tokenizer = byte_tokenizer()
+        if net.config.vocab_size < len(tokenizer):
+            raise ValueError(f"tiny model vocab {net.config.vocab_size} < 256 byte tokens")
+    else:
+        from transformers import AutoTokenizer
+
+        net = models.load_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path) if source.path else source.name)
+    if device:
+        net = net.to(device)
+    if adapter is not None:
+        from peft import PeftModel
+
+        from hybridlora.placement import exact_targets
+
+        with exact_targets():
+            net = PeftModel.from_pretrained(net, str(adapter))
+        net = net.eval()
+    return CausalLM(net, tokenizer, batch_size=batch_size, max_length=max_length, name=source.name,
+                    adapter=str(adapter) if adapter is not None else None, device=device)
