@@ -28,8 +28,15 @@ Protection layers, each one independent of the others (defence in depth):
 * PR_SET_NO_NEW_PRIVS and a seccomp-BPF filter (x86-64): no sockets, no new processes
   (threads are allowed), signals only to itself, no ptrace / namespaces / mount / io_uring /
   bpf / keyrings;
+* Landlock (works without root too): the file system is read-only and limited to the
+  interpreter and system directories (/usr, /lib*, /bin, /etc, own /proc entry), writable
+  only inside the working directory; TCP bind/connect is denied (ABI >= 4); signals and
+  abstract unix sockets cannot leave the sandbox (ABI >= 6);
 * an in-interpreter guard prelude executed before the untrusted code: process spawning,
   signalling, socket creation and ``ctypes`` are disabled, ``os._exit`` raises SystemExit.
+
+Without root only the rlimits (but RLIMIT_NPROC), seccomp, Landlock, the guard, the
+process group and the scrubbed environment remain; namespaces and the uid drop need root.
 
 The layers really in force on this machine are reported by :func:`protections` (obtained by
 running a probe program through the sandbox), and any layer that could not be established is
@@ -48,7 +55,7 @@ _LAUNCH_FLAG = "--hybridlora-sandbox-launch"
 
 # Layers that a caller may switch off (tests use this to exercise the remaining layers).
 DISABLEABLE_LAYERS = frozenset(
-    {"python_guard", "seccomp", "net_namespace", "ipc_namespace", "mount_namespace", "pid_namespace"}
+    {"python_guard", "seccomp", "landlock", "net_namespace", "ipc_namespace", "mount_namespace", "pid_namespace"}
 )
 
 # Linux constants (x86-64 / generic values; the seccomp table is x86-64 only).
@@ -82,8 +89,8 @@ _NS_PYTHON_MOUNT = "/tmp/.sandbox-python"
 _RUNNER_SRC = r'''
 import sys
 
-def _sandbox_guard(real_exit):
-    import builtins, posix, os
+def _sandbox_guard():
+    import posix, os
 
     def deny(what):
         def denied(*args, **kwargs):
@@ -122,6 +129,8 @@ def _sandbox_guard(real_exit):
     import _socket
 
     class socket(_socket.socket):
+        __slots__ = ()
+
         def __init__(self, *args, **kwargs):
             raise PermissionError("sandbox: socket creation is disabled")
 
@@ -155,7 +164,7 @@ def _sandbox_main():
         sys.stderr.write("".join(traceback.format_exception_only(type(exc), exc)))
         finish(1)
     if guard:
-        _sandbox_guard(real_exit)
+        _sandbox_guard()
     module = types.ModuleType("__main__")
     module.__file__ = path
     module.__builtins__ = builtins
@@ -307,6 +316,73 @@ def _install_seccomp(libc: _Libc) -> None:
         raise OSError(err, f"prctl(PR_SET_SECCOMP): {os.strerror(err)}")
 
 
+# Landlock access rights (ABI 1..5) and scopes (ABI 6).
+_LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR = 1, 2, 4, 8
+_LL_MAKE_CHAR, _LL_MAKE_BLOCK = 64, 2048
+_LL_REFER, _LL_TRUNCATE, _LL_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+_LL_FILE_RIGHTS = _LL_EXECUTE | _LL_WRITE_FILE | _LL_READ_FILE | _LL_TRUNCATE | _LL_IOCTL_DEV
+_LL_READ_RIGHTS = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR
+_NR_LANDLOCK_CREATE_RULESET, _NR_LANDLOCK_ADD_RULE, _NR_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+
+
+def _landlock_ruleset(libc: _Libc, rules: list) -> tuple[int, dict]:
+    """Create a Landlock ruleset: only ``rules`` ((path, rights) pairs) stay accessible, TCP
+    bind/connect is denied (ABI >= 4), and signals / abstract unix sockets are scoped to the
+    sandbox (ABI >= 6).  Returns (ruleset fd, layer report)."""
+    ctypes = libc.ctypes
+    syscall = libc.lib.syscall
+    syscall.restype = ctypes.c_long
+
+    def call(*args) -> int:
+        rc = syscall(*[a if isinstance(a, ctypes.Array) else ctypes.c_long(a) for a in args])
+        if rc < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"landlock syscall {args[0]}: {os.strerror(err)}")
+        return rc
+
+    abi = call(_NR_LANDLOCK_CREATE_RULESET, 0, 0, 1)  # LANDLOCK_CREATE_RULESET_VERSION
+    handled = (1 << 13) - 1
+    handled |= _LL_REFER if abi >= 2 else 0
+    handled |= _LL_TRUNCATE if abi >= 3 else 0
+    handled |= _LL_IOCTL_DEV if abi >= 5 else 0
+    net = 0b11 if abi >= 4 else 0  # BIND_TCP | CONNECT_TCP, with no rule allowing any port
+    scoped = 0b11 if abi >= 6 else 0  # ABSTRACT_UNIX_SOCKET | SIGNAL
+    size = 8 if abi < 4 else 16 if abi < 6 else 24
+    attr = (handled.to_bytes(8, "little") + net.to_bytes(8, "little") + scoped.to_bytes(8, "little"))[:size]
+    fd = call(_NR_LANDLOCK_CREATE_RULESET, ctypes.create_string_buffer(attr, size), size, 0)
+    try:
+        for path, rights in rules:
+            try:
+                pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # absent on this system
+            try:
+                if os.fstat(pfd).st_mode & 0o170000 != 0o040000:  # not a directory
+                    rights &= _LL_FILE_RIGHTS
+                rule = (rights & handled).to_bytes(8, "little") + pfd.to_bytes(4, "little", signed=True)
+                call(_NR_LANDLOCK_ADD_RULE, fd, 1, ctypes.create_string_buffer(rule, 12), 0)
+            finally:
+                os.close(pfd)
+    except BaseException:
+        os.close(fd)
+        raise
+    report = {
+        "landlock_fs": True,
+        "landlock_tcp": True if net else f"needs Landlock ABI 4 (kernel has ABI {abi})",
+        "landlock_signals": True if scoped else f"needs Landlock ABI 6 (kernel has ABI {abi})",
+        "landlock_detail": f"Landlock ABI {abi}",
+    }
+    return fd, report
+
+
+def _landlock_restrict(libc: _Libc, fd: int) -> None:
+    ctypes = libc.ctypes
+    rc = libc.lib.syscall(ctypes.c_long(_NR_LANDLOCK_RESTRICT_SELF), ctypes.c_long(fd), ctypes.c_long(0))
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"landlock_restrict_self: {os.strerror(err)}")
+
+
 class _Launcher:
     def __init__(self, cfg: dict, report_fd: int) -> None:
         self.cfg = cfg
@@ -379,11 +455,12 @@ class _Launcher:
             else:
                 self._worker_main()
             os._exit(_EXIT_SANDBOX_ERROR)  # not reached
+        # The launcher's exit status mirrors the worker's (exit code, or 128 + signal number),
+        # so the caller can cross-check the report file.
         if self.layers.get("pid_namespace") is True:
-            os.waitpid(pid, 0)
-        else:
-            self._reap_worker(pid)
-        return 0
+            _, status = os.waitpid(pid, 0)
+            return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        return self._reap_worker(pid)
 
     def _namespaces(self, as_root: bool) -> None:
         libc = self.libc
@@ -419,7 +496,7 @@ class _Launcher:
                 continue
             seen.add(real)
             try:
-                libc.mount("tmpfs", real, "tmpfs", _MS_NOSUID | _MS_NODEV,
+                libc.mount("tmpfs", real, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
                            f"size={tmpfs_mb}m,nr_inodes=16384,mode=1777")
                 if real == "/tmp":
                     self.mount_ns = True
@@ -448,15 +525,15 @@ class _Launcher:
 
     def _choose_interpreter(self, as_root: bool) -> None:
         if self.uid is None:
-            self.layers["uid_drop"] = (
-                "not running as root: the program runs under the caller's own uid" if not as_root
-                else "no sandbox uid available")
+            if as_root:
+                raise RuntimeError("refusing to run untrusted code as root: no unprivileged uid available")
+            self.layers["uid_drop"] = "not running as root: the program runs under the caller's own uid"
             return
         checks = self._python_checks(self.python) + [(self.program_path, os.R_OK)]
         if not self._access_failures(checks):
             self.layers["uid_drop"] = True
             return
-        reasons = [f"{self.python} is not usable by uid {self.uid}"]
+        reasons = [f"{self.python} is not usable by the sandbox uid"]
         prefix = self.cfg["python_prefix"]
         if self.mount_ns and prefix and self.python.startswith(prefix + os.sep):
             try:  # expose the interpreter's installation read-only at a path the uid can reach
@@ -482,36 +559,40 @@ class _Launcher:
                 self.layers["uid_drop"] = True
                 self.layers["interpreter"] = f"{fallback} (fallback: {'; '.join(reasons)})"
                 return
-        self.layers["uid_drop"] = "; ".join(reasons) + "; no fallback interpreter usable either"
-        self.uid = self.gid = None
+        raise RuntimeError("refusing to run untrusted code as root: " + "; ".join(reasons)
+                           + "; no fallback interpreter is usable by the sandbox uid either")
 
     def _pid_namespace(self, as_root: bool) -> None:
         if not self._wanted("pid_namespace"):
+            self.layers["proc_remount"] = "disabled by caller (needs the PID namespace)"
             return
         if not as_root or self.libc is None:
             self.layers["pid_namespace"] = "needs root (CAP_SYS_ADMIN); the sandbox is not running as root"
-            return
-        try:
-            self.libc.unshare(_CLONE_NEWPID, "pid_namespace")
-            self.layers["pid_namespace"] = True
-        except OSError as exc:
-            self.layers["pid_namespace"] = _err_text(exc)
+        else:
+            try:
+                self.libc.unshare(_CLONE_NEWPID, "pid_namespace")
+                self.layers["pid_namespace"] = True
+                return
+            except OSError as exc:
+                self.layers["pid_namespace"] = _err_text(exc)
+        self.layers["proc_remount"] = "needs the PID namespace"
 
-    def _reap_worker(self, pid: int) -> None:
-        """Wait for the worker (reaping any other child) and record how it ended."""
+    def _reap_worker(self, pid: int) -> int:
+        """Wait for the worker (reaping any other child), record how it ended, return its code."""
         while True:
             try:
                 wpid, status, usage = os.wait4(-1, 0)
             except ChildProcessError:
                 _record(self.report_fd, error="worker vanished without an exit status")
-                return
+                return _EXIT_SANDBOX_ERROR
             if wpid == pid:
                 break
         cpu = usage.ru_utime + usage.ru_stime
         if os.WIFSIGNALED(status):
             _record(self.report_fd, worker={"signal": os.WTERMSIG(status), "cpu_s": cpu})
-        else:
-            _record(self.report_fd, worker={"exitcode": os.WEXITSTATUS(status), "cpu_s": cpu})
+            return 128 + os.WTERMSIG(status)
+        _record(self.report_fd, worker={"exitcode": os.WEXITSTATUS(status), "cpu_s": cpu})
+        return os.WEXITSTATUS(status)
 
     def _init_main(self) -> None:
         """PID 1 of the new PID namespace: start the worker, reap, relay its status."""
@@ -524,19 +605,37 @@ class _Launcher:
                     layers["proc_remount"] = True
                 except OSError as exc:
                     layers["proc_remount"] = _err_text(exc)
+            elif "mount_namespace" in self.disabled:
+                layers["proc_remount"] = "disabled by caller (needs the mount namespace)"
             else:
                 layers["proc_remount"] = "needs the mount namespace"
             _record(self.report_fd, layers=layers)
             pid = os.fork()
             if pid == 0:
                 self._worker_main()
-            self._reap_worker(pid)
+            code = self._reap_worker(pid)
         except BaseException as exc:
             try:
                 _record(self.report_fd, error=f"sandbox init failed: {_err_text(exc)}")
             finally:
                 os._exit(_EXIT_SANDBOX_ERROR)
-        os._exit(0)  # the kernel now kills whatever is left in the namespace
+        os._exit(code)  # the kernel now kills whatever is left in the namespace
+
+    def _landlock_rules(self) -> list:
+        """Read-only: the interpreter and system directories; read-write: the workdir only."""
+        cfg = self.cfg
+        if self.python.startswith(_NS_PYTHON_MOUNT + os.sep):
+            interpreter = [_NS_PYTHON_MOUNT]
+        else:
+            interpreter = [p for p in (cfg["python_prefix"], cfg["stdlib"], cfg["libdir"],
+                                       os.path.dirname(os.path.realpath(self.python))) if p]
+        system = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", "/etc",
+                  "/sys/devices/system/cpu", "/dev/urandom", "/dev/random", "/dev/zero", "/proc/self"]
+        everything = (1 << 16) - 1
+        rules = [(path, _LL_READ_RIGHTS) for path in interpreter + system]
+        rules.append(("/dev/null", _LL_READ_FILE | _LL_WRITE_FILE | _LL_TRUNCATE | _LL_IOCTL_DEV))
+        rules.append((self.workdir, everything & ~(_LL_MAKE_CHAR | _LL_MAKE_BLOCK)))
+        return rules
 
     def _worker_main(self) -> None:
         """Apply limits, drop privileges, install seccomp, then exec the interpreter."""
@@ -557,15 +656,28 @@ class _Launcher:
             ]
             if hasattr(resource, "RLIMIT_MSGQUEUE"):
                 limits.append((resource.RLIMIT_MSGQUEUE, 0))
-            if self.uid is not None:
+            if self.uid is not None and cfg["dedicated_uid"]:
                 # Only meaningful for a dedicated uid: the count is per real uid.
                 limits.append((resource.RLIMIT_NPROC, cfg["max_processes"]))
             for which, value in limits:
                 soft, hard = value if isinstance(value, tuple) else (value, value)
                 resource.setrlimit(which, (soft, hard))
             layers["rlimits"] = True
-            layers["rlimit_nproc"] = True if self.uid is not None else (
-                "not set: without a dedicated uid RLIMIT_NPROC would count all of the caller's processes")
+            layers["rlimit_nproc"] = True if self.uid is not None and cfg["dedicated_uid"] else (
+                "not set: without a dedicated uid RLIMIT_NPROC would count unrelated processes too")
+            landlock_fd = None
+            landlock_keys = ("landlock_fs", "landlock_tcp", "landlock_signals")
+            if "landlock" in self.disabled:
+                layers.update(dict.fromkeys(landlock_keys, "disabled by caller"))
+            elif self.libc is None:
+                layers.update(dict.fromkeys(landlock_keys, "ctypes unavailable"))
+            else:
+                try:  # built while still privileged: the rule paths are opened here
+                    landlock_fd, report = _landlock_ruleset(self.libc, self._landlock_rules())
+                except OSError as exc:
+                    layers.update(dict.fromkeys(landlock_keys, f"Landlock unavailable: {_err_text(exc)}"))
+                else:
+                    layers.update(report)
             if self.uid is not None:
                 os.setgroups([])
                 os.setresgid(self.gid, self.gid, self.gid)
@@ -588,6 +700,15 @@ class _Launcher:
                 except OSError as exc:
                     layers["no_new_privs"] = _err_text(exc)
                 libc.prctl(_PR_SET_PDEATHSIG, _SIGKILL, "prctl(PR_SET_PDEATHSIG)")
+                if landlock_fd is not None:
+                    try:
+                        if layers["no_new_privs"] is not True:
+                            raise OSError(0, "needs PR_SET_NO_NEW_PRIVS")
+                        _landlock_restrict(libc, landlock_fd)
+                    except OSError as exc:
+                        layers.update(dict.fromkeys(landlock_keys, _err_text(exc)))
+                    finally:
+                        os.close(landlock_fd)
                 if "seccomp" in self.disabled:
                     layers["seccomp"] = "disabled by caller"
                 elif layers["no_new_privs"] is not True:
@@ -681,9 +802,11 @@ logger = logging.getLogger(__name__)
 _DETAIL_CHARS = 1500
 _UID_BASE_DEFAULT = 1_900_000_000
 _UID_POOL_SIZE = 512
+_NOBODY = 65534
 _LAYER_ORDER = (
     "python_guard", "rlimits", "rlimit_nproc", "uid_drop", "no_new_privs", "seccomp",
-    "net_namespace", "ipc_namespace", "mount_namespace", "pid_namespace", "proc_remount",
+    "landlock_fs", "landlock_tcp", "landlock_signals", "net_namespace", "ipc_namespace", "mount_namespace",
+    "pid_namespace", "proc_remount", "uid_sweep",
 )
 
 
@@ -716,7 +839,7 @@ def _uid_status(pid: int) -> tuple[set[int], bool] | None:
     return uids, zombie
 
 
-def processes_of_uid(uid: int) -> list[int]:
+def _processes_of_uid(uid: int) -> list[int]:
     """Live (non-zombie) processes that hold ``uid`` as real, effective, saved or fs uid."""
     pids = []
     for name in os.listdir("/proc"):
@@ -752,7 +875,7 @@ def _sweep_uid(uid: int, deadline_s: float = 5.0) -> int:
     """SIGKILL every process running as the (dedicated) sandbox uid until none is left."""
     killed, end = 0, time.monotonic() + deadline_s
     while True:
-        pids = processes_of_uid(uid)
+        pids = _processes_of_uid(uid)
         if not pids:
             return killed
         if time.monotonic() > end:
@@ -776,6 +899,10 @@ def _id_mapped(value: int, map_path: str) -> bool:
     return False
 
 
+def _uid_base() -> int:
+    return int(os.environ.get("HYBRIDLORA_SANDBOX_UID_BASE", _UID_BASE_DEFAULT))
+
+
 class _UidPool:
     """Dedicated sandbox uids, one per concurrent run, exclusive across processes (flock)."""
 
@@ -787,10 +914,11 @@ class _UidPool:
         self._problem: str | None = None
 
     def _setup(self) -> None:
-        base = int(os.environ.get("HYBRIDLORA_SANDBOX_UID_BASE", _UID_BASE_DEFAULT))
+        base = _uid_base()
         last = base + _UID_POOL_SIZE - 1
         if not all(_id_mapped(v, f"/proc/self/{m}_map") for v in (base, last) for m in ("uid", "gid")):
-            self._problem = f"uids {base}..{last} are not mapped in this user namespace (set HYBRIDLORA_SANDBOX_UID_BASE)"
+            self._problem = (f"uids {base}..{last} are not mapped in this user namespace "
+                             "(set HYBRIDLORA_SANDBOX_UID_BASE)")
             return
         self._lockdir = os.path.join(tempfile.gettempdir(), "hybridlora-sandbox-uids")
         try:
@@ -803,35 +931,45 @@ class _UidPool:
             return
         self._cursor, self._end = base, base + _UID_POOL_SIZE
 
-    def acquire(self) -> int | None:
+    def acquire(self) -> tuple[int | None, bool]:
+        """(uid, dedicated).  Falls back to the shared ``nobody`` uid if no dedicated one exists."""
+        with self._lock:
+            uid = self._acquire_dedicated()
+        if uid is not None:
+            return uid, True
+        if _id_mapped(_NOBODY, "/proc/self/uid_map") and _id_mapped(_NOBODY, "/proc/self/gid_map"):
+            return _NOBODY, False
+        return None, False
+
+    def _acquire_dedicated(self) -> int | None:
+        """Caller holds ``self._lock``."""
         import pwd
 
-        with self._lock:
-            if self._cursor is None and self._problem is None:
-                self._setup()
-            if self._free:
-                return self._free.pop()
-            if self._problem is not None:
-                return None
-            while self._cursor < self._end:
-                uid = self._cursor
-                self._cursor += 1
-                try:
-                    pwd.getpwuid(uid)
-                    continue  # a real account: never use it
-                except KeyError:
-                    pass
-                fd = os.open(os.path.join(self._lockdir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    os.close(fd)
-                    continue  # used by another evaluation process
-                _sweep_uid(uid)  # leftovers of a crashed earlier run, if any
-                self._held[uid] = fd
-                return uid
-            self._problem = "sandbox uid range exhausted"
+        if self._cursor is None and self._problem is None:
+            self._setup()
+        if self._free:
+            return self._free.pop()
+        if self._problem is not None:
             return None
+        while self._cursor < self._end:
+            uid = self._cursor
+            self._cursor += 1
+            try:
+                pwd.getpwuid(uid)
+                continue  # a real account: never use it
+            except KeyError:
+                pass
+            fd = os.open(os.path.join(self._lockdir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # used by another evaluation process
+            _sweep_uid(uid)  # leftovers of a crashed earlier run, if any
+            self._held[uid] = fd
+            return uid
+        self._problem = "sandbox uid range exhausted"
+        return None
 
     def release(self, uid: int) -> None:
         with self._lock:
@@ -977,18 +1115,25 @@ _SIGNAL_REASONS = {
 def _classify(timed_out: bool, timeout_s: float, cpu_limit: int, returncode: int | None,
               records: list[dict], stderr: str, wall: float) -> SandboxResult:
     def result(status: str, detail: str) -> SandboxResult:
-        return SandboxResult(status == "passed", status, detail[-_DETAIL_CHARS - 200:], wall)
+        # The reason comes first, then the (already truncated) tail of stderr.
+        return SandboxResult(status == "passed", status, detail[:2 * _DETAIL_CHARS], wall)
 
     def with_tail(reason: str) -> str:
         return f"{reason}\n{stderr}" if stderr else reason
 
-    worker = next((r["worker"] for r in records if "worker" in r), None)
+    # The last worker record is the one written after the worker ended (without a uid drop the
+    # program could append forged records before it); it must agree with the launcher's status.
+    worker = next((r["worker"] for r in reversed(records) if "worker" in r), None)
     errors = [r["error"] for r in records if "error" in r]
     if timed_out:
         return result("timeout", with_tail(f"timeout: exceeded the {timeout_s:g}s wall-clock limit"))
     if worker is None or errors:
         reason = "; ".join(errors) or f"sandbox error: launcher exited with status {returncode} and no worker status"
         return result("error", with_tail(reason))
+    expected = worker["exitcode"] if "exitcode" in worker else 128 + worker["signal"]
+    if returncode != expected:
+        return result("error", with_tail(f"sandbox error: launcher status {returncode} does not match "
+                                         f"the reported worker status {worker}"))
     if "signal" in worker:
         sig = worker["signal"]
         if sig == signal.SIGXCPU or (sig == signal.SIGKILL and worker["cpu_s"] >= cpu_limit):
@@ -1017,7 +1162,7 @@ def _run(program: str, *, timeout_s: float, memory_mb: int, strict_exit: bool,
         raise ValueError(f"unknown or non-disableable sandbox layers: {sorted(unknown)}")
 
     as_root = os.geteuid() == 0
-    uid = _UID_POOL.acquire() if as_root else None
+    uid, dedicated = _UID_POOL.acquire() if as_root else (None, False)
     private = workdir = None
     start = time.monotonic()
     try:
@@ -1036,7 +1181,7 @@ def _run(program: str, *, timeout_s: float, memory_mb: int, strict_exit: bool,
             "stdlib": stdlib, "libdir": libdir, "fallback_pythons": fallbacks, "disable": disable,
             "strict_exit": strict_exit, "cpu_s": cpu_s, "memory_mb": int(memory_mb),
             "file_size_mb": int(file_size_mb), "max_processes": int(max_processes),
-            "max_open_files": int(max_open_files), "tmpfs_mb": int(tmpfs_mb),
+            "max_open_files": int(max_open_files), "tmpfs_mb": int(tmpfs_mb), "dedicated_uid": dedicated,
         }
         cfg_path = os.path.join(private, "config")
         with open(cfg_path, "wb") as handle:
@@ -1062,7 +1207,7 @@ def _run(program: str, *, timeout_s: float, memory_mb: int, strict_exit: bool,
                 pass
             proc.wait()
         wall = time.monotonic() - start
-        if uid is not None:
+        if dedicated:
             stray = _sweep_uid(uid)
             if stray:
                 logger.debug("sandbox: killed %d stray process(es) of uid %d", stray, uid)
@@ -1070,15 +1215,24 @@ def _run(program: str, *, timeout_s: float, memory_mb: int, strict_exit: bool,
         layers: dict = {}
         for record in records:
             layers.update(record.get("layers", {}))
-        if uid is not None and layers.get("mount_namespace") is not True:
-            _remove_owned_in_world_writable(uid)
+        if dedicated:
+            layers["uid_sweep"] = True
+            if layers.get("mount_namespace") is not True:
+                _remove_owned_in_world_writable(uid)
+        elif uid is not None:
+            layers["uid_sweep"] = f"the sandbox uid {uid} is shared ({_UID_POOL.problem})"
+        else:
+            layers["uid_sweep"] = "needs a uid drop"
+        layers["sandbox_uid"] = (
+            f"dedicated per-run uid from {_uid_base()}..{_uid_base() + _UID_POOL_SIZE - 1}" if dedicated
+            else f"shared uid {uid}" if uid is not None else "the caller's uid")
         res = _classify(timed_out, timeout_s, cpu_s, proc.returncode, records, _tail(stderr_path), wall)
         return res, layers
     finally:
         for path in (private, workdir):
             if path:
                 _rmtree(path)
-        if uid is not None:
+        if dedicated:
             _UID_POOL.release(uid)
 
 
@@ -1090,11 +1244,17 @@ _WARNED: set = set()
 
 def _warn_layers(layers: Mapping[str, Any], disabled: Iterable[str] = ()) -> None:
     disabled = set(disabled)
+    interpreter = layers.get("interpreter")
+    if isinstance(interpreter, str) and "fallback" in interpreter and ("interpreter", interpreter) not in _WARNED:
+        _WARNED.add(("interpreter", interpreter))
+        msg = f"sandbox runs programs with a different interpreter: {interpreter}"
+        logger.warning(msg)
+        warnings.warn(msg, SandboxWarning, stacklevel=3)
     for name in _LAYER_ORDER:
         if name not in layers:
             continue
         value = layers[name]
-        if value is True or name in disabled:
+        if value is True or name in disabled or (isinstance(value, str) and value.startswith("disabled by caller")):
             continue
         reason = value if isinstance(value, str) else "not established"
         key = (name, reason)
@@ -1129,14 +1289,11 @@ def protections(*, refresh: bool = False) -> dict[str, bool | str]:
                 info[name] = value is True
                 if value is not True:
                     info[f"{name}_reason"] = value if isinstance(value, str) else "not established by the probe"
-            info["uid_sweep"] = info["uid_drop"]
             info["running_as"] = f"uid {os.geteuid()}" + (" (root)" if os.geteuid() == 0 else "")
-            if os.geteuid() == 0 and _UID_POOL.problem:
-                info["uid_drop_reason"] = _UID_POOL.problem
-            info["sandbox_uid"] = (
-                f"dedicated per run from {int(os.environ.get('HYBRIDLORA_SANDBOX_UID_BASE', _UID_BASE_DEFAULT))}"
-                if info["uid_drop"] else "caller's uid")
+            info["sandbox_uid"] = layers.get("sandbox_uid", "unknown") if info["uid_drop"] else "the caller's uid"
             info["interpreter"] = layers.get("interpreter") or _interpreters()[0]
+            if "landlock_detail" in layers:
+                info["landlock_detail"] = layers["landlock_detail"]
             info["probe"] = "ok" if res.passed else f"{res.status}: {res.detail[:300]}"
             import platform
 
@@ -1153,7 +1310,7 @@ def protections(*, refresh: bool = False) -> dict[str, bool | str]:
 def describe_protections() -> str:
     """One line for evaluation logs: which sandbox layers are active and which are not."""
     info = protections()
-    active = [name for name in ("process_group", "scrubbed_environment", "private_workdir", *_LAYER_ORDER, "uid_sweep")
+    active = [name for name in ("process_group", "scrubbed_environment", "private_workdir", *_LAYER_ORDER)
               if info.get(name) is True]
     missing = [name for name in _LAYER_ORDER if info.get(name) is not True]
     return (f"sandbox ({info['running_as']}, interpreter {info['interpreter']}): active: {', '.join(active)}"
@@ -1176,7 +1333,10 @@ def run_program(program: str, *, timeout_s: float = 10.0, memory_mb: int = 1024,
                        max_open_files=max_open_files, tmpfs_mb=tmpfs_mb)
     if layers and res.status != "error":
         expected = [k for k in _LAYER_ORDER if _PROBED and _PROBED.get(k) is True]
-        _warn_layers({k: layers.get(k, "not established in this run") for k in expected}, disabled=disable)
+        checked = {k: layers.get(k, "not established in this run") for k in expected}
+        if "interpreter" in layers:
+            checked["interpreter"] = layers["interpreter"]
+        _warn_layers(checked, disabled=disable)
     return res
 
 
