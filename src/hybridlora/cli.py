@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_verify)
 
+    from .study.cli import register as register_study
+
+    register_study(sub)
     from .train.cli import register as register_train
 
     register_train(sub)

@@ -1,0 +1,185 @@
+"""The study runner: claim a job, run it, record it atomically; repeat until the grid is done; then report.
+
+Several runners may work on one study directory at once (each claims different jobs through the database);
+a runner that dies (``kill -9``, power cut) leaves its job claimed by a dead process, and the next runner
+takes it over and redoes it — resuming training from its last checkpoint. Re-running the same command on a
+finished study does nothing but rebuild the report.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .config import BUILTIN_DATA, StudyConfig
+from .grid import Job, expand_grid, filter_jobs, parse_only
+from .jobs import crash_point, run_job
+from .store import HEARTBEAT_S, Store, make_owner
+
+
+@dataclass
+class StudyRun:
+    study_dir: Path
+    jobs: list[Job]
+    ran: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    report: Path | None = None
+    report_skipped: bool = False
+
+
+class _Heartbeat:
+    """Refreshes the current claim from a background thread (its own connection), so a long job is never
+    mistaken for an abandoned one."""
+
+    def __init__(self, study_dir: Path, owner: str):
+        self.study_dir, self.owner = study_dir, owner
+        self.job_id: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        store = Store(self.study_dir)
+        try:
+            while not self._stop.wait(HEARTBEAT_S):
+                if self.job_id:
+                    store.heartbeat(self.job_id, self.owner)
+        finally:
+            store.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def prepare(config: StudyConfig, *, only: str | None = None) -> tuple[Path, list[Job]]:
+    """The study directory (with its demo data written, if asked for) and the jobs to run."""
+    study_dir = config.output_dir()
+    jobs = filter_jobs(expand_grid(config), parse_only(only))
+    if config.data_dir == BUILTIN_DATA:
+        from .demo_data import write_demo_data
+
+        write_demo_data(study_dir / "data", seed=config.model_seed)
+    return study_dir, jobs
+
+
+def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = True, report: bool = True,
+              log=print) -> StudyRun:
+    study_dir, jobs = prepare(config, only=only)
+    store = Store(study_dir)
+    store.register(jobs, config.model_dump(mode="json"))
+    _write_config_snapshot(study_dir, config)
+    owner = make_owner()
+    ids = [j.id for j in jobs]
+    run = StudyRun(study_dir, jobs)
+    done = store.counts(ids)["complete"]
+    beat = _Heartbeat(study_dir, owner)
+    bar = tqdm(total=len(jobs), initial=done, desc="study", unit="job", disable=not progress, position=0)
+    try:
+        while True:
+            job = store.claim(owner, skip=set(run.ran) | set(run.failed), ids=ids)
+            if job is None:
+                break
+            beat.job_id = job.id
+            crash_point("claimed")
+            bar.set_postfix_str(job.label)
+            try:
+                result = run_job(job.spec, study_dir, study_dir / "runs" / job.id, progress=progress)
+            except Exception as exc:  # noqa: BLE001 — one failed cell must not stop the grid
+                message = f"{type(exc).__name__}: {exc}"
+                store.fail(job.id, owner, message + "\n" + traceback.format_exc(limit=8))
+                run.failed[job.id] = message
+                tqdm.write(f"FAILED {job.label}: {message}", file=sys.stderr)
+                continue
+            finally:
+                beat.job_id = None
+            crash_point("before_complete")
+            if store.complete(job.id, owner, result):
+                run.ran.append(job.id)
+                bar.update(1)
+            else:
+                tqdm.write(f"note: {job.label} was taken over by another runner; its result is kept, not ours",
+                           file=sys.stderr)
+            crash_point("after_complete")
+    finally:
+        bar.close()
+        beat.stop()
+    run.counts = store.counts(ids)
+    store.close()
+    run.report_skipped = not report
+    if report and run.counts["complete"]:
+        run.report = build_study_report(study_dir)
+    return run
+
+
+def _write_config_snapshot(study_dir: Path, config: StudyConfig) -> None:
+    import yaml
+
+    from ..train.loop import write_atomic
+
+    write_atomic(study_dir / "study.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def build_study_report(study_dir: Path, output: Path | None = None) -> Path:
+    from ..analysis.report import build_report
+    from .results import load_study_results
+
+    paths = build_report(load_study_results(study_dir), output or study_dir / "report", progress=False)
+    return Path(paths["html"]) if "html" in paths else Path(next(iter(paths.values())))
+
+
+def dry_run(config: StudyConfig, *, only: str | None = None, out=print) -> list[Job]:
+    """Print the grid, the number of runs and a rough cost; runs nothing, writes nothing."""
+    jobs = filter_jobs(expand_grid(config), parse_only(only))
+    widths = (22, 24, 28, 12, 6)
+    out("  ".join(h.ljust(w) for h, w in zip(("job", "model", "placement", "domain", "seed"), widths)))
+    for job in jobs:
+        seed = "" if job.seed is None else str(job.seed)
+        out("  ".join(str(v)[:w].ljust(w) for v, w in zip((job.id, job.model, job.placement, job.train_domain, seed),
+                                                          widths)))
+    base = sum(j.kind == "base" for j in jobs)
+    out(f"{len(jobs)} jobs: {base} base evaluations + {len(jobs) - base} fine-tuning runs "
+        f"({len(config.models)} models × placements × {len(config.domains)} domains × {len(config.seeds)} seeds)")
+    out(_cost_line(config, jobs))
+    return jobs
+
+
+def _cost_line(config: StudyConfig, jobs: list[Job]) -> str:
+    sequences = sum((j.spec["domain"]["max_examples"] or 0) * config.train.epochs for j in jobs if j.kind == "train")
+    per_job_q = sum(min(n or 10**9, config.eval.limit or 10**9) for n in config.eval.benchmarks.values())
+    questions = per_job_q * len(jobs)
+    tokens = sequences * config.train.max_length
+    # Rough rates of the reference (HF fallback) path on one H100, from docs/PERFORMANCE.md's measurements.
+    hours = tokens / 5000 / 3600 + questions * 0.5 / 3600
+    return (f"cost: ≤ {sequences:,} training sequences (≤ {tokens/1e6:,.1f}M tokens at max_length "
+            f"{config.train.max_length}) and {questions:,} evaluation items; at the reference path's rough rates "
+            f"(5k tokens/s, 0.5 s per item on one H100) ≈ {hours:,.1f} GPU-hours — much less on the fast path or "
+            "with tiny models")
+
+
+def summary_line(run: StudyRun) -> str:
+    c = run.counts
+    parts = [f"{c.get('complete', 0)}/{len(run.jobs)} jobs complete"]
+    if run.ran:
+        parts.append(f"{len(run.ran)} run now")
+    if c.get("failed"):
+        parts.append(f"{c['failed']} failed (re-run to retry; errors in study.db)")
+    if c.get("running"):
+        parts.append(f"{c['running']} still running elsewhere")
+    where = f"; report: {run.report}" if run.report else ("; no report (--no-report)" if run.report_skipped
+                                                           else "; no report (no complete job)")
+    return ", ".join(parts) + where
+
+
+def status_json(study_dir: Path) -> str:
+    store = Store(study_dir, create=False)
+    try:
+        return json.dumps(store.counts(), indent=1)
+    finally:
+        store.close()
