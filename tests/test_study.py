@@ -172,6 +172,21 @@ def test_study_runs_every_cell_once_and_a_rerun_skips_them(tmp_path):
         store.close()
     adapter = tmp_path / "study" / "runs" / train[0]["id"] / "train" / "adapter" / "adapter_config.json"
     assert adapter.is_file()
+    # The report of the study, rebuilt by the CLI: every cell in tables/accuracy.csv, the demo warning on top.
+    assert main(["report", str(tmp_path / "study")]) == 0
+    report = tmp_path / "study" / "report"
+    import csv
+
+    rows = list(csv.DictReader((report / "tables" / "accuracy.csv").open()))
+    assert len(rows) == 6 * 5 and {r["train_domain"] for r in rows} == {"base", "gsm8k"}
+    assert {(r["model"], r["placement"]) for r in rows if r["train_domain"] == "base"} == {("q", "base"), ("f", "base")}
+    store = Store(tmp_path / "study")
+    base_q = next(j for j in store.jobs() if j["model"] == "q" and j["kind"] == "base")
+    mmlu = [c for b, _, c in store.instances(base_q["id"]) if b == "mmlu"]
+    store.close()
+    row = next(r for r in rows if r["model"] == "q" and r["placement"] == "base" and r["benchmark"] == "mmlu")
+    assert (int(row["n"]), int(row["correct"])) == (len(mmlu), sum(mmlu))
+    assert "NO scientific meaning" in (report / "report.html").read_text()
 
 
 class _Killed(BaseException):

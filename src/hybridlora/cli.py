@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate.cli import register as register_eval
 
     register_eval(sub)
+    from .analysis.cli import register as register_report
+    register_report(sub)
     return parser
 
 

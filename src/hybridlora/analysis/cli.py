@@ -1,0 +1,158 @@
+"""``hybridlora report``: the study report from a study directory or from imported results.
+
+Wire in with ``from hybridlora.analysis.cli import register; register(subparsers)``.
+
+    hybridlora report STUDY_DIR [--output OUT]        # a study made by hybridlora (default OUT: STUDY_DIR/report)
+    hybridlora report --import DIR --output OUT       # published or generic per-instance results
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Dict
+
+DEFAULT_RESAMPLES = 10_000
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="statistics, figures and tables of a placement study (HTML, Markdown, CSV, LaTeX)",
+        description="Builds OUT/report.html (self-contained), OUT/report.md, OUT/tables/*.csv|.tex and "
+                    "OUT/figures/*.png from a study directory, or from per-instance results with --import "
+                    "(the generic manifest layout or the published lora-placement-hybrid folder; see "
+                    "docs/RESULTS_FORMAT.md). An earlier report in OUT is replaced only once the new one is "
+                    "complete.")
+    p.add_argument("study_dir", nargs="?", metavar="STUDY_DIR", help="a study directory made by hybridlora")
+    p.add_argument("--import", dest="import_dir", metavar="DIR", help="per-instance results to import instead")
+    p.add_argument("--output", metavar="OUT", help="report folder (default STUDY_DIR/report; required with --import)")
+    p.add_argument("--title", help="report title")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a note shown at the top of the report; repeatable")
+    p.add_argument("--full-placement", action="append", default=[], metavar="MODEL=PLACEMENT",
+                   help="the all-components placement of MODEL (reference of the recipe); repeatable")
+    p.add_argument("--params", metavar="FILE",
+                   help="JSON {model: {placement: trainable_params}} for results that lack parameter counts")
+    p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
+                   help=f"paired-bootstrap resamples (default {DEFAULT_RESAMPLES})")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run_report)
+
+
+def _load_imported(path: Path):
+    from hybridlora.cli import CliError
+
+    from .importer import ResultsFormatError, detect_format, load_results
+    from .results import from_result_set
+
+    if not path.is_dir():
+        raise CliError(f"--import {path}: no such directory")
+    try:
+        layout = detect_format(path)
+        result_set = load_results(path)
+    except ResultsFormatError as exc:
+        raise CliError(str(exc)) from None
+    metadata = {"source": str(path.resolve()), "layout": layout,
+                "imported": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+    return from_result_set(result_set, metadata=metadata)
+
+
+def _load_study(path: Path):
+    from hybridlora.cli import CliError
+
+    if not path.is_dir():
+        raise CliError(f"{path}: no such study directory")
+    try:
+        from hybridlora.study import store
+    except ImportError as exc:
+        raise CliError(f"reading a study directory needs hybridlora.study ({exc})") from None
+    # the store's own error (not a study, corrupt database) plus plain I/O and format errors
+    expected = (OSError, ValueError) + tuple(
+        e for e in (getattr(store, "StoreError", None),) if isinstance(e, type) and issubclass(e, Exception))
+    try:
+        return store.load_study_results(path)
+    except expected as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CliError(first if str(path) in first else f"{path}: {first}") from None
+
+
+def _full_placements(items) -> Dict[str, str]:
+    from hybridlora.cli import CliError
+
+    out = {}
+    for item in items:
+        model, sep, placement = item.rpartition("=")
+        if not sep or not model or not placement:
+            raise CliError(f"--full-placement {item!r}: expected MODEL=PLACEMENT")
+        out[model] = placement
+    return out
+
+
+def _read_params(path: str) -> Dict[tuple, int]:
+    from hybridlora.cli import CliError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CliError(f"--params {path}: cannot read ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--params {path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    out = {}
+    ok = isinstance(data, dict) and all(isinstance(v, dict) for v in data.values())
+    for model, places in (data.items() if ok else []):
+        for placement, n in places.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                ok = False
+            out[(model, placement)] = n
+    if not ok:
+        raise CliError(f"--params {path}: expected {{model: {{placement: non-negative int}}}}")
+    return out
+
+
+def _apply_options(results, args):
+    """Command-line overrides on top of what the study or the import provides."""
+    if args.title:
+        results.title = args.title
+    results.notes = list(results.notes) + list(args.note)
+    results.full_placement = {**results.full_placement, **_full_placements(args.full_placement)}
+    if args.params:
+        params = _read_params(args.params)
+        results.runs = [dataclasses.replace(r, trainable_params=params[(r.model, r.placement)])
+                        if (r.model, r.placement) in params else r for r in results.runs]
+    return results
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from hybridlora.cli import CliError
+
+    from .report import ReportError, build_report
+
+    if bool(args.study_dir) == bool(args.import_dir):
+        raise CliError("report: give either STUDY_DIR or --import DIR (exactly one)")
+    if args.resamples < 1:
+        raise CliError("--resamples must be >= 1")
+    if args.seed < 0:
+        raise CliError("--seed must be >= 0")
+    if args.import_dir:
+        if not args.output:
+            raise CliError("report --import needs --output OUT")
+        source = Path(args.import_dir)
+        results = _load_imported(source)
+        output = Path(args.output)
+    else:
+        source = Path(args.study_dir)
+        results = _load_study(source)
+        output = Path(args.output) if args.output else source / "report"
+    if not results.records:
+        raise CliError(f"{source}: no evaluation records found")
+    results = _apply_options(results, args)
+    try:
+        paths = build_report(results, output, resamples=args.resamples, seed=args.seed,
+                             progress=not args.no_progress)
+    except ReportError as exc:
+        raise CliError(str(exc)) from None
+    print(paths["report.html"])
+    return 0

@@ -1,0 +1,298 @@
+"""Figures of the study report (matplotlib, Agg, no pyplot global state).
+
+Every function here draws tables already computed by :mod:`.metrics`; nothing is computed
+here. Figures are rendered to PNG bytes. :func:`render_figures` draws all of them and lists
+every figure it had to skip together with the reason (its data is absent).
+"""
+from __future__ import annotations
+
+import io
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import EngFormatter, NullFormatter
+
+from .metrics import Matrix, Series, StudyTables
+
+__all__ = [
+    "RenderedFigure",
+    "FigureSet",
+    "heatmap",
+    "pareto_scatter",
+    "params_bars",
+    "component_params_bars",
+    "loss_curves_figure",
+    "norm_dynamics_figure",
+    "render_figures",
+    "to_png",
+    "slug",
+]
+
+DPI = 110
+
+
+@dataclass(frozen=True)
+class RenderedFigure:
+    """One figure: file-safe ``name``, ``title``, ``caption`` and the ``png`` bytes."""
+
+    name: str
+    title: str
+    caption: str
+    png: bytes
+
+
+@dataclass
+class FigureSet:
+    """Rendered figures plus ``skipped``: ``[(figure name, reason)]``."""
+
+    figures: List[RenderedFigure] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+
+def slug(text: str) -> str:
+    """File-name-safe lower-case form of ``text`` (``"Qwen/Qwen3.5-0.8B"`` -> ``"qwen-qwen3-5-0-8b"``)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def to_png(fig: Figure) -> bytes:
+    """Render ``fig`` to PNG bytes."""
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    # no "Software" tag: the PNG then carries no URL or version string
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+
+def _text_colour(rgba) -> str:
+    # relative luminance decides black or white text, readable on any colormap
+    r, g, b = rgba[:3]
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.5 else "white"
+
+
+def heatmap(matrix: Matrix) -> Figure:
+    """Annotated heatmap of a :class:`Matrix`: accuracy in % (sequential colours) or pp
+    (diverging, centred on 0). Empty cells are grey with their mark (``n/s``, ``—``); target
+    benchmark cells are outlined."""
+    rows, cols = matrix.values.shape
+    fig = Figure(figsize=(1.6 + 1.15 * cols, 1.2 + 0.36 * rows), layout="constrained")
+    ax = fig.add_subplot()
+    shown = matrix.values * (100.0 if matrix.unit == "accuracy" else 1.0)
+    finite = shown[np.isfinite(shown)]
+    if matrix.unit == "pp":
+        lim = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+        cmap, norm, label = "RdBu", TwoSlopeNorm(0.0, -lim, lim), "delta (pp)"
+    else:
+        cmap, norm, label = "viridis", None, "accuracy (%)"
+    image = ax.imshow(np.ma.masked_invalid(shown), cmap=colormaps[cmap].with_extremes(bad="#dddddd"),
+                      norm=norm, aspect="auto")
+    for i in range(rows):
+        for j in range(cols):
+            value = shown[i, j]
+            if math.isfinite(value):
+                text = f"{value:.1f}" if matrix.unit == "accuracy" else f"{value:+.1f}"
+                colour = _text_colour(image.cmap(image.norm(value)))
+            else:
+                text, colour = matrix.marks[i][j], "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour)
+    for i, j in matrix.highlight:
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.6))
+    ax.set_xticks(range(cols), matrix.col_labels, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(rows), matrix.row_labels, fontsize=8)
+    ax.set_title(matrix.title, fontsize=9)
+    fig.colorbar(image, ax=ax, label=label, shrink=0.8)
+    return fig
+
+
+# --------------------------------------------------------------------------- parameters and Pareto
+
+
+def pareto_scatter(means: Sequence[dict]) -> Figure:
+    """Trainable params (log x) vs mean accuracy, one panel per train domain of ONE model.
+
+    Input: :func:`.metrics.placement_means` rows of one model with known params; Pareto
+    points (``pareto`` True) are filled and joined by a step line.
+    """
+    domains = list(dict.fromkeys(r["train_domain"] for r in means))
+    fig = Figure(figsize=(4.2 * len(domains), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(domains), squeeze=False)[0]
+    for ax, domain in zip(axes, domains):
+        rows = [r for r in means if r["train_domain"] == domain]
+        front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["trainable_params"])
+        ax.step([r["trainable_params"] for r in front], [100 * r["mean_accuracy"] for r in front],
+                where="post", color="tab:red", linewidth=1, label="Pareto front")
+        for r in rows:
+            ax.scatter(r["trainable_params"], 100 * r["mean_accuracy"], s=36,
+                       facecolor="tab:red" if r["pareto"] else "white", edgecolor="tab:red", zorder=3)
+            ax.annotate(r["placement"], (r["trainable_params"], 100 * r["mean_accuracy"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        # engineering labels (10k, 2M) on major ticks only: minor log labels collide on narrow ranges
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("mean accuracy (%)")
+        ax.set_title(f"train domain: {domain}", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Params vs mean accuracy — {means[0]['model']}", fontsize=10)
+    return fig
+
+
+def params_bars(rows: Sequence[dict]) -> Figure:
+    """Horizontal bars of trainable params per placement of ONE model
+    (:func:`.metrics.params_table` rows with known counts)."""
+    fig = Figure(figsize=(6.0, 0.8 + 0.4 * len(rows)), layout="constrained")
+    ax = fig.add_subplot()
+    names = [r["placement"] for r in rows]
+    values = [r["trainable_params"] for r in rows]
+    ax.barh(range(len(rows)), values, color="tab:blue")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v / 1e6:.2f}M", va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("trainable parameters")
+    ax.set_title(f"Trainable parameters per placement — {rows[0]['model']}", fontsize=9)
+    return fig
+
+
+def component_params_bars(rows: Sequence[dict]) -> Figure:
+    """Stacked horizontal bars: trainable params per component type, per placement of ONE
+    model (:func:`.metrics.component_params_table` rows)."""
+    placements = list(dict.fromkeys(r["placement"] for r in rows))
+    components = list(dict.fromkeys(r["component"] for r in rows))
+    value = {(r["placement"], r["component"]): r["trainable_params"] for r in rows}
+    fig = Figure(figsize=(6.5, 1.0 + 0.42 * len(placements)), layout="constrained")
+    ax = fig.add_subplot()
+    left = np.zeros(len(placements))
+    for comp in components:
+        widths = np.array([value.get((p, comp), 0) for p in placements], dtype=float)
+        ax.barh(range(len(placements)), widths, left=left, label=comp)
+        left += widths
+    ax.set_yticks(range(len(placements)), placements, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("trainable parameters")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"Trainable parameters per component type — {rows[0]['model']}", fontsize=9)
+    return fig
+
+
+# --------------------------------------------------------------------------- training traces
+
+
+def _lines(ax, series: Sequence[Series]) -> None:
+    for s in series:
+        ax.plot(s.x, s.y, label=s.label, linewidth=1, linestyle="--" if s.label.endswith("(val)") else "-")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+
+
+def loss_curves_figure(curves: Dict[Tuple[str, str], List[Series]]) -> Figure:
+    """Training loss vs step; one panel per (model, train_domain), one line per placement."""
+    keys = list(curves)
+    ncols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig = Figure(figsize=(4.3 * ncols, 3.2 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, key in zip(axes, keys):
+        _lines(ax, curves[key])
+        ax.set_title(f"{key[0]} — {key[1]}", fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    fig.suptitle("Training loss", fontsize=10)
+    return fig
+
+
+def norm_dynamics_figure(key: Tuple[str, str], runs: Dict[str, List[Series]]) -> Figure:
+    """LoRA ``‖B·A‖`` (summed per component type) vs step for ONE (model, train_domain);
+    one panel per run, one line per component type."""
+    labels = list(runs)
+    ncols = min(3, len(labels))
+    nrows = math.ceil(len(labels) / ncols)
+    fig = Figure(figsize=(4.0 * ncols, 3.0 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, label in zip(axes, labels):
+        _lines(ax, runs[label])
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("‖BA‖ (sum)")
+    for ax in axes[len(labels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"LoRA norm dynamics — {key[0]} — {key[1]}", fontsize=10)
+    return fig
+
+
+# --------------------------------------------------------------------------- all figures
+
+
+def _add(out: FigureSet, name: str, title: str, caption: str, fig: Figure) -> None:
+    out.figures.append(RenderedFigure(name, title, caption, to_png(fig)))
+
+
+def _matrix_figures(out: FigureSet, kind: str, title: str, caption: str, maps: Dict[str, Matrix],
+                    models: Sequence[str]) -> None:
+    for model in models:
+        name = f"{kind}__{slug(model)}"
+        matrix = maps.get(model)
+        if matrix is None or not np.isfinite(matrix.values).any():
+            out.skipped.append((name, "no scored cells to show"))
+        else:
+            _add(out, name, f"{title} — {model}", caption, heatmap(matrix))
+
+
+def render_figures(tables: StudyTables) -> FigureSet:
+    """Draw every figure the tables allow; list the others in ``skipped`` with the reason."""
+    out = FigureSet()
+    models = tables.index.models
+    _matrix_figures(out, "accuracy_heatmap", "Accuracy", "Mean accuracy over seeds (%). Grey: n/s = not "
+                    "scored, — = not evaluated. Outlined: benchmarks of the training domain.",
+                    tables.accuracy_maps, models)
+    _matrix_figures(out, "delta_heatmap", "Delta vs base", "Accuracy minus base accuracy on shared example "
+                    "ids, percentage points, mean over seeds.", tables.delta_maps, models)
+    _matrix_figures(out, "transfer_matrix", "Transfer matrix", "Delta vs base (pp) per train domain and "
+                    "benchmark, averaged over placements and seeds.", tables.transfer_maps, models)
+    for model in models:
+        pts = [r for r in tables.placement_means if r["model"] == model and r["pareto"] is not None]
+        name = f"pareto__{slug(model)}"
+        if pts:
+            _add(out, name, f"Pareto front — {model}", "Filled points are Pareto-optimal (no placement has "
+                 "fewer params and higher mean accuracy).", pareto_scatter(pts))
+        else:
+            out.skipped.append((name, "trainable parameter counts unknown"))
+        rows = [r for r in tables.params if r["model"] == model and r["trainable_params"] is not None]
+        name = f"params__{slug(model)}"
+        if rows:
+            _add(out, name, f"Trainable parameters — {model}", "Trainable LoRA parameters per placement.",
+                 params_bars(rows))
+        else:
+            out.skipped.append((name, "trainable parameter counts unknown"))
+        rows = [r for r in tables.component_params if r["model"] == model]
+        name = f"component_params__{slug(model)}"
+        if rows:
+            _add(out, name, f"Parameters per component type — {model}", "Trainable LoRA parameters per "
+                 "component type, stacked per placement.", component_params_bars(rows))
+        else:
+            out.skipped.append((name, "no per-component parameter breakdown"))
+    if tables.loss_curves:
+        _add(out, "loss_curves", "Training loss", "Training loss per step (dashed: validation loss).",
+             loss_curves_figure(tables.loss_curves))
+    else:
+        out.skipped.append(("loss_curves", "no training curves"))
+    if tables.norm_curves:
+        for key, runs in tables.norm_curves.items():
+            _add(out, f"norms__{slug(key[0])}__{slug(key[1])}", f"LoRA norm dynamics — {key[0]} — {key[1]}",
+                 "Sum of ‖B·A‖ per component type over training.", norm_dynamics_figure(key, runs))
+    else:
+        out.skipped.append(("norms", "no LoRA norm traces"))
+    return out
