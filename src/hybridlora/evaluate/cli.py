@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_BENCHMARKS = "mmlu,arc_challenge,hellaswag,gsm8k,humaneval"
 
@@ -16,14 +17,23 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="evaluate a model on the study's benchmarks",
         description="Few-shot MMLU/ARC-Challenge/HellaSwag (letter log-probs), GSM8K and HumanEval (greedy). "
-                    "Writes <output>/<benchmark>.jsonl, <benchmark>.summary.json and summary.json.")
+                    "Writes <output>/<benchmark>.jsonl, <benchmark>.summary.json and summary.json. "
+                    "--protocol lm-eval runs lm-evaluation-harness's stock tasks on the same model and items instead.")
     p.add_argument("model", metavar="MODEL", help="catalog name, hub id or local model directory")
     p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory to load on top of MODEL")
     p.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, help=f"comma list (default {DEFAULT_BENCHMARKS})")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N items of each fixed subset")
     p.add_argument("--data-dir", metavar="DIR", help="local data laid out like shared/data (else $HYBRIDLORA_DATA, "
                                                     "else the Hugging Face hub)")
-    p.add_argument("--output", metavar="DIR", default="eval_results", help="results folder (default eval_results)")
+    p.add_argument("--output", metavar="DIR", help="results folder (default eval_results, or eval_results_lmeval "
+                                                  "with --protocol lm-eval)")
+    p.add_argument("--protocol", choices=["study", "lm-eval"], default="study",
+                   help="study: this package's evaluator (the study's prompts and scoring, default); lm-eval: "
+                        "EleutherAI lm-evaluation-harness's stock tasks on the same model and items "
+                        "(needs pip install 'hybridlora[lmeval]')")
+    p.add_argument("--lmeval-code-executor", choices=["sandbox", "lm-eval"], default="sandbox",
+                   help="with --protocol lm-eval and --confirm-run-unsafe-code: who executes HumanEval code "
+                        "(sandbox: this package's sandbox, default; lm-eval: its code_eval metric, no sandbox)")
     p.add_argument("--tiny", action="store_true", help="a random tiny model of MODEL's family with a byte tokenizer")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, help="context limit in tokens (default: the model's)")
@@ -34,7 +44,8 @@ def register(subparsers) -> None:
                    help="also report mean token log-likelihood / perplexity of this held-out text file "
                         "(documents separated by blank lines)")
     p.add_argument("--confirm-run-unsafe-code", action="store_true",
-                   help="execute HumanEval completions (in the sandbox); without it HumanEval pass@1 is 'not run'")
+                   help="execute HumanEval completions (in the sandbox; with --protocol lm-eval see "
+                        "--lmeval-code-executor); without it HumanEval pass@1 is 'not run'")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run_eval)
 
@@ -46,8 +57,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from .lm import load_lm
     from .runner import evaluate, parse_benchmarks, perplexity
 
+    output = args.output or ("eval_results_lmeval" if args.protocol == "lm-eval" else "eval_results")
     try:
         names = parse_benchmarks(args.benchmarks)
+        if args.protocol == "lm-eval":
+            from .lmeval_bridge import require_lm_eval
+
+            require_lm_eval()
         if args.limit is not None and args.limit < 0:
             raise BenchmarkError("--limit must be >= 0")
         texts = None
@@ -56,17 +72,26 @@ def run_eval(args: argparse.Namespace) -> int:
             if not path.is_file():
                 raise BenchmarkError(f"--perplexity-text {path}: no such file")
             texts = [t for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
-        if args.adapter and not Path(args.adapter, "adapter_config.json").is_file():
-            raise BenchmarkError(f"--adapter {args.adapter}: no adapter_config.json there")
+        from .lmeval_bridge import data_source
+
+        for name in names:  # missing data fails here, before a model is loaded
+            data_source(name, args.data_dir)
+        if args.adapter:
+            check_adapter(args.model, args.adapter, tiny=args.tiny)
         import torch
 
         lm = load_lm(args.model, adapter=args.adapter, tiny=args.tiny, device=args.device, dtype=getattr(torch, args.dtype),
                      batch_size=args.batch_size, max_length=args.max_length)
-        results = evaluate(lm, names, output_dir=args.output, data_dir=args.data_dir, limit=args.limit,
-                           max_new_tokens=args.max_new_tokens, allow_code_execution=args.confirm_run_unsafe_code,
-                           progress=not args.no_progress)
+        options = dict(output_dir=output, data_dir=args.data_dir, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                       allow_code_execution=args.confirm_run_unsafe_code, progress=not args.no_progress)
+        if args.protocol == "lm-eval":
+            from .lmeval_bridge import evaluate_lmeval
+
+            results = evaluate_lmeval(lm, names, code_executor=args.lmeval_code_executor, **options)
+        else:
+            results = evaluate(lm, names, **options)
         if texts is not None:
-            ppl = perplexity(lm, texts, output_dir=args.output)
+            ppl = perplexity(lm, texts, output_dir=output)
     except BenchmarkError as exc:
         raise CliError(str(exc)) from exc
     width = max(len(n) for n in results)
@@ -78,5 +103,120 @@ def run_eval(args: argparse.Namespace) -> int:
     if texts is not None:
         print(f"perplexity {ppl['perplexity']:.3f}  (mean token log-prob {ppl['mean_token_logprob']:.4f}, "
               f"{ppl['tokens']} tokens)")
-    print(f"results in {args.output}", file=sys.stderr)
+    print(f"results in {output} (protocol {args.protocol})", file=sys.stderr)
     return 0
+
+
+# --------------------------------------------------------------------------------------------- adapter checks
+def check_adapter(model: str, adapter: str | Path, *, tiny: bool = False) -> None:
+    """Fail early, in one line, when the adapter in ``adapter`` was not made for ``model``.
+
+    Checked before PEFT loads anything: the adapter's ``base_model_name_or_path`` against MODEL (when both name
+    a known model), its ``target_modules`` against MODEL's module names, and its LoRA weight shapes (from the
+    safetensors header) against those modules. MODEL is built on the meta device (no memory, no weights).
+    """
+    from hybridlora.cli import CliError
+
+    folder = Path(adapter)
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        raise CliError(f"--adapter {adapter}: no adapter_config.json there; pass a PEFT adapter directory")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"--adapter {adapter}: adapter_config.json is not valid JSON ({exc})") from exc
+    base = config.get("base_model_name_or_path") or None
+    source, network = _meta_model(model, tiny)
+    owner = f"{base}" if base else "another model (its adapter_config.json names no base model)"
+    redo = (f"evaluate it with `hybridlora eval {base} --adapter {adapter}`" if base else
+            "pass the MODEL (and --tiny setting) it was trained with")
+    mine, theirs = _model_identity(source.spec, source.kind, source.name), _model_identity(base)
+    if mine and theirs and mine != theirs:
+        raise CliError(f"--adapter {adapter} belongs to {base} (adapter_config.json base_model_name_or_path), "
+                       f"not {model}: {redo}, or pass an adapter trained on {model}")
+    names = [n for n, _ in network.named_modules() if n]
+    missing = _missing_targets(config.get("target_modules"), names)
+    if missing:
+        total = len(config["target_modules"]) if isinstance(config.get("target_modules"), list) else 1
+        raise CliError(f"--adapter {adapter} belongs to {owner}: {len(missing)} of its {total} target modules are "
+                       f"not in {model}{' (tiny)' if tiny else ''} (e.g. {missing[0]}); {redo}")
+    wrong = _shape_mismatch(folder, network)
+    if wrong:
+        raise CliError(f"--adapter {adapter} belongs to {owner}: its LoRA weights do not fit "
+                       f"{model}{' (tiny)' if tiny else ''} ({wrong}); {redo}")
+
+
+def _meta_model(model: str, tiny: bool):
+    from hybridlora import models
+    from hybridlora.families import family_for
+
+    source = models.resolve_model(model)
+    config = models.text_config(source.config)
+    if tiny:
+        family = family_for(config.model_type)
+        if family is None:
+            raise models.ModelError(f"{model}: no family entry for {config.model_type!r}, so no tiny config")
+        config = models.tiny_config(config, family)
+    return source, models.build_meta_model(config)
+
+
+def _model_identity(spec: str | None, kind: str | None = None, name: str | None = None) -> str | None:
+    """A comparable name for a model reference: its catalog entry, else its hub id; None for local paths."""
+    if not spec:
+        return None
+    if kind in ("local", "config"):
+        return None
+    if kind is None and (Path(spec).expanduser().exists() or spec.startswith((".", "/", "~"))):
+        return None
+    from hybridlora.models import catalog
+
+    key = spec.lower()
+    for entry in catalog().values():
+        if key in (n.lower() for n in (entry["name"], entry.get("hub_id", ""), *entry.get("aliases", [])) if n):
+            return f"catalog:{entry['name']}"
+    return f"hub:{(name or spec).lower()}"
+
+
+def _missing_targets(targets: Any, names: list[str]) -> list[str]:
+    """PEFT's target matching (exact name or '.'-suffix for a list, full regex match for a string)."""
+    import re
+
+    if not targets or targets == "all-linear":
+        return []
+    if isinstance(targets, str):
+        return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    suffixes = {n.split(".")[-1] for n in names}
+    missing = []
+    for target in targets:
+        if "." in target:
+            found = any(n == target or n.endswith("." + target) for n in names)
+        else:
+            found = target in suffixes
+        if not found:
+            missing.append(target)
+    return missing
+
+
+def _shape_mismatch(folder: Path, network: Any) -> str | None:
+    """The first LoRA weight whose shape does not fit its module (from the safetensors header only)."""
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    prefix = "base_model.model."
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():
+            for part, axis, attribute in ((".lora_A.weight", 1, "in_features"), (".lora_B.weight", 0, "out_features")):
+                if not (key.startswith(prefix) and key.endswith(part)):
+                    continue
+                module_name = key[len(prefix): -len(part)]
+                try:
+                    module = network.get_submodule(module_name)
+                except AttributeError:
+                    return f"no module {module_name}"
+                expected = getattr(module, attribute, None)
+                got = handle.get_slice(key).get_shape()[axis]
+                if expected is not None and expected != got:
+                    return f"{module_name}.{attribute} is {expected}, the adapter's {part[1:-7]} has {got}"
+    return None
