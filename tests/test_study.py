@@ -116,7 +116,19 @@ def test_dry_run_prints_grid_and_cost_and_writes_nothing(tmp_path, capsys):
     assert main(["study", str(cfg), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "6 jobs: 2 base evaluations + 4 fine-tuning runs" in out and "cost:" in out
+    assert "73,088" in out and "8,192" in out  # trainable params resolved on the tiny Qwen3.5 architecture
     assert not (tmp_path / "study").exists()
+
+
+def test_dry_run_catches_a_placement_that_matches_nothing_on_one_model(tmp_path, capsys):
+    placement = tmp_path / "late.yaml"
+    placement.write_text("name: late\ntargets:\n  - components: [softmax_attention]\n    layers: '3'\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(mini(tmp_path, placements=[{"file": str(placement)}])))
+    assert main(["study", str(cfg), "--dry-run"]) == 2  # tiny Qwen3.5 has attention at layer 3, Falcon-H1 has 2 layers
+    err = capsys.readouterr().err
+    assert err.startswith("error: f: placement 'late' matches no eligible module") and err.count("\n") == 1
+    assert main(["study", str(cfg)]) == 2 and not (tmp_path / "study").exists()  # a real run stops before writing
 
 
 # ------------------------------------------------------------------ demo data

@@ -62,6 +62,7 @@ def prepare(config: StudyConfig, *, only: str | None = None) -> tuple[Path, list
     """The study directory (with its demo data written, if asked for) and the jobs to run."""
     study_dir = config.output_dir()
     jobs = filter_jobs(expand_grid(config), parse_only(only))
+    planned_params(jobs)  # every placement resolves on its model, before anything is written
     if config.data_dir == BUILTIN_DATA:
         from .demo_data import write_demo_data
 
@@ -137,17 +138,48 @@ def build_study_report(study_dir: Path, output: Path | None = None) -> Path:
 def dry_run(config: StudyConfig, *, only: str | None = None, out=print) -> list[Job]:
     """Print the grid, the number of runs and a rough cost; runs nothing, writes nothing."""
     jobs = filter_jobs(expand_grid(config), parse_only(only))
-    widths = (22, 24, 28, 12, 6)
-    out("  ".join(h.ljust(w) for h, w in zip(("job", "model", "placement", "domain", "seed"), widths)))
+    trainable = planned_params(jobs)
+    widths = (22, 28, 28, 12, 6, 12)
+    out("  ".join(h.ljust(w) for h, w in zip(("job", "model", "placement", "domain", "seed", "trainable"), widths)))
     for job in jobs:
         seed = "" if job.seed is None else str(job.seed)
-        out("  ".join(str(v)[:w].ljust(w) for v, w in zip((job.id, job.model, job.placement, job.train_domain, seed),
-                                                          widths)))
+        params = f"{trainable[job.id]:,}" if job.id in trainable else ""
+        out("  ".join(str(v)[:w].ljust(w) for v, w in zip(
+            (job.id, job.model, job.placement, job.train_domain, seed, params), widths)))
     base = sum(j.kind == "base" for j in jobs)
     out(f"{len(jobs)} jobs: {base} base evaluations + {len(jobs) - base} fine-tuning runs "
         f"({len(config.models)} models × placements × {len(config.domains)} domains × {len(config.seeds)} seeds)")
     out(_cost_line(config, jobs))
     return jobs
+
+
+def planned_params(jobs: list[Job]) -> dict[str, int]:
+    """Trainable parameters of every train job, resolved on the exact architecture (meta device, no weights) —
+    so a placement that matches nothing on some model fails here, before any compute is spent."""
+    from ..components import build_component_map
+    from ..models import build_meta_model, resolve_model, text_config, tiny_config
+    from ..placement import PlacementError
+    from .config import StudyConfigError
+    from .jobs import resolve_placement
+
+    maps: dict[str, object] = {}
+    out = {}
+    for job in jobs:
+        if job.kind != "train":
+            continue
+        key = json.dumps(job.spec["model"], sort_keys=True)
+        if key not in maps:
+            from ..families import family_for
+
+            config = text_config(resolve_model(job.spec["model"]["model"]).config)
+            if job.spec["model"]["tiny"]:
+                config = tiny_config(config, family_for(config.model_type))
+            maps[key] = build_meta_model(config)
+        try:
+            out[job.id] = resolve_placement(job.spec, maps[key]).trainable_params
+        except PlacementError as exc:
+            raise StudyConfigError(f"{job.model}: {exc}") from None
+    return out
 
 
 def _cost_line(config: StudyConfig, jobs: list[Job]) -> str:
