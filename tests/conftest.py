@@ -8,6 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Tiny models gain nothing from intra-op threads, and on a 2-core CI machine the subprocess tests (concurrent
+# runners, kill -9) oversubscribe the cores: torch's spinning worker threads then slow everything down ~10×.
+# Set before torch is imported; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

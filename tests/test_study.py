@@ -245,7 +245,7 @@ def test_kill_9_during_training_then_rerun_completes_exactly_once(tmp_path):
     proc = _cli(tmp_path, cfg)
     runs = tmp_path / "study" / "runs"
     deadline = time.time() + 120
-    while time.time() < deadline and not list(runs.glob("train-*/train/checkpoints/*")):
+    while time.time() < deadline and not list(runs.glob("train-*/train/checkpoints/step-*/trainer_state.pt")):
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()
     os.kill(proc.pid, signal.SIGKILL)

@@ -173,13 +173,16 @@ def tiny_config(config: Any, family: Family) -> Any:
 
 
 def tiny_config_for(model_type: str, **overrides: Any) -> Any:
-    """A small config of the family covering ``model_type``, from transformers' defaults (for tests/demos)."""
+    """A small config of the family covering ``model_type``, from transformers' defaults (for tests/demos).
+
+    A multimodal type (``qwen3_5``) yields the tiny config of its language model (``qwen3_5_text``): the size
+    overrides are the text model's, and only the text model is ever built from it."""
     from transformers import AutoConfig
 
     family = family_for(model_type)
     if family is None:
         raise ModelError(f"no family entry for model_type {model_type!r}")
-    base = AutoConfig.for_model(model_type)
+    base = text_config(AutoConfig.for_model(model_type))
     data = base.to_dict()
     data.update(copy.deepcopy(family.tiny))
     data.update(overrides)

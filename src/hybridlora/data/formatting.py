@@ -1,7 +1,9 @@
 """Turning examples into token ids and labels.
 
-With a tokenizer that has a chat template, the conversation is rendered by that template. Without one, the
-plain template is used (documented here and in the run log)::
+With a tokenizer that has a chat template, the conversation is rendered by that template, and each assistant
+turn's span (from the end of the generation prompt to the end of the turn, end-of-turn marker included) is
+located in the rendering (see ``_template_segments``). Without a chat template, the plain template is used
+(documented here and in the run log)::
 
     <bos>### User:
     {content}
@@ -13,15 +15,15 @@ plain template is used (documented here and in the run log)::
     ...
 
 (``### System:`` for system turns). By default only assistant tokens carry a loss (labels are -100 elsewhere);
-``loss_on="full"`` trains on every non-padding token. Examples longer than ``max_length`` are skipped and
-counted (never truncated: a cut-off answer would teach the model to stop mid-solution), as are examples
-whose assistant turns were rendered away by the template.
+``loss_on="full"`` trains on every non-padding token, prompt and template text included (the study's recipe).
+Examples longer than ``max_length`` are skipped and counted (never truncated: a cut-off answer would teach the
+model to stop mid-solution), as are examples whose assistant turns cannot be located in the template's
+rendering or that keep no loss token.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -68,8 +70,14 @@ def _plain_segments(messages, tokenizer) -> list[tuple[str, bool]]:
 
 
 def _template_segments(messages, tokenizer) -> list[tuple[str, bool]] | None:
-    """Split the chat-template rendering into (text, is_assistant) pieces; None if the template is not
-    prefix-stable (then the plain template is used)."""
+    """Split the chat-template rendering into (text, is_assistant) pieces; None if the assistant turns cannot
+    be located in it (the example is then skipped and counted).
+
+    Assistant turn k starts where the rendering of the turns before it plus the generation prompt ends. It ends
+    where the rendering of turns 0..k ends, if that is a prefix of the whole conversation; templates that render
+    the latest assistant turn differently from earlier ones (Qwen3-style: an empty think block on the last turn
+    only) are not prefix-stable, and there the turn ends after its content plus the template's end-of-turn text.
+    """
     def render(msgs, gen):
         return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=gen)
 
@@ -78,13 +86,28 @@ def _template_segments(messages, tokenizer) -> list[tuple[str, bool]] | None:
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start_text = render(messages[:k], True)
-        end_text = render(messages[: k + 1], False)
-        if not full.startswith(end_text) or not end_text.startswith(start_text) or len(start_text) < pos:
+        start = len(render(messages[:k], True)) if k else None
+        if start is None:  # a conversation opening with the assistant: no generation prompt to anchor on
+            at = full.find(m["content"])
+            start = at if at >= 0 else -1
+        elif not full.startswith(render(messages[:k], True)):
             return None
-        segments.append((full[pos:len(start_text)], False))
-        segments.append((full[len(start_text):len(end_text)], True))
-        pos = len(end_text)
+        if start < pos:
+            return None
+        end_text = render(messages[: k + 1], False)
+        if full.startswith(end_text) and len(end_text) > start:
+            end = len(end_text)
+        else:
+            at = full.find(m["content"], start)
+            if at < 0:
+                return None
+            end = at + len(m["content"])
+            tail = end_text[end_text.rfind(m["content"]) + len(m["content"]):] if m["content"] in end_text else ""
+            if tail and full.startswith(tail, end):
+                end += len(tail)
+        segments.append((full[pos:start], False))
+        segments.append((full[start:end], True))
+        pos = end
     segments.append((full[pos:], False))
     return [(t, a) for t, a in segments if t]
 
@@ -102,7 +125,7 @@ def tokenize_example(example: Example, tokenizer, *, max_length: int = 1024, los
         except Exception:  # a template that rejects this conversation (e.g. a role order it forbids)
             return None, "chat template rejected the conversation", "chat_template"
         if segments is None:
-            return None, "chat template is not prefix-stable", "chat_template"
+            return None, "assistant turn not found in the chat template rendering", "chat_template"
     if segments is None:
         segments = _plain_segments(example.messages, tokenizer)
     ids: list[int] = []

@@ -1,26 +1,51 @@
-"""``hybridlora train``: wire with ``from .train.cli import register; register(sub)`` in ``cli.build_parser``."""
+"""``hybridlora train``: wire with ``from .train.cli import register; register(sub)`` in ``cli.build_parser``.
+
+See docs/TRAINING.md for the command, its defaults and its outputs.
+"""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from .loop import TrainConfig
+
+    d = TrainConfig()
     p = subparsers.add_parser("train", help="LoRA fine-tuning of a placement on a domain dataset")
     p.add_argument("model", help="catalog name, hub id, local model directory or config.json")
     p.add_argument("--placement", required=True, metavar="NAME|FILE", help="a preset name or a placement YAML file")
-    p.add_argument("--data", required=True, metavar="gsm8k|codealpaca|chat|PATH")
-    p.add_argument("--data-dir", help="the shared data folder (needed offline)")
-    p.add_argument("--max-examples", type=int)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--seed", type=int, default=3407)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--data", required=True, metavar="gsm8k|codealpaca|chat|PATH|HF_ID",
+                   help="a study domain, a local .jsonl/.json/.csv file, or a Hugging Face dataset id")
+    p.add_argument("--data-dir", help="the shared data folder (local copies of the domains; needed offline)")
+    p.add_argument("--field", action="append", default=[], metavar="KEY=COLUMN",
+                   help="field mapping for a file or hub dataset: prompt=, response=, messages=, system=, id= "
+                        "(repeatable; prompt=a+b joins columns); guessed when omitted")
+    p.add_argument("--data-split", help="hub dataset split (default: train)")
+    p.add_argument("--data-config", help="hub dataset configuration name")
+    p.add_argument("--max-examples", type=int, help="seeded training subset size (default: all)")
+    p.add_argument("--val-examples", type=int, help="held-out validation slice (default: 5%%, 1..200)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-length", type=int, default=d.max_length, help="longer examples are skipped and counted")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="effective batch = micro-batch × grad-accum")
+    p.add_argument("--lr", type=float, default=d.learning_rate)
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--loss-on", choices=["assistant", "full"], default=d.loss_on,
+                   help="assistant tokens only (default) or every token (the study's recipe)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
+                   help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N optimizer steps")
+    p.add_argument("--norm-every", type=int, default=d.norm_every, help="log per-component LoRA norms every N steps")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="validation loss every N steps (0: end)")
     p.add_argument("--output", default="runs/train", help="output directory (default: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tiny", action="store_true",
                    help="random-weight tiny same-family model and an offline tiny tokenizer (smoke runs)")
     p.set_defaults(func=cmd_train)
@@ -37,24 +62,39 @@ def cmd_train(args) -> int:
         raise CliError(str(exc)) from exc
 
 
+def _fields(items: list[str]) -> dict[str, str] | None:
+    from ..cli import CliError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise CliError(f"--field {item!r}: expected KEY=COLUMN, e.g. --field prompt=question")
+        out[key.strip()] = value.strip()
+    return out or None
+
+
 def _run(args) -> int:
     import torch
 
     from ..cli import CliError
     from ..components import build_component_map
+    from ..data import pad_id_of
     from ..families import family_for, family_named
     from ..models import build_model, load_pretrained, resolve_model, text_config, tiny_config
     from ..placement import load_placement_file, named_preset, resolve
     from .loop import TrainConfig, prepare_data, train
+    from .packing import batching_line
 
+    fields = _fields(args.field)
     source = resolve_model(args.model)
     if args.tiny:
         family = family_for(text_config(source.config).model_type)
         if family is None:
             raise CliError(f"{args.model}: no family entry, so no tiny model; drop --tiny and give real weights")
-        model = build_model(tiny_config(source.config, family), seed=args.seed)
         if args.data_dir is None:
             raise CliError("--tiny builds its tokenizer from the shared data folder: pass --data-dir")
+        model = build_model(tiny_config(source.config, family), seed=args.seed)
         from ..data import build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer(data_dir=args.data_dir, vocab_size=model.config.vocab_size)
@@ -80,12 +120,29 @@ def _run(args) -> int:
     resolved = resolve(placement, cmap)
     config = TrainConfig(epochs=args.epochs, seed=args.seed, max_length=args.max_length,
                          micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum,
-                         learning_rate=args.lr, save_every=args.save_every)
+                         learning_rate=args.lr, lora_dropout=args.lora_dropout, weight_decay=args.weight_decay,
+                         warmup_ratio=args.warmup_ratio, loss_on=args.loss_on, precision=args.precision,
+                         gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
+                         norm_every=args.norm_every, eval_every=args.eval_every, progress=not args.no_progress)
+    config.validate()
     tr, va, manifest = prepare_data(args.data, tokenizer, config, data_dir=args.data_dir,
-                                    max_examples=args.max_examples)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result = train(model, resolved, tr, args.output, config, pad_id=pad_id, val_set=va, data_manifest=manifest,
-                   resume=args.resume, run_info={"model": source.name, "tiny": bool(args.tiny), "data": args.data})
-    print(f"{resolved.name}: {result.steps} steps, final loss {result.final_loss:.4f}, val loss "
-          f"{result.val_loss if result.val_loss is None else round(result.val_loss, 4)}; adapter in {result.adapter_dir}")
+                                    max_examples=args.max_examples, val_examples=args.val_examples, fields=fields,
+                                    split=args.data_split, hub_config=args.data_config)
+    skipped = dict(manifest["skipped_rows"])
+    for part in manifest["skipped_formatting"].values():
+        for why, count in part.items():
+            skipped[why] = skipped.get(why, 0) + count
+    print(f"data: {args.data} from {manifest['origin']}: {manifest['num_train']} train / {manifest['num_val']} "
+          f"validation examples, template {manifest['template']}, loss on {config.loss_on} tokens; skipped "
+          f"{sum(skipped.values())}" + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))})"
+                                        if skipped else ""))
+    print(batching_line(model)[1])
+    sys.stdout.flush()
+    result = train(model, resolved, tr, args.output, config, pad_id=pad_id_of(tokenizer), val_set=va,
+                   data_manifest=manifest, resume=args.resume,
+                   run_info={"model": source.name, "tiny": bool(args.tiny), "data": args.data,
+                             "data_dir": str(args.data_dir) if args.data_dir else None})
+    val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
+    print(f"{resolved.name}: {result.steps} steps, {result.trainable_params:,} trainable parameters, final loss "
+          f"{result.final_loss:.4f}, validation loss {val}; adapter in {result.adapter_dir}")
     return 0
