@@ -132,3 +132,17 @@ def test_lm_eval_not_installed(monkeypatch, data_dir, capsys, no_model_loading):
                               capsys)
     assert code == EXIT_USAGE and len(errors) == 1
     assert "lm-evaluation-harness" in errors[0] and "pip install 'hybridlora[lmeval]'" in errors[0]
+
+
+def test_batch_size_auto_is_eight_on_cpu_and_bad_values_are_refused(data_dir, tmp_path, capsys):
+    from hybridlora.cli import main
+
+    out = tmp_path / "ev"
+    assert main(["eval", "qwen3.5-0.8b", "--tiny", "--data-dir", str(data_dir), "--benchmarks", "arc_challenge",
+                 "--limit", "2", "--batch-size", "auto", "--output", str(out)]) == 0
+    import json
+
+    assert json.loads((out / "arc_challenge.summary.json").read_text())["settings"]["batch_size"] == 8
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "qwen3.5-0.8b", "--tiny", "--batch-size", "0"])
+    assert exc.value.code == 2 and "positive integer or 'auto'" in capsys.readouterr().err

@@ -13,6 +13,20 @@ from typing import Any
 DEFAULT_BENCHMARKS = "mmlu,arc_challenge,hellaswag,gsm8k,humaneval"
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive integer or 'auto'")
+    return value
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="evaluate a model on the study's benchmarks",
@@ -35,7 +49,8 @@ def register(subparsers) -> None:
                    help="with --protocol lm-eval and --confirm-run-unsafe-code: who executes HumanEval code "
                         "(sandbox: this package's sandbox, default; lm-eval: its code_eval metric, no sandbox)")
     p.add_argument("--tiny", action="store_true", help="a random tiny model of MODEL's family with a byte tokenizer")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_batch_size, default=8, metavar="N|auto",
+                   help="questions per forward (default 8); auto: the largest that fits in GPU memory (8 on CPU)")
     p.add_argument("--max-length", type=int, help="context limit in tokens (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, help="override the generation budget of GSM8K/HumanEval")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")

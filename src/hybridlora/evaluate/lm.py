@@ -24,18 +24,38 @@ import torch
 
 
 class CausalLM:
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int = 8, max_length: int | None = None,
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int | str = 8, max_length: int | None = None,
                  name: str = "model", adapter: str | None = None, device: str | torch.device | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.batch_size = max(1, int(batch_size))
         config = getattr(model, "config", None)
         limit = max_length or getattr(config, "max_position_embeddings", None) or 2048
         self.max_length = int(min(limit, 32768))
         self.name, self.adapter = name, adapter
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.batch_size = self.auto_batch_size() if batch_size == "auto" else max(1, int(batch_size))
+
+    def auto_batch_size(self, start: int = 64) -> int:
+        """The largest power-of-two batch (≤ ``start``) whose full-length forward fits in GPU memory.
+
+        On CPU memory is not what limits a batch, and larger batches only add padding work: 8.
+        """
+        if self.device.type != "cuda":
+            return 8
+        size = start
+        while size > 1:
+            try:
+                with torch.inference_mode():
+                    ids = torch.zeros((size, self.max_length), dtype=torch.long, device=self.device)
+                    self.model(input_ids=ids).logits[:, -1].float().sum().item()
+                return size
+            except torch.cuda.OutOfMemoryError:
+                size //= 2
+            finally:
+                torch.cuda.empty_cache()
+        return 1
 
     # ------------------------------------------------------------------ tokens
     def encode(self, text: str) -> list[int]:
@@ -178,7 +198,7 @@ def trim_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def load_lm(model: str, *, adapter: str | Path | None = None, tiny: bool = False, dtype: torch.dtype = torch.float32,
-            device: str | None = None, batch_size: int = 8, max_length: int | None = None) -> CausalLM:
+            device: str | None = None, batch_size: int | str = 8, max_length: int | None = None) -> CausalLM:
     """A :class:`CausalLM` for ``model`` (catalog name, hub id or local dir; see ``hybridlora.models``).
 
     ``tiny``: a randomly initialised small model of the same family with the offline byte tokenizer (for demos

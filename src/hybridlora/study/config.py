@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -102,7 +102,7 @@ class TrainSettings(_Strict):
 class EvalSettings(_Strict):
     benchmarks: dict[str, Optional[int]] = Field(default_factory=lambda: dict(BENCHMARK_SIZES))
     limit: Optional[int] = Field(default=None, ge=1)  # first N of each subset (quick looks; changes results)
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 8  # auto: largest that fits the GPU
     max_length: Optional[int] = Field(default=None, ge=16)
     max_new_tokens: Optional[int] = Field(default=None, ge=1)  # None: each benchmark's protocol value
     allow_code_execution: bool = False  # HumanEval runs model code (sandboxed) only when this is true
