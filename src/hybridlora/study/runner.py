@@ -8,6 +8,7 @@ finished study does nothing but rebuild the report.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -100,6 +101,7 @@ def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = 
                 continue
             finally:
                 beat.job_id = None
+            _flush_to_disk()  # the artifacts are durable before the database says the job is complete
             crash_point("before_complete")
             if store.complete(job.id, owner, result):
                 run.ran.append(job.id)
@@ -117,6 +119,12 @@ def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = 
     if report and run.counts["complete"]:
         run.report = build_study_report(study_dir)
     return run
+
+
+def _flush_to_disk() -> None:
+    sync = getattr(os, "sync", None)
+    if sync is not None:
+        sync()
 
 
 def _write_config_snapshot(study_dir: Path, config: StudyConfig) -> None:
