@@ -108,15 +108,20 @@ def parse_layer_ranges(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(layers)))
 
 
+def first_error(exc: ValidationError) -> str:
+    """pydantic's first complaint as ``field.path: message`` (one line, for one-line CLI errors)."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "top level"
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}"
+
+
 def placement_from_dict(data: Any, source: str = "placement") -> Placement:
     if not isinstance(data, dict):
         raise PlacementError(f"{source}: expected a mapping with name/targets, got {type(data).__name__}")
     try:
         return Placement.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "top level"
-        raise PlacementError(f"{source}: {where}: {err['msg']}") from None
+        raise PlacementError(f"{source}: {first_error(exc)}") from None
 
 
 def load_placement_file(path: str | Path) -> Placement:

@@ -203,10 +203,9 @@ def study_config_from_dict(data: Any, source: str = "study config") -> StudyConf
     try:
         return StudyConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "top level"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise StudyConfigError(f"{source}: {where}: {msg}") from None
+        from ..placement.spec import first_error
+
+        raise StudyConfigError(f"{source}: {first_error(exc)}") from None
 
 
 def load_study_config(spec: str | None) -> StudyConfig:
