@@ -359,3 +359,19 @@ def test_cli_no_records_is_an_error(tmp_path):
     code, _, err = run_cli("report", "--import", str(tmp_path / "res"), "--output", str(tmp_path / "rep"))
     assert code == 2 and "no evaluation records" in err
     assert not (tmp_path / "rep").exists()
+
+
+def test_plan_params_fills_the_published_study_counts_from_our_planner(data_dir, tmp_path):
+    """The published folder has no parameter counts; --plan-params plans the study presets at r=16 so the
+    recipe and Pareto front can be computed, and the report says where the counts came from."""
+    from hybridlora.cli import main
+
+    out = tmp_path / "pub"
+    folder = data_dir / "published" / "lora-placement-hybrid"
+    assert main(["report", "--import", str(folder), "--output", str(out), "--resamples", "20", "--no-progress",
+                 "--plan-params", "16"]) == 0
+    md = (out / "report.md").read_text()
+    assert "were planned by hybridlora (rank 16" in md
+    # Values equal `hybridlora plan <model> --preset study` (tests/test_placement.py checks those against PEFT).
+    assert "| Qwen/Qwen3.5-0.8B-Base | chat | all_layers | most trainable params |" in md
+    assert "softmax_only | 1,081,344" in md and "attention_only | 2,211,840" in md

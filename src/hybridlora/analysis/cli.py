@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                    help="the all-components placement of MODEL (reference of the recipe); repeatable")
     p.add_argument("--params", metavar="FILE",
                    help="JSON {model: {placement: trainable_params}} for results that lack parameter counts")
+    p.add_argument("--plan-params", type=int, metavar="RANK",
+                   help="fill missing parameter counts by planning each placement (a preset name of the model's "
+                        "family) at this LoRA rank on the model's exact architecture, e.g. 16 for the published study")
     p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
                    help=f"paired-bootstrap resamples (default {DEFAULT_RESAMPLES})")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
@@ -122,7 +125,46 @@ def _apply_options(results, args):
         params = _read_params(args.params)
         results.runs = [dataclasses.replace(r, trainable_params=params[(r.model, r.placement)])
                         if (r.model, r.placement) in params else r for r in results.runs]
+    if args.plan_params is not None:
+        planned = _planned_params(results.runs, args.plan_params)
+        results.runs = [dataclasses.replace(r, trainable_params=planned[(r.model, r.placement)])
+                        if not r.trainable_params and (r.model, r.placement) in planned else r for r in results.runs]
+        if planned:
+            results.notes.append(f"Trainable parameter counts of {len(planned)} placement(s) were planned by hybridlora "
+                                 f"(rank {args.plan_params}, the preset of that name on the model's exact "
+                                 "architecture), not read from the results.")
     return results
+
+
+def _planned_params(runs, rank: int) -> Dict[tuple, int]:
+    """(model, placement) -> trainable params for runs whose placement is a preset of the model's family."""
+    from hybridlora.cli import CliError
+    from hybridlora.components import build_component_map
+    from hybridlora.families import family_named
+    from hybridlora.models import ModelError, build_meta_model, resolve_model
+    from hybridlora.placement import PlacementError, named_preset, resolve
+
+    if rank < 1:
+        raise CliError("--plan-params: the rank must be at least 1")
+    out: Dict[tuple, int] = {}
+    maps: Dict[str, object] = {}
+    for run in runs:
+        key = (run.model, run.placement)
+        if run.placement == "base" or run.trainable_params or key in out:
+            continue
+        if run.model not in maps:
+            try:
+                maps[run.model] = build_component_map(build_meta_model(resolve_model(run.model).config))
+            except ModelError as exc:
+                raise CliError(f"--plan-params: {exc}") from None
+        cmap = maps[run.model]
+        family = family_named(cmap.family) if cmap.family else None
+        try:
+            placement = named_preset(run.placement, family).with_defaults(rank, 2 * rank)
+        except PlacementError:
+            continue  # not a preset name: its count stays unknown (and the report says so)
+        out[key] = resolve(placement, cmap).trainable_params
+    return out
 
 
 def run_report(args: argparse.Namespace) -> int:
