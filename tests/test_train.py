@@ -195,9 +195,9 @@ def test_cli_sigkill_then_resume_gives_the_uninterrupted_adapter(data_dir, tmp_p
 
     from hybridlora.cli import main
 
-    args = lambda out: ["train", "qwen3.5-0.8b", "--tiny", "--placement", "all", "--data", "chat", "--data-dir",
+    args = lambda out: ["train", "qwen3.5-0.8b", "--tiny", "--placement", "all", "--data", "gsm8k", "--data-dir",
                         str(data_dir), "--max-examples", "8", "--val-examples", "2", "--epochs", "2",
-                        "--micro-batch-size", "2", "--grad-accum", "1", "--max-length", "320", "--lr", "5e-3",
+                        "--micro-batch-size", "2", "--grad-accum", "1", "--max-length", "512", "--lr", "5e-3",
                         "--save-every", "2", "--no-progress", "--output", str(tmp_path / out)]
     marker = tmp_path / "ready"
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
@@ -217,7 +217,7 @@ def test_cli_sigkill_then_resume_gives_the_uninterrupted_adapter(data_dir, tmp_p
 
     assert main(args("run") + ["--resume"]) == 0
     out = capsys.readouterr().out
-    assert "packing off: " in out and "; padding each micro-batch" in out and "data: chat from " in out
+    assert "packing off: " in out and "; padding each micro-batch" in out and "data: gsm8k from " in out
     assert main(args("ref")) == 0
     a = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))

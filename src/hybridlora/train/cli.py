@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tiny", action="store_true",
-                   help="random-weight tiny same-family model and an offline tiny tokenizer (smoke runs)")
+                   help="random-weight tiny same-family model (weights seeded with 0) and the offline byte tokenizer, as in eval --tiny (smoke runs)")
     p.set_defaults(func=cmd_train)
 
 
@@ -92,12 +92,12 @@ def _run(args) -> int:
         family = family_for(text_config(source.config).model_type)
         if family is None:
             raise CliError(f"{args.model}: no family entry, so no tiny model; drop --tiny and give real weights")
-        if args.data_dir is None:
-            raise CliError("--tiny builds its tokenizer from the shared data folder: pass --data-dir")
-        model = build_model(tiny_config(source.config, family), seed=args.seed)
-        from ..data import build_tiny_tokenizer
+        # The same tiny base model and byte tokenizer as `hybridlora eval --tiny` and the study (weights seeded
+        # with 0, not the training seed), so an adapter trained here is evaluated on the base it was trained on.
+        model = build_model(tiny_config(source.config, family), seed=0)
+        from ..evaluate.tokenizer import byte_tokenizer
 
-        tokenizer = build_tiny_tokenizer(data_dir=args.data_dir, vocab_size=model.config.vocab_size)
+        tokenizer = byte_tokenizer()
     else:
         if source.path is None and source.kind != "hub":
             raise CliError(f"{args.model}: no weights available (catalog config only); pass a local model "
