@@ -35,7 +35,17 @@ class CausalLM:
         self.max_length = int(min(limit, 32768))
         self.name, self.adapter = name, adapter
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.kernels = self._bind_kernels()
         self.batch_size = self.auto_batch_size() if batch_size == "auto" else max(1, int(batch_size))
+
+    def _bind_kernels(self) -> str:
+        """On CUDA, the fast mixer kernels are bound and missing ones warned about; the line goes in summaries."""
+        from hybridlora import fast
+
+        if self.device.type == "cuda":
+            fast.use("fast")
+            fast.warn_missing_kernels(self.model)
+        return fast.describe(self.model)
 
     def auto_batch_size(self, start: int = 64) -> int:
         """The largest power-of-two batch (≤ ``start``) whose full-length forward fits in GPU memory.

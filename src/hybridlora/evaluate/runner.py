@@ -160,7 +160,7 @@ def evaluate_benchmark(lm: CausalLM, name: str, *, data_dir: str | Path | None =
         "mean_fewshot_kept": (sum(r["num_fewshot"] for r in records) / len(records)) if records else None,
         "model": lm.name, "adapter": lm.adapter,
         "settings": {"subset_size": module.DEFAULT_N if n is None else n, "limit": limit, "seed": seed,
-                     "batch_size": lm.batch_size, "max_length": lm.max_length,
+                     "batch_size": lm.batch_size, "max_length": lm.max_length, "kernels": lm.kernels,
                      "max_new_tokens": new_tokens if generative else None,
                      "code_execution": (("run" if executed else NOT_RUN) if module is humaneval else None),
                      "data_dir": str(data_dir) if data_dir is not None else None},

@@ -167,6 +167,17 @@ def lora_norms(peft_model: nn.Module, component_of: dict[str, str]) -> dict[str,
 
 
 # --- the loop ----------------------------------------------------------------------------------------
+def _bind_kernels(model: nn.Module, device: torch.device) -> str:
+    """On CUDA, bind the fast mixer kernels (fla / mamba-ssm) and warn loudly about any that are missing;
+    returns the one-line account of what runs, for the run log (``kernels: reference (no CUDA)`` on CPU)."""
+    from .. import fast
+
+    if device.type == "cuda":
+        fast.use("fast")
+        fast.warn_missing_kernels(model)
+    return fast.describe(model)
+
+
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -339,6 +350,7 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
         model.enable_input_require_grads()  # PEFT: frozen embeddings, so checkpointed blocks need grad inputs
     peft_model = attach_lora(model, resolved, config.lora_dropout)
     device = _device_of(peft_model)
+    kernels = _bind_kernels(peft_model, device)
     ctx, precision = _autocast(device, config.precision)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
@@ -383,6 +395,7 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
               trainable_params=trainable, num_train=n, num_val=len(val_examples),
               effective_batch=config.effective_batch, precision=precision, packing=packing, batching=batching,
               gradient_checkpointing=config.gradient_checkpointing, loss_on=config.loss_on, placement=resolved.name,
+              kernels=kernels,
               **_skip_counts(data_manifest))
 
     progress = None

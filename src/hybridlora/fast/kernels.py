@@ -1,0 +1,282 @@
+"""Which fast kernels exist here, binding them into transformers' hybrid models, and loud warnings.
+
+transformers' modeling code for Qwen3.5 and Falcon-H1 calls module-level kernel functions (for example
+``torch_chunk_gated_delta_rule`` or ``mamba2_chunk_scan``). When fla / mamba-ssm were importable at the time the
+modeling module was imported, transformers itself binds them; otherwise it keeps the pure-PyTorch references.
+That decision is silent and order-dependent (mamba-ssm without its CUDA extension is never importable).
+:func:`use` makes it explicit: it rebinds those module attributes either to the adapters in
+:mod:`hybridlora.fast.ops` (mode ``"fast"``) or to the unwrapped PyTorch references (mode ``"reference"``, the
+path the published study ran), and remembers what it bound. The models need not be rebuilt: their forward
+looks the functions up at call time.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import os
+import warnings
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+
+from . import ops
+
+logger = logging.getLogger("hybridlora.fast")
+
+KERNEL_PURPOSE = {
+    "fla.chunk_gated_delta_rule": "Gated DeltaNet training / prefill (chunked)",
+    "fla.fused_recurrent_gated_delta_rule": "Gated DeltaNet one-token decode",
+    "mamba_ssm.mamba_chunk_scan_combined": "Mamba-2 SSD training / prefill (chunked)",
+    "mamba_ssm.selective_state_update": "Mamba-2 one-token decode",
+}
+# The kernels each studied family needs for training, evaluation and generation.
+MODEL_KERNELS = {
+    "qwen3_5": ("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule"),
+    "qwen3_5_text": ("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule"),
+    "qwen3_5_moe": ("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule"),
+    "qwen3_5_moe_text": ("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule"),
+    "falcon_h1": ("mamba_ssm.mamba_chunk_scan_combined", "mamba_ssm.selective_state_update"),
+}
+_GDN_BINDINGS = {
+    "torch_chunk_gated_delta_rule": "fla.chunk_gated_delta_rule",
+    "torch_recurrent_gated_delta_rule": "fla.fused_recurrent_gated_delta_rule",
+    "causal_conv1d_fn": "conv",
+}
+# modeling module -> {attribute: kernel key}
+BINDINGS = {
+    "transformers.models.qwen3_5.modeling_qwen3_5": _GDN_BINDINGS,
+    "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe": _GDN_BINDINGS,
+    "transformers.models.falcon_h1.modeling_falcon_h1": {
+        "mamba2_chunk_scan": "mamba_ssm.mamba_chunk_scan_combined",
+        "mamba2_selective_state_update": "mamba_ssm.selective_state_update",
+        "mamba2_split_conv1d_scan_combined": "unfused",
+        "causal_conv1d_fn": "conv",
+    },
+}
+REFERENCE = "reference (no CUDA)"
+
+_state: dict[str, Any] = {"mode": None, "bound": {}, "originals": {}, "notes": []}
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+@lru_cache(maxsize=1)
+def _probe() -> dict[str, dict[str, Any]]:
+    """Import every fast kernel once; {key: {"fn": callable|None, "reason": str}}."""
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        importlib.import_module("triton")
+        triton_error = None
+    except Exception as exc:
+        triton_error = f"triton not importable ({exc})"
+    for key, (module, name) in {
+        "fla.chunk_gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+        "fla.fused_recurrent_gated_delta_rule": ("fla.ops.gated_delta_rule", "fused_recurrent_gated_delta_rule"),
+    }.items():
+        try:
+            fn = getattr(importlib.import_module(module), name)
+            found[key] = {"fn": fn, "reason": f"{module}.{name}"}
+        except Exception as exc:
+            found[key] = {"fn": None, "reason": triton_error or
+                          f"flash-linear-attention not importable ({type(exc).__name__}: {exc})"}
+    try:
+        from .shim import import_mamba_triton_ops
+
+        fns, how = import_mamba_triton_ops()
+        for name, fn in fns.items():
+            found[f"mamba_ssm.{name}"] = {"fn": fn, "reason": f"mamba_ssm Triton op (import: {how})"}
+    except Exception as exc:
+        for name in ("mamba_chunk_scan_combined", "selective_state_update"):
+            found[f"mamba_ssm.{name}"] = {"fn": None, "reason": triton_error or str(exc)}
+    return found
+
+
+def _gdn_backward_blocked(key_head_dim: int | None = None) -> str | None:
+    """Why fla's GDN backward would refuse on this GPU (fla #640), or None when it runs."""
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+    except Exception:
+        return None
+    if not (getattr(chunk_o, "IS_NVIDIA_HOPPER", False) and getattr(chunk_o, "TRITON_ABOVE_3_4_0", False)
+            and not getattr(chunk_o, "TRITON_ABOVE_3_7_1", True)):
+        return None
+    try:
+        importlib.import_module("fla.backends").TileLangBackend
+        importlib.import_module("tilelang")
+        return None  # fla dispatches the affected kernel to tilelang
+    except Exception:
+        pass
+    narrowed = getattr(importlib.import_module("fla.ops.gated_delta_rule.chunk").chunk_bwd_dqkwg,
+                       "__hybridlora_narrowed__", False)
+    if narrowed and (key_head_dim is None or key_head_dim > 64):
+        return None
+    return ("fla refuses the gated backward on Hopper with Triton in [3.4, 3.7.1) (fla #640)"
+            + ("" if narrowed else "; call hybridlora.fast.use('fast', lift_fla_hopper_guard=True) to lift it for key head dim > 64")
+            + "; or install triton>=3.7.1 or tilelang")
+
+
+def active_kernels() -> dict[str, Any]:
+    """What runs here: ``{"device", "mode", "bound", "kernels": {key: {"usable", "reason", "purpose"}}, "notes"}``.
+
+    ``mode`` is ``"reference (no CUDA)"`` without a GPU (nothing is imported then), else the mode last set
+    by :func:`use` (``None``: transformers' own import-time choice, not managed by hybridlora)."""
+    if not _cuda():
+        return {"device": "cpu", "mode": REFERENCE, "bound": {},
+                "kernels": {k: {"usable": False, "reason": "no CUDA", "purpose": p} for k, p in KERNEL_PURPOSE.items()},
+                "notes": []}
+    probe = _probe()
+    kernels = {}
+    for key, purpose in KERNEL_PURPOSE.items():
+        entry = probe.get(key, {"fn": None, "reason": "unknown kernel"})
+        usable, reason = entry["fn"] is not None, entry["reason"]
+        if usable and key == "fla.chunk_gated_delta_rule":
+            blocked = _gdn_backward_blocked()
+            if blocked:
+                reason += f" (forward only: {blocked})"
+        kernels[key] = {"usable": usable, "reason": reason, "purpose": purpose}
+    return {"device": torch.cuda.get_device_name(), "mode": _state["mode"], "bound": dict(_state["bound"]),
+            "kernels": kernels, "notes": list(_state["notes"])}
+
+
+def _implementation(key: str) -> Callable | None:
+    if key == "conv":
+        return ops.causal_conv1d
+    if key == "unfused":
+        return ops.unfused_split_conv1d_scan
+    fn = _probe().get(key, {}).get("fn")
+    if fn is None:
+        return None
+    makers = {"fla.chunk_gated_delta_rule": ops.make_gdn_chunk,
+              "fla.fused_recurrent_gated_delta_rule": ops.make_gdn_recurrent,
+              "mamba_ssm.mamba_chunk_scan_combined": ops.make_ssd_chunk,
+              "mamba_ssm.selective_state_update": ops.make_ssd_step}
+    return makers[key](fn)
+
+
+LIFT_GUARD_ENV = "HYBRIDLORA_LIFT_FLA_HOPPER_GUARD"
+
+
+def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dict[str, str]:
+    """Bind mode ``"fast"`` (kernels where usable, references elsewhere) or ``"reference"`` (transformers'
+    pure-PyTorch functions everywhere) into every importable studied modeling module. Returns
+    ``{"module.attribute": what is bound}``. On a machine without CUDA ``"fast"`` binds the references.
+
+    fla's Hopper guard (fla #640) stays in force unless ``lift_fla_hopper_guard`` (or $HYBRIDLORA_LIFT_FLA_HOPPER_GUARD=1)
+    asks to keep it only for key head dims <= 64 — an opt-in based on the public diagnosis and our own gradient checks
+    (docs/PERFORMANCE.md), not on fla's word. While the guard blocks the GDN backward, the chunked GDN stays on
+    the torch reference, loudly (a kernel that refuses mid-training is worse than a slow one)."""
+    if mode not in ("fast", "reference"):
+        raise ValueError("mode must be 'fast' or 'reference'")
+    fast = mode == "fast" and _cuda()
+    if lift_fla_hopper_guard is None:
+        lift_fla_hopper_guard = os.environ.get(LIFT_GUARD_ENV) == "1"
+    if fast and lift_fla_hopper_guard:
+        note = ops.narrow_fla_hopper_guard()
+        if note and note not in _state["notes"]:
+            _state["notes"].append(note)
+    bound: dict[str, str] = {}
+    for module_name, attrs in BINDINGS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:
+            continue  # this transformers has no such model
+        for attr, key in attrs.items():
+            if not hasattr(module, attr):
+                continue
+            original = _state["originals"].setdefault((module_name, attr), getattr(module, attr))
+            impl = _implementation(key) if fast else None
+            if impl is not None and key == "fla.chunk_gated_delta_rule" and _gdn_backward_blocked():
+                blocked = _gdn_backward_blocked()
+                msg = (f"hybridlora.fast: Gated DeltaNet stays on the slow torch reference: {blocked}; "
+                       f"or set {LIFT_GUARD_ENV}=1 to narrow the guard (see docs/PERFORMANCE.md)")
+                logger.warning(msg)
+                warnings.warn(msg, stacklevel=2)
+                impl = None
+            if impl is None:
+                impl = inspect.unwrap(original)  # transformers' pure-PyTorch function
+                what = "torch reference"
+            else:
+                what = getattr(impl, "__hybridlora_kernel__", key)
+            setattr(module, attr, impl)
+            bound[f"{module_name.rsplit('.', 1)[-1]}.{attr}"] = what
+    _state["mode"], _state["bound"] = mode if _cuda() else REFERENCE, bound
+    return bound
+
+
+def restore() -> None:
+    """Put back whatever transformers had bound before the first :func:`use`."""
+    for (module_name, attr), original in _state["originals"].items():
+        setattr(importlib.import_module(module_name), attr, original)
+    _state["mode"], _state["bound"] = None, {}
+
+
+def _model_config(model: Any) -> Any:
+    config = getattr(model, "config", None)
+    return getattr(config, "text_config", None) or config
+
+
+def required_kernels(model: Any) -> tuple[str, ...]:
+    config = _model_config(model)
+    return MODEL_KERNELS.get(getattr(config, "model_type", None), ())
+
+
+def missing_kernels(model: Any) -> dict[str, str]:
+    """{kernel: why} for the kernels this model needs that will not run (empty off CUDA: nothing is expected)."""
+    if not _cuda():
+        return {}
+    try:
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            return {}
+    except (StopIteration, AttributeError):
+        pass
+    info = active_kernels()["kernels"]
+    config = _model_config(model)
+    missing = {}
+    for key in required_kernels(model):
+        entry = info[key]
+        if not entry["usable"]:
+            missing[key] = entry["reason"]
+        elif key == "fla.chunk_gated_delta_rule":
+            blocked = _gdn_backward_blocked(getattr(config, "linear_key_head_dim", None))
+            if blocked:
+                missing[key + " (backward)"] = blocked
+    if _state["mode"] == "reference":
+        missing.update({k: "hybridlora.fast.use('reference') is in force" for k in required_kernels(model)
+                        if k not in missing})
+    elif _state["mode"] is None:
+        missing.update({k: "not bound: call hybridlora.fast.use('fast') before running" for k in required_kernels(model)
+                        if k not in missing})
+    return missing
+
+
+def warn_missing_kernels(model: Any) -> dict[str, str]:
+    """Loud warning (``RuntimeWarning`` and the ``hybridlora.fast`` logger) for every fast kernel ``model`` needs
+    that will not run on this CUDA device. Silent on CPU. Returns {kernel: why}."""
+    missing = missing_kernels(model)
+    if missing:
+        model_type = getattr(_model_config(model), "model_type", "?")
+        lines = "\n".join(f"  - {k} ({KERNEL_PURPOSE.get(k.split(' ')[0], '')}): {why}" for k, why in missing.items())
+        message = (f"\n{'!' * 78}\nhybridlora: {model_type} will run its mixers on the pure-PyTorch reference path "
+                   f"(correct, 10-100x slower):\n{lines}\nInstall the GPU extra (pip install 'hybridlora[gpu]') or "
+                   f"see docs/PERFORMANCE.md.\n{'!' * 78}")
+        logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return missing
+
+
+def describe(model: Any = None) -> str:
+    """One line for run logs: the mode and, per needed kernel, on/off."""
+    info = active_kernels()
+    if info["mode"] == REFERENCE:
+        return f"kernels: {REFERENCE}"
+    keys = required_kernels(model) if model is not None else tuple(KERNEL_PURPOSE)
+    missing = missing_kernels(model) if model is not None else {}
+    parts = [f"{k}={'off' if any(m.startswith(k) for m in missing) or not info['kernels'][k]['usable'] else 'on'}"
+             for k in keys]
+    return f"kernels ({info['device']}, mode={info['mode']}): " + ", ".join(parts) + \
+        (f"; notes: {'; '.join(info['notes'])}" if info["notes"] else "")

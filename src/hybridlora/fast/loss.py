@@ -1,0 +1,121 @@
+"""Causal-LM loss without materialising the full logits tensor.
+
+A 248k-token vocabulary makes ``[batch, seq, vocab]`` logits the largest activation of a small model
+(4 × 1024 tokens: 2 GB in bf16 plus 4 GB as float32 for the loss, and as much again for their gradient).
+:func:`causal_lm_loss_sum` runs the decoder, keeps only the positions that carry a label, and computes the
+head and the cross-entropy in row chunks:
+
+* frozen head (the usual case: LoRA not on ``lm_head``): a custom autograd function computes each chunk's
+  loss and its gradient w.r.t. the hidden states in the same pass, so no chunk's logits survive the forward
+  and the backward is a single stored tensor;
+* trainable head (LoRA on ``lm_head``, Falcon-H1 ``all_eligible``): each chunk calls the head module under
+  activation checkpointing, so PEFT's LoRA path is used and its gradients flow.
+
+The result equals ``cross_entropy(logits[:, :-1].float(), labels[:, 1:], reduction="sum")`` of the plain
+forward (the logits are produced in the same dtype, then upcast).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+IGNORE = -100
+CHUNK_ELEMENTS = 1 << 27  # logits elements per chunk (512 MB as float32)
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)  # PEFT wrapper
+    return get_base() if callable(get_base) else model
+
+
+def head_and_scale(model: nn.Module) -> tuple[nn.Module, nn.Module, float] | None:
+    """(decoder, head module, logit multiplier) for the families whose head we know, else None."""
+    lm = _causal_lm(model)
+    model_type = getattr(getattr(lm, "config", None), "model_type", "")
+    decoder, head = getattr(lm, "model", None), getattr(lm, "lm_head", None)
+    if decoder is None or head is None:
+        return None
+    if model_type.startswith("qwen3") or model_type in ("llama",):
+        return decoder, head, 1.0
+    if model_type == "falcon_h1":
+        return decoder, head, float(decoder.lm_head_multiplier)
+    return None
+
+
+class _FrozenHeadCE(torch.autograd.Function):
+    """Sum of token cross-entropies of ``(h @ W.T) * scale``; W frozen. Gradient w.r.t. h computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, rows, dtype):
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(hidden)
+        w = weight.to(dtype)
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start:start + rows].to(dtype)
+            y = targets[start:start + rows]
+            logits = (h @ w.T).float()
+            if scale != 1.0:
+                logits = logits * scale
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+            probs[torch.arange(len(y), device=y.device), y] -= 1.0
+            if scale != 1.0:
+                probs.mul_(scale)
+            grad[start:start + rows] = (probs.to(dtype) @ w).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None
+
+
+def _trainable_head_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float,
+                       rows: int) -> torch.Tensor:
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if scale != 1.0:
+            logits = logits * scale
+        return nn.functional.cross_entropy(logits, y, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        total = total + checkpoint(chunk_loss, hidden[start:start + rows], targets[start:start + rows],
+                                   use_reentrant=False)
+    return total
+
+
+def causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None, **model_kwargs: Any) -> tuple[torch.Tensor, int]:
+    """(sum of next-token losses over labelled positions, number of them). ``model_kwargs`` go to the decoder
+    (``position_ids``, ``cu_seq_lens_q`` ... for packed rows). Unknown families fall back to full logits."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    count = int(keep.sum())
+    parts = head_and_scale(model)
+    if parts is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits[:, :-1].float()
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                           ignore_index=IGNORE, reduction="sum")
+        return loss, count
+    decoder, head, scale = parts
+    model_kwargs.setdefault("use_cache", False)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).last_hidden_state
+    hidden = hidden[:, :-1][keep]
+    y = targets[keep]
+    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+    rows = max(64, CHUNK_ELEMENTS // vocab)
+    weight = getattr(head, "weight", None)
+    trainable = any(p.requires_grad for p in head.parameters())
+    if weight is None or trainable or getattr(head, "bias", None) is not None or not torch.is_tensor(weight):
+        return _trainable_head_ce(head, hidden, y, scale, rows), count
+    dtype = torch.get_autocast_dtype("cuda") if (hidden.is_cuda and torch.is_autocast_enabled("cuda")) else weight.dtype
+    if hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    return _FrozenHeadCE.apply(hidden, weight, y, scale, rows, dtype), count

@@ -1,0 +1,174 @@
+"""Adapters with the signatures of transformers' pure-PyTorch kernels, backed by the fast kernels.
+
+Each adapter takes exactly what transformers' modeling code passes to the function it replaces (extra keyword
+arguments such as ``cu_seq_lens_q`` or ``seq_idx`` arrive through ``**kwargs``) and returns what that function
+returns, so a model runs unchanged. Packing metadata: a packed row (batch 1) carries ``cu_seq_lens_q`` (the
+flash-attention convention transformers forwards to every layer); the adapters turn it into the boundaries
+each kernel understands (``cu_seqlens`` for fla, ``seq_idx`` for mamba-ssm and the convolution), so every
+mixer's state starts from zero at each example.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """``[1, length]`` int32 segment index (0, 0, ..., 1, 1, ...) from cumulative lengths ``[0, l1, l1+l2, ...]``."""
+    cu = cu_seqlens.to(torch.long).flatten()
+    positions = torch.arange(length, device=cu.device)
+    return torch.searchsorted(cu[1:-1].contiguous(), positions, right=True).to(torch.int32)[None]
+
+
+def _segments(kwargs: dict[str, Any], length: int) -> torch.Tensor | None:
+    seq_idx = kwargs.get("seq_idx")
+    if seq_idx is not None:
+        return seq_idx
+    cu = kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlens"))
+    return seq_idx_from_cu_seqlens(cu, length) if cu is not None else None
+
+
+def _activation(name: str | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if name is None:
+        return None
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def causal_conv1d(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  activation: str | None = None, **kwargs: Any) -> torch.Tensor:
+    """Depthwise causal convolution, ``hidden_states`` ``[B, D, T]``, ``weight`` ``[D, W]``.
+
+    Without packing metadata this is the same cuDNN ``conv1d`` as transformers' fallback. With ``seq_idx`` or
+    ``cu_seq_lens_q`` it sums the W taps itself and drops every tap that reaches into the previous example:
+    ``out[t] = bias + Σ_j w[W-1-j] · x[t-j] · [seg(t-j) = seg(t)]``.
+    """
+    _, dim, length = hidden_states.shape
+    width = weight.shape[-1]
+    x = hidden_states.to(weight.dtype)
+    segments = _segments(kwargs, length)
+    if segments is None:
+        out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=dim)[..., :length]
+    else:
+        seg = segments.to(x.device)
+        out = x * weight[:, width - 1, None]
+        for j in range(1, width):
+            shifted = F.pad(x, (j, 0))[..., :length]
+            same = F.pad(seg, (j, 0), value=-1)[..., :length] == seg  # [B, T]
+            out = out + shifted * weight[:, width - 1 - j, None] * same[:, None, :].to(x.dtype)
+        if bias is not None:
+            out = out + bias[:, None]
+    act = _activation(activation)
+    if act is not None:
+        out = act(out)
+    return out.to(hidden_states.dtype)
+
+
+def _call_with_accepted(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(*args, **kwargs)
+
+
+# --- Gated DeltaNet (fla) ----------------------------------------------------------------------------------
+def make_gdn_chunk(fla_chunk: Callable) -> Callable:
+    @functools.wraps(fla_chunk)
+    def gdn_chunk(query, key, value, g, beta, chunk_size: int = 64, initial_state=None, output_final_state=False,
+                  use_qk_l2norm_in_kernel: bool = False, cu_seqlens=None, **kwargs):
+        if cu_seqlens is None:
+            cu_seqlens = kwargs.get("cu_seq_lens_q")
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(torch.long)
+        return fla_chunk(query, key, value, g=g, beta=beta, initial_state=initial_state,
+                         output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                         cu_seqlens=cu_seqlens)
+    gdn_chunk.__hybridlora_kernel__ = "fla.chunk_gated_delta_rule"
+    return gdn_chunk
+
+
+def make_gdn_recurrent(fla_recurrent: Callable) -> Callable:
+    @functools.wraps(fla_recurrent)
+    def gdn_recurrent(query, key, value, g, beta, initial_state=None, output_final_state=False,
+                      use_qk_l2norm_in_kernel: bool = False, cu_seqlens=None, **kwargs):
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(torch.long)
+        return fla_recurrent(query, key, value, g=g, beta=beta, initial_state=initial_state,
+                             output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                             cu_seqlens=cu_seqlens)
+    gdn_recurrent.__hybridlora_kernel__ = "fla.fused_recurrent_gated_delta_rule"
+    return gdn_recurrent
+
+
+# --- Mamba-2 SSD (mamba-ssm Triton) --------------------------------------------------------------------------
+def make_ssd_chunk(chunk_scan: Callable) -> Callable:
+    def ssd_chunk(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
+                  dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, z=None, **kwargs):
+        seq_idx = _segments(kwargs, hidden_states.shape[1])
+        return chunk_scan(hidden_states, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                          initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
+                          dt_limit=tuple(dt_limit) if dt_limit is not None else (0.0, float("inf")),
+                          return_final_states=return_final_states)
+    ssd_chunk.__hybridlora_kernel__ = "mamba_ssm.mamba_chunk_scan_combined"
+    return ssd_chunk
+
+
+def make_ssd_step(state_update: Callable) -> Callable:
+    def ssd_step(state, hidden_states, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, z=None, **kwargs):
+        return state_update(state, hidden_states, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    ssd_step.__hybridlora_kernel__ = "mamba_ssm.selective_state_update"
+    return ssd_step
+
+
+def unfused_split_conv1d_scan(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``mamba_split_conv1d_scan_combined``: returning None sends transformers down the unfused path
+    (in_proj -> conv -> SSD scan -> norm -> out_proj), where every projection is a module call that PEFT sees.
+    The fused kernel would read ``out_proj.weight`` directly and needs the compiled causal-conv1d extension."""
+    return None
+
+
+unfused_split_conv1d_scan.__hybridlora_kernel__ = "unfused (in_proj -> conv -> SSD scan -> out_proj)"
+causal_conv1d.__hybridlora_kernel__ = "torch conv1d (packing-aware)"
+
+
+# --- the fla Hopper guard ------------------------------------------------------------------------------------
+def narrow_fla_hopper_guard() -> str | None:
+    """fla refuses gated ``chunk_bwd_dqkwg`` on Hopper with Triton in [3.4, 3.7.1) (fla issue #640). The
+    miscompile was traced to the K-block width BK = 64 (a BK sweep on Hopper: 32 and 128 pass, 64 fails); fla
+    0.6 uses BK = min(next_pow2(K), 128) on Hopper, so key head dims above 64 run with BK = 128. This wraps the
+    function the gated-delta-rule backward calls so that the guard is lifted for such calls only; K <= 64 still
+    raises. Returns a description of what was done, or None when nothing was needed/possible."""
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+        import fla.ops.gated_delta_rule.chunk as gdn_chunk_mod
+    except Exception:
+        return None
+    guarded = (getattr(chunk_o, "IS_NVIDIA_HOPPER", False) and getattr(chunk_o, "TRITON_ABOVE_3_4_0", False)
+               and not getattr(chunk_o, "TRITON_ABOVE_3_7_1", True))
+    if not guarded:
+        return None
+    original = gdn_chunk_mod.chunk_bwd_dqkwg
+    note = "fla #640 Hopper guard kept for key head dim <= 64 (BK=64) only; larger heads run (BK=128)"
+    if getattr(original, "__hybridlora_narrowed__", False):
+        return note
+
+    @functools.wraps(original)
+    def chunk_bwd_dqkwg(q, k, *args, **kwargs):
+        if k.shape[-1] <= 64:
+            return original(q, k, *args, **kwargs)  # the affected BK = 64 case: fla raises as before
+        saved = chunk_o.TRITON_ABOVE_3_7_1
+        chunk_o.TRITON_ABOVE_3_7_1 = True
+        try:
+            return original(q, k, *args, **kwargs)
+        finally:
+            chunk_o.TRITON_ABOVE_3_7_1 = saved
+
+    chunk_bwd_dqkwg.__hybridlora_narrowed__ = True
+    gdn_chunk_mod.chunk_bwd_dqkwg = chunk_bwd_dqkwg
+    return note

@@ -1,0 +1,343 @@
+"""hybridlora.fast on CPU: detection, binding, the mamba-ssm import shim, packing and the chunked loss.
+
+The kernels themselves need CUDA; bench/bench_gpu.py checks them against the references on a GPU
+(docs/PERFORMANCE.md). Here the plumbing around them is tested with the pure-PyTorch references.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+from hybridlora import fast
+from hybridlora.fast import kernels, ops, shim
+from hybridlora.models import build_model, tiny_config_for
+
+
+@pytest.fixture(autouse=True)
+def _restore_bindings():
+    yield
+    kernels.restore()
+
+
+def _lora_model(model_type: str, preset: str):
+    from hybridlora.components import build_component_map
+    from hybridlora.families import family_named
+    from hybridlora.placement import named_preset, resolve
+    from hybridlora.train.loop import attach_lora
+
+    model = build_model(tiny_config_for(model_type), seed=0)
+    cmap = build_component_map(model)
+    peft_model = attach_lora(model, resolve(named_preset(preset, family_named(cmap.family)), cmap))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return peft_model.eval()
+
+
+# --- detection -------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_cpu_reports_reference_and_stays_quiet():
+    info = fast.active_kernels()
+    assert info["mode"] == fast.REFERENCE == "reference (no CUDA)"
+    assert set(info["kernels"]) == set(fast.KERNEL_PURPOSE)
+    assert all(not k["usable"] and k["reason"] == "no CUDA" for k in info["kernels"].values())
+    assert fast.describe() == "kernels: reference (no CUDA)"
+    model = build_model(tiny_config_for("qwen3_5_text"), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fast.warn_missing_kernels(model) == {}
+
+
+def test_required_kernels_per_family():
+    qwen = build_model(tiny_config_for("qwen3_5_text"), seed=0)
+    falcon = build_model(tiny_config_for("falcon_h1"), seed=0)
+    assert fast.required_kernels(qwen) == ("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule")
+    assert fast.required_kernels(falcon) == ("mamba_ssm.mamba_chunk_scan_combined", "mamba_ssm.selective_state_update")
+    assert fast.required_kernels(types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))) == ()
+
+
+def test_missing_kernel_on_cuda_is_a_loud_warning(monkeypatch):
+    """With CUDA present but a kernel absent, the model's run gets a RuntimeWarning naming it and why."""
+    monkeypatch.setattr(kernels, "_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    probe = {k: {"fn": None, "reason": "mamba-ssm not installed"} for k in fast.KERNEL_PURPOSE}
+    monkeypatch.setattr(kernels, "_probe", lambda: probe)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="falcon_h1"),
+                                  parameters=lambda: iter([types.SimpleNamespace(device=torch.device("cuda"))]))
+    with pytest.warns(RuntimeWarning, match="mamba_ssm.mamba_chunk_scan_combined.*mamba-ssm not installed"):
+        missing = fast.warn_missing_kernels(model)
+    assert set(missing) == {"mamba_ssm.mamba_chunk_scan_combined", "mamba_ssm.selective_state_update"}
+    assert "mamba_ssm.mamba_chunk_scan_combined=off" in fast.describe(model)
+
+
+def test_unbound_kernels_count_as_missing_on_cuda(monkeypatch):
+    monkeypatch.setattr(kernels, "_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    probe = {k: {"fn": lambda *a, **k: None, "reason": "ok"} for k in fast.KERNEL_PURPOSE}
+    monkeypatch.setattr(kernels, "_probe", lambda: probe)
+    monkeypatch.setattr(kernels, "_gdn_backward_blocked", lambda *a: None)
+    monkeypatch.setitem(kernels._state, "mode", None)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="qwen3_5_text"),
+                                  parameters=lambda: iter([types.SimpleNamespace(device=torch.device("cuda"))]))
+    assert all("use('fast')" in why for why in fast.missing_kernels(model).values())
+    monkeypatch.setitem(kernels._state, "mode", "fast")
+    assert fast.missing_kernels(model) == {}
+
+
+# --- binding ---------------------------------------------------------------------------------------------
+def test_use_binds_references_on_cpu_and_restore_undoes_it():
+    mf = importlib.import_module("transformers.models.falcon_h1.modeling_falcon_h1")
+    before = mf.mamba2_chunk_scan
+    bound = fast.use("fast")
+    assert bound["modeling_falcon_h1.mamba2_chunk_scan"] == "torch reference"
+    assert bound["modeling_qwen3_5.torch_chunk_gated_delta_rule"] == "torch reference"
+    assert mf.mamba2_chunk_scan is inspect.unwrap(before)
+    fast.restore()
+    assert mf.mamba2_chunk_scan is before
+    with pytest.raises(ValueError):
+        fast.use("turbo")
+
+
+def test_fast_adapters_on_cuda_are_chosen_when_kernels_import(monkeypatch):
+    calls = {}
+
+    def fake_chunk(q, k, v, g, beta, **kw):
+        calls["kw"] = kw
+        return v, None
+
+    probe = {k: {"fn": fake_chunk, "reason": "fake"} for k in fast.KERNEL_PURPOSE}
+    monkeypatch.setattr(kernels, "_cuda", lambda: True)
+    monkeypatch.setattr(kernels, "_probe", lambda: probe)
+    bound = fast.use("fast")
+    assert bound["modeling_qwen3_5.torch_chunk_gated_delta_rule"] == "fla.chunk_gated_delta_rule"
+    assert bound["modeling_falcon_h1.mamba2_split_conv1d_scan_combined"].startswith("unfused")
+    mq = importlib.import_module("transformers.models.qwen3_5.modeling_qwen3_5")
+    q = torch.randn(1, 6, 2, 4)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    mq.torch_chunk_gated_delta_rule(q, q, q, g=q[..., 0], beta=q[..., 0], cu_seqlens=cu,
+                                    use_qk_l2norm_in_kernel=True)
+    assert calls["kw"]["cu_seqlens"].dtype == torch.long and calls["kw"]["use_qk_l2norm_in_kernel"]
+
+
+# --- the mamba-ssm shim ----------------------------------------------------------------------------------
+def test_extension_stand_in_raises_only_on_use():
+    name = "hybridlora_test_missing_ext"
+    try:
+        assert shim.install_extension_stand_in(name, why="not built in this test")
+        mod = importlib.import_module(name)  # importing works
+        with pytest.raises(shim.MissingExtensionError, match="not built in this test"):
+            mod.fwd(1)
+        with pytest.raises(AttributeError):
+            mod.__path__  # noqa: B018 - dunders behave like a plain module's
+        assert shim.install_extension_stand_in(name)  # already there: reported, not replaced
+    finally:
+        sys.modules.pop(name, None)
+    assert not shim.install_extension_stand_in("json")  # a real module is never shadowed
+
+
+def _fake_mamba(tmp_path, init_body: str):
+    pkg = tmp_path / "mamba_ssm"
+    (pkg / "ops" / "triton").mkdir(parents=True)
+    (pkg / "__init__.py").write_text(init_body)
+    (pkg / "ops" / "__init__.py").write_text("")
+    (pkg / "ops" / "triton" / "__init__.py").write_text("")
+    (pkg / "ops" / "triton" / "ssd_combined.py").write_text("def mamba_chunk_scan_combined(*a, **k):\n    return 'ssd'\n")
+    (pkg / "ops" / "triton" / "selective_state_update.py").write_text(
+        "def selective_state_update(*a, **k):\n    return 'step'\n")
+
+
+@pytest.mark.parametrize("init_body, how", [
+    ("import selective_scan_cuda\n", "extension stand-in"),
+    ("import selective_scan_cuda\nimport some_other_missing_dependency\n", "package without __init__"),
+    ("", "plain"),
+])
+def test_mamba_shim_imports_triton_ops(tmp_path, monkeypatch, init_body, how):
+    _fake_mamba(tmp_path, init_body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.startswith("mamba_ssm") or k == shim.EXTENSION}
+    try:
+        fns, used = shim.import_mamba_triton_ops()
+        assert used == how
+        assert fns["mamba_chunk_scan_combined"]() == "ssd" and fns["selective_state_update"]() == "step"
+        if how != "plain":
+            with pytest.raises(shim.MissingExtensionError):
+                sys.modules[shim.EXTENSION].selective_scan_fwd()
+    finally:
+        for k in [k for k in sys.modules if k.startswith("mamba_ssm") or k == shim.EXTENSION]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def test_mamba_shim_reports_absence(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.startswith("mamba_ssm")}
+    try:
+        with pytest.raises(ImportError, match="mamba-ssm Triton ops not importable"):
+            shim.import_mamba_triton_ops()
+    finally:
+        sys.modules.update(saved)
+
+
+def test_fla_guard_left_alone_without_fla():
+    if importlib.util.find_spec("fla") is None:
+        assert ops.narrow_fla_hopper_guard() is None
+
+
+# --- ops ------------------------------------------------------------------------------------------------
+def test_seq_idx_from_cu_seqlens():
+    cu = torch.tensor([0, 2, 5, 6], dtype=torch.int32)
+    assert ops.seq_idx_from_cu_seqlens(cu, 6).tolist() == [[0, 0, 1, 1, 1, 2]]
+
+
+def test_causal_conv1d_matches_transformers_and_resets_at_boundaries():
+    mq = importlib.import_module("transformers.models.qwen3_5.modeling_qwen3_5")
+    reference = inspect.unwrap(mq.causal_conv1d_fn)
+    torch.manual_seed(0)
+    weight, bias = torch.randn(6, 4), torch.randn(6)
+    parts = [torch.randn(1, 6, n) for n in (5, 2, 7)]
+    for x in parts:
+        torch.testing.assert_close(ops.causal_conv1d(x, weight, bias, "silu"), reference(x, weight, bias, "silu"))
+    separate = torch.cat([ops.causal_conv1d(x, weight, bias, "silu") for x in parts], -1)
+    cu = torch.tensor([0, 5, 7, 14], dtype=torch.int32)
+    packed = ops.causal_conv1d(torch.cat(parts, -1), weight, bias, "silu", cu_seq_lens_q=cu)
+    torch.testing.assert_close(packed, separate)
+    seq_idx = ops.seq_idx_from_cu_seqlens(cu, 14)
+    torch.testing.assert_close(ops.causal_conv1d(torch.cat(parts, -1), weight, None, None, seq_idx=seq_idx),
+                               torch.cat([ops.causal_conv1d(x, weight, None, None) for x in parts], -1))
+
+
+def test_unfused_stand_in_sends_falcon_down_the_module_path():
+    assert ops.unfused_split_conv1d_scan(torch.zeros(1), outproj_weight=torch.zeros(1)) is None
+
+
+# --- loss -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type, preset, head_trainable", [
+    ("qwen3_5_text", "all_layers", False),   # frozen (tied) head: the fused chunk function
+    ("falcon_h1", "all_eligible", True),     # LoRA on lm_head: checkpointed module calls, x lm_head_multiplier
+])
+def test_chunked_loss_equals_full_logits_loss(monkeypatch, model_type, preset, head_trainable):
+    from hybridlora.fast import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 256 * 7)  # several chunks even for a tiny vocab
+    model = _lora_model(model_type, preset)
+    head = loss_mod.head_and_scale(model)[1]
+    assert any(p.requires_grad for p in head.parameters()) == head_trainable
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (2, 20))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    labels[1, 12:] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, params)
+    got, count = fast.causal_lm_loss_sum(model, ids, labels)
+    got_grads = torch.autograd.grad(got, params)
+    assert count == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_skip_input_upcast_toggles_every_lora_layer():
+    model = _lora_model("qwen3_5_text", "all_layers")
+    n = fast.skip_input_upcast(model)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert n == len(layers) > 0 and not any(m.cast_input_dtype_enabled for m in layers)
+    fast.skip_input_upcast(model, False)
+    assert all(m.cast_input_dtype_enabled for m in layers)
+
+
+# --- packing --------------------------------------------------------------------------------------------
+def test_pack_layout():
+    exs = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [-100, 5]}]
+    p = fast.pack(exs)
+    assert p["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert p["labels"].tolist() == [[-100, 2, 3, -100, 5]]
+    assert p["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert p["cu_seq_lens_q"].tolist() == [0, 3, 5] and p["cu_seq_lens_q"].dtype == torch.int32
+    assert p["max_length_q"] == 3
+    assert fast.pack_order([3, 4, 2, 9, 1], max_tokens=7) == [[0, 1], [2], [3], [4]]
+    with pytest.raises(ValueError):
+        fast.pack([{"input_ids": [1], "labels": [1, 2]}])
+
+
+def _per_segment(fn):
+    """A reference mixer run separately on each packed example (what a boundary-aware kernel computes)."""
+    def run(*args, **kwargs):
+        cu = kwargs.pop("cu_seqlens", None)
+        cu = kwargs.pop("cu_seq_lens_q", None) if cu is None else cu
+        for key in ("cu_seq_lens_k", "seq_idx", "max_length_q", "max_length_k", "position_ids"):
+            kwargs.pop(key, None)
+        if cu is None:
+            return fn(*args, **kwargs)
+        length = args[0].shape[1]
+
+        def cut(x, a, b):
+            return x[:, a:b] if torch.is_tensor(x) and x.dim() >= 2 and x.shape[1] == length else x
+
+        outs = [fn(*[cut(x, a, b) for x in args], **{k: cut(v, a, b) for k, v in kwargs.items()})
+                for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        if isinstance(outs[0], tuple):
+            return torch.cat([o[0] for o in outs], 1), None
+        return torch.cat(outs, 1)
+    return run
+
+
+@pytest.mark.parametrize("model_type, module, mixer", [
+    ("qwen3_5_text", "transformers.models.qwen3_5.modeling_qwen3_5", "torch_chunk_gated_delta_rule"),
+    ("falcon_h1", "transformers.models.falcon_h1.modeling_falcon_h1", "mamba2_chunk_scan"),
+])
+def test_packed_row_equals_separate_rows(model_type, module, mixer):
+    """Packing metadata reaches every layer: attention gets a block-diagonal mask from position_ids, the
+    convolution and the mixer get the boundaries (here a per-example reference mixer stands in for the
+    kernel), so the packed logits equal the separately computed ones."""
+    model = build_model(tiny_config_for(model_type), seed=0)
+    fast.use("reference")
+    mod = importlib.import_module(module)
+    setattr(mod, mixer, _per_segment(getattr(mod, mixer)))
+    mod.causal_conv1d_fn = ops.causal_conv1d
+    torch.manual_seed(2)
+    exs = [{"input_ids": torch.randint(0, 256, (n,)).tolist(), "labels": [0] * n} for n in (7, 12, 5)]
+    p = fast.pack(exs)
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in p.items() if k != "labels"}, use_cache=False).logits
+        separate = torch.cat([model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits
+                              for e in exs], 1)
+    torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_packing_refused_on_the_reference_path():
+    ok, why = fast.packing_supported(build_model(tiny_config_for("falcon_h1"), seed=0))
+    assert not ok and "reference" in why
+
+
+def test_train_log_and_eval_summaries_name_the_kernels(tmp_path, data_dir):
+    """Every run log and evaluation summary says which mixer kernels ran (here, on CPU: the reference)."""
+    import json
+
+    from hybridlora.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "falcon-h1-0.5b", "--tiny", "--placement", "attention_only", "--data", "gsm8k",
+                 "--data-dir", str(data_dir), "--max-examples", "4", "--val-examples", "1", "--epochs", "1",
+                 "--micro-batch-size", "4", "--grad-accum", "1", "--no-progress", "--output", str(out)]) == 0
+    start = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["kernels"] == "kernels: reference (no CUDA)"
+    assert main(["eval", "falcon-h1-0.5b", "--tiny", "--adapter", str(out / "adapter"), "--data-dir", str(data_dir),
+                 "--benchmarks", "mmlu", "--limit", "2", "--output", str(tmp_path / "ev")]) == 0
+    summary = json.loads((tmp_path / "ev" / "mmlu.summary.json").read_text())
+    assert summary["settings"]["kernels"] == "kernels: reference (no CUDA)"
