@@ -51,6 +51,7 @@ def expected_instances(data: dict) -> int:
     ({"models": []}, "models: List should have at least 1 item"),
     ({"domains": [{"name": "gsm8k", "label": "base"}]}, "'base' is reserved"),
     ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),
+    ({"eval": {"benchmarks": {"mmlu": 0}}}, "eval.benchmarks.mmlu: Input should be greater than or equal to 1"),
 ])
 def test_bad_configs_name_the_field(tmp_path, change, message):
     with pytest.raises(StudyConfigError) as err:
@@ -70,6 +71,27 @@ def test_bad_config_file_and_unknown_preset_are_one_line_cli_errors(tmp_path, ca
     cfg.write_text(yaml.safe_dump(mini(tmp_path, placements=["no_such_placement"])))
     assert main(["study", str(cfg), "--dry-run"]) == 2
     assert "unknown placement 'no_such_placement'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"domains": ["nosuch"]}, "'nosuch' is neither a known domain"),
+    ({"domains": ["missing.jsonl"]}, "'missing.jsonl' is neither a known domain"),
+    ({"data_dir": "/nonexistent/data"}, "data_dir /nonexistent/data: no such folder"),
+])
+def test_data_problems_stop_the_study_before_any_work(tmp_path, capsys, change, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(mini(tmp_path, **change)))
+    for extra in (["--dry-run"], []):
+        assert main(["study", str(cfg), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
+
+
+def test_tiny_models_are_never_reported_under_the_real_checkpoint_name(tmp_path):
+    data = mini(tmp_path)
+    data["models"] = [{"model": "qwen3.5-0.8b", "tiny": True}]
+    jobs = expand_grid(study_config_from_dict(data))
+    assert {j.model for j in jobs} == {"qwen3.5-0.8b [tiny random]"}
 
 
 def test_placement_budget_reference_must_exist(tmp_path):

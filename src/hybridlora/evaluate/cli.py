@@ -79,8 +79,8 @@ def run_eval(args: argparse.Namespace) -> int:
             from .lmeval_bridge import require_lm_eval
 
             require_lm_eval()
-        if args.limit is not None and args.limit < 0:
-            raise BenchmarkError("--limit must be >= 0")
+        if args.limit is not None and args.limit < 1:
+            raise BenchmarkError("--limit must be at least 1 (omit it to evaluate the whole subset)")
         texts = None
         if args.perplexity_text:
             path = Path(args.perplexity_text)

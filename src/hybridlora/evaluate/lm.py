@@ -246,5 +246,6 @@ def load_lm(model: str, *, adapter: str | Path | None = None, tiny: bool = False
         with exact_targets():
             net = PeftModel.from_pretrained(net, str(adapter))
         net = net.eval()
-    return CausalLM(net, tokenizer, batch_size=batch_size, max_length=max_length, name=source.name,
+    name = f"{source.name} [tiny random]" if tiny else source.name  # never the real checkpoint's name
+    return CausalLM(net, tokenizer, batch_size=batch_size, max_length=max_length, name=name,
                     adapter=str(adapter) if adapter is not None else None, device=device)

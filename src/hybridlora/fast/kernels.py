@@ -193,8 +193,10 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
                 blocked = _gdn_backward_blocked()
                 msg = (f"hybridlora.fast: Gated DeltaNet stays on the slow torch reference: {blocked}; "
                        f"or set {LIFT_GUARD_ENV}=1 to narrow the guard (see docs/PERFORMANCE.md)")
-                logger.warning(msg)
-                warnings.warn(msg, stacklevel=2)
+                if msg not in _state.setdefault("warned", set()):  # once per process, not once per job
+                    _state["warned"].add(msg)
+                    logger.warning(msg)
+                    warnings.warn(msg, stacklevel=2)
                 impl = None
             if impl is None:
                 impl = inspect.unwrap(original)  # transformers' pure-PyTorch function

@@ -54,6 +54,7 @@ def _config(args):
 
 def cmd_study(args) -> int:
     from ..cli import CliError
+    from ..analysis.report import ReportError
     from ..placement import PlacementError
     from .config import StudyConfigError
     from .runner import dry_run, run_study, summary_line
@@ -65,7 +66,7 @@ def cmd_study(args) -> int:
             dry_run(config, only=args.only)
             return 0
         run = run_study(config, only=args.only, progress=not args.quiet, report=not args.no_report)
-    except (StudyConfigError, StoreError, PlacementError) as exc:
+    except (StudyConfigError, StoreError, PlacementError, ReportError) as exc:
         raise CliError(str(exc)) from None
     print(summary_line(run))
     if run.failed:

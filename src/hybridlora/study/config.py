@@ -51,7 +51,8 @@ class ModelEntry(_Strict):
 
     @property
     def name(self) -> str:
-        return self.label or self.model
+        # A tiny random stand-in is never reported under the real checkpoint's name.
+        return self.label or (f"{self.model} [tiny random]" if self.tiny else self.model)
 
 
 class PlacementEntry(_Strict):
@@ -100,7 +101,8 @@ class TrainSettings(_Strict):
 
 
 class EvalSettings(_Strict):
-    benchmarks: dict[str, Optional[int]] = Field(default_factory=lambda: dict(BENCHMARK_SIZES))
+    benchmarks: dict[str, Optional[Annotated[int, Field(ge=1)]]] = Field(
+        default_factory=lambda: dict(BENCHMARK_SIZES))  # name -> subset size (null: the whole split)
     limit: Optional[int] = Field(default=None, ge=1)  # first N of each subset (quick looks; changes results)
     batch_size: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 8  # auto: largest that fits the GPU
     max_length: Optional[int] = Field(default=None, ge=16)

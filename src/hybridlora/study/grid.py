@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 from ..analysis.contract import BASE
@@ -47,7 +48,9 @@ def _data_spec(config: StudyConfig) -> dict:
         from .demo_data import VERSION
 
         return {"source": BUILTIN_DATA, "version": VERSION}
-    return {"source": config.data_dir}
+    if config.data_dir is None:
+        return {"source": None}
+    return {"source": str(Path(config.data_dir).resolve())}  # the same folder whatever the working directory
 
 
 def _model_spec(config: StudyConfig, entry) -> dict:

@@ -44,8 +44,9 @@ def device_and_dtype(model_spec: dict):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = model_spec.get("dtype", "auto")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(name, torch.float32)
-    return device, dtype
+    if name == "auto":  # the study's recipe: bf16 on GPU (LoRA weights stay fp32 under autocast), fp32 on CPU
+        name = "bfloat16" if device == "cuda" else "float32"
+    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def load_base(model_spec: dict):

@@ -63,6 +63,7 @@ def prepare(config: StudyConfig, *, only: str | None = None) -> tuple[Path, list
     """The study directory (with its demo data written, if asked for) and the jobs to run."""
     study_dir = config.output_dir()
     jobs = filter_jobs(expand_grid(config), parse_only(only))
+    check_inputs(config)
     planned_params(jobs)  # every placement resolves on its model, before anything is written
     if config.data_dir == BUILTIN_DATA:
         from .demo_data import write_demo_data
@@ -146,6 +147,7 @@ def build_study_report(study_dir: Path, output: Path | None = None) -> Path:
 def dry_run(config: StudyConfig, *, only: str | None = None, out=print) -> list[Job]:
     """Print the grid, the number of runs and a rough cost; runs nothing, writes nothing."""
     jobs = filter_jobs(expand_grid(config), parse_only(only))
+    check_inputs(config)
     trainable = planned_params(jobs)
     widths = (22, 28, 28, 12, 6, 12)
     out("  ".join(h.ljust(w) for h, w in zip(("job", "model", "placement", "domain", "seed", "trainable"), widths)))
@@ -155,10 +157,32 @@ def dry_run(config: StudyConfig, *, only: str | None = None, out=print) -> list[
         out("  ".join(str(v)[:w].ljust(w) for v, w in zip(
             (job.id, job.model, job.placement, job.train_domain, seed, params), widths)))
     base = sum(j.kind == "base" for j in jobs)
-    out(f"{len(jobs)} jobs: {base} base evaluations + {len(jobs) - base} fine-tuning runs "
-        f"({len(config.models)} models × placements × {len(config.domains)} domains × {len(config.seeds)} seeds)")
+    train = [j for j in jobs if j.kind == "train"]
+    out(f"{len(jobs)} jobs: {base} base evaluations + {len(train)} fine-tuning runs "
+        f"({len({j.model for j in train})} models × {len({j.placement for j in train})} placements × "
+        f"{len({j.train_domain for j in train})} domains × {len({j.seed for j in train})} seeds)")
     out(_cost_line(config, jobs))
     return jobs
+
+
+def check_inputs(config: StudyConfig) -> None:
+    """Data problems a run would only meet after hours of work: unknown domains, missing folders and files."""
+    from ..data import DOMAINS
+    from .config import StudyConfigError
+
+    if config.data_dir not in (None, BUILTIN_DATA) and not Path(config.data_dir).is_dir():
+        raise StudyConfigError(f"data_dir {config.data_dir}: no such folder; point it at a folder laid out like "
+                               "shared/data, or remove it to read the Hugging Face hub")
+    for domain in config.domains:
+        is_file_name = domain.name.endswith((".jsonl", ".json", ".csv"))
+        hub_id = "/" in domain.name and not is_file_name
+        if domain.name not in DOMAINS and not hub_id and not Path(domain.name).is_file():
+            raise StudyConfigError(f"domains: {domain.name!r} is neither a known domain ({', '.join(DOMAINS)}), "
+                                   "an existing .jsonl/.json/.csv file, nor a hub dataset id (owner/name)")
+        if domain.name in DOMAINS and config.data_dir not in (None, BUILTIN_DATA):
+            local = Path(config.data_dir) / DOMAINS[domain.name].local_path
+            if not local.is_file():
+                raise StudyConfigError(f"domains: {domain.name}: {local} not found under data_dir")
 
 
 def planned_params(jobs: list[Job]) -> dict[str, int]:
@@ -192,15 +216,18 @@ def planned_params(jobs: list[Job]) -> dict[str, int]:
 
 def _cost_line(config: StudyConfig, jobs: list[Job]) -> str:
     sequences = sum((j.spec["domain"]["max_examples"] or 0) * config.train.epochs for j in jobs if j.kind == "train")
-    per_job_q = sum(min(n or 10**9, config.eval.limit or 10**9) for n in config.eval.benchmarks.values())
+    full = [b for b, n in config.eval.benchmarks.items() if n is None and not config.eval.limit]
+    per_job_q = sum(min(n or 10**9, config.eval.limit or 10**9) for n in config.eval.benchmarks.values()
+                    if n is not None or config.eval.limit)
     questions = per_job_q * len(jobs)
     tokens = sequences * config.train.max_length
     # Rough rates of the reference (HF fallback) path on one H100, from docs/PERFORMANCE.md's measurements.
     hours = tokens / 5000 / 3600 + questions * 0.5 / 3600
+    whole = f" plus the whole split of {', '.join(full)} per job" if full else ""
     return (f"cost: ≤ {sequences:,} training sequences (≤ {tokens/1e6:,.1f}M tokens at max_length "
-            f"{config.train.max_length}) and {questions:,} evaluation items; at the reference path's rough rates "
-            f"(5k tokens/s, 0.5 s per item on one H100) ≈ {hours:,.1f} GPU-hours — much less on the fast path or "
-            "with tiny models")
+            f"{config.train.max_length}) and {questions:,} evaluation items{whole}; at the reference path's rough "
+            f"rates (5k tokens/s, 0.5 s per item on one H100) ≈ {hours:,.1f} GPU-hours — much less on the fast path "
+            "(docs/PERFORMANCE.md) or with tiny models")
 
 
 def summary_line(run: StudyRun) -> str:
