@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Sequence
@@ -166,6 +167,14 @@ def evaluate_benchmark(lm: CausalLM, name: str, *, data_dir: str | Path | None =
                      "data_dir": str(data_dir) if data_dir is not None else None},
         "wall_s": wall, "examples_per_s": len(records) / wall if wall > 0 else None,
     }
+    kept = summary["mean_fewshot_kept"]
+    if kept is not None and kept < module.NUM_FEWSHOT:
+        # Trimmed shots change what is measured: say so, never silently.
+        summary["fewshot_note"] = (f"{name}: prompts kept {kept:.1f} of {module.NUM_FEWSHOT} few-shot examples on "
+                                   f"average (context limit {lm.max_length} tokens); raise the max length to keep more")
+        warnings.warn(summary["fewshot_note"], stacklevel=2)
+        if progress:
+            tqdm.write("note: " + summary["fewshot_note"])
     if output_dir is not None:
         out = Path(output_dir)
         write_jsonl_atomic(out / f"{name}.jsonl", records)
