@@ -287,13 +287,15 @@ def test_two_concurrent_runners_never_run_the_same_cell(tmp_path):
                 eval={"benchmarks": {"mmlu": 4, "gsm8k": 2}, "batch_size": 4, "max_new_tokens": 4})
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(data))
-    procs = [_cli(tmp_path, cfg) for _ in range(2)]
+    # Each job waits 3 s after its claim, so the two runners surely overlap (4 jobs: one runner alone would
+    # need >= 12 s, far longer than the other's start-up).
+    procs = [_cli(tmp_path, cfg, {"HYBRIDLORA_TEST_JOB_DELAY": "3"}) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     facts = _db_facts(tmp_path / "study", data)
     assert facts["status"] == {"complete"} and set(facts["attempts"].values()) == {1}
     ran = [int(out.split(" run now")[0].rsplit(", ", 1)[-1]) if " run now" in out else 0 for out, _ in outs]
-    assert sum(ran) == 4
+    assert sum(ran) == 4 and min(ran) >= 1, ran  # both worked, and no cell ran twice
 
 
 def test_claims_are_exclusive_and_dead_owners_are_taken_over(tmp_path):
@@ -307,7 +309,17 @@ def test_claims_are_exclusive_and_dead_owners_are_taken_over(tmp_path):
     dead = f"{os.uname().nodename}|999999|1|dead"  # this host, no such pid
     store_a.db.execute("UPDATE jobs SET owner = ? WHERE id = ?", (dead, a.id))
     mine = f"{os.uname().nodename}|{os.getpid()}|x|me"
+    reused = f"{os.uname().nodename}|{os.getpid()}|x|old"  # a dead runner whose pid this process now has
+    store_a.db.execute("UPDATE jobs SET owner = ? WHERE id = ?", (reused, b.id))
     taken = store_b.claim(mine)
     assert taken.id == a.id  # the dead runner's job comes back first (grid order)
+    assert store_b.claim(mine).id == b.id  # so does the job of the runner whose pid was reused
+    from hybridlora.study.store import make_owner, release_owner
+
+    live = make_owner()  # a second runner alive in this same process keeps its claims
+    store_a.db.execute("UPDATE jobs SET owner = ?, status = 'running' WHERE id = ?", (live, a.id))
+    assert store_b.claim(mine, ids=[a.id]) is None
+    release_owner(live)
+    assert store_b.claim(mine, ids=[a.id]).id == a.id
     assert not store_a.complete(a.id, "host|1|x|a", {"summaries": {}, "records": []})  # lost claim: nothing written
     store_a.close(), store_b.close()

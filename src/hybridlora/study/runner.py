@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .config import BUILTIN_DATA, StudyConfig
 from .grid import Job, expand_grid, filter_jobs, parse_only
 from .jobs import crash_point, run_job
-from .store import HEARTBEAT_S, Store, make_owner
+from .store import HEARTBEAT_S, Store, make_owner, release_owner
 
 
 @dataclass
@@ -91,6 +91,7 @@ def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = 
                 break
             beat.job_id = job.id
             crash_point("claimed")
+            _test_delay()
             bar.set_postfix_str(job.label)
             try:
                 result = run_job(job.spec, study_dir, study_dir / "runs" / job.id, progress=progress)
@@ -114,12 +115,23 @@ def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = 
     finally:
         bar.close()
         beat.stop()
+        release_owner(owner)
     run.counts = store.counts(ids)
     store.close()
     run.report_skipped = not report
     if report and run.counts["complete"]:
         run.report = build_study_report(study_dir)
     return run
+
+
+DELAY_ENV = "HYBRIDLORA_TEST_JOB_DELAY"
+"""Test hook: seconds to wait after each claim, so that concurrent runners surely overlap in tests."""
+
+
+def _test_delay() -> None:
+    delay = os.environ.get(DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
 
 
 def _flush_to_disk() -> None:

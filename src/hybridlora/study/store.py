@@ -67,9 +67,19 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
+_LIVE_OWNERS: set[str] = set()  # runners alive in this process (two runners may share one process)
+
+
 def make_owner() -> str:
     pid = os.getpid()
-    return f"{socket.gethostname()}|{pid}|{_start_time(pid) or '-'}|{uuid.uuid4().hex[:8]}"
+    owner = f"{socket.gethostname()}|{pid}|{_start_time(pid) or '-'}|{uuid.uuid4().hex[:8]}"
+    _LIVE_OWNERS.add(owner)
+    return owner
+
+
+def release_owner(owner: str) -> None:
+    """The runner behind ``owner`` has stopped: a claim it still holds is abandoned."""
+    _LIVE_OWNERS.discard(owner)
 
 
 def owner_alive(owner: str, me: str) -> bool:
@@ -84,7 +94,7 @@ def owner_alive(owner: str, me: str) -> bool:
     if host != socket.gethostname():
         return True  # cannot see it: rely on the heartbeat
     if pid == os.getpid():
-        return False  # this process reused a dead runner's pid
+        return owner in _LIVE_OWNERS  # another runner of this process, or a dead runner whose pid we reused
     now_start = _start_time(pid)
     if now_start is None:
         if Path("/proc").is_dir():
