@@ -267,9 +267,13 @@ def test_adapter_reload_gives_identical_logits(model_type, preset, tok, data_dir
         assert torch.equal(base_after[key], v), k
     fresh, _ = _setup(model_type, preset)
     reloaded = load_adapter(fresh, result.adapter_dir).eval()
+    from peft import PeftModel
+
+    plain = PeftModel.from_pretrained(_setup(model_type, preset)[0], str(result.adapter_dir)).eval()  # stock PEFT
     ids = torch.tensor([tr.examples[0].input_ids[:64]])
     with torch.no_grad():
         assert torch.equal(trained(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+        assert torch.equal(trained(input_ids=ids).logits, plain(input_ids=ids).logits)
         assert not torch.equal(build_model(tiny_config_for(model_type), seed=0)(input_ids=ids).logits,
                                reloaded(input_ids=ids).logits)
 
