@@ -424,7 +424,7 @@ def evaluate_benchmark_lmeval(lm: CausalLM, name: str, *, hflm: Any = None, data
                               sandbox_timeout_s: float = 10.0, progress: bool = True) -> dict[str, Any]:
     """One benchmark through lm-eval's stock task; summary (``protocol: "lm-eval"``) + per-instance records."""
     from .data import SUBSET_SEED
-    from .runner import get_benchmark, load_items, write_json_atomic, write_jsonl_atomic
+    from .runner import finish_benchmark, get_benchmark, load_items
 
     version = require_lm_eval()
     module = get_benchmark(name)
@@ -482,13 +482,7 @@ def evaluate_benchmark_lmeval(lm: CausalLM, name: str, *, hflm: Any = None, data
     if results:
         summary["lmeval"] = {"results": results.get("results"), "n-shot": results.get("n-shot"),
                              "versions": results.get("versions"), "configs": _clean_configs(results.get("configs", {}))}
-    if output_dir is not None:
-        out = Path(output_dir)
-        write_jsonl_atomic(out / f"{name}.jsonl", records)
-        write_json_atomic(out / f"{name}.summary.json", summary)
-        summary["files"] = [str(out / f"{name}.jsonl"), str(out / f"{name}.summary.json")]
-    summary["records"] = records
-    return summary
+    return finish_benchmark(name, summary, records, output_dir)
 
 
 def evaluate_lmeval(lm: CausalLM, benchmarks: str | Iterable[str], *, output_dir: str | Path | None = None,

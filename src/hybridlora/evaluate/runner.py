@@ -175,6 +175,12 @@ def evaluate_benchmark(lm: CausalLM, name: str, *, data_dir: str | Path | None =
         warnings.warn(summary["fewshot_note"], stacklevel=2)
         if progress:
             tqdm.write("note: " + summary["fewshot_note"])
+    return finish_benchmark(name, summary, records, output_dir)
+
+
+def finish_benchmark(name: str, summary: dict[str, Any], records: list[dict],
+                     output_dir: str | Path | None) -> dict[str, Any]:
+    """Write ``<name>.jsonl`` + ``<name>.summary.json`` (atomically) when asked; the summary carries the records."""
     if output_dir is not None:
         out = Path(output_dir)
         write_jsonl_atomic(out / f"{name}.jsonl", records)

@@ -79,6 +79,10 @@ class Family:
     tiny: dict[str, Any] = field(default_factory=dict)
     study_presets: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     layers_path: str = "model.layers"
+    # GPU fast path (hybridlora.fast): the kernels this family's mixers need, and how its LM head scales logits
+    # for the chunked cross-entropy (None: unknown, so no chunked loss; 1.0: plain; a str: a decoder attribute).
+    fast_kernels: tuple[str, ...] = ()
+    logit_multiplier: float | str | None = None
     notes: str = ""
     # (path inside layer, layer index, config) -> reason when a module exists but is never called at that layer
     unused: Callable[[str, int, Any], str | None] | None = None

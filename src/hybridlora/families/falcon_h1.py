@@ -1,5 +1,5 @@
 """Falcon-H1: every layer runs attention and a Mamba-2 mixer in parallel on the same input and sums them."""
-from . import CONV_BYPASS, MAMBA2_OUT_PROJ_BYPASS, Family, Rule, attention_rules, dense_mlp_rules, mamba2_rules
+from . import CONV_BYPASS, MAMBA2_OUT_PROJ_BYPASS, Family, attention_rules, dense_mlp_rules, mamba2_rules
 
 _QKV = ["q", "k", "v"]
 _MLP = ["gate", "up", "down"]
@@ -11,6 +11,8 @@ FAMILY = Family(
     schedule_attr="layers_block_type",
     rules=attention_rules() + mamba2_rules("mamba") + dense_mlp_rules("feed_forward"),
     bypassed={r"mamba\.out_proj": MAMBA2_OUT_PROJ_BYPASS, r"mamba\.conv1d": CONV_BYPASS},
+    fast_kernels=("mamba_ssm.mamba_chunk_scan_combined", "mamba_ssm.selective_state_update"),
+    logit_multiplier="lm_head_multiplier",
     tiny=dict(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -6,6 +6,7 @@ FAMILY = Family(
     name="qwen3_next",
     model_types=("qwen3_next",),
     topology="sequential",
+    logit_multiplier=1.0,
     schedule_attr="layer_types",
     rules=attention_rules()
     + (

@@ -5,6 +5,7 @@ FAMILY = Family(
     name="transformer",
     model_types=("llama", "qwen3", "qwen2", "mistral"),
     topology="sequential",
+    logit_multiplier=1.0,
     schedule_attr="layer_types",  # absent on llama: every layer is then full attention
     rules=attention_rules() + dense_mlp_rules(),
     tiny=dict(

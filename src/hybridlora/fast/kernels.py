@@ -31,14 +31,6 @@ KERNEL_PURPOSE = {
     "mamba_ssm.mamba_chunk_scan_combined": "Mamba-2 SSD training / prefill (chunked)",
     "mamba_ssm.selective_state_update": "Mamba-2 one-token decode",
 }
-# The kernels each studied family needs for training, evaluation and generation.
-MODEL_KERNELS = {
-    "qwen3_5": ("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule"),
-    "qwen3_5_text": ("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule"),
-    "qwen3_5_moe": ("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule"),
-    "qwen3_5_moe_text": ("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule"),
-    "falcon_h1": ("mamba_ssm.mamba_chunk_scan_combined", "mamba_ssm.selective_state_update"),
-}
 _GDN_BINDINGS = {
     "torch_chunk_gated_delta_rule": "fla.chunk_gated_delta_rule",
     "torch_recurrent_gated_delta_rule": "fla.fused_recurrent_gated_delta_rule",
@@ -223,7 +215,10 @@ def _model_config(model: Any) -> Any:
 
 def required_kernels(model: Any) -> tuple[str, ...]:
     config = _model_config(model)
-    return MODEL_KERNELS.get(getattr(config, "model_type", None), ())
+    from ..families import family_for  # the kernels a family needs are declared in its family file
+
+    family = family_for(getattr(config, "model_type", None) or "")
+    return family.fast_kernels if family is not None else ()
 
 
 def missing_kernels(model: Any) -> dict[str, str]:

@@ -33,15 +33,14 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 def head_and_scale(model: nn.Module) -> tuple[nn.Module, nn.Module, float] | None:
     """(decoder, head module, logit multiplier) for the families whose head we know, else None."""
     lm = _causal_lm(model)
-    model_type = getattr(getattr(lm, "config", None), "model_type", "")
+    from ..families import family_for
+
+    family = family_for(getattr(getattr(lm, "config", None), "model_type", ""))
     decoder, head = getattr(lm, "model", None), getattr(lm, "lm_head", None)
-    if decoder is None or head is None:
+    if decoder is None or head is None or family is None or family.logit_multiplier is None:
         return None
-    if model_type.startswith("qwen3") or model_type in ("llama",):
-        return decoder, head, 1.0
-    if model_type == "falcon_h1":
-        return decoder, head, float(decoder.lm_head_multiplier)
-    return None
+    scale = family.logit_multiplier
+    return decoder, head, float(getattr(decoder, scale) if isinstance(scale, str) else scale)
 
 
 class _FrozenHeadCE(torch.autograd.Function):
