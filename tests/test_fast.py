@@ -96,10 +96,13 @@ def test_unbound_kernels_count_as_missing_on_cuda(monkeypatch):
 def test_use_binds_references_on_cpu_and_restore_undoes_it():
     mf = importlib.import_module("transformers.models.falcon_h1.modeling_falcon_h1")
     before = mf.mamba2_chunk_scan
-    bound = fast.use("fast")
-    assert bound["modeling_falcon_h1.mamba2_chunk_scan"] == "torch reference"
-    assert bound["modeling_qwen3_5.torch_chunk_gated_delta_rule"] == "torch reference"
-    assert mf.mamba2_chunk_scan is inspect.unwrap(before)
+    bound = fast.use("fast")  # on CPU: the references, wrapped so that packed rows keep their examples apart
+    assert bound["modeling_falcon_h1.mamba2_chunk_scan"] == "torch reference (per example)"
+    assert bound["modeling_qwen3_5.torch_chunk_gated_delta_rule"] == "torch reference (packing-aware)"
+    assert bound["modeling_falcon_h1.mamba2_selective_state_update"] == "torch reference"
+    assert inspect.unwrap(mf.mamba2_chunk_scan) is inspect.unwrap(before)
+    bound = fast.use("reference")  # the study's path: transformers' functions as they are
+    assert set(bound.values()) == {"torch reference"} and mf.mamba2_chunk_scan is inspect.unwrap(before)
     fast.restore()
     assert mf.mamba2_chunk_scan is before
     with pytest.raises(ValueError):
@@ -110,7 +113,7 @@ def test_fast_adapters_on_cuda_are_chosen_when_kernels_import(monkeypatch):
     calls = {}
 
     def fake_chunk(q, k, v, g, beta, **kw):
-        calls["kw"] = kw
+        calls["kw"] = {**kw, "g": g}
         return v, None
 
     probe = {k: {"fn": fake_chunk, "reason": "fake"} for k in fast.KERNEL_PURPOSE}
@@ -122,9 +125,11 @@ def test_fast_adapters_on_cuda_are_chosen_when_kernels_import(monkeypatch):
     mq = importlib.import_module("transformers.models.qwen3_5.modeling_qwen3_5")
     q = torch.randn(1, 6, 2, 4)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
-    mq.torch_chunk_gated_delta_rule(q, q, q, g=q[..., 0], beta=q[..., 0], cu_seqlens=cu,
-                                    use_qk_l2norm_in_kernel=True)
-    assert calls["kw"]["cu_seqlens"].dtype == torch.long and calls["kw"]["use_qk_l2norm_in_kernel"]
+    g = torch.full((1, 6, 2), -0.5)
+    mq.torch_chunk_gated_delta_rule(q, q, q, g=g, beta=q[..., 0], cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    # packed rows reach the kernel as one sequence whose log-decay is reset at each example's first token
+    assert calls["kw"]["use_qk_l2norm_in_kernel"] and "cu_seqlens" not in calls["kw"]
+    assert calls["kw"]["g"][0, :, 0].tolist() == [ops.GATE_RESET, -0.5, ops.GATE_RESET, -0.5, -0.5, -0.5]
 
 
 # --- the mamba-ssm shim ----------------------------------------------------------------------------------
@@ -321,8 +326,14 @@ def test_packed_row_equals_separate_rows(model_type, module, mixer):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
 def test_packing_refused_on_the_reference_path():
-    ok, why = fast.packing_supported(build_model(tiny_config_for("falcon_h1"), seed=0))
-    assert not ok and "reference" in why
+    model = build_model(tiny_config_for("falcon_h1"), seed=0)
+    ok, why = fast.packing_supported(model)  # nothing bound yet
+    assert not ok and "boundaries" in why
+    fast.use("reference")
+    ok, why = fast.packing_supported(model)
+    assert not ok and "boundaries" in why
+    fast.use("fast")
+    assert fast.packing_supported(model) == (True, "")
 
 
 def test_train_log_and_eval_summaries_name_the_kernels(tmp_path, data_dir):

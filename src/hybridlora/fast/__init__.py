@@ -20,11 +20,12 @@ from .kernels import (
     use,
     warn_missing_kernels,
 )
+from .attention import PACKED, packed_attention
 from .lora import skip_input_upcast
 from .loss import causal_lm_loss_sum
 from .packing import pack, pack_order, packing_supported
 
 __all__ = [
-    "KERNEL_PURPOSE", "REFERENCE", "active_kernels", "causal_lm_loss_sum", "describe", "missing_kernels", "pack",
+    "KERNEL_PURPOSE", "PACKED", "REFERENCE", "packed_attention", "active_kernels", "causal_lm_loss_sum", "describe", "missing_kernels", "pack",
     "pack_order", "packing_supported", "required_kernels", "restore", "skip_input_upcast", "use", "warn_missing_kernels",
 ]

@@ -149,6 +149,19 @@ def _implementation(key: str) -> Callable | None:
     return makers[key](fn)
 
 
+def _boundary_aware_reference(key: str, original: Callable) -> Callable | None:
+    """transformers' pure-PyTorch function wrapped so that packed rows keep their examples apart (used where no
+    fast kernel runs); None where the plain reference is used as is (decode steps take no packed rows)."""
+    reference = inspect.unwrap(original)
+    if key == "fla.chunk_gated_delta_rule":
+        return ops.make_gdn_chunk(reference, name="torch reference (packing-aware)")
+    if key == "mamba_ssm.mamba_chunk_scan_combined":
+        return ops.make_segmented_ssd(reference)
+    if key == "conv":
+        return ops.causal_conv1d
+    return None
+
+
 LIFT_GUARD_ENV = "HYBRIDLORA_LIFT_FLA_HOPPER_GUARD"
 
 
@@ -190,6 +203,9 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
                     logger.warning(msg)
                     warnings.warn(msg, stacklevel=2)
                 impl = None
+            if impl is None and mode == "fast":
+                impl = _boundary_aware_reference(key, original)
+                what = getattr(impl, "__hybridlora_kernel__", "")
             if impl is None:
                 impl = inspect.unwrap(original)  # transformers' pure-PyTorch function
                 what = "torch reference"
@@ -198,14 +214,39 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
             setattr(module, attr, impl)
             bound[f"{module_name.rsplit('.', 1)[-1]}.{attr}"] = what
     _state["mode"], _state["bound"] = mode if _cuda() else REFERENCE, bound
+    _state["boundary_aware"] = {module_name for module_name, attrs in BINDINGS.items()
+                                if _module_boundary_aware(module_name, attrs)}
     return bound
+
+
+def _module_boundary_aware(module_name: str, attrs: dict[str, str]) -> bool:
+    """Whether every training-path function bound in ``module_name`` keeps packed examples apart."""
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:
+        return False
+    needed = [a for a, key in attrs.items() if key in ("conv", "fla.chunk_gated_delta_rule",
+                                                         "mamba_ssm.mamba_chunk_scan_combined")]
+    return bool(needed) and all(getattr(getattr(module, a, None), "__hybridlora_boundaries__", False)
+                                for a in needed if hasattr(module, a))
+
+
+def boundary_aware(model: Any) -> bool:
+    """Whether the functions bound now keep the examples of a packed row apart in ``model``'s mixers."""
+    module_name = type(_causal_lm(model)).__module__
+    return module_name in _state.get("boundary_aware", set())
+
+
+def _causal_lm(model: Any) -> Any:
+    get_base = getattr(model, "get_base_model", None)  # PEFT wrapper
+    return get_base() if callable(get_base) else model
 
 
 def restore() -> None:
     """Put back whatever transformers had bound before the first :func:`use`."""
     for (module_name, attr), original in _state["originals"].items():
         setattr(importlib.import_module(module_name), attr, original)
-    _state["mode"], _state["bound"] = None, {}
+    _state["mode"], _state["bound"], _state["boundary_aware"] = None, {}, set()
 
 
 def _model_config(model: Any) -> Any:

@@ -77,19 +77,46 @@ def _call_with_accepted(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)
 
 
-# --- Gated DeltaNet (fla) ----------------------------------------------------------------------------------
-def make_gdn_chunk(fla_chunk: Callable) -> Callable:
-    @functools.wraps(fla_chunk)
+# --- Gated DeltaNet (fla, or the torch reference) -----------------------------------------------------------
+# A packed row's examples are separated by zeroing the carried state at every example's first token: the
+# gated delta rule is S_t = exp(g_t) S_{t-1} (I - b_t k_t k_t^T) + b_t v_t k_t^T, so a log-decay of -100 there
+# makes exp(g_t) ~ 4e-44 and S_t equals the state of a fresh start. Unlike fla's ``cu_seqlens`` path (which
+# builds its chunk index with a host sync) this needs no host round trip, so it can run inside a CUDA graph,
+# and it works for the torch reference too. The real g at those positions has no effect on the exact result
+# (it multiplies a zero state), so overriding it changes neither the output nor any gradient.
+GATE_RESET = -100.0
+
+
+def segment_starts(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """``[length]`` bool, True at the first token of every example; ``cu_seqlens`` may repeat its last value."""
+    cu = cu_seqlens.to(torch.long).flatten()[:-1].clamp_max(length)
+    starts = torch.zeros(length + 1, dtype=torch.bool, device=cu.device)
+    starts[cu] = True
+    return starts[:length]
+
+
+def reset_gate_at_boundaries(g: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``g`` ``[B, T, H]`` (log-decay) with :data:`GATE_RESET` at every example's first token."""
+    starts = segment_starts(cu_seqlens.to(g.device), g.shape[1])
+    return torch.where(starts[None, :, None], torch.full_like(g, GATE_RESET), g)
+
+
+def make_gdn_chunk(chunk_fn: Callable, name: str = "fla.chunk_gated_delta_rule") -> Callable:
+    """Chunked GDN with transformers' signature around ``chunk_fn`` (fla's kernel or the torch reference);
+    packed rows (``cu_seqlens`` / ``cu_seq_lens_q``) are handled by :func:`reset_gate_at_boundaries`."""
+    @functools.wraps(chunk_fn)
     def gdn_chunk(query, key, value, g, beta, chunk_size: int = 64, initial_state=None, output_final_state=False,
                   use_qk_l2norm_in_kernel: bool = False, cu_seqlens=None, **kwargs):
         if cu_seqlens is None:
             cu_seqlens = kwargs.get("cu_seq_lens_q")
         if cu_seqlens is not None:
-            cu_seqlens = cu_seqlens.to(torch.long)
-        return fla_chunk(query, key, value, g=g, beta=beta, initial_state=initial_state,
-                         output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-                         cu_seqlens=cu_seqlens)
-    gdn_chunk.__hybridlora_kernel__ = "fla.chunk_gated_delta_rule"
+            if initial_state is not None or output_final_state:
+                raise NotImplementedError("packed rows carry no recurrent state in or out (training only)")
+            g = reset_gate_at_boundaries(g, cu_seqlens)
+        return chunk_fn(query, key, value, g=g, beta=beta, initial_state=initial_state,
+                        output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    gdn_chunk.__hybridlora_kernel__ = name
+    gdn_chunk.__hybridlora_boundaries__ = True
     return gdn_chunk
 
 
@@ -116,7 +143,31 @@ def make_ssd_chunk(chunk_scan: Callable) -> Callable:
                           dt_limit=tuple(dt_limit) if dt_limit is not None else (0.0, float("inf")),
                           return_final_states=return_final_states)
     ssd_chunk.__hybridlora_kernel__ = "mamba_ssm.mamba_chunk_scan_combined"
+    ssd_chunk.__hybridlora_boundaries__ = True
     return ssd_chunk
+
+
+def make_segmented_ssd(reference: Callable) -> Callable:
+    """transformers' pure-PyTorch Mamba-2 scan, run on each example of a packed row separately (exact; a host
+    loop, for CPU and tests). Without packing metadata it is the reference itself."""
+    @functools.wraps(reference)
+    def ssd_segmented(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
+                      dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, **kwargs):
+        cu = kwargs.pop("cu_seq_lens_q", None)
+        kwargs.pop("cu_seq_lens_k", None)
+        args = dict(D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+        if cu is None:
+            return reference(hidden_states, dt, A, B, C, chunk_size, initial_states=initial_states,
+                             return_final_states=return_final_states, **args, **kwargs)
+        if initial_states is not None or return_final_states:
+            raise NotImplementedError("packed rows carry no recurrent state in or out (training only)")
+        bounds = cu.to(torch.long).flatten().tolist()
+        parts = [reference(hidden_states[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], chunk_size, **args)
+                 for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        return torch.cat(parts, dim=1)
+    ssd_segmented.__hybridlora_kernel__ = "torch reference (per example)"
+    ssd_segmented.__hybridlora_boundaries__ = True
+    return ssd_segmented
 
 
 def make_ssd_step(state_update: Callable) -> Callable:
@@ -135,6 +186,7 @@ def unfused_split_conv1d_scan(*args: Any, **kwargs: Any) -> None:
 
 unfused_split_conv1d_scan.__hybridlora_kernel__ = "unfused (in_proj -> conv -> SSD scan -> out_proj)"
 causal_conv1d.__hybridlora_kernel__ = "torch conv1d (packing-aware)"
+causal_conv1d.__hybridlora_boundaries__ = True
 
 
 # --- the fla Hopper guard ------------------------------------------------------------------------------------

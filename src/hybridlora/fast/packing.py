@@ -13,7 +13,8 @@ The first label of every example is set to -100: after the causal shift it would
 previous example's last token. With that, the summed loss equals that of the same examples right-padded.
 
 Packing is only exact when every mixer honours the boundaries: :func:`packing_supported` says whether the
-kernels bound now do (the pure-PyTorch references ignore them, so never pack on the reference path).
+functions bound now do (transformers' own pure-PyTorch references ignore them; ``fast.use("fast")`` binds
+packing-aware versions of them where no fast kernel runs).
 """
 from __future__ import annotations
 
@@ -65,15 +66,15 @@ def pack_order(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 
 def packing_supported(model: Any) -> tuple[bool, str]:
-    """(True, "") when every mixer of ``model`` honours packed boundaries with the kernels bound now."""
+    """(True, "") when every mixer of ``model`` keeps the examples of a packed row apart with the functions bound
+    now: after :func:`hybridlora.fast.use` ``("fast")`` — fast kernels on CUDA, packing-aware torch references
+    where a kernel is missing or on CPU. Softmax attention is handled by :func:`hybridlora.fast.packed_attention`."""
     from . import kernels
 
-    needed = kernels.required_kernels(model)
-    if not needed:
-        return False, "no packing-aware kernels known for this model family"
-    missing = kernels.missing_kernels(model)
-    if kernels.active_kernels()["mode"] != "fast":
-        return False, "the reference kernels ignore example boundaries (call hybridlora.fast.use('fast') on CUDA)"
-    if missing:
-        return False, "missing kernels: " + ", ".join(missing)
+    if not kernels.required_kernels(model):
+        return False, "no packing-aware mixers known for this model family"
+    if kernels.active_kernels()["mode"] == "reference":
+        return False, "hybridlora.fast.use('reference') is in force: the study's kernels ignore example boundaries"
+    if not kernels.boundary_aware(model):
+        return False, "the mixer functions bound now ignore example boundaries (call hybridlora.fast.use('fast'))"
     return True, ""

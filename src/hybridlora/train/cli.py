@@ -40,6 +40,10 @@ def register(subparsers) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=d.precision,
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--packing", choices=["auto", "off"], default="auto",
+                   help="auto: pack each step's examples into rows when every mixer keeps them apart (default)")
+    p.add_argument("--pack-tokens", type=int, default=0,
+                   help="tokens per packed row (default: micro-batch size x max length)")
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N optimizer steps")
     p.add_argument("--norm-every", type=int, default=d.norm_every, help="log per-component LoRA norms every N steps")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="validation loss every N steps (0: end)")
@@ -83,7 +87,7 @@ def _run(args) -> int:
     from ..families import family_for, family_named
     from ..models import build_model, load_pretrained, resolve_model, text_config, tiny_config
     from ..placement import load_placement_file, named_preset, resolve
-    from .loop import TrainConfig, prepare_data, train
+    from .loop import TrainConfig, bind_kernels, prepare_data, train
     from .packing import batching_line
 
     fields = _fields(args.field)
@@ -123,6 +127,7 @@ def _run(args) -> int:
                          learning_rate=args.lr, lora_dropout=args.lora_dropout, weight_decay=args.weight_decay,
                          warmup_ratio=args.warmup_ratio, loss_on=args.loss_on, precision=args.precision,
                          gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
+                         packing=args.packing, pack_tokens=args.pack_tokens,
                          norm_every=args.norm_every, eval_every=args.eval_every, progress=not args.no_progress)
     config.validate()
     tr, va, manifest = prepare_data(args.data, tokenizer, config, data_dir=args.data_dir,
@@ -136,7 +141,8 @@ def _run(args) -> int:
           f"validation examples, template {manifest['template']}, loss on {config.loss_on} tokens; skipped "
           f"{sum(skipped.values())}" + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))})"
                                         if skipped else ""))
-    print(batching_line(model)[1])
+    bind_kernels(model)
+    print(batching_line(model, config)[1])
     sys.stdout.flush()
     result = train(model, resolved, tr, args.output, config, pad_id=pad_id_of(tokenizer), val_set=va,
                    data_manifest=manifest, resume=args.resume,

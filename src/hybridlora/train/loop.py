@@ -1,10 +1,13 @@
 """LoRA fine-tuning of a model with a resolved placement: a lean, resumable loop.
 
 Only the placement's LoRA weights train (PEFT freezes everything else). Optimizer: torch AdamW (weight decay
-on LoRA weights), cosine schedule with linear warmup (transformers). Batches are right-padded, never packed
-(``packing.packing_supported`` says why; the run log's ``batching`` line repeats it). The loss of one
-optimizer step is the mean over all loss tokens of its accumulated micro-batches. Optional gradient
-checkpointing (non-reentrant, with input grads enabled for PEFT) trades compute for activation memory.
+on LoRA weights), cosine schedule with linear warmup (transformers). The loss of one optimizer step is the mean
+over all loss tokens of its ``micro_batch_size × grad_accum`` examples. Where every mixer can keep packed
+examples apart (``packing.packing_supported``: hybridlora.fast's functions bound), those examples are packed
+into rows of at most ``pack_tokens`` tokens; otherwise each micro-batch is right-padded (the run log's
+``batching`` line says which, and why). The loss is computed without a full logits tensor
+(``hybridlora.fast.causal_lm_loss_sum``). Optional gradient checkpointing (non-reentrant, with input grads
+enabled for PEFT) trades compute for activation memory.
 
 Determinism and resume: epoch ``e`` visits the data in ``randperm(n, seed + e)`` order, so the position
 of optimizer step ``s`` in the data is a function of ``s`` alone. A checkpoint holds the LoRA weights,
@@ -41,7 +44,7 @@ import torch
 from torch import nn
 
 from ..data.formatting import TokenizedExample, TokenizedSet, collate
-from .packing import batching_line
+from .packing import batching_line, pack_tokens_for
 
 LOG_NAME = "train_log.jsonl"
 ADAPTER_DIR = "adapter"
@@ -74,6 +77,8 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (fp32 on CPU, bf16 autocast on GPU) | "fp32" | "bf16"
     progress: bool = True
     gradient_checkpointing: bool = False
+    packing: str = "auto"  # "auto": pack each step's examples when every mixer keeps them apart | "off"
+    pack_tokens: int = 0  # tokens per packed row (0: micro_batch_size × max_length, a padded micro-batch's size)
 
     @property
     def effective_batch(self) -> int:
@@ -89,6 +94,9 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
             (self.loss_on in ("assistant", "full"), "loss_on must be assistant or full"),
+            (self.packing in ("auto", "off"), "packing must be auto or off"),
+            (self.pack_tokens == 0 or self.pack_tokens >= self.max_length,
+             "pack_tokens must be 0 (automatic) or at least max_length"),
             (self.max_length >= 2, "max_length must be at least 2"),
             (self.keep_checkpoints >= 0, "keep_checkpoints must be >= 0 (0: keep all)"),
             (self.save_every >= 0 and self.norm_every >= 0 and self.eval_every >= 0, "intervals must be >= 0"),
@@ -172,10 +180,15 @@ def _bind_kernels(model: nn.Module, device: torch.device) -> str:
     returns the one-line account of what runs, for the run log (``kernels: reference (no CUDA)`` on CPU)."""
     from .. import fast
 
+    fast.use("fast")  # fast kernels on CUDA; elsewhere the references, packing-aware
     if device.type == "cuda":
-        fast.use("fast")
         fast.warn_missing_kernels(model)
     return fast.describe(model)
+
+
+def bind_kernels(model: nn.Module) -> str:
+    """Public form of the binding the trainer does (for CLIs that print the batching line first)."""
+    return _bind_kernels(model, _device_of(model))
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -190,14 +203,39 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _sum_loss(model, batch, device, ctx) -> tuple[torch.Tensor, int]:
-    batch = {k: v.to(device) for k, v in batch.items()}
+    """(summed next-token loss, loss tokens) of a padded micro-batch or a packed row (``cu_seq_lens_q``)."""
+    from ..fast import causal_lm_loss_sum, packed_attention
+
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    labels = batch.pop("labels")
     with ctx:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1].float()
-    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                       ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
+        if "cu_seq_lens_q" in batch:
+            with packed_attention(model):
+                return causal_lm_loss_sum(model, labels=labels, **batch)
+        return causal_lm_loss_sum(model, batch["input_ids"], labels, attention_mask=batch["attention_mask"])
+
+
+def _step_units(examples: list[TokenizedExample], micro: list[list[int]], pad_id: int,
+                pack_budget: int | None) -> list[dict[str, Any]]:
+    """The forward units of one optimizer step: padded micro-batches, or the same examples packed into rows."""
+    if pack_budget is None:
+        return [collate([examples[j] for j in idx], pad_id) for idx in micro]
+    from ..fast import pack, pack_order
+
+    chosen = [examples[j] for idx in micro for j in idx]
+    return [pack([chosen[i] for i in group]) for group in pack_order([len(e.input_ids) for e in chosen], pack_budget)]
+
+
+def _packed_context(model: nn.Module, unit: dict[str, Any]):
+    import contextlib
+
+    from ..fast import packed_attention
+
+    return packed_attention(model) if "cu_seq_lens_q" in unit else contextlib.nullcontext()
+
+
+def _unit_tokens(unit: dict[str, Any]) -> int:
+    return int(unit["attention_mask"].sum()) if "attention_mask" in unit else int(unit["input_ids"].numel())
 
 
 @torch.no_grad()
@@ -341,7 +379,6 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
         shutil.rmtree(junk, ignore_errors=True)  # half-written by a killed run
     component_of = component_of or {h.name: h.component for h in resolved.hosts}
     fingerprint = run_fingerprint(examples, resolved, config)
-    packing, batching = batching_line(model)
 
     if config.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
@@ -351,7 +388,13 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
     peft_model = attach_lora(model, resolved, config.lora_dropout)
     device = _device_of(peft_model)
     kernels = _bind_kernels(peft_model, device)
+    packing, batching = batching_line(peft_model, config)
+    pack_budget = pack_tokens_for(config) if packing else None
     ctx, precision = _autocast(device, config.precision)
+    if precision == "bf16":
+        from ..fast import skip_input_upcast
+
+        skip_input_upcast(peft_model)  # PEFT's float32 copy of every LoRA input is undone by autocast anyway
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     decay = [p for n, p in peft_model.named_parameters() if p.requires_grad and p.ndim >= 2]
@@ -413,17 +456,20 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             first = in_epoch * config.grad_accum
             micro = [order[i * config.micro_batch_size:(i + 1) * config.micro_batch_size]
                      for i in range(first, min(first + config.grad_accum, micro_per_epoch))]
-            batches = [collate([examples[j] for j in idx], pad_id) for idx in micro]
+            batches = _step_units(examples, micro, pad_id, pack_budget)
             n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            seen_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            seen_tokens = sum(_unit_tokens(b) for b in batches)
+            computed = sum(int(b["input_ids"].numel()) for b in batches)  # incl. padding
             t0 = time.perf_counter()
             total = 0.0
             for batch in batches:
-                loss, _ = _sum_loss(peft_model, batch, device, ctx)
-                loss = loss / max(n_tokens, 1)
-                if not torch.isfinite(loss):
-                    raise TrainingError(_nan_message(step + 1, output_dir))
-                loss.backward()
+                # packed rows keep the varlen attention through backward too (checkpointed layers recompute)
+                with _packed_context(peft_model, batch):
+                    loss, _ = _sum_loss(peft_model, batch, device, ctx)
+                    loss = loss / max(n_tokens, 1)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(_nan_message(step + 1, output_dir))
+                    loss.backward()
                 total += float(loss.detach())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             if not math.isfinite(grad_norm):
@@ -437,7 +483,7 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             tps = seen_tokens / max(time.perf_counter() - t0, 1e-9)
             if config.log_every and step % config.log_every == 0:
                 log.write(event="step", step=step, epoch=epoch, loss=total, lr=lr, grad_norm=grad_norm,
-                          tokens=seen_tokens, loss_tokens=n_tokens, tokens_per_s=round(tps, 1))
+                          tokens=seen_tokens, loss_tokens=n_tokens, forwards=len(batches), computed_tokens=computed, tokens_per_s=round(tps, 1))
             if config.norm_every and (step % config.norm_every == 0 or step == 1):
                 log.write(event="lora_norms", step=step, norms=lora_norms(peft_model, component_of))
             if config.eval_every and step % config.eval_every == 0 and val_examples:
