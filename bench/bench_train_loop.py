@@ -225,6 +225,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per timed run (2 more are warm-up)")
     ap.add_argument("--chars-per-token", type=float, default=4.0)
     ap.add_argument("--skip", default="", help="comma list of sections to skip: packing,fixed,real")
+    ap.add_argument("--modes", default="padded,packed", help="which trainer runs: padded, packed or both")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
@@ -259,7 +260,10 @@ def main(argv=None) -> int:
                 exs = length_examples(pairs, 16 * n_steps, vocab, 1024, seed=2)
                 runs += [("real", f"{domain} padded 4x4", exs, dict(micro=4, accum=4, packing="off")),
                          ("real", f"{domain} packed", exs, dict(micro=4, accum=4, packing="auto"))]
+        modes = set(args.modes.split(","))
         for section, label, exs, kw in runs:
+            if ("packed" if kw["packing"] == "auto" else "padded") not in modes:
+                continue
             try:
                 row, model = run_trainer(model, resolved, exs, **kw)
             except Exception as exc:

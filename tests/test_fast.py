@@ -207,14 +207,22 @@ def test_causal_conv1d_matches_transformers_and_resets_at_boundaries():
     reference = inspect.unwrap(mq.causal_conv1d_fn)
     torch.manual_seed(0)
     weight, bias = torch.randn(6, 4), torch.randn(6)
-    parts = [torch.randn(1, 6, n) for n in (5, 2, 7)]
+    parts = [torch.randn(1, 6, n) for n in (5, 1, 2, 7)]  # a one-token example: taps cross two boundaries
     for x in parts:
         torch.testing.assert_close(ops.causal_conv1d(x, weight, bias, "silu"), reference(x, weight, bias, "silu"))
     separate = torch.cat([ops.causal_conv1d(x, weight, bias, "silu") for x in parts], -1)
-    cu = torch.tensor([0, 5, 7, 14], dtype=torch.int32)
+    cu = torch.tensor([0, 5, 6, 8, 15], dtype=torch.int32)
     packed = ops.causal_conv1d(torch.cat(parts, -1), weight, bias, "silu", cu_seq_lens_q=cu)
     torch.testing.assert_close(packed, separate)
-    seq_idx = ops.seq_idx_from_cu_seqlens(cu, 14)
+    padded_cu = torch.tensor([0, 5, 6, 8, 15, 15, 15], dtype=torch.int32)  # zero-length tail segments
+    torch.testing.assert_close(ops.causal_conv1d(torch.cat(parts, -1), weight, bias, "silu", cu_seq_lens_q=padded_cu),
+                               separate)
+    x = torch.cat(parts, -1).requires_grad_()
+    ops.causal_conv1d(x, weight, bias, "silu", cu_seq_lens_q=cu).square().sum().backward()
+    xs = [p.clone().requires_grad_() for p in parts]
+    torch.cat([ops.causal_conv1d(p, weight, bias, "silu") for p in xs], -1).square().sum().backward()
+    torch.testing.assert_close(x.grad, torch.cat([p.grad for p in xs], -1))
+    seq_idx = ops.seq_idx_from_cu_seqlens(cu, 15)
     torch.testing.assert_close(ops.causal_conv1d(torch.cat(parts, -1), weight, None, None, seq_idx=seq_idx),
                                torch.cat([ops.causal_conv1d(x, weight, None, None) for x in parts], -1))
 

@@ -43,18 +43,21 @@ def causal_conv1d(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch
                   activation: str | None = None, **kwargs: Any) -> torch.Tensor:
     """Depthwise causal convolution, ``hidden_states`` ``[B, D, T]``, ``weight`` ``[D, W]``.
 
-    Without packing metadata this is the same cuDNN ``conv1d`` as transformers' fallback. With ``seq_idx`` or
-    ``cu_seq_lens_q`` it sums the W taps itself and drops every tap that reaches into the previous example:
-    ``out[t] = bias + Σ_j w[W-1-j] · x[t-j] · [seg(t-j) = seg(t)]``.
+    The whole row goes through the same cuDNN ``conv1d`` as transformers' fallback. With packing metadata
+    (``cu_seq_lens_q``, one packed row) the taps that reach into the previous example are then subtracted
+    again, at the first W-1 positions of each example only:
+    ``out[t] = bias + Σ_j w[W-1-j] · x[t-j] · [seg(t-j) = seg(t)]``. Everything has static shapes (no host
+    sync), so the packed path can run inside a CUDA graph.
     """
     _, dim, length = hidden_states.shape
     width = weight.shape[-1]
     x = hidden_states.to(weight.dtype)
-    segments = _segments(kwargs, length)
-    if segments is None:
-        out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=dim)[..., :length]
-    else:
-        seg = segments.to(x.device)
+    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=dim)[..., :length]
+    cu = kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlens"))
+    if cu is not None and width > 1:
+        out = _drop_cross_example_taps(out, x, weight, cu.to(x.device))
+    elif kwargs.get("seq_idx") is not None:  # per-position example index: mask every tap (slower, exact)
+        seg = kwargs["seq_idx"].to(x.device)
         out = x * weight[:, width - 1, None]
         for j in range(1, width):
             shifted = F.pad(x, (j, 0))[..., :length]
@@ -66,6 +69,26 @@ def causal_conv1d(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch
     if act is not None:
         out = act(out)
     return out.to(hidden_states.dtype)
+
+
+def _drop_cross_example_taps(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                             cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Subtract, from the conv output of one packed row, every tap that crosses an example boundary."""
+    if x.shape[0] != 1:
+        raise ValueError("packed rows have batch size 1")
+    length, width = x.shape[-1], weight.shape[-1]
+    seg = seq_idx_from_cu_seqlens(cu_seqlens, length)[0].to(torch.long)  # [T] example of each position
+    starts = cu_seqlens.to(torch.long).flatten()[:-1]  # [S] (a padded cu repeats its last value)
+    segment = torch.arange(starts.numel(), device=x.device).repeat_interleave(width - 1)
+    t = starts.repeat_interleave(width - 1) + torch.arange(width - 1, device=x.device).repeat(starts.numel())
+    tc = t.clamp_max(length - 1)
+    own = (t < length) & (seg[tc] == segment)  # position t really is offset t - start of this example
+    correction = torch.zeros(t.numel(), x.shape[1], dtype=out.dtype, device=x.device)
+    for j in range(1, width):
+        src = (tc - j).clamp_min(0)
+        crosses = own & (tc - j >= 0) & (seg[src] != segment)
+        correction = correction + crosses[:, None].to(x.dtype) * weight[:, width - 1 - j][None, :] * x[0, :, src].T
+    return out.index_add(-1, tc, -correction.T[None])
 
 
 def _call_with_accepted(fn: Callable, *args: Any, **kwargs: Any) -> Any:
