@@ -322,3 +322,13 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tok, data_dir, tmp_path
     assert (tmp_path / "checkpoints" / "step-2" / "lora.pt").is_file()
     assert not (tmp_path / "adapter").exists()
     assert json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])["event"] == "error"
+
+
+def test_fingerprint_accepts_recipe_fields_added_later_at_their_defaults():
+    from hybridlora.train.loop import _fingerprint_mismatch
+
+    current = {"data": "a", "config.packing": '"auto"', "config.pack_tokens": "0", "config.epochs": "3"}
+    older = {"data": "a", "config.epochs": "3"}  # written before packing existed
+    assert _fingerprint_mismatch(older, current) == []
+    assert _fingerprint_mismatch(older, {**current, "config.packing": '"off"'}) == ["config.packing"]
+    assert _fingerprint_mismatch({**older, "data": "b"}, current) == ["data"]

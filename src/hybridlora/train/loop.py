@@ -294,7 +294,10 @@ def run_fingerprint(examples: list[TokenizedExample], resolved, config: "TrainCo
 def _fingerprint_mismatch(saved: dict | None, current: dict[str, str]) -> list[str]:
     if not saved:  # a checkpoint from before fingerprints: nothing to compare
         return []
-    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    # recipe fields added after a checkpoint was written count as agreeing when they hold their default
+    defaults = {f"config.{k}": json.dumps(v) for k, v in asdict(TrainConfig()).items()}
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
+                  and not (k not in saved and current.get(k) == defaults.get(k)))
 
 
 def _save_checkpoint(output_dir: Path, step: int, peft_model, optimizer, scheduler, keep: int,
