@@ -214,8 +214,6 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
             setattr(module, attr, impl)
             bound[f"{module_name.rsplit('.', 1)[-1]}.{attr}"] = what
     _state["mode"], _state["bound"] = mode if _cuda() else REFERENCE, bound
-    _state["boundary_aware"] = {module_name for module_name, attrs in BINDINGS.items()
-                                if _module_boundary_aware(module_name, attrs)}
     return bound
 
 
@@ -233,20 +231,17 @@ def _module_boundary_aware(module_name: str, attrs: dict[str, str]) -> bool:
 
 def boundary_aware(model: Any) -> bool:
     """Whether the functions bound now keep the examples of a packed row apart in ``model``'s mixers."""
+    from .loss import _causal_lm
+
     module_name = type(_causal_lm(model)).__module__
-    return module_name in _state.get("boundary_aware", set())
-
-
-def _causal_lm(model: Any) -> Any:
-    get_base = getattr(model, "get_base_model", None)  # PEFT wrapper
-    return get_base() if callable(get_base) else model
+    return module_name in BINDINGS and _module_boundary_aware(module_name, BINDINGS[module_name])
 
 
 def restore() -> None:
     """Put back whatever transformers had bound before the first :func:`use`."""
     for (module_name, attr), original in _state["originals"].items():
         setattr(importlib.import_module(module_name), attr, original)
-    _state["mode"], _state["bound"], _state["boundary_aware"] = None, {}, set()
+    _state["mode"], _state["bound"] = None, {}
 
 
 def _model_config(model: Any) -> Any:
