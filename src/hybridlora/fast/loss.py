@@ -44,7 +44,8 @@ def head_and_scale(model: nn.Module) -> tuple[nn.Module, nn.Module, float] | Non
 
 
 class _FrozenHeadCE(torch.autograd.Function):
-    """Sum of token cross-entropies of ``(h @ W.T) * scale``; W frozen. Gradient w.r.t. h computed in forward."""
+    """Sum of token cross-entropies of ``(h @ W.T) * scale``; W frozen. Gradient w.r.t. h computed in forward.
+    Targets equal to ``IGNORE`` contribute neither loss nor gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale, rows, dtype):
@@ -54,16 +55,18 @@ class _FrozenHeadCE(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows].to(dtype)
             y = targets[start:start + rows]
+            valid = y != IGNORE  # static shapes: ignored positions count zero instead of being dropped
+            y = torch.where(valid, y, 0)
             logits = (h @ w.T).float()
             if scale != 1.0:
                 logits = logits * scale
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            total += ((lse - logits.gather(1, y[:, None]).squeeze(1)) * valid).sum()
             probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
             probs[torch.arange(len(y), device=y.device), y] -= 1.0
             if scale != 1.0:
                 probs.mul_(scale)
-            grad[start:start + rows] = (probs.to(dtype) @ w).to(hidden.dtype)
+            grad[start:start + rows] = ((probs.to(dtype) @ w) * valid[:, None]).to(hidden.dtype)
         ctx.save_for_backward(grad)
         return total
 
@@ -74,20 +77,51 @@ class _FrozenHeadCE(torch.autograd.Function):
 
 
 def _trainable_head_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float,
-                       rows: int) -> torch.Tensor:
+                       rows: int, recompute: bool = True) -> torch.Tensor:
     from torch.utils.checkpoint import checkpoint
 
     def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = head(h).float()
         if scale != 1.0:
             logits = logits * scale
-        return nn.functional.cross_entropy(logits, y, reduction="sum")
+        return nn.functional.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], rows):
-        total = total + checkpoint(chunk_loss, hidden[start:start + rows], targets[start:start + rows],
-                                   use_reentrant=False)
+        h, y = hidden[start:start + rows], targets[start:start + rows]
+        # recompute=False (CUDA-graph capture): checkpointing would read the RNG state for LoRA dropout's replay
+        total = total + (checkpoint(chunk_loss, h, y, use_reentrant=False) if recompute else chunk_loss(h, y))
     return total
+
+
+def _head_loss(head: nn.Module, hidden: torch.Tensor, y: torch.Tensor, scale: float,
+               recompute: bool = True) -> torch.Tensor:
+    """Summed CE of ``head(hidden) * scale`` against ``y`` (``[N, H]``, ``[N]``; ``IGNORE`` allowed), in chunks."""
+    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+    rows = max(64, CHUNK_ELEMENTS // vocab)
+    weight = getattr(head, "weight", None)
+    trainable = any(p.requires_grad for p in head.parameters())
+    if weight is None or trainable or getattr(head, "bias", None) is not None or not torch.is_tensor(weight):
+        return _trainable_head_ce(head, hidden, y, scale, rows, recompute)
+    dtype = torch.get_autocast_dtype("cuda") if (hidden.is_cuda and torch.is_autocast_enabled("cuda")) else weight.dtype
+    if hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    return _FrozenHeadCE.apply(hidden, weight, y, scale, rows, dtype)
+
+
+def causal_lm_loss_sum_static(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                              **model_kwargs: Any) -> torch.Tensor:
+    """Sum of next-token losses with static shapes only (no host sync, for CUDA-graph capture): the head and the
+    cross-entropy run over every position and ignored targets count zero, instead of gathering the labelled
+    positions first. Same value as :func:`causal_lm_loss_sum` (more head work on prompt tokens)."""
+    parts = head_and_scale(model)
+    if parts is None:
+        raise ValueError("the static-shape loss needs a model family with a known decoder and head")
+    decoder, head, scale = parts
+    model_kwargs.setdefault("use_cache", False)
+    hidden = decoder(input_ids=input_ids, **model_kwargs).last_hidden_state
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    return _head_loss(head, hidden, labels[:, 1:].reshape(-1), scale, recompute=False)
 
 
 def causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -107,14 +141,4 @@ def causal_lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.
     model_kwargs.setdefault("use_cache", False)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).last_hidden_state
     hidden = hidden[:, :-1][keep]
-    y = targets[keep]
-    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
-    rows = max(64, CHUNK_ELEMENTS // vocab)
-    weight = getattr(head, "weight", None)
-    trainable = any(p.requires_grad for p in head.parameters())
-    if weight is None or trainable or getattr(head, "bias", None) is not None or not torch.is_tensor(weight):
-        return _trainable_head_ce(head, hidden, y, scale, rows), count
-    dtype = torch.get_autocast_dtype("cuda") if (hidden.is_cuda and torch.is_autocast_enabled("cuda")) else weight.dtype
-    if hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-    return _FrozenHeadCE.apply(hidden, weight, y, scale, rows, dtype), count
+    return _head_loss(head, hidden, targets[keep], scale), count

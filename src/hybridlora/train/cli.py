@@ -44,6 +44,8 @@ def register(subparsers) -> None:
                    help="auto: pack each step's examples into rows when every mixer keeps them apart (default)")
     p.add_argument("--pack-tokens", type=int, default=0,
                    help="tokens per packed row (default: micro-batch size x max length)")
+    p.add_argument("--cuda-graphs", choices=["auto", "off"], default="auto",
+                   help="auto: on CUDA, replay each packed row's forward + backward as a CUDA graph (default)")
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N optimizer steps")
     p.add_argument("--norm-every", type=int, default=d.norm_every, help="log per-component LoRA norms every N steps")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="validation loss every N steps (0: end)")
@@ -128,6 +130,7 @@ def _run(args) -> int:
                          warmup_ratio=args.warmup_ratio, loss_on=args.loss_on, precision=args.precision,
                          gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
                          packing=args.packing, pack_tokens=args.pack_tokens,
+                         cuda_graphs=args.cuda_graphs,
                          norm_every=args.norm_every, eval_every=args.eval_every, progress=not args.no_progress)
     config.validate()
     tr, va, manifest = prepare_data(args.data, tokenizer, config, data_dir=args.data_dir,

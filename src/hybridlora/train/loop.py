@@ -79,6 +79,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     packing: str = "auto"  # "auto": pack each step's examples when every mixer keeps them apart | "off"
     pack_tokens: int = 0  # tokens per packed row (0: micro_batch_size × max_length, a padded micro-batch's size)
+    cuda_graphs: str = "auto"  # "auto": replay packed rows' forward + backward as CUDA graphs on CUDA | "off"
 
     @property
     def effective_batch(self) -> int:
@@ -95,6 +96,7 @@ class TrainConfig:
             (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
             (self.loss_on in ("assistant", "full"), "loss_on must be assistant or full"),
             (self.packing in ("auto", "off"), "packing must be auto or off"),
+            (self.cuda_graphs in ("auto", "off"), "cuda_graphs must be auto or off"),
             (self.pack_tokens == 0 or self.pack_tokens >= self.max_length,
              "pack_tokens must be 0 (automatic) or at least max_length"),
             (self.max_length >= 2, "max_length must be at least 2"),
@@ -226,6 +228,45 @@ def _step_units(examples: list[TokenizedExample], micro: list[list[int]], pad_id
     return [pack([chosen[i] for i in group]) for group in pack_order([len(e.input_ids) for e in chosen], pack_budget)]
 
 
+def _eager_forward_backward(model, batches, device, ctx, n_tokens: int, step: int, output_dir: Path) -> float:
+    """Forward + backward of one optimizer step's units, Python-driven; returns the step's mean loss."""
+    total = 0.0
+    for batch in batches:
+        # packed rows keep the varlen attention through backward too (checkpointed layers recompute)
+        with _packed_context(model, batch):
+            loss, _ = _sum_loss(model, batch, device, ctx)
+            loss = loss / max(n_tokens, 1)
+            if not torch.isfinite(loss):
+                raise TrainingError(_nan_message(step + 1, output_dir))
+            loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _graphs_wanted(device: torch.device) -> bool:
+    """CUDA graphs only pay where kernel launches are the cost (and only exist) on CUDA."""
+    return device.type == "cuda"
+
+
+def _step_graphs(model: nn.Module, config: "TrainConfig", device: torch.device, packing: bool, precision: str,
+                 pad_id: int):
+    """(the CUDA-graph runner for packed steps or None, the run log's line about it)."""
+    from ..fast.graphs import PackedStepGraphs
+    from ..fast.loss import head_and_scale
+
+    reasons = [(config.cuda_graphs == "off", "turned off (cuda_graphs: off)"),
+               (not _graphs_wanted(device), "no CUDA"),
+               (not packing, "packing is off"),
+               (config.gradient_checkpointing, "gradient checkpointing is on"),
+               (head_and_scale(model) is None, "the model family's head is not known to the static loss")]
+    why = next((reason for hit, reason in reasons if hit), None)
+    if why is not None:
+        return None, f"off: {why}"
+    runner = PackedStepGraphs(model, max_segments=config.effective_batch, pad_id=pad_id,
+                              autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+    return runner, runner.describe()
+
+
 def _packed_context(model: nn.Module, unit: dict[str, Any]):
     import contextlib
 
@@ -283,7 +324,7 @@ def run_fingerprint(examples: list[TokenizedExample], resolved, config: "TrainCo
         data.update(json.dumps([e.id, e.input_ids, e.labels], separators=(",", ":")).encode())
     recipe = {k: v for k, v in asdict(config).items()
               if k not in ("save_every", "keep_checkpoints", "log_every", "norm_every", "eval_every", "progress",
-                           "gradient_checkpointing", "precision")}
+                           "gradient_checkpointing", "precision", "cuda_graphs")}
     hosts = sorted((h.name, h.rank, h.alpha) for h in resolved.hosts)
     digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
     out = {"data": data.hexdigest()[:16], "placement": digest(hosts)}
@@ -398,6 +439,7 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
         from ..fast import skip_input_upcast
 
         skip_input_upcast(peft_model)  # PEFT's float32 copy of every LoRA input is undone by autocast anyway
+    graphs, graphs_line = _step_graphs(peft_model, config, device, packing, precision, pad_id)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     decay = [p for n, p in peft_model.named_parameters() if p.requires_grad and p.ndim >= 2]
@@ -441,7 +483,7 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
               trainable_params=trainable, num_train=n, num_val=len(val_examples),
               effective_batch=config.effective_batch, precision=precision, packing=packing, batching=batching,
               gradient_checkpointing=config.gradient_checkpointing, loss_on=config.loss_on, placement=resolved.name,
-              kernels=kernels,
+              kernels=kernels, cuda_graphs=graphs_line,
               **_skip_counts(data_manifest))
 
     progress = None
@@ -464,23 +506,22 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             seen_tokens = sum(_unit_tokens(b) for b in batches)
             computed = sum(int(b["input_ids"].numel()) for b in batches)  # incl. padding
             t0 = time.perf_counter()
-            total = 0.0
-            for batch in batches:
-                # packed rows keep the varlen attention through backward too (checkpointed layers recompute)
-                with _packed_context(peft_model, batch):
-                    loss, _ = _sum_loss(peft_model, batch, device, ctx)
-                    loss = loss / max(n_tokens, 1)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(_nan_message(step + 1, output_dir))
-                    loss.backward()
-                total += float(loss.detach())
+            if graphs is not None:  # static-shape rows, replayed as CUDA graphs: one host sync per step
+                total = float(sum(graphs.forward_backward(b, 1.0 / max(n_tokens, 1)) for b in batches))
+                if not math.isfinite(total):
+                    raise TrainingError(_nan_message(step + 1, output_dir))
+            else:
+                total = _eager_forward_backward(peft_model, batches, device, ctx, n_tokens, step, output_dir)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             if not math.isfinite(grad_norm):
                 raise TrainingError(_nan_message(step + 1, output_dir, what="gradient norm"))
             optimizer.step()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if graphs is not None:
+                graphs.zero_grad()  # in place: the captured graphs accumulate into these tensors
+            else:
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             last_loss = total
             tps = seen_tokens / max(time.perf_counter() - t0, 1e-9)
@@ -510,6 +551,7 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
         peft_model.save_pretrained(str(tmp))
         _replace_dir(tmp, output_dir / ADAPTER_DIR)
         log.write(event="end", step=step, final_loss=last_loss, val_loss=val_loss,
+                  cuda_graphs=graphs.describe() if graphs is not None else graphs_line,
                   lora_norms=lora_norms(peft_model, component_of))
     except TrainingError as exc:
         log.write(event="error", step=step, message=str(exc))

@@ -1,0 +1,174 @@
+"""A packed row's forward + backward replayed as a CUDA graph, so short training steps stop waiting on Python.
+
+Why: a packed optimizer step of the study's short examples is one forward + backward of 1.5–4k tokens through
+~190–290 LoRA-wrapped projections. On an H100 the kernels take a fraction of the time Python and the kernel
+launches do (docs/PERFORMANCE.md). Replaying a captured graph launches all of that work at once.
+
+What makes the packed step capturable (every shape static, no host sync inside):
+
+* the row is padded to a bucket length (a multiple of :data:`BUCKET` tokens) with one padding *example* whose
+  labels are all ignored, and ``cu_seq_lens_q`` is padded to a fixed number of entries by repeating its last
+  value (zero-length segments); every packing-aware mixer accepts both (tests/test_graphs.py);
+* the loss runs the head over every position and counts ignored targets as zero
+  (:func:`hybridlora.fast.loss.causal_lm_loss_sum_static`) instead of gathering the labelled positions;
+* gradients are allocated before capture and the replays *accumulate* into them (autograd adds in place when
+  a gradient exists), so the trainer zeroes them with ``zero_grad(set_to_none=False)``;
+* the step's 1/(loss tokens) is a device scalar the replay reads.
+
+One graph per bucket length, all in one memory pool. Before a bucket is captured its step runs twice eagerly on
+a side stream (Triton autotuning, cuBLAS workspaces), then the gradients are restored. LoRA dropout draws fresh
+masks on every replay (PyTorch's graph-safe generator). If capture fails, the runner says so loudly once and
+runs the same static step eagerly from then on (same numbers, no speed-up).
+
+On CPU (tests) the runner runs the static step eagerly: that checks the padding and the static loss, and
+everything except the capture itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+BUCKET = 512  # row lengths are rounded up to a multiple of this: few graphs, little padding
+IGNORE = -100
+
+
+def bucket_length(tokens: int, bucket: int = BUCKET) -> int:
+    return max(bucket, -(-tokens // bucket) * bucket)
+
+
+def pad_row(row: dict[str, Any], length: int, max_segments: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """The packed row ``row`` (from :func:`hybridlora.fast.pack`) padded to ``length`` tokens: the tail becomes one
+    more example (``pad_id`` tokens, no labels) and ``cu_seq_lens_q`` gets exactly ``max_segments + 1`` entries
+    (its last value repeated). ``max_segments`` counts the padding example."""
+    tokens = row["input_ids"].shape[1]
+    cu = row["cu_seq_lens_q"].to(torch.int32).flatten()
+    tail = length - tokens
+    if tail < 0:
+        raise ValueError(f"a packed row of {tokens} tokens does not fit a bucket of {length}")
+    if tail:
+        cu = torch.cat([cu, torch.tensor([length], dtype=torch.int32)])
+    if cu.numel() > max_segments + 1:
+        raise ValueError(f"a packed row of {cu.numel() - 1} segments exceeds the graph's {max_segments}")
+    cu = torch.cat([cu, cu[-1:].expand(max_segments + 1 - cu.numel())])
+    pad = lambda t, value: torch.cat([t, torch.full((1, tail), value, dtype=t.dtype)], dim=1)
+    return {"input_ids": pad(row["input_ids"], pad_id), "labels": pad(row["labels"], IGNORE),
+            "position_ids": torch.cat([row["position_ids"], torch.arange(tail, dtype=torch.long)[None]], dim=1),
+            "cu_seq_lens_q": cu}
+
+
+class PackedStepGraphs:
+    """Runs packed rows' forward + backward with static shapes; on CUDA, as one captured graph per bucket.
+
+    ``model``: the PEFT-wrapped causal LM, trainable parameters on one device. ``max_segments``: the most
+    examples one row can hold (the step's example count) — the padding example is added on top.
+    ``autocast_dtype``: bf16 autocast (None: none). ``capture``: default True on CUDA.
+    """
+
+    def __init__(self, model: nn.Module, *, max_segments: int, pad_id: int, autocast_dtype: torch.dtype | None,
+                 bucket: int = BUCKET, capture: bool | None = None):
+        self.model = model
+        self.max_segments = max_segments + 1
+        self.pad_id = pad_id
+        self.bucket = bucket
+        self.autocast_dtype = autocast_dtype
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        self.failure: str | None = None
+        self._graphs: dict[int, tuple[Any, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self._pool = None
+        self._scale = torch.ones((), dtype=torch.float32, device=self.device)
+
+    # --- public ---------------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        if self.failure:
+            return f"off (capture failed: {self.failure}); static packed step run eagerly"
+        if not self.capture:
+            return "off (no CUDA); static packed step run eagerly"
+        return f"on: one graph per row length (multiples of {self.bucket} tokens), {len(self._graphs)} captured"
+
+    def forward_backward(self, row: dict[str, Any], scale: float) -> torch.Tensor:
+        """Add ``scale`` × the row's summed loss to the gradients; returns that scaled loss (device scalar)."""
+        length = bucket_length(int(row["input_ids"].shape[1]), self.bucket)
+        padded = pad_row(row, length, self.max_segments, self.pad_id)
+        self._scale.fill_(scale)
+        if not self.capture or self.failure:
+            return self._step({k: v.to(self.device) for k, v in padded.items()}).clone()
+        if length not in self._graphs:
+            self._graphs[length] = self._capture(padded)
+            if self.failure:
+                del self._graphs[length]
+                return self._step({k: v.to(self.device) for k, v in padded.items()}).clone()
+        graph, static, loss = self._graphs[length]
+        for key, value in padded.items():
+            static[key].copy_(value, non_blocking=True)
+        graph.replay()
+        return loss.clone()
+
+    def zero_grad(self) -> None:
+        """Zero the gradients in place (the captured graphs write into these very tensors)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
+
+    # --- internals -------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        # no weight-cast cache: cached casts would outlive the capture that allocated them
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _step(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The code that is captured: forward, scaled loss, backward (gradients accumulate)."""
+        from .attention import packed_attention
+        from .loss import causal_lm_loss_sum_static
+
+        length = static["input_ids"].shape[1]
+        with self._autocast(), packed_attention(self.model):
+            total = causal_lm_loss_sum_static(
+                self.model, static["input_ids"], static["labels"], position_ids=static["position_ids"],
+                cu_seq_lens_q=static["cu_seq_lens_q"], cu_seq_lens_k=static["cu_seq_lens_q"],
+                max_length_q=length, max_length_k=length)  # an upper bound: no host read of the real maximum
+            loss = total * self._scale
+            loss.backward()
+        return loss.detach()
+
+    def _ensure_grads(self) -> list[torch.Tensor]:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params]
+
+    def _capture(self, padded: dict[str, torch.Tensor]):
+        static = {k: v.to(self.device) for k, v in padded.items()}
+        grads = self._ensure_grads()
+        saved = [g.clone() for g in grads]
+        pointers = [g.data_ptr() for g in grads]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # autotune, workspaces, lazy inits: nothing of that may happen in capture
+                    self._step(static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                loss = self._step(static)
+            if [p.grad.data_ptr() if p.grad is not None else None for p in self.params] != pointers:
+                raise RuntimeError("autograd replaced gradient tensors during capture instead of accumulating")
+        except Exception as exc:  # loud, once; the eager static step gives the same numbers
+            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            warnings.warn(f"hybridlora: CUDA graph capture of the packed training step failed ({self.failure}); "
+                          "running it eagerly from now on (correct, but host-bound and slower)", stacklevel=3)
+            torch.cuda.synchronize()
+            for p, g in zip(self.params, saved):
+                p.grad = g
+            return None
+        torch._foreach_copy_(grads, saved)  # undo the warm-up steps' gradients
+        return graph, static, loss

@@ -1,0 +1,155 @@
+"""The static-shape packed step that CUDA graphs capture, checked on CPU (float32) against the eager packed step.
+
+The capture itself needs CUDA (bench/bench_train_loop.py checks graph replay against eager on the GPU); what is
+checked here is everything the graph contains: the padded row with its padding example, the padded
+``cu_seq_lens_q``, the loss over every position with ignored targets, and in-place gradient accumulation.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hybridlora import fast
+from hybridlora.components import build_component_map
+from hybridlora.data import build_tiny_tokenizer
+from hybridlora.families import family_named
+from hybridlora.fast import kernels
+from hybridlora.fast.graphs import PackedStepGraphs, bucket_length, pad_row
+from hybridlora.fast.loss import causal_lm_loss_sum, causal_lm_loss_sum_static
+from hybridlora.models import build_model, tiny_config_for
+from hybridlora.placement import named_preset, resolve
+from hybridlora.train import TrainConfig, prepare_data, train
+from hybridlora.train import loop
+from hybridlora.train.loop import attach_lora
+
+FAMILIES = ["qwen3_5_text", "falcon_h1"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_bindings():
+    fast.use("fast")
+    yield
+    kernels.restore()
+
+
+def _examples(lengths, seed=0, vocab=256):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
+    return out
+
+
+def test_pad_row_adds_a_padding_example_and_empty_segments():
+    row = fast.pack(_examples([5, 9]))
+    padded = pad_row(row, 16, max_segments=4, pad_id=7)
+    assert padded["input_ids"].shape == padded["labels"].shape == padded["position_ids"].shape == (1, 16)
+    assert padded["cu_seq_lens_q"].tolist() == [0, 5, 14, 16, 16]
+    assert padded["input_ids"][0, 14:].tolist() == [7, 7] and padded["labels"][0, 14:].tolist() == [-100, -100]
+    assert padded["position_ids"][0].tolist() == [*range(5), *range(9), 0, 1]
+    assert pad_row(row, 14, max_segments=2, pad_id=0)["cu_seq_lens_q"].tolist() == [0, 5, 14]  # exact fit
+    with pytest.raises(ValueError, match="segments"):
+        pad_row(row, 16, max_segments=2, pad_id=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        pad_row(row, 8, max_segments=4, pad_id=0)
+    assert [bucket_length(n, 512) for n in (1, 512, 513, 1500)] == [512, 512, 1024, 1536]
+
+
+def _lora_model(model_type, preset="all"):
+    model = build_model(tiny_config_for(model_type), seed=0)
+    cmap = build_component_map(model)
+    peft = attach_lora(model, resolve(named_preset(preset, family_named(cmap.family)), cmap), dropout=0.0)
+    with torch.no_grad():  # non-zero B, so every adapter's gradient matters
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return peft
+
+
+@pytest.mark.parametrize("model_type,preset", [("qwen3_5_text", "all"), ("falcon_h1", "all_eligible")])
+def test_static_loss_equals_gathered_loss(model_type, preset):
+    """All positions with ignored targets == only the labelled ones: loss and LoRA gradients (incl. a LoRA head)."""
+    model = _lora_model(model_type, preset)
+    row = fast.pack(_examples([7, 40, 12], seed=1))
+    kwargs = {k: v for k, v in row.items() if k not in ("input_ids", "labels")}
+    head_trains = any(p.requires_grad for p in model.get_base_model().lm_head.parameters())
+    assert head_trains == (preset == "all_eligible")
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        with fast.packed_attention(model):
+            out = fn(model, row["input_ids"], row["labels"], **kwargs)
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    gathered, g1 = run(causal_lm_loss_sum)
+    static, g2 = run(causal_lm_loss_sum_static)
+    torch.testing.assert_close(static, gathered, rtol=1e-5, atol=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_static_padded_step_equals_eager_packed_step(model_type):
+    """Two rows into bucket lengths with a padding example and padded boundaries, gradients accumulated in
+    place across rows == the eager packed step on the unpadded rows."""
+    model = _lora_model(model_type)
+    rows = [fast.pack(_examples([30, 5, 21], seed=2)), fast.pack(_examples([50], seed=3))]
+    n_tokens = sum(int((r["labels"][:, 1:] != -100).sum()) for r in rows)
+
+    model.zero_grad(set_to_none=True)
+    eager = 0.0
+    for row in rows:
+        with fast.packed_attention(model):
+            loss, _ = causal_lm_loss_sum(model, row["input_ids"], row["labels"],
+                                         **{k: v for k, v in row.items() if k not in ("input_ids", "labels")})
+            (loss / n_tokens).backward()
+        eager += float(loss) / n_tokens
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    runner = PackedStepGraphs(model, max_segments=4, pad_id=0, autocast_dtype=None, bucket=32)
+    assert not runner.capture and "off" in runner.describe()
+    for attempt in range(2):  # the second pass checks that zero_grad leaves the same tensors, zeroed
+        grads_before = [p.grad for p in runner.params]
+        runner.zero_grad()
+        total = float(sum(runner.forward_backward(r, 1.0 / n_tokens) for r in rows))
+        assert total == pytest.approx(eager, rel=1e-5)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6)
+        if attempt:
+            assert all(a is b for a, b in zip(grads_before, [p.grad for p in runner.params]))
+
+
+def test_trainer_with_the_static_step_matches_the_eager_packed_run(data_dir, tmp_path, monkeypatch):
+    """The trainer's graph branch (run eagerly on CPU): same losses and gradient norms as plain packing."""
+    tok = build_tiny_tokenizer(data_dir=data_dir)
+
+    def run(name, graphs):
+        monkeypatch.setattr(loop, "_graphs_wanted", lambda device: graphs)
+        model = build_model(tiny_config_for("qwen3_5_text"), seed=0)
+        cmap = build_component_map(model)
+        resolved = resolve(named_preset("all", family_named(cmap.family)), cmap)
+        cfg = TrainConfig(epochs=1, micro_batch_size=2, grad_accum=2, max_length=256, learning_rate=1e-2,
+                          save_every=0, norm_every=0, progress=False, warmup_ratio=0.0, lora_dropout=0.0,
+                          pack_tokens=300)
+        tr, _, _ = prepare_data("gsm8k", tok, cfg, data_dir=data_dir, max_examples=9, val_examples=1)
+        train(model, resolved, tr, tmp_path / name, cfg, pad_id=tok.pad_token_id)
+        return [json.loads(x) for x in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+
+    eager, static = run("eager", False), run("static", True)
+    assert eager[0]["cuda_graphs"] == "off: no CUDA"
+    assert static[0]["cuda_graphs"].startswith("off (no CUDA)") and static[-1]["event"] == "end"
+    steps = lambda log: [r for r in log if r["event"] == "step"]
+    assert len(steps(static)) == len(steps(eager)) == 2
+    assert [r["loss"] for r in steps(static)] == pytest.approx([r["loss"] for r in steps(eager)], rel=1e-5)
+    assert [r["grad_norm"] for r in steps(static)] == pytest.approx([r["grad_norm"] for r in steps(eager)], rel=1e-4)
+
+
+def test_cuda_graphs_option_is_validated():
+    with pytest.raises(loop.TrainingError, match="cuda_graphs"):
+        TrainConfig(cuda_graphs="yes").validate()
