@@ -109,11 +109,12 @@ def length_examples(pairs: list[tuple[int, int]], n: int, vocab: int, max_length
 
 # --- the trainer, timed from its own log -------------------------------------------------------------------
 def run_trainer(model, resolved, examples, *, micro: int, accum: int, packing: str, pack_tokens: int = 0,
-                warmup_steps: int = 2) -> dict:
+                cuda_graphs: str = "off", warmup_steps: int = 2) -> dict:
     from hybridlora.train import TrainConfig, train
 
     cfg = TrainConfig(epochs=1, micro_batch_size=micro, grad_accum=accum, max_length=1024, save_every=0,
-                      norm_every=0, progress=False, packing=packing, pack_tokens=pack_tokens, warmup_ratio=0.0)
+                      norm_every=0, progress=False, packing=packing, pack_tokens=pack_tokens, warmup_ratio=0.0,
+                      cuda_graphs=cuda_graphs)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -124,10 +125,12 @@ def run_trainer(model, resolved, examples, *, micro: int, accum: int, packing: s
         records = [json.loads(x) for x in (Path(tmp) / "train_log.jsonl").read_text().splitlines()]
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     start = next(r for r in records if r["event"] == "start")
+    end = next((r for r in records if r["event"] == "end"), {})
     steps = [r for r in records if r["event"] == "step"][warmup_steps:]
     seconds = [r["tokens"] / r["tokens_per_s"] for r in steps]
     out = {"micro": micro, "accum": accum, "packing": start["packing"], "batching": start["batching"],
-           "kernels": start["kernels"], "steps_timed": len(steps), "peak_gb": round(peak, 2), "wall_s": round(wall, 1),
+           "kernels": start["kernels"], "cuda_graphs": end.get("cuda_graphs", start.get("cuda_graphs")),
+           "steps_timed": len(steps), "peak_gb": round(peak, 2), "wall_s": round(wall, 1),
            "s_per_step_median": round(statistics.median(seconds), 4),
            "tokens_per_s": round(sum(r["tokens"] for r in steps) / sum(seconds)),
            "computed_tokens_per_step": round(statistics.mean(r["computed_tokens"] for r in steps)),
@@ -165,6 +168,80 @@ def packing_check(model, name: str) -> dict:
            "packed_vs_fp32_rel": rel(packed, fp32), "kernels": fast.describe(model)}
     if name == "qwen":
         out["gdn_op"] = gdn_boundary_check()
+    return out
+
+
+def graph_check(model, resolved, lengths) -> dict:
+    """One packed step (16 real-length GSM8K-like examples, LoRA dropout off, B non-zero, bf16): the CUDA-graph
+    replay vs the eager packed step on the same weights — loss and LoRA gradients — and both timed."""
+    from hybridlora.fast.graphs import PackedStepGraphs
+    from hybridlora.fast.loss import causal_lm_loss_sum
+    from hybridlora.train.loop import attach_lora
+
+    fast.use("fast")
+    peft = attach_lora(model, resolved, dropout=0.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    peft.train()
+    exs = length_examples(lengths["gsm8k"], 16, model.config.vocab_size, 1024, seed=5)
+    row = fast.pack([{"input_ids": e.input_ids, "labels": e.labels} for e in exs])
+    n_tokens = int((row["labels"][:, 1:] != -100).sum())
+    cuda_row = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in row.items()}
+    params = [p for p in peft.parameters() if p.requires_grad]
+
+    def eager():
+        with torch.autocast("cuda", dtype=torch.bfloat16), fast.packed_attention(peft):
+            loss, _ = causal_lm_loss_sum(peft, cuda_row["input_ids"], cuda_row["labels"],
+                                         **{k: v for k, v in cuda_row.items() if k not in ("input_ids", "labels")})
+            loss = loss / n_tokens
+            loss.backward()
+        return float(loss)
+
+    def timed(fn, reps=10):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / reps
+
+    peft.zero_grad(set_to_none=True)
+    eager_loss = eager()
+    eager_grads = [p.grad.clone() for p in params]
+    runner = PackedStepGraphs(peft, max_segments=16, pad_id=0, autocast_dtype=torch.bfloat16)
+    runner.zero_grad()
+    t = time.perf_counter()
+    graph_loss = float(runner.forward_backward(row, 1.0 / n_tokens))
+    capture_s = time.perf_counter() - t
+    graph_grads = [p.grad.clone() for p in params]
+    runner.zero_grad()
+    replay_loss = float(runner.forward_backward(row, 1.0 / n_tokens))  # a second replay: same numbers
+    replay_grads = [p.grad.clone() for p in params]
+    all_rel = lambda a, b: rel(torch.cat([x.flatten() for x in a]), torch.cat([x.flatten() for x in b]))
+    out = {"tokens": int(row["input_ids"].shape[1]), "loss_tokens": n_tokens, "graphs": runner.describe(),
+           "capture_s": round(capture_s, 1), "eager_loss": eager_loss, "graph_loss": graph_loss,
+           "replay_loss": replay_loss, "grads_rel_graph_vs_eager": all_rel(graph_grads, eager_grads),
+           "worst_tensor_rel": max(rel(a, b) for a, b in zip(graph_grads, eager_grads)),
+           "grads_rel_replay_vs_replay": all_rel(replay_grads, graph_grads)}
+
+    def eager_step():
+        peft.zero_grad(set_to_none=True)
+        eager()
+
+    def graph_step():
+        runner.zero_grad()
+        runner.forward_backward(row, 1.0 / n_tokens)
+
+    out["eager_s_per_step"] = round(timed(eager_step), 4)
+    out["graph_s_per_step"] = round(timed(graph_step), 4)
+    out["speedup"] = round(out["eager_s_per_step"] / out["graph_s_per_step"], 2)
+    runner._graphs.clear()  # free the graphs' memory pool before the trainer runs
+    peft.zero_grad(set_to_none=True)
+    peft.unload()
+    torch.cuda.empty_cache()
     return out
 
 
@@ -224,8 +301,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="qwen,falcon")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per timed run (2 more are warm-up)")
     ap.add_argument("--chars-per-token", type=float, default=4.0)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: packing,fixed,real")
-    ap.add_argument("--modes", default="padded,packed", help="which trainer runs: padded, packed or both")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: packing,graph_check,fixed,real")
+    ap.add_argument("--modes", default="padded,packed,graphs",
+                    help="which trainer runs: padded, packed (eager), graphs (packed, CUDA graphs)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
@@ -242,6 +320,7 @@ def main(argv=None) -> int:
         log(name, "built", MODELS[name])
         for section, fn in (
             ("packing", lambda m: packing_check(m, name)),
+            ("graph_check", lambda m: graph_check(m, resolved, lengths)),
         ):
             if section in skip:
                 continue
@@ -254,15 +333,18 @@ def main(argv=None) -> int:
         if "fixed" not in skip:
             exs = fixed_examples(16 * n_steps, 1024, vocab, seed=1)
             runs += [("fixed", "padded 8x2", exs, dict(micro=8, accum=2, packing="off")),
-                     ("fixed", "packed 8192", exs, dict(micro=8, accum=2, packing="auto"))]
+                     ("fixed", "packed 8192", exs, dict(micro=8, accum=2, packing="auto")),
+                     ("fixed", "graphs 8192", exs, dict(micro=8, accum=2, packing="auto", cuda_graphs="auto"))]
         if "real" not in skip:
             for domain, pairs in lengths.items():
                 exs = length_examples(pairs, 16 * n_steps, vocab, 1024, seed=2)
                 runs += [("real", f"{domain} padded 4x4", exs, dict(micro=4, accum=4, packing="off")),
-                         ("real", f"{domain} packed", exs, dict(micro=4, accum=4, packing="auto"))]
+                         ("real", f"{domain} packed", exs, dict(micro=4, accum=4, packing="auto")),
+                         ("real", f"{domain} graphs", exs, dict(micro=4, accum=4, packing="auto", cuda_graphs="auto"))]
         modes = set(args.modes.split(","))
         for section, label, exs, kw in runs:
-            if ("packed" if kw["packing"] == "auto" else "padded") not in modes:
+            mode = "padded" if kw["packing"] == "off" else ("graphs" if kw.get("cuda_graphs") == "auto" else "packed")
+            if mode not in modes:
                 continue
             try:
                 row, model = run_trainer(model, resolved, exs, **kw)
@@ -284,7 +366,7 @@ def projection() -> None:
     out = {}
     for name in MODELS:
         real = RESULTS.get(name, {}).get("real", {})
-        for mode in ("padded 4x4", "packed"):
+        for mode in ("padded 4x4", "packed", "graphs"):
             per_domain = [real.get(f"{d} {mode}", {}).get("s_per_step_median") for d in ("gsm8k", "codealpaca", "chat")]
             if all(per_domain):
                 # 6 placements x 3 domains: each domain's cells run at that domain's rate
