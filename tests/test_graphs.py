@@ -153,3 +153,16 @@ def test_trainer_with_the_static_step_matches_the_eager_packed_run(data_dir, tmp
 def test_cuda_graphs_option_is_validated():
     with pytest.raises(loop.TrainingError, match="cuda_graphs"):
         TrainConfig(cuda_graphs="yes").validate()
+
+
+def test_host_copies_names_the_line_that_copies_to_the_device():
+    from hybridlora.fast.graphs import host_copies
+
+    def step():
+        x = torch.ones(3, device="meta")
+        y = x * 2  # device only: fine
+        return y + torch.arange(3).to("meta")  # a host tensor copied over: named
+
+    found = host_copies(step, device_type="meta")
+    assert len(found) == 1 and "_to_copy" in found[0] and "test_graphs.py" in found[0] and "in step" in found[0]
+    assert host_copies(lambda: torch.ones(2, device="meta") * 3, device_type="meta") == []

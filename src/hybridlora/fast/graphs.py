@@ -79,6 +79,7 @@ class PackedStepGraphs:
         self.device = self.params[0].device
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.failure: str | None = None
+        self.culprits: list[str] = []
         self._graphs: dict[int, tuple[Any, dict[str, torch.Tensor], torch.Tensor]] = {}
         self._pool = None
         self._scale = torch.ones((), dtype=torch.float32, device=self.device)
@@ -164,11 +165,50 @@ class PackedStepGraphs:
                 raise RuntimeError("autograd replaced gradient tensors during capture instead of accumulating")
         except Exception as exc:  # loud, once; the eager static step gives the same numbers
             self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            warnings.warn(f"hybridlora: CUDA graph capture of the packed training step failed ({self.failure}); "
-                          "running it eagerly from now on (correct, but host-bound and slower)", stacklevel=3)
             torch.cuda.synchronize()
             for p, g in zip(self.params, saved):
                 p.grad = g
+            self.culprits = host_copies(lambda: self._step(static))
+            if self.culprits:
+                self.failure += f" [host->device copies at: {'; '.join(self.culprits[:3])}]"
+            for p, g in zip(self.params, saved):
+                p.grad = g.clone()
+            warnings.warn(f"hybridlora: CUDA graph capture of the packed training step failed ({self.failure}); "
+                          "running it eagerly from now on (correct, but host-bound and slower)", stacklevel=3)
             return None
         torch._foreach_copy_(grads, saved)  # undo the warm-up steps' gradients
         return graph, static, loss
+
+
+def host_copies(step, device_type: str = "cuda") -> list[str]:
+    """Run ``step`` eagerly and name where it copies host tensors to the GPU (what breaks capture): one
+    "op at file:line in function" per distinct place, innermost frame outside torch itself."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found: dict[str, None] = {}
+
+    def where() -> str:
+        frames = [f for f in traceback.extract_stack()
+                  if "/torch/" not in f.filename and f.name not in ("where", "__torch_dispatch__")]
+        f = frames[-1] if frames else None
+        return f"{f.filename.rsplit('/site-packages/', 1)[-1]}:{f.lineno} in {f.name}" if f else "?"
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            copy = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+            host = any(t.device.type == "cpu" and (copy or t.dim() > 0) for t in leaves)
+            if host and any(t.device.type == device_type for t in outs + leaves):
+                found.setdefault(f"{func} at {where()}")
+            return out
+
+    try:
+        with Spy():
+            step()
+    except Exception as exc:  # diagnosis only
+        found.setdefault(f"(diagnosis stopped: {type(exc).__name__}: {exc})")
+    return list(found)
