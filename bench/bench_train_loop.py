@@ -127,10 +127,13 @@ def run_trainer(model, resolved, examples, *, micro: int, accum: int, packing: s
     start = next(r for r in records if r["event"] == "start")
     end = next((r for r in records if r["event"] == "end"), {})
     steps = [r for r in records if r["event"] == "step"][warmup_steps:]
+    capture_steps = [r for r in steps if r.get("graphs_captured")]
+    steps = [r for r in steps if not r.get("graphs_captured")] or steps  # steady state: no capture in the step
     seconds = [r["tokens"] / r["tokens_per_s"] for r in steps]
     out = {"micro": micro, "accum": accum, "packing": start["packing"], "batching": start["batching"],
            "kernels": start["kernels"], "cuda_graphs": end.get("cuda_graphs", start.get("cuda_graphs")),
-           "steps_timed": len(steps), "peak_gb": round(peak, 2), "wall_s": round(wall, 1),
+           "steps_timed": len(steps), "capture_steps_excluded": len(capture_steps),
+           "capture_step_s": [round(r["tokens"] / r["tokens_per_s"], 2) for r in capture_steps], "peak_gb": round(peak, 2), "wall_s": round(wall, 1),
            "s_per_step_median": round(statistics.median(seconds), 4),
            "tokens_per_s": round(sum(r["tokens"] for r in steps) / sum(seconds)),
            "computed_tokens_per_step": round(statistics.mean(r["computed_tokens"] for r in steps)),

@@ -80,6 +80,7 @@ class PackedStepGraphs:
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.failure: str | None = None
         self.culprits: list[str] = []
+        self.captures = 0  # graphs captured so far (the trainer logs how many each step added)
         self._graphs: dict[int, tuple[Any, dict[str, torch.Tensor], torch.Tensor]] = {}
         self._pool = None
         self._scale = torch.ones((), dtype=torch.float32, device=self.device)
@@ -92,14 +93,19 @@ class PackedStepGraphs:
             return "off (no CUDA); static packed step run eagerly"
         return f"on: one graph per row length (multiples of {self.bucket} tokens), {len(self._graphs)} captured"
 
+    def row_length(self, row: dict[str, Any]) -> int:
+        """Tokens the static step computes for ``row`` (its bucket length)."""
+        return bucket_length(int(row["input_ids"].shape[1]), self.bucket)
+
     def forward_backward(self, row: dict[str, Any], scale: float) -> torch.Tensor:
         """Add ``scale`` × the row's summed loss to the gradients; returns that scaled loss (device scalar)."""
-        length = bucket_length(int(row["input_ids"].shape[1]), self.bucket)
+        length = self.row_length(row)
         padded = pad_row(row, length, self.max_segments, self.pad_id)
         self._scale.fill_(scale)
         if not self.capture or self.failure:
             return self._step({k: v.to(self.device) for k, v in padded.items()}).clone()
         if length not in self._graphs:
+            self.captures += 1
             self._graphs[length] = self._capture(padded)
             if self.failure:
                 del self._graphs[length]
@@ -167,12 +173,12 @@ class PackedStepGraphs:
             self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
             torch.cuda.synchronize()
             for p, g in zip(self.params, saved):
-                p.grad = g
-            self.culprits = host_copies(lambda: self._step(static))
-            if self.culprits:
-                self.failure += f" [host->device copies at: {'; '.join(self.culprits[:3])}]"
-            for p, g in zip(self.params, saved):
                 p.grad = g.clone()
+            self.culprits = host_copies(lambda: self._step(static))  # this eager step adds to the gradients...
+            if self.culprits:
+                self.failure += f" [host tensors reach GPU ops at: {'; '.join(self.culprits[:3])}]"
+            for p, g in zip(self.params, saved):  # ...so they are restored from the untouched copies
+                p.grad = g
             warnings.warn(f"hybridlora: CUDA graph capture of the packed training step failed ({self.failure}); "
                           "running it eagerly from now on (correct, but host-bound and slower)", stacklevel=3)
             return None
@@ -200,8 +206,10 @@ def host_copies(step, device_type: str = "cuda") -> list[str]:
             out = func(*args, **(kwargs or {}))
             leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-            copy = func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
-            host = any(t.device.type == "cpu" and (copy or t.dim() > 0) for t in leaves)
+            # any host tensor, 0-dim ones included (``x[idx] = True`` passes the scalar as a host tensor that
+            # index_put_ copies over); a host scalar tensor in a pointwise op may be harmless, so this names
+            # suspects, to be read as such
+            host = any(t.device.type == "cpu" for t in leaves)
             if host and any(t.device.type == device_type for t in outs + leaves):
                 found.setdefault(f"{func} at {where()}")
             return out

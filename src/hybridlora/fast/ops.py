@@ -114,7 +114,7 @@ def segment_starts(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
     """``[length]`` bool, True at the first token of every example; ``cu_seqlens`` may repeat its last value."""
     cu = cu_seqlens.to(torch.long).flatten()[:-1].clamp_max(length)
     starts = torch.zeros(length + 1, dtype=torch.bool, device=cu.device)
-    starts[cu] = True
+    starts.index_fill_(0, cu, True)  # not starts[cu] = True: that copies a host scalar, which breaks graph capture
     return starts[:length]
 
 

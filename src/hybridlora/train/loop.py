@@ -505,9 +505,13 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             seen_tokens = sum(_unit_tokens(b) for b in batches)
             computed = sum(int(b["input_ids"].numel()) for b in batches)  # incl. padding
+            if graphs is not None:  # graph rows are padded to their bucket length
+                computed = sum(graphs.row_length(b) for b in batches)
             t0 = time.perf_counter()
+            captured = graphs.captures if graphs is not None else 0
             if graphs is not None:  # static-shape rows, replayed as CUDA graphs: one host sync per step
                 total = float(sum(graphs.forward_backward(b, 1.0 / max(n_tokens, 1)) for b in batches))
+                captured = graphs.captures - captured
                 if not math.isfinite(total):
                     raise TrainingError(_nan_message(step + 1, output_dir))
             else:
@@ -527,7 +531,8 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             tps = seen_tokens / max(time.perf_counter() - t0, 1e-9)
             if config.log_every and step % config.log_every == 0:
                 log.write(event="step", step=step, epoch=epoch, loss=total, lr=lr, grad_norm=grad_norm,
-                          tokens=seen_tokens, loss_tokens=n_tokens, forwards=len(batches), computed_tokens=computed, tokens_per_s=round(tps, 1))
+                          tokens=seen_tokens, loss_tokens=n_tokens, forwards=len(batches), computed_tokens=computed,
+                          tokens_per_s=round(tps, 1), **({"graphs_captured": captured} if captured else {}))
             if config.norm_every and (step % config.norm_every == 0 or step == 1):
                 log.write(event="lora_norms", step=step, norms=lora_norms(peft_model, component_of))
             if config.eval_every and step % config.eval_every == 0 and val_examples:
