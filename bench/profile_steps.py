@@ -1,0 +1,140 @@
+"""Where the time goes now: kernel tables for the packed training step and for a greedy decode step.
+
+After CUDA graphs took the host out of the packed training step, the GPU kernels set its pace; this prints
+which kernels those are (the graph replays exactly the kernels of the eager static step profiled here). For
+generation it profiles ``model.generate`` at the evaluation batch size: host (CPU) time against kernel time,
+and the top operators, to say what bounds a decode step.
+
+Usage (GPU machine, fla-core / mamba-ssm wheels on PYTHONPATH)::
+
+    python bench/profile_steps.py --data DATA_DIR --out OUT [--models qwen,falcon]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+os.environ.setdefault("HYBRIDLORA_LIFT_FLA_HOPPER_GUARD", "1")
+
+import bench_train_loop as btl  # noqa: E402
+from hybridlora import fast  # noqa: E402
+
+
+def kernel_table(prof, n: int = 18) -> tuple[str, float, float]:
+    """(table of the top CUDA kernels, total CUDA ms, total CPU ms) from a finished profiler."""
+    events = prof.key_averages()
+    cuda = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
+    cpu = sum(e.self_cpu_time_total for e in events) / 1e3
+    table = events.table(sort_by="self_cuda_time_total", row_limit=n, max_name_column_width=70)
+    return table, cuda, cpu
+
+
+def train_step_profile(model, resolved, lengths, out: Path, name: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from hybridlora.fast.graphs import PackedStepGraphs
+    from hybridlora.train.loop import attach_lora
+
+    fast.use("fast")
+    peft = attach_lora(model, resolved)
+    peft.train()
+    exs = btl.length_examples(lengths["gsm8k"], 16, model.config.vocab_size, 1024, seed=5)
+    row = fast.pack([{"input_ids": e.input_ids, "labels": e.labels} for e in exs])
+    runner = PackedStepGraphs(peft, max_segments=16, pad_id=0, autocast_dtype=torch.bfloat16, capture=False)
+    for _ in range(3):  # autotune outside the profile
+        runner.forward_backward(row, 1e-3)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        runner.forward_backward(row, 1e-3)
+        torch.cuda.synchronize()
+    table, cuda_ms, cpu_ms = kernel_table(prof)
+    (out / f"{name}_train_step_kernels.txt").write_text(table)
+    runner.zero_grad()
+    peft.unload()
+    torch.cuda.empty_cache()
+    return {"tokens": runner.row_length(row), "cuda_ms": round(cuda_ms, 1), "cpu_ms": round(cpu_ms, 1)}
+
+
+def decode_profile(model, out: Path, name: str, batch: int = 256, prompt: int = 256, new: int = 32) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    fast.use("fast")
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=g).cuda()
+    kw = dict(do_sample=False, pad_token_id=0, temperature=None, top_p=None, top_k=None)
+
+    def gen(n):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model.generate(input_ids=rows, attention_mask=torch.ones_like(rows), max_new_tokens=n, min_new_tokens=n, **kw)
+        torch.cuda.synchronize()
+
+    gen(4)
+    timings = {}
+    for n in (1, new):
+        t = time.perf_counter()
+        gen(n)
+        timings[n] = time.perf_counter() - t
+    per_step = (timings[new] - timings[1]) / (new - 1)  # the prefill cancels out
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        gen(8)
+    table, cuda_ms, cpu_ms = kernel_table(prof)
+    cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=70)
+    (out / f"{name}_decode_kernels.txt").write_text(table + "\n\n" + cpu_table)
+    model.train()
+    return {"batch": batch, "prompt": prompt, "prefill_plus_1_s": round(timings[1], 3),
+            "decode_step_ms": round(per_step * 1e3, 1), "profile_8_tokens_cuda_ms": round(cuda_ms, 1),
+            "profile_8_tokens_cpu_ms": round(cpu_ms, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--models", default="qwen,falcon")
+    ap.add_argument("--skip", default="", help="comma list: train,decode,fixed")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    lengths = btl.study_lengths(args.data, 4.0)
+    results: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
+    for name in args.models.split(","):
+        model, resolved = btl.build(name)
+        res = results.setdefault(name, {})
+        for section, fn, fn_args in (("train_step", train_step_profile, (model, resolved, lengths, args.out, name)),
+                                     ("decode", decode_profile, (model, args.out, name))):
+            if section.split("_")[0] in skip:
+                continue
+            try:
+                res[section] = fn(*fn_args)
+            except Exception as exc:
+                res[section] = {"error": f"{type(exc).__name__}: {exc}"}
+            btl.log(name, section, json.dumps(res[section]))
+        if "fixed" not in skip:
+            exs = btl.fixed_examples(16 * 6, 1024, model.config.vocab_size, seed=1)
+            for label, kw in (("padded 8x2", dict(micro=8, accum=2, packing="off")),
+                              ("graphs 8192", dict(micro=8, accum=2, packing="auto", pack_tokens=8192, cuda_graphs="auto")),
+                              ("graphs 4096", dict(micro=8, accum=2, packing="auto", pack_tokens=4096, cuda_graphs="auto"))):
+                try:
+                    row, model = btl.run_trainer(model, resolved, exs, **kw)
+                except Exception as exc:
+                    row = {"error": f"{type(exc).__name__}: {exc}"}
+                    torch.cuda.empty_cache()
+                res.setdefault("fixed", {})[label] = row
+                btl.log(name, "fixed", label, json.dumps({k: v for k, v in row.items() if k not in ("kernels", "batching")}))
+        (args.out / "profile_steps.json").write_text(json.dumps(results, indent=1))
+        del model
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
