@@ -63,8 +63,25 @@ def train_step_profile(model, resolved, lengths, out: Path, name: str) -> dict:
     return {"tokens": runner.row_length(row), "cuda_ms": round(cuda_ms, 1), "cpu_ms": round(cpu_ms, 1)}
 
 
+def _decode_step_ms(gen, new: int) -> float:
+    """Milliseconds per decode step: generating ``new`` tokens minus generating 1 (the prefill cancels out)."""
+    timings = {}
+    for n in (1, new):
+        t = time.perf_counter()
+        gen(n)
+        timings[n] = time.perf_counter() - t
+    return (timings[new] - timings[1]) / (new - 1) * 1e3
+
+
 def decode_profile(model, out: Path, name: str, batch: int = 256, prompt: int = 256, new: int = 32) -> dict:
+    """Decode step time with hybridlora's conv update and with transformers' (F.conv1d) one, the first decode
+    step's logits of both compared, and a profile of 8 generated tokens."""
+    import importlib
+    import inspect
+
     from torch.profiler import ProfilerActivity, profile
+
+    from hybridlora.fast import kernels
 
     fast.use("fast")
     model.eval()
@@ -72,27 +89,40 @@ def decode_profile(model, out: Path, name: str, batch: int = 256, prompt: int = 
     rows = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=g).cuda()
     kw = dict(do_sample=False, pad_token_id=0, temperature=None, top_p=None, top_k=None)
 
-    def gen(n):
+    def gen(n, **extra):
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model.generate(input_ids=rows, attention_mask=torch.ones_like(rows), max_new_tokens=n, min_new_tokens=n, **kw)
+            result = model.generate(input_ids=rows, attention_mask=torch.ones_like(rows), max_new_tokens=n,
+                                    min_new_tokens=n, **kw, **extra)
         torch.cuda.synchronize()
+        return result
+
+    def first_decode_logits():
+        return gen(2, output_logits=True, return_dict_in_generate=True).logits[1].float()
 
     gen(4)
-    timings = {}
-    for n in (1, new):
-        t = time.perf_counter()
-        gen(n)
-        timings[n] = time.perf_counter() - t
-    per_step = (timings[new] - timings[1]) / (new - 1)  # the prefill cancels out
+    result = {"batch": batch, "prompt": prompt, "decode_step_ms": round(_decode_step_ms(gen, new), 1)}
+    ours = first_decode_logits()
+    saved = {}
+    for (module_name, attr), original in kernels._state["originals"].items():
+        if attr == "causal_conv1d_update":
+            module = importlib.import_module(module_name)
+            saved[(module, attr)] = getattr(module, attr)
+            setattr(module, attr, inspect.unwrap(original))
+    gen(4)
+    result["decode_step_ms_transformers_conv_update"] = round(_decode_step_ms(gen, new), 1)
+    theirs = first_decode_logits()
+    for (module, attr), fn in saved.items():
+        setattr(module, attr, fn)
+    result["first_decode_logits_rel_diff"] = float((ours - theirs).norm() / theirs.norm())
+    result["first_decode_argmax_agree"] = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         gen(8)
     table, cuda_ms, cpu_ms = kernel_table(prof)
     cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=70)
     (out / f"{name}_decode_kernels.txt").write_text(table + "\n\n" + cpu_table)
     model.train()
-    return {"batch": batch, "prompt": prompt, "prefill_plus_1_s": round(timings[1], 3),
-            "decode_step_ms": round(per_step * 1e3, 1), "profile_8_tokens_cuda_ms": round(cuda_ms, 1),
-            "profile_8_tokens_cpu_ms": round(cpu_ms, 1)}
+    result.update({"profile_8_tokens_cuda_ms": round(cuda_ms, 1), "profile_8_tokens_cpu_ms": round(cpu_ms, 1)})
+    return result
 
 
 def main(argv=None) -> int:
