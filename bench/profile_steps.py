@@ -29,12 +29,19 @@ from hybridlora import fast  # noqa: E402
 
 
 def kernel_table(prof, n: int = 18) -> tuple[str, float, float]:
-    """(table of the top CUDA kernels, total CUDA ms, total CPU ms) from a finished profiler."""
-    events = prof.key_averages()
-    cuda = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
-    cpu = sum(e.self_cpu_time_total for e in events) / 1e3
-    table = events.table(sort_by="self_cuda_time_total", row_limit=n, max_name_column_width=70)
-    return table, cuda, cpu
+    """(table of the top CUDA kernels, total CUDA ms, total CPU ms) from a finished profiler; the totals are the
+    profiler's own footer figures (summing the rows would count an operator and its kernels twice)."""
+    import re
+
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=n, max_name_column_width=70)
+
+    def total(kind: str) -> float:
+        m = re.search(rf"Self {kind} time total: ([0-9.]+)(ms|us|s)", table)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"ms": 1.0, "us": 1e-3, "s": 1e3}[m.group(2)]
+
+    return table, total("CUDA"), total("CPU")
 
 
 def train_step_profile(model, resolved, lengths, out: Path, name: str) -> dict:
