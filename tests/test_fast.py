@@ -227,37 +227,6 @@ def test_causal_conv1d_matches_transformers_and_resets_at_boundaries():
                                torch.cat([ops.causal_conv1d(x, weight, None, None) for x in parts], -1))
 
 
-@pytest.mark.parametrize("module", ["qwen3_5.modeling_qwen3_5", "falcon_h1.modeling_falcon_h1"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_conv_update_matches_transformers_decode_step(module, dtype):
-    """The decode-step conv (multiply-adds) == transformers' F.conv1d fallback, output and rolled state."""
-    reference = inspect.unwrap(importlib.import_module(f"transformers.models.{module}").causal_conv1d_update)
-    torch.manual_seed(0)
-    weight, bias = torch.randn(6, 4, dtype=dtype), torch.randn(6, dtype=dtype)
-    for new_tokens, state_len, b, act in ((1, 4, bias, "silu"), (1, 3, None, None), (3, 4, bias, None)):
-        state = torch.randn(2, 6, state_len, dtype=dtype)
-        x = torch.randn(2, 6, new_tokens, dtype=dtype)
-        ours_state, ref_state = state.clone(), state.clone()
-        ours = ops.causal_conv1d_update(x, ours_state, weight, b, act)
-        ref = reference(x, ref_state, weight, b, act)
-        tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}  # bf16: rounding order only
-        torch.testing.assert_close(ours, ref, **tol)
-        torch.testing.assert_close(ours_state, ref_state)  # the state roll is a copy: exact
-        assert not torch.equal(ours_state, state)
-
-
-def test_conv_update_is_bound_on_cuda_only(monkeypatch):
-    mq = importlib.import_module("transformers.models.qwen3_5.modeling_qwen3_5")
-    assert fast.use("fast")["modeling_qwen3_5.causal_conv1d_update"] == "torch reference"  # CPU: transformers'
-    monkeypatch.setattr(kernels, "_cuda", lambda: True)
-    monkeypatch.setattr(kernels, "_probe", lambda: {})
-    bound = fast.use("fast")
-    assert bound["modeling_qwen3_5.causal_conv1d_update"] == "torch multiply-add conv update"
-    assert bound["modeling_falcon_h1.causal_conv1d_update"] == "torch multiply-add conv update"
-    assert mq.causal_conv1d_update is ops.causal_conv1d_update
-    fast.restore()
-
-
 def test_unfused_stand_in_sends_falcon_down_the_module_path():
     assert ops.unfused_split_conv1d_scan(torch.zeros(1), outproj_weight=torch.zeros(1)) is None
 

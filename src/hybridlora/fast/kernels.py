@@ -35,7 +35,6 @@ _GDN_BINDINGS = {
     "torch_chunk_gated_delta_rule": "fla.chunk_gated_delta_rule",
     "torch_recurrent_gated_delta_rule": "fla.fused_recurrent_gated_delta_rule",
     "causal_conv1d_fn": "conv",
-    "causal_conv1d_update": "conv_update",
 }
 # modeling module -> {attribute: kernel key}
 BINDINGS = {
@@ -46,7 +45,6 @@ BINDINGS = {
         "mamba2_selective_state_update": "mamba_ssm.selective_state_update",
         "mamba2_split_conv1d_scan_combined": "unfused",
         "causal_conv1d_fn": "conv",
-        "causal_conv1d_update": "conv_update",
     },
 }
 REFERENCE = "reference (no CUDA)"
@@ -141,8 +139,6 @@ def _implementation(key: str) -> Callable | None:
         return ops.causal_conv1d
     if key == "unfused":
         return ops.unfused_split_conv1d_scan
-    if key == "conv_update":
-        return ops.causal_conv1d_update
     fn = _probe().get(key, {}).get("fn")
     if fn is None:
         return None

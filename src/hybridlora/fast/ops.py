@@ -71,33 +71,6 @@ def causal_conv1d(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch
     return out.to(hidden_states.dtype)
 
 
-def causal_conv1d_update(hidden_states: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
-                         bias: torch.Tensor | None = None, activation: str | None = None, **kwargs: Any) -> torch.Tensor:
-    """Decode-step depthwise causal convolution with transformers' signature: ``hidden_states`` ``[B, D, T]`` (the
-    T new tokens, usually 1), ``conv_state`` ``[B, D, S]`` (S >= W - 1) rolled forward in place, ``weight``
-    ``[D, W]``. Same result as transformers' fallback (``F.conv1d`` over state + new tokens), computed as W
-    multiply-adds in float32: for a window this short ``F.conv1d`` runs PyTorch's generic depthwise kernel,
-    about 0.6 ms per Qwen3.5 layer and token at batch 256 on an H100 (bench/results/2026-11-22-h100-session4)."""
-    seq_len, state_len, width = hidden_states.shape[-1], conv_state.shape[-1], weight.shape[-1]
-    x = torch.cat([conv_state, hidden_states.to(conv_state.dtype)], dim=-1)
-    conv_state.copy_(x[..., -state_len:])
-    x = x[..., x.shape[-1] - seq_len - (width - 1):].float()  # [B, D, T + W - 1]
-    w = weight.float()
-    out = x[..., :seq_len] * w[:, 0, None]
-    for k in range(1, width):
-        out = out + x[..., k:k + seq_len] * w[:, k, None]
-    if bias is not None:
-        out = out + bias.float()[:, None]
-    out = out.to(weight.dtype)
-    act = _activation(activation)
-    if act is not None:
-        out = act(out)
-    return out.to(hidden_states.dtype)
-
-
-causal_conv1d_update.__hybridlora_kernel__ = "torch multiply-add conv update"
-
-
 def _drop_cross_example_taps(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                              cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Subtract, from the conv output of one packed row, every tap that crosses an example boundary."""
