@@ -9,7 +9,7 @@ import torch
 
 from hybridlora.evaluate import gsm8k, humaneval, mmlu
 from hybridlora.evaluate.data import BenchmarkError, fit_prompt, seeded_subset
-from hybridlora.evaluate.lm import CausalLM, trim_at_stop
+from hybridlora.evaluate.lm import CausalLM, stop_window, trim_at_stop
 from hybridlora.evaluate.runner import (BENCHMARKS, NOT_RUN, build_prompts, evaluate, evaluate_benchmark, load_items,
                                         parse_benchmarks, perplexity)
 from hybridlora.evaluate.tokenizer import byte_tokenizer
@@ -148,6 +148,41 @@ def test_generation_stops_and_batching_matches_single(lm):
               for p in prompts]
     assert batched == single
     assert all("\n" not in c for c in batched)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_stop_window_sees_every_stop_string_when_it_completes(tokenizer, data_dir):
+    """Decoding only the last stop_window(stop) generated tokens finds a stop string at the step its last
+    character arrives (multi-byte characters and multi-character tokens included)."""
+    from hybridlora.data import build_tiny_tokenizer
+
+    tok = byte_tokenizer() if tokenizer == "byte" else build_tiny_tokenizer(data_dir=data_dir)
+    texts = ["The answer is 42.", "def f(x):\n    return x * 2", "Ünïcödé ✓ text — with dashes", "a" * 300]
+    checked = 0
+    for stop in ["\n", "Question:", "\n\n#", "✓ t"]:
+        for text in texts:
+            ids = tok(text + stop + " tail", add_special_tokens=False)["input_ids"]
+            if stop not in tok.decode(ids):  # the tiny BPE tokenizer maps non-ASCII characters to <unk>
+                continue
+            step = next(n for n in range(1, len(ids) + 1) if stop in tok.decode(ids[:n]))
+            assert stop in tok.decode(ids[max(0, step - stop_window([stop])):step]), (stop, text)
+            checked += 1
+    assert checked >= 12
+
+
+def test_stop_check_decodes_a_bounded_tail(lm, monkeypatch):
+    """Per step the stop check decodes at most stop_window tokens per row, however long the generation."""
+    seen = []
+    real = type(lm.tokenizer).batch_decode
+
+    def spy(self, sequences, *args, **kwargs):
+        seen.append(max(len(s) for s in sequences))
+        return real(self, sequences, *args, **kwargs)
+
+    monkeypatch.setattr(type(lm.tokenizer), "batch_decode", spy)
+    lm.generate_until(["x", "y"], stop=["never-generated-stop"], max_new_tokens=60)
+    checks = seen[:-1]  # the last call decodes the finished completions
+    assert len(checks) >= 59 and max(checks) == stop_window(["never-generated-stop"]) < 60
 
 
 def test_humaneval_execution_only_when_allowed(lm, data_dir, monkeypatch):

@@ -166,13 +166,19 @@ class CausalLM:
         tok = self.tokenizer
         budget = max(1, self.max_length - max_new_tokens)
         stop = tuple(s for s in stop if s)
+        window = stop_window(stop)
 
         class StopStrings(StoppingCriteria):
+            """Marks a row done once its generated text holds a stop string. A stop string first appears at the
+            end of the text, so only the last ``window`` generated tokens are decoded each step (decoding all of
+            them made the check grow with every token). The outputs are cut at the earliest stop string
+            afterwards in any case, so the window changes only when a row stops, never what it returns."""
             def __init__(self, width: int) -> None:
                 self.width = width
 
             def __call__(self, input_ids, scores, **kwargs):
-                texts = tok.batch_decode(input_ids[:, self.width:], skip_special_tokens=False)
+                start = max(self.width, input_ids.shape[1] - window)
+                texts = tok.batch_decode(input_ids[:, start:], skip_special_tokens=False)
                 done = [any(s in t for s in stop) for t in texts]
                 return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -199,6 +205,13 @@ class CausalLM:
                 if progress is not None:
                     progress.update(len(batch))
         return out
+
+
+def stop_window(stop: Sequence[str]) -> int:
+    """Generated tokens to decode per step so that a stop string completed by the newest token is seen: every
+    token decodes to at least one character, so a stop string of c characters lies within the last c tokens;
+    doubled, plus slack for tokens that decode to nothing on their own (partial UTF-8 bytes)."""
+    return 2 * max((len(s) for s in stop), default=0) + 8
 
 
 def trim_at_stop(text: str, stop: Sequence[str]) -> str:
