@@ -174,7 +174,17 @@ def packing_check(model, name: str) -> dict:
     return out
 
 
-def graph_check(model, resolved, lengths) -> dict:
+def compile_layers(peft) -> int:
+    """Regional torch.compile: every decoder layer of the PEFT model compiled in place (default mode)."""
+    from hybridlora.fast.loss import head_and_scale
+
+    decoder = head_and_scale(peft)[0]
+    for layer in decoder.layers:
+        layer.compile()
+    return len(decoder.layers)
+
+
+def graph_check(model, resolved, lengths, compile: bool = False) -> dict:
     """One packed step (16 real-length GSM8K-like examples, LoRA dropout off, B non-zero, bf16): the CUDA-graph
     replay vs the eager packed step on the same weights — loss and LoRA gradients — and both timed."""
     from hybridlora.fast.graphs import PackedStepGraphs
@@ -189,6 +199,7 @@ def graph_check(model, resolved, lengths) -> dict:
             if "lora_B" in n:
                 p.normal_(0, 0.01)
     peft.train()
+    compiled = compile_layers(peft) if compile else 0
     exs = length_examples(lengths["gsm8k"], 16, model.config.vocab_size, 1024, seed=5)
     row = fast.pack([{"input_ids": e.input_ids, "labels": e.labels} for e in exs])
     n_tokens = int((row["labels"][:, 1:] != -100).sum())
@@ -225,6 +236,7 @@ def graph_check(model, resolved, lengths) -> dict:
     replay_grads = [p.grad.clone() for p in params]
     all_rel = lambda a, b: rel(torch.cat([x.flatten() for x in a]), torch.cat([x.flatten() for x in b]))
     out = {"tokens": int(row["input_ids"].shape[1]), "loss_tokens": n_tokens, "graphs": runner.describe(),
+           "compiled_layers": compiled,
            "capture_s": round(capture_s, 1), "eager_loss": eager_loss, "graph_loss": graph_loss,
            "replay_loss": replay_loss, "grads_rel_graph_vs_eager": all_rel(graph_grads, eager_grads),
            "worst_tensor_rel": max(rel(a, b) for a, b in zip(graph_grads, eager_grads)),
@@ -304,7 +316,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="qwen,falcon")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per timed run (2 more are warm-up)")
     ap.add_argument("--chars-per-token", type=float, default=4.0)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: packing,graph_check,fixed,real")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: packing,graph_check,graph_check_compiled,fixed,real")
     ap.add_argument("--modes", default="padded,packed,graphs",
                     help="which trainer runs: padded, packed (eager), graphs (packed, CUDA graphs)")
     args = ap.parse_args(argv)
@@ -324,6 +336,7 @@ def main(argv=None) -> int:
         for section, fn in (
             ("packing", lambda m: packing_check(m, name)),
             ("graph_check", lambda m: graph_check(m, resolved, lengths)),
+            ("graph_check_compiled", lambda m: graph_check(m, resolved, lengths, compile=True)),
         ):
             if section in skip:
                 continue
