@@ -34,6 +34,7 @@ def _varlen_kernel():
     return getattr(varlen, "varlen_attn", None)
 
 
+@torch.compiler.disable  # the flash varlen kernel is one opaque call; compiling around it is all there is to do
 def _causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
                    scaling: float | None) -> torch.Tensor:
     """``q`` ``[T, Hq, D]``, ``k``/``v`` ``[T, Hkv, D]`` -> ``[T, Hq, D]`` with PyTorch's flash varlen kernel."""
