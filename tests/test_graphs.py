@@ -166,3 +166,23 @@ def test_host_copies_names_the_line_that_copies_to_the_device():
     found = host_copies(step, device_type="meta")
     assert len(found) == 1 and "_to_copy" in found[0] and "test_graphs.py" in found[0] and "in step" in found[0]
     assert host_copies(lambda: torch.ones(2, device="meta") * 3, device_type="meta") == []
+
+
+def test_trained_model_runs_without_autocast_after_bf16_training(data_dir, tmp_path):
+    """bf16 training skips PEFT's LoRA input upcast (autocast makes it redundant); the returned model must have
+    it back, or evaluating it outside autocast multiplies bf16 activations by float32 LoRA weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tok = build_tiny_tokenizer(data_dir=data_dir)
+    model = build_model(tiny_config_for("qwen3_5_text"), seed=0, dtype=torch.bfloat16)
+    cmap = build_component_map(model)
+    resolved = resolve(named_preset("attention_only", family_named(cmap.family)), cmap)
+    cfg = TrainConfig(epochs=1, micro_batch_size=2, grad_accum=1, max_length=256, save_every=0, norm_every=0,
+                      progress=False, precision="bf16")
+    tr, _, _ = prepare_data("gsm8k", tok, cfg, data_dir=data_dir, max_examples=4, val_examples=1)
+    result = train(model, resolved, tr, tmp_path / "run", cfg, pad_id=tok.pad_token_id)
+    layers = [m for m in result.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and all(m.cast_input_dtype_enabled for m in layers)
+    with torch.no_grad():
+        logits = result.peft_model(input_ids=torch.tensor([tr.examples[0].input_ids[:16]])).logits
+    assert torch.isfinite(logits).all()

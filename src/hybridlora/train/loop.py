@@ -565,6 +565,10 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
         log.close()
         if progress is not None:
             progress.close()
+        if precision == "bf16":  # hand the model back as PEFT made it: callers may run it without autocast
+            from ..fast import skip_input_upcast
+
+            skip_input_upcast(peft_model, enabled=False)
     return TrainResult(output_dir, output_dir / ADAPTER_DIR, step, last_loss, val_loss, trainable, peft_model)
 
 
