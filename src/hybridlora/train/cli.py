@@ -154,4 +154,5 @@ def _run(args) -> int:
     val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
     print(f"{resolved.name}: {result.steps} steps, {result.trainable_params:,} trainable parameters, final loss "
           f"{result.final_loss:.4f}, validation loss {val}; adapter in {result.adapter_dir}")
+    print(f"cuda graphs: {result.cuda_graphs}")
     return 0

@@ -117,6 +117,7 @@ class TrainResult:
     val_loss: float | None
     trainable_params: int
     peft_model: Any = field(repr=False, default=None)
+    cuda_graphs: str = ""  # what the CUDA-graph runner did (the run log's ``cuda_graphs`` line)
 
 
 # --- atomic file helpers ---------------------------------------------------------------------------
@@ -548,7 +549,8 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             _save_checkpoint(output_dir, step, peft_model, optimizer, scheduler, config.keep_checkpoints,
                              fingerprint)
             log.write(event="stopped", step=step, reason=f"stop_after_steps={stop_after_steps}")
-            return TrainResult(output_dir, output_dir / ADAPTER_DIR, step, last_loss, None, trainable, peft_model)
+            return TrainResult(output_dir, output_dir / ADAPTER_DIR, step, last_loss, None, trainable, peft_model,
+                               graphs.describe() if graphs is not None else graphs_line)
         val_loss = evaluate_loss(peft_model, val_examples, pad_id, config.micro_batch_size, config.precision)
         if val_examples:
             log.write(event="eval", step=step, val_loss=val_loss)
@@ -569,7 +571,8 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             from ..fast import skip_input_upcast
 
             skip_input_upcast(peft_model, enabled=False)
-    return TrainResult(output_dir, output_dir / ADAPTER_DIR, step, last_loss, val_loss, trainable, peft_model)
+    return TrainResult(output_dir, output_dir / ADAPTER_DIR, step, last_loss, val_loss, trainable, peft_model,
+                       graphs.describe() if graphs is not None else graphs_line)
 
 
 def _nan_message(step: int, output_dir: Path, what: str = "loss") -> str:
