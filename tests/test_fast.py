@@ -260,6 +260,21 @@ def test_chunked_loss_equals_full_logits_loss(monkeypatch, model_type, preset, h
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     for a, b in zip(got_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    calls = {"exp": 0}
+    real_exp = torch.exp
+
+    def counting_exp(*args, **kwargs):  # the frozen head's softmax gradient is the only torch.exp in the loss
+        calls["exp"] += 1
+        return real_exp(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "exp", counting_exp)
+    fast.causal_lm_loss_sum(model, ids, labels)
+    with_grad, calls["exp"] = calls["exp"], 0
+    with torch.no_grad():  # validation loss: same value, and no gradient work for a frozen head
+        no_grad_loss, _ = fast.causal_lm_loss_sum(model, ids, labels)
+    torch.testing.assert_close(no_grad_loss, ref.detach(), rtol=1e-5, atol=1e-4)
+    if not head_trainable:
+        assert with_grad > 0 and calls["exp"] == 0
 
 
 def test_skip_input_upcast_toggles_every_lora_layer():

@@ -5,7 +5,7 @@ import re
 import pytest
 from peft import LoraConfig
 
-from family_fixtures import tiny_map, tiny_model
+from family_fixtures import tiny_map
 from hybridlora.components import build_component_map
 from hybridlora.families import family_named
 from hybridlora.models import build_meta_model, resolve_model

@@ -16,7 +16,6 @@ examples, oldest first, so this only bites when a single example is too long).
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 

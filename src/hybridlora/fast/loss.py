@@ -50,7 +50,8 @@ class _FrozenHeadCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale, rows, dtype):
         total = hidden.new_zeros((), dtype=torch.float32)
-        grad = torch.empty_like(hidden)
+        want_grad = ctx.needs_input_grad[0]  # False under no_grad (validation loss): skip the softmax gradient
+        grad = torch.empty_like(hidden) if want_grad else None
         w = weight.to(dtype)
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows].to(dtype)
@@ -62,12 +63,15 @@ class _FrozenHeadCE(torch.autograd.Function):
                 logits = logits * scale
             lse = torch.logsumexp(logits, dim=-1)
             total += ((lse - logits.gather(1, y[:, None]).squeeze(1)) * valid).sum()
+            if not want_grad:
+                continue
             probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
             probs[torch.arange(len(y), device=y.device), y] -= 1.0
             if scale != 1.0:
                 probs.mul_(scale)
             grad[start:start + rows] = ((probs.to(dtype) @ w) * valid[:, None]).to(hidden.dtype)
-        ctx.save_for_backward(grad)
+        if want_grad:
+            ctx.save_for_backward(grad)
         return total
 
     @staticmethod

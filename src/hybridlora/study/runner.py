@@ -200,7 +200,6 @@ def check_inputs(config: StudyConfig) -> None:
 def planned_params(jobs: list[Job]) -> dict[str, int]:
     """Trainable parameters of every train job, resolved on the exact architecture (meta device, no weights) —
     so a placement that matches nothing on some model fails here, before any compute is spent."""
-    from ..components import build_component_map
     from ..models import build_meta_model, resolve_model, text_config, tiny_config
     from ..placement import PlacementError
     from .config import StudyConfigError
