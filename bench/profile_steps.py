@@ -99,15 +99,18 @@ def decode_profile(model, out: Path, name: str, batch: int = 256, prompt: int = 
 
     gen(new)  # full-length warm-up: allocator growth and kernel compilation stay out of the timings
     times = [_decode_step_ms(gen, new) for _ in range(3)]
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        gen(8)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        gen(new + 1)  # mostly decode steps: the prefill is one of them
     table, cuda_ms, cpu_ms = kernel_table(prof)
     cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=70)
-    (out / f"{name}_decode_kernels.txt").write_text(table + "\n\n" + cpu_table)
+    # which tensors the big copies move: operators grouped by input shapes, by GPU time
+    shapes = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=40,
+                                                                max_name_column_width=40, max_shapes_column_width=90)
+    (out / f"{name}_decode_kernels.txt").write_text(table + "\n\n" + cpu_table + "\n\n" + shapes)
     model.train()
     return {"batch": batch, "prompt": prompt, "decode_step_ms": round(min(times), 1),
             "decode_step_ms_all": [round(t, 1) for t in times],
-            "profile_8_tokens_cuda_ms": round(cuda_ms, 1), "profile_8_tokens_cpu_ms": round(cpu_ms, 1)}
+            f"profile_{new + 1}_tokens_cuda_ms": round(cuda_ms, 1), f"profile_{new + 1}_tokens_cpu_ms": round(cpu_ms, 1)}
 
 
 def main(argv=None) -> int:
