@@ -316,7 +316,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="qwen,falcon")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per timed run (2 more are warm-up)")
     ap.add_argument("--chars-per-token", type=float, default=4.0)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: packing,graph_check,graph_check_compiled,fixed,real")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: packing,graph_check,fixed,real")
+    ap.add_argument("--compile-check", action="store_true",
+                    help="also run graph_check with the decoder layers compiled (leaves them compiled: run it alone)")
     ap.add_argument("--modes", default="padded,packed,graphs",
                     help="which trainer runs: padded, packed (eager), graphs (packed, CUDA graphs)")
     args = ap.parse_args(argv)
@@ -338,7 +340,7 @@ def main(argv=None) -> int:
             ("graph_check", lambda m: graph_check(m, resolved, lengths)),
             ("graph_check_compiled", lambda m: graph_check(m, resolved, lengths, compile=True)),
         ):
-            if section in skip:
+            if section in skip or (section == "graph_check_compiled" and not args.compile_check):
                 continue
             try:
                 res[section] = fn(model)
