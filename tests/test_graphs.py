@@ -98,7 +98,10 @@ def test_static_padded_step_equals_eager_packed_step(model_type):
     """Two rows into bucket lengths with a padding example and padded boundaries, gradients accumulated in
     place across rows == the eager packed step on the unpadded rows."""
     model = _lora_model(model_type)
-    rows = [fast.pack(_examples([30, 5, 21], seed=2)), fast.pack(_examples([50], seed=3))]
+    # buckets of 32: 56 tokens -> 64 with a padding example, 64 -> 64 exactly (no padding example, only repeated
+    # boundaries), 10 -> 32: three rows, two bucket lengths, one step
+    rows = [fast.pack(_examples([30, 5, 21], seed=2)), fast.pack(_examples([50, 14], seed=3)),
+            fast.pack(_examples([10], seed=4))]
     n_tokens = sum(int((r["labels"][:, 1:] != -100).sum()) for r in rows)
 
     model.zero_grad(set_to_none=True)
@@ -113,6 +116,7 @@ def test_static_padded_step_equals_eager_packed_step(model_type):
 
     runner = PackedStepGraphs(model, max_segments=4, pad_id=0, autocast_dtype=None, bucket=32)
     assert not runner.capture and "off" in runner.describe()
+    assert [runner.row_length(r) for r in rows] == [64, 64, 32]
     for attempt in range(2):  # the second pass checks that zero_grad leaves the same tensors, zeroed
         grads_before = [p.grad for p in runner.params]
         runner.zero_grad()
@@ -155,17 +159,23 @@ def test_cuda_graphs_option_is_validated():
         TrainConfig(cuda_graphs="yes").validate()
 
 
-def test_host_copies_names_the_line_that_copies_to_the_device():
-    from hybridlora.fast.graphs import host_copies
+def test_host_syncs_names_the_lines_that_break_capture():
+    from hybridlora.fast.graphs import host_syncs
 
     def step():
         x = torch.ones(3, device="meta")
         y = x * 2  # device only: fine
         return y + torch.arange(3).to("meta")  # a host tensor copied over: named
 
-    found = host_copies(step, device_type="meta")
+    found = host_syncs(step, device_type="meta")
     assert len(found) == 1 and "_to_copy" in found[0] and "test_graphs.py" in found[0] and "in step" in found[0]
-    assert host_copies(lambda: torch.ones(2, device="meta") * 3, device_type="meta") == []
+    assert host_syncs(lambda: torch.ones(2, device="meta") * 3, device_type="meta") == []
+
+    def reads_back():
+        return torch.ones(3, device="meta").sum().item()  # a device value read on the host: named
+
+    found = host_syncs(reads_back, device_type="meta")
+    assert any("_local_scalar_dense" in f and "in reads_back" in f for f in found)
 
 
 def test_trained_model_runs_without_autocast_after_bf16_training(data_dir, tmp_path):
@@ -186,3 +196,65 @@ def test_trained_model_runs_without_autocast_after_bf16_training(data_dir, tmp_p
     with torch.no_grad():
         logits = result.peft_model(input_ids=torch.tensor([tr.examples[0].input_ids[:16]])).logits
     assert torch.isfinite(logits).all()
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for PackedStepGraphs._capture on CPU; the capture itself fails."""
+
+    def __init__(self):
+        self.captures_tried = 0
+        self.rng_restores = 0
+
+    def install(self, monkeypatch):
+        import contextlib
+
+        class Stream:
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        fake = self
+
+        class FailingGraph:
+            def __init__(self, *args, **kwargs):
+                fake.captures_tried += 1
+
+            def __enter__(self):
+                raise RuntimeError("capture broke: operation not permitted when stream is capturing")
+
+            def __exit__(self, *exc):
+                return False
+
+        def set_rng_state(state, device=None):
+            fake.rng_restores += 1
+
+        for name, value in {"Stream": Stream, "current_stream": lambda *a: Stream(), "stream": lambda s: contextlib.nullcontext(),
+                            "get_rng_state": lambda *a: torch.get_rng_state(), "set_rng_state": set_rng_state,
+                            "CUDAGraph": lambda: object(), "graph_pool_handle": lambda: object(), "graph": FailingGraph,
+                            "set_stream": lambda s: None, "synchronize": lambda *a: None}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_failed_capture_falls_back_with_gradients_as_if_run_eagerly(monkeypatch):
+    """A capture that fails leaves no trace: the warm-ups' gradients are undone, the row runs eagerly once, the
+    failure is named loudly and counted as no capture, and no further capture is tried."""
+    rows = [fast.pack(_examples([30, 5, 21], seed=2)), fast.pack(_examples([40], seed=3))]
+    eager_model, model = _lora_model("qwen3_5_text"), _lora_model("qwen3_5_text")
+    eager = PackedStepGraphs(eager_model, max_segments=4, pad_id=0, autocast_dtype=None, bucket=32, capture=False)
+    expected = [float(eager.forward_backward(r, 0.01)) for r in rows]
+
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    runner = PackedStepGraphs(model, max_segments=4, pad_id=0, autocast_dtype=None, bucket=32, capture=True)
+    with pytest.warns(UserWarning, match="capture of the packed training step failed .*capture broke"):
+        got = [float(runner.forward_backward(rows[0], 0.01))]
+    got.append(float(runner.forward_backward(rows[1], 0.01)))  # another bucket: no new attempt
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert fake.captures_tried == 1 and runner.captures == 0 and not runner._graphs
+    assert fake.rng_restores == 2  # after the warm-ups, and after the failure
+    assert "capture broke" in runner.failure and runner.describe().startswith("off (capture failed")
+    for (name, a), b in zip(model.named_parameters(), eager_model.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)

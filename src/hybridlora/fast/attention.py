@@ -8,7 +8,8 @@ forwards to every layer:
 
 * on CUDA it calls PyTorch's flash-attention varlen kernel (``torch.nn.attention.varlen``), causal, with
   grouped key/value heads as they are;
-* elsewhere (CPU tests) it runs causal SDPA on each example separately — the exact reference.
+* elsewhere (CPU, or float32 rows: the flash kernel takes half precision only) it runs causal SDPA on each
+  example separately — the exact reference.
 
 The implementation name is only in force inside :func:`packed_attention` (a context manager), because it
 ignores ``attention_mask``: right-padded batches must keep using SDPA with their mask. Zero-length segments
@@ -80,7 +81,7 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         raise RuntimeError(f"{PACKED!r} has no attention dropout")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     cu = cu.to(device=q.device, dtype=torch.int32)
-    if q.is_cuda and _varlen_kernel() is not None:
+    if q.is_cuda and _varlen_kernel() is not None and q.dtype in (torch.bfloat16, torch.float16):
         max_len = kwargs.get("max_length_q") or q.shape[0]
         out = _causal_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu, int(max_len), scaling)
     else:

@@ -15,10 +15,16 @@ What makes the packed step capturable (every shape static, no host sync inside):
   a gradient exists), so the trainer zeroes them with ``zero_grad(set_to_none=False)``;
 * the step's 1/(loss tokens) is a device scalar the replay reads.
 
+Every trainable parameter therefore has a gradient, zeros where the forward does not reach it; AdamW would
+then decay such a parameter, where the eager path leaves a ``None`` gradient alone. Placements resolved by
+hybridlora only hold adapters the forward uses (the liveness check), so this is a note, not a difference.
+
 One graph per bucket length, all in one memory pool. Before a bucket is captured its step runs twice eagerly on
-a side stream (Triton autotuning, cuBLAS workspaces), then the gradients are restored. LoRA dropout draws fresh
-masks on every replay (PyTorch's graph-safe generator). If capture fails, the runner says so loudly once and
-runs the same static step eagerly from then on (same numbers, no speed-up).
+a side stream (Triton autotuning, cuBLAS workspaces); then the gradients and the CUDA random state are put back,
+so a resumed run, which captures at other steps, draws the same dropout masks. LoRA dropout draws fresh masks on
+every replay (PyTorch's graph-safe generator). If capture fails, the runner says so loudly once (naming where host
+tensors reach GPU ops or device values are read on the host), frees the graphs it holds and runs the same static
+step eagerly from then on (same numbers, no speed-up).
 
 On CPU (tests) the runner runs the static step eagerly: that checks the padding and the static loss, and
 everything except the capture itself.
@@ -102,14 +108,13 @@ class PackedStepGraphs:
         length = self.row_length(row)
         padded = pad_row(row, length, self.max_segments, self.pad_id)
         self._scale.fill_(scale)
+        if self.capture and not self.failure and length not in self._graphs:
+            captured = self._capture(padded)
+            if captured is not None:
+                self._graphs[length] = captured
+                self.captures += 1
         if not self.capture or self.failure:
             return self._step({k: v.to(self.device) for k, v in padded.items()}).clone()
-        if length not in self._graphs:
-            self.captures += 1
-            self._graphs[length] = self._capture(padded)
-            if self.failure:
-                del self._graphs[length]
-                return self._step({k: v.to(self.device) for k, v in padded.items()}).clone()
         graph, static, loss = self._graphs[length]
         for key, value in padded.items():
             static[key].copy_(value, non_blocking=True)
@@ -151,17 +156,23 @@ class PackedStepGraphs:
         return [p.grad for p in self.params]
 
     def _capture(self, padded: dict[str, torch.Tensor]):
+        """(graph, static inputs, static loss) for ``padded``'s bucket, or None (and :attr:`failure` set).
+        Leaves the gradients and the CUDA random state as they were: the warm-up steps' gradients are undone,
+        and their dropout draws too, so that a resumed run draws the same masks as an uninterrupted one."""
         static = {k: v.to(self.device) for k, v in padded.items()}
         grads = self._ensure_grads()
         saved = [g.clone() for g in grads]
         pointers = [g.data_ptr() for g in grads]
+        rng = torch.cuda.get_rng_state(self.device)
+        stream = torch.cuda.current_stream(self.device)
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(stream)
             with torch.cuda.stream(side):
                 for _ in range(2):  # autotune, workspaces, lazy inits: nothing of that may happen in capture
                     self._step(static)
-            torch.cuda.current_stream().wait_stream(side)
+            stream.wait_stream(side)
+            torch.cuda.set_rng_state(rng, self.device)  # capture itself draws nothing: replays advance the offset
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
@@ -170,30 +181,43 @@ class PackedStepGraphs:
             if [p.grad.data_ptr() if p.grad is not None else None for p in self.params] != pointers:
                 raise RuntimeError("autograd replaced gradient tensors during capture instead of accumulating")
         except Exception as exc:  # loud, once; the eager static step gives the same numbers
-            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            torch.cuda.synchronize()
-            for p, g in zip(self.params, saved):
-                p.grad = g.clone()
-            self.culprits = host_copies(lambda: self._step(static))  # this eager step adds to the gradients...
-            if self.culprits:
-                self.failure += f" [host tensors reach GPU ops at: {'; '.join(self.culprits[:3])}]"
-            for p, g in zip(self.params, saved):  # ...so they are restored from the untouched copies
-                p.grad = g
-            warnings.warn(f"hybridlora: CUDA graph capture of the packed training step failed ({self.failure}); "
-                          "running it eagerly from now on (correct, but host-bound and slower)", stacklevel=3)
+            self._give_up(exc, stream, static, saved, rng)
             return None
         torch._foreach_copy_(grads, saved)  # undo the warm-up steps' gradients
         return graph, static, loss
 
+    def _give_up(self, exc: Exception, stream, static: dict[str, torch.Tensor], saved: list[torch.Tensor],
+                 rng: torch.Tensor) -> None:
+        """After a failed capture: the stream, gradients and random state as before it, the graphs' memory
+        released, the cause named (also the one behind a capture invalidated by it), one loud warning."""
+        torch.cuda.set_stream(stream)  # a capture that fails at its end leaves its own stream current
+        causes = [exc] + ([exc.__context__] if exc.__context__ is not None else [])
+        self.failure = "; ".join(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}" for e in causes)[:400]
+        self._graphs.clear()  # no replays from here on: free the pool before the eager steps need memory
+        self._pool = None
+        torch.cuda.synchronize(self.device)
+        for p, g in zip(self.params, saved):
+            p.grad = g.clone()
+        self.culprits = host_syncs(lambda: self._step(static))  # this eager step adds to the gradients...
+        if self.culprits:
+            self.failure += f" [host tensors or host reads at: {'; '.join(self.culprits[:3])}]"
+        for p, g in zip(self.params, saved):  # ...so they are restored from the untouched copies
+            p.grad = g
+        torch.cuda.set_rng_state(rng, self.device)
+        warnings.warn(f"hybridlora: CUDA graph capture of the packed training step failed ({self.failure}); "
+                      "running it eagerly from now on (correct, but host-bound and slower)", stacklevel=4)
 
-def host_copies(step, device_type: str = "cuda") -> list[str]:
-    """Run ``step`` eagerly and name where it copies host tensors to the GPU (what breaks capture): one
-    "op at file:line in function" per distinct place, innermost frame outside torch itself."""
+
+def host_syncs(step, device_type: str = "cuda") -> list[str]:
+    """Run ``step`` eagerly and name what breaks CUDA-graph capture in it: host tensors handed to device ops
+    (copied over), and device values read on the host (``.item()``, ``.tolist()``, ``nonzero``, copies to the
+    host). One "op at file:line in function" per distinct place, innermost frame outside torch itself."""
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
     found: dict[str, None] = {}
+    host_reads = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
 
     def where() -> str:
         frames = [f for f in traceback.extract_stack()
@@ -203,14 +227,18 @@ def host_copies(step, device_type: str = "cuda") -> list[str]:
 
     class Spy(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
             leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            on_device = any(t.device.type == device_type for t in leaves)
             # any host tensor, 0-dim ones included (``x[idx] = True`` passes the scalar as a host tensor that
-            # index_put_ copies over); a host scalar tensor in a pointwise op may be harmless, so this names
+            # index_put_ copies over); a host scalar tensor in a pointwise op may be harmless, so these are
             # suspects, to be read as such
-            host = any(t.device.type == "cpu" for t in leaves)
-            if host and any(t.device.type == device_type for t in outs + leaves):
+            host_in = any(t.device.type == "cpu" for t in leaves)
+            if on_device and (host_in or func in host_reads):  # noted before the call, which may raise
+                found.setdefault(f"{func} at {where()}")
+            out = func(*args, **(kwargs or {}))
+            outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            if (host_in and any(t.device.type == device_type for t in outs)) or (
+                    on_device and any(t.device.type == "cpu" for t in outs)):
                 found.setdefault(f"{func} at {where()}")
             return out
 
@@ -220,3 +248,6 @@ def host_copies(step, device_type: str = "cuda") -> list[str]:
     except Exception as exc:  # diagnosis only
         found.setdefault(f"(diagnosis stopped: {type(exc).__name__}: {exc})")
     return list(found)
+
+
+host_copies = host_syncs  # earlier name

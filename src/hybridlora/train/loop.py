@@ -259,6 +259,8 @@ def _step_graphs(model: nn.Module, config: "TrainConfig", device: torch.device, 
                (not _graphs_wanted(device), "no CUDA"),
                (not packing, "packing is off"),
                (config.gradient_checkpointing, "gradient checkpointing is on"),
+               (device.type == "cuda" and precision != "bf16", "float32 training (the packed attention's flash kernel takes bf16 only; "
+                                     "float32 packed rows use per-example attention, which reads boundaries on the host)"),
                (head_and_scale(model) is None, "the model family's head is not known to the static loss")]
     why = next((reason for hit, reason in reasons if hit), None)
     if why is not None:
@@ -436,10 +438,6 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
     packing, batching = batching_line(peft_model, config)
     pack_budget = pack_tokens_for(config) if packing else None
     ctx, precision = _autocast(device, config.precision)
-    if precision == "bf16":
-        from ..fast import skip_input_upcast
-
-        skip_input_upcast(peft_model)  # PEFT's float32 copy of every LoRA input is undone by autocast anyway
     graphs, graphs_line = _step_graphs(peft_model, config, device, packing, precision, pad_id)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
@@ -494,6 +492,10 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
         progress = tqdm(total=total_steps, initial=step, desc=f"train {resolved.name}", unit="step", leave=False)
     peft_model.train()
     last_loss = None
+    if precision == "bf16":
+        from ..fast import skip_input_upcast
+
+        skip_input_upcast(peft_model)  # PEFT's float32 copy of every LoRA input is undone by autocast anyway
     try:
         end = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
         while step < end:
