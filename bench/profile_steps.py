@@ -80,9 +80,11 @@ def _decode_step_ms(gen, new: int) -> float:
     return (timings[new] - timings[1]) / (new - 1) * 1e3
 
 
-def decode_profile(model, out: Path, name: str, batch: int = 256, prompt: int = 256, new: int = 32) -> dict:
+def decode_profile(model, out: Path, name: str, batch: int = 256, prompt: int = 256, new: int = 32,
+                   cache: str | None = None) -> dict:
     """Greedy decode step time at the evaluation batch size (after a full-length warm-up, best of 3) and a
-    profile of 8 generated tokens."""
+    profile of ``new + 1`` generated tokens. ``cache="static"``: transformers' static cache (its generate may
+    then compile the decode step; both tiny families give the same tokens with it on CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     fast.use("fast")
@@ -90,6 +92,8 @@ def decode_profile(model, out: Path, name: str, batch: int = 256, prompt: int = 
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=g).cuda()
     kw = dict(do_sample=False, pad_token_id=0, temperature=None, top_p=None, top_k=None)
+    if cache:
+        kw["cache_implementation"] = cache
 
     def gen(n):
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -108,7 +112,7 @@ def decode_profile(model, out: Path, name: str, batch: int = 256, prompt: int = 
                                                                 max_name_column_width=40, max_shapes_column_width=90)
     (out / f"{name}_decode_kernels.txt").write_text(table + "\n\n" + cpu_table + "\n\n" + shapes)
     model.train()
-    return {"batch": batch, "prompt": prompt, "decode_step_ms": round(min(times), 1),
+    return {"batch": batch, "prompt": prompt, "cache": cache or "default", "decode_step_ms": round(min(times), 1),
             "decode_step_ms_all": [round(t, 1) for t in times],
             f"profile_{new + 1}_tokens_cuda_ms": round(cuda_ms, 1), f"profile_{new + 1}_tokens_cpu_ms": round(cpu_ms, 1)}
 
@@ -119,6 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--models", default="qwen,falcon")
     ap.add_argument("--skip", default="", help="comma list: train,decode,fixed")
+    ap.add_argument("--decode-cache", default=None, choices=["static"],
+                    help="time generation with transformers' static cache (default: its dynamic cache)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
@@ -128,7 +134,8 @@ def main(argv=None) -> int:
         model, resolved = btl.build(name)
         res = results.setdefault(name, {})
         for section, fn, fn_args in (("train_step", train_step_profile, (model, resolved, lengths, args.out, name)),
-                                     ("decode", decode_profile, (model, args.out, name))):
+                                     ("decode", decode_profile, (model, args.out, name, 256, 256, 32,
+                                                                 args.decode_cache))):
             if section.split("_")[0] in skip:
                 continue
             try:
