@@ -258,3 +258,18 @@ def test_failed_capture_falls_back_with_gradients_as_if_run_eagerly(monkeypatch)
     for (name, a), b in zip(model.named_parameters(), eager_model.parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_graphs_stay_off_where_a_bound_function_loops_over_examples_on_the_host():
+    """Where mamba-ssm is missing, Mamba-2 runs the torch reference once per example (boundaries read on the
+    host): no CUDA graph can hold that, so the trainer does not try. Gated DeltaNet's reference keeps its
+    boundaries on the device (gate reset) and does not block graphs."""
+    from hybridlora.fast.kernels import host_read_boundaries
+
+    falcon = build_model(tiny_config_for("falcon_h1"), seed=0)
+    qwen = build_model(tiny_config_for("qwen3_5_text"), seed=0)
+    assert host_read_boundaries(falcon) == ["modeling_falcon_h1.mamba2_chunk_scan"]  # CPU binding: reference
+    assert host_read_boundaries(qwen) == []
+    cfg = TrainConfig()
+    assert loop._step_graphs(falcon, cfg, torch.device("cuda"), True, "bf16", 0) == (
+        None, "off: modeling_falcon_h1.mamba2_chunk_scan run per example on the host (a fast kernel is missing)")

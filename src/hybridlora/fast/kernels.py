@@ -229,6 +229,20 @@ def _module_boundary_aware(module_name: str, attrs: dict[str, str]) -> bool:
                                 for a in needed if hasattr(module, a))
 
 
+def host_read_boundaries(model: Any) -> list[str]:
+    """Functions bound now for ``model``'s mixers that read packed-row boundaries on the host (a per-example loop:
+    correct, but no CUDA graph can hold it), as ``module.attribute`` names."""
+    from .loss import _causal_lm
+
+    module_name = type(_causal_lm(model)).__module__
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:
+        return []
+    return [f"{module_name.rsplit('.', 1)[-1]}.{attr}" for attr in BINDINGS.get(module_name, {})
+            if getattr(getattr(module, attr, None), "__hybridlora_host_boundaries__", False)]
+
+
 def boundary_aware(model: Any) -> bool:
     """Whether the functions bound now keep the examples of a packed row apart in ``model``'s mixers."""
     from .loss import _causal_lm

@@ -202,6 +202,7 @@ def make_segmented_ssd(reference: Callable) -> Callable:
         return torch.cat(parts, dim=1)
     ssd_segmented.__hybridlora_kernel__ = "torch reference (per example)"
     ssd_segmented.__hybridlora_boundaries__ = True
+    ssd_segmented.__hybridlora_host_boundaries__ = True  # reads the boundaries on the host: no CUDA graph
     return ssd_segmented
 
 

@@ -255,12 +255,21 @@ def _step_graphs(model: nn.Module, config: "TrainConfig", device: torch.device, 
     from ..fast.graphs import PackedStepGraphs
     from ..fast.loss import head_and_scale
 
+    from ..fast.attention import _varlen_kernel
+    from ..fast.kernels import host_read_boundaries
+
+    host_loops = host_read_boundaries(model)
+    if _varlen_kernel() is None:
+        host_loops.append("softmax attention (this torch has no torch.nn.attention.varlen)")
     reasons = [(config.cuda_graphs == "off", "turned off (cuda_graphs: off)"),
                (not _graphs_wanted(device), "no CUDA"),
                (not packing, "packing is off"),
                (config.gradient_checkpointing, "gradient checkpointing is on"),
-               (device.type == "cuda" and precision != "bf16", "float32 training (the packed attention's flash kernel takes bf16 only; "
-                                     "float32 packed rows use per-example attention, which reads boundaries on the host)"),
+               (device.type == "cuda" and precision != "bf16",
+                "float32 training (the packed attention's flash kernel takes bf16 only; float32 packed rows use "
+                "per-example attention, which reads the boundaries on the host)"),
+               (device.type == "cuda" and bool(host_loops),
+                f"{', '.join(host_loops)} run per example on the host (a fast kernel is missing)"),
                (head_and_scale(model) is None, "the model family's head is not known to the static loss")]
     why = next((reason for hit, reason in reasons if hit), None)
     if why is not None:
