@@ -196,20 +196,27 @@ def _lines(ax, series: Sequence[Series]) -> None:
     ax.legend(fontsize=6)
 
 
+def _panel_grid(count: int, width: float, height: float):
+    """(figure, the first ``count`` axes) of a grid up to 3 panels wide, ``width`` × ``height`` inches per panel;
+    the grid's unused panels are hidden."""
+    ncols = min(3, count)
+    nrows = math.ceil(count / ncols)
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
 def loss_curves_figure(curves: Dict[Tuple[str, str], List[Series]]) -> Figure:
     """Training loss vs step; one panel per (model, train_domain), one line per placement."""
     keys = list(curves)
-    ncols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / ncols)
-    fig = Figure(figsize=(4.3 * ncols, 3.2 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig, axes = _panel_grid(len(keys), 4.3, 3.2)
     for ax, key in zip(axes, keys):
         _lines(ax, curves[key])
         ax.set_title(f"{key[0]} — {key[1]}", fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-    for ax in axes[len(keys):]:
-        ax.set_visible(False)
     fig.suptitle("Training loss", fontsize=10)
     return fig
 
@@ -218,17 +225,12 @@ def norm_dynamics_figure(key: Tuple[str, str], runs: Dict[str, List[Series]]) ->
     """LoRA ``‖B·A‖`` (summed per component type) vs step for ONE (model, train_domain);
     one panel per run, one line per component type."""
     labels = list(runs)
-    ncols = min(3, len(labels))
-    nrows = math.ceil(len(labels) / ncols)
-    fig = Figure(figsize=(4.0 * ncols, 3.0 * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig, axes = _panel_grid(len(labels), 4.0, 3.0)
     for ax, label in zip(axes, labels):
         _lines(ax, runs[label])
         ax.set_title(label, fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("‖BA‖ (sum)")
-    for ax in axes[len(labels):]:
-        ax.set_visible(False)
     fig.suptitle(f"LoRA norm dynamics — {key[0]} — {key[1]}", fontsize=10)
     return fig
 

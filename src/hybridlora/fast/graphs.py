@@ -85,7 +85,6 @@ class PackedStepGraphs:
         self.device = self.params[0].device
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.failure: str | None = None
-        self.culprits: list[str] = []
         self.captures = 0  # graphs captured so far (the trainer logs how many each step added)
         self._graphs: dict[int, tuple[Any, dict[str, torch.Tensor], torch.Tensor]] = {}
         self._pool = None
@@ -198,9 +197,9 @@ class PackedStepGraphs:
         torch.cuda.synchronize(self.device)
         for p, g in zip(self.params, saved):
             p.grad = g.clone()
-        self.culprits = host_syncs(lambda: self._step(static))  # this eager step adds to the gradients...
-        if self.culprits:
-            self.failure += f" [host tensors or host reads at: {'; '.join(self.culprits[:3])}]"
+        culprits = host_syncs(lambda: self._step(static))  # this eager step adds to the gradients...
+        if culprits:
+            self.failure += f" [host tensors or host reads at: {'; '.join(culprits[:3])}]"
         for p, g in zip(self.params, saved):  # ...so they are restored from the untouched copies
             p.grad = g
         torch.cuda.set_rng_state(rng, self.device)
@@ -249,5 +248,3 @@ def host_syncs(step, device_type: str = "cuda") -> list[str]:
         found.setdefault(f"(diagnosis stopped: {type(exc).__name__}: {exc})")
     return list(found)
 
-
-host_copies = host_syncs  # earlier name

@@ -229,25 +229,27 @@ def _module_boundary_aware(module_name: str, attrs: dict[str, str]) -> bool:
                                 for a in needed if hasattr(module, a))
 
 
+def _model_module(model: Any) -> str:
+    """The modeling module (the key of :data:`BINDINGS`) of ``model``, PEFT wrapper or not."""
+    from .loss import _causal_lm
+
+    return type(_causal_lm(model)).__module__
+
+
 def host_read_boundaries(model: Any) -> list[str]:
     """Functions bound now for ``model``'s mixers that read packed-row boundaries on the host (a per-example loop:
     correct, but no CUDA graph can hold it), as ``module.attribute`` names."""
-    from .loss import _causal_lm
-
-    module_name = type(_causal_lm(model)).__module__
-    try:
-        module = importlib.import_module(module_name)
-    except Exception:
+    module_name = _model_module(model)
+    if module_name not in BINDINGS:
         return []
-    return [f"{module_name.rsplit('.', 1)[-1]}.{attr}" for attr in BINDINGS.get(module_name, {})
+    module = importlib.import_module(module_name)
+    return [f"{module_name.rsplit('.', 1)[-1]}.{attr}" for attr in BINDINGS[module_name]
             if getattr(getattr(module, attr, None), "__hybridlora_host_boundaries__", False)]
 
 
 def boundary_aware(model: Any) -> bool:
     """Whether the functions bound now keep the examples of a packed row apart in ``model``'s mixers."""
-    from .loss import _causal_lm
-
-    module_name = type(_causal_lm(model)).__module__
+    module_name = _model_module(model)
     return module_name in BINDINGS and _module_boundary_aware(module_name, BINDINGS[module_name])
 
 
