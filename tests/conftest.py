@@ -28,3 +28,14 @@ def shared_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return shared_data_dir()
+
+
+@pytest.fixture()
+def fast_bindings():
+    """``hybridlora.fast.use("fast")`` for one test (packing-aware references on CPU), undone afterwards."""
+    from hybridlora import fast
+    from hybridlora.fast import kernels
+
+    fast.use("fast")
+    yield
+    kernels.restore()

@@ -15,7 +15,6 @@ from hybridlora import fast
 from hybridlora.components import build_component_map
 from hybridlora.data import build_tiny_tokenizer
 from hybridlora.families import family_named
-from hybridlora.fast import kernels
 from hybridlora.fast.graphs import PackedStepGraphs, bucket_length, pad_row
 from hybridlora.fast.loss import causal_lm_loss_sum, causal_lm_loss_sum_static
 from hybridlora.models import build_model, tiny_config_for
@@ -25,13 +24,7 @@ from hybridlora.train import loop
 from hybridlora.train.loop import attach_lora
 
 FAMILIES = ["qwen3_5_text", "falcon_h1"]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_bindings():
-    fast.use("fast")
-    yield
-    kernels.restore()
+pytestmark = pytest.mark.usefixtures("fast_bindings")
 
 
 def _examples(lengths, seed=0, vocab=256):

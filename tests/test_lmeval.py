@@ -191,9 +191,8 @@ def test_bridge_writes_records_for_every_benchmark(lm, data_dir, tmp_path):
     assert results["humaneval"]["records"] == []
 
 
-def test_bridge_humaneval_runs_in_sandbox_only_when_allowed(lm, hflm, data_dir, monkeypatch):
-    import hybridlora.evaluate.lmeval_bridge as bridge
-
+def _spy_on_confirmation(bridge, monkeypatch) -> dict:
+    """Record the ``confirm_run_unsafe_code`` that the bridge hands lm-eval (``seen["confirm"]``)."""
     seen = {}
     real = bridge.run_tasks
 
@@ -202,6 +201,13 @@ def test_bridge_humaneval_runs_in_sandbox_only_when_allowed(lm, hflm, data_dir, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bridge, "run_tasks", spy)
+    return seen
+
+
+def test_bridge_humaneval_runs_in_sandbox_only_when_allowed(lm, hflm, data_dir, monkeypatch):
+    import hybridlora.evaluate.lmeval_bridge as bridge
+
+    seen = _spy_on_confirmation(bridge, monkeypatch)
     summary = bridge.evaluate_benchmark_lmeval(lm, "humaneval", hflm=hflm, data_dir=data_dir, limit=1,
                                                max_new_tokens=4, allow_code_execution=True, progress=False)
     (record,) = summary["records"]
@@ -228,14 +234,7 @@ def test_bridge_humaneval_lm_eval_executor_gets_the_confirmation(lm, hflm, data_
     before = os.environ.get("HF_ALLOW_CODE_EVAL")
     monkeypatch.setitem(sys.modules, "evaluate", types.SimpleNamespace(load=lambda name: FakeCodeEval()))
     monkeypatch.delitem(sys.modules, "lm_eval.tasks.humaneval.utils", raising=False)
-    seen = {}
-    real = bridge.run_tasks
-
-    def spy(*args, **kwargs):
-        seen["confirm"] = kwargs.get("confirm_run_unsafe_code")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(bridge, "run_tasks", spy)
+    seen = _spy_on_confirmation(bridge, monkeypatch)
     summary = bridge.evaluate_benchmark_lmeval(lm, "humaneval", hflm=hflm, data_dir=data_dir, limit=2,
                                                max_new_tokens=4, allow_code_execution=True, code_executor="lm-eval",
                                                progress=False)

@@ -22,13 +22,7 @@ from hybridlora.placement import named_preset, resolve
 from hybridlora.train import TrainConfig, lora_state, prepare_data, train
 
 FAMILIES = ["qwen3_5_text", "falcon_h1"]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_bindings():
-    fast.use("fast")
-    yield
-    kernels.restore()
+pytestmark = pytest.mark.usefixtures("fast_bindings")
 
 
 @pytest.fixture(scope="module")
