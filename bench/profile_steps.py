@@ -44,7 +44,9 @@ def kernel_table(prof, n: int = 18) -> tuple[str, float, float]:
     return table, total("CUDA"), total("CPU")
 
 
-def train_step_profile(model, resolved, lengths, out: Path, name: str) -> dict:
+def train_step_profile(model, resolved, lengths, out: Path, name: str, fixed: int = 0) -> dict:
+    """Kernel table of one static packed step: 16 examples with GSM8K lengths, or (``fixed``) 1024-token
+    examples packed into one row of ``fixed`` tokens, with a second table grouped by input shapes."""
     from torch.profiler import ProfilerActivity, profile
 
     from hybridlora.fast.graphs import PackedStepGraphs
@@ -53,17 +55,23 @@ def train_step_profile(model, resolved, lengths, out: Path, name: str) -> dict:
     fast.use("fast")
     peft = attach_lora(model, resolved)
     peft.train()
-    exs = btl.length_examples(lengths["gsm8k"], 16, model.config.vocab_size, 1024, seed=5)
+    if fixed:
+        exs = btl.fixed_examples(fixed // 1024, 1024, model.config.vocab_size, seed=5)
+    else:
+        exs = btl.length_examples(lengths["gsm8k"], 16, model.config.vocab_size, 1024, seed=5)
     row = fast.pack([{"input_ids": e.input_ids, "labels": e.labels} for e in exs])
     runner = PackedStepGraphs(peft, max_segments=16, pad_id=0, autocast_dtype=torch.bfloat16, capture=False)
     for _ in range(3):  # autotune outside the profile
         runner.forward_backward(row, 1e-3)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=bool(fixed)) as prof:
         runner.forward_backward(row, 1e-3)
         torch.cuda.synchronize()
-    table, cuda_ms, cpu_ms = kernel_table(prof)
-    (out / f"{name}_train_step_kernels.txt").write_text(table)
+    table, cuda_ms, cpu_ms = kernel_table(prof, n=40 if fixed else 18)
+    if fixed:
+        table += "\n\n" + prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=40, max_shapes_column_width=100)
+    (out / f"{name}_train_step{fixed or ''}_kernels.txt").write_text(table)
     runner.zero_grad()
     peft.unload()
     torch.cuda.empty_cache()
@@ -123,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--models", default="qwen,falcon")
     ap.add_argument("--skip", default="", help="comma list: train,decode,fixed")
+    ap.add_argument("--train-row", type=int, default=0,
+                    help="profile the training step on one packed row of this many tokens of 1024-token examples")
     ap.add_argument("--decode-cache", default=None, choices=["static"],
                     help="time generation with transformers' static cache (default: its dynamic cache)")
     args = ap.parse_args(argv)
@@ -133,7 +143,8 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         model, resolved = btl.build(name)
         res = results.setdefault(name, {})
-        for section, fn, fn_args in (("train_step", train_step_profile, (model, resolved, lengths, args.out, name)),
+        for section, fn, fn_args in (("train_step", train_step_profile, (model, resolved, lengths, args.out, name,
+                                                                         args.train_row)),
                                      ("decode", decode_profile, (model, args.out, name, 256, 256, 32,
                                                                  args.decode_cache))):
             if section.split("_")[0] in skip:

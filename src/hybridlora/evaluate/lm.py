@@ -7,7 +7,10 @@
   same last-position logits. Rows are right-padded and read at their own last index, which is exact for any
   causal model (attention or recurrent): padding comes after the positions that are read.
 * :meth:`CausalLM.generate_until` — batched greedy decoding (left padding, attention mask) with stop strings;
-  each completion is cut at its earliest stop string.
+  each completion is cut at its earliest stop string. ``decode="auto"`` (default): on CUDA the static-cache loop
+  of :mod:`hybridlora.fast.decode` with the decode step replayed as a CUDA graph (same tokens as transformers'
+  greedy ``generate``), elsewhere transformers' ``generate``; ``"static"`` / ``"hf"`` force one of them.
+  ``decode_path`` says what the last call ran, and evaluation summaries record it.
 * :meth:`CausalLM.mean_loglikelihood` — mean token log-likelihood / perplexity of held-out text.
 
 Contexts longer than ``max_length`` keep their last tokens (the benchmark modules first drop whole few-shot
@@ -16,16 +19,25 @@ examples, oldest first, so this only bites when a single example is too long).
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 
+DECODE_MODES = ("auto", "static", "hf")
+
+
 class CausalLM:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int | str = 8, max_length: int | None = None,
-                 name: str = "model", adapter: str | None = None, device: str | torch.device | None = None) -> None:
+                 name: str = "model", adapter: str | None = None, device: str | torch.device | None = None,
+                 decode: str = "auto") -> None:
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode={decode!r}: use one of {', '.join(DECODE_MODES)}")
         self.model = model.eval()
+        self.decode = decode
+        self.decode_path: str | None = None
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -160,29 +172,16 @@ class CausalLM:
     def generate_until(self, prompts: Sequence[str], stop: Sequence[str] = (), max_new_tokens: int = 256, *,
                        progress: Any = None) -> list[str]:
         """Greedy completions of ``prompts`` (batched, left padding), each cut at its earliest stop string."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import StoppingCriteriaList
 
         tok = self.tokenizer
         budget = max(1, self.max_length - max_new_tokens)
         stop = tuple(s for s in stop if s)
-        window = stop_window(stop)
-
-        class StopStrings(StoppingCriteria):
-            """Marks a row done once its generated text holds a stop string. A stop string first appears at the
-            end of the text, so only the last ``window`` generated tokens are decoded each step (decoding all of
-            them made the check grow with every token). The outputs are cut at the earliest stop string
-            afterwards in any case, so the window changes only when a row stops, never what it returns."""
-            def __init__(self, width: int) -> None:
-                self.width = width
-
-            def __call__(self, input_ids, scores, **kwargs):
-                start = max(self.width, input_ids.shape[1] - window)
-                texts = tok.batch_decode(input_ids[:, start:], skip_special_tokens=False)
-                done = [any(s in t for s in stop) for t in texts]
-                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out: list[str] = [""] * len(prompts)
+        static, why_not = self._static_decoding()
+        paths: list[str] = []
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 batch = order[start: start + self.batch_size]
@@ -193,17 +192,92 @@ class CausalLM:
                 for j, row in enumerate(rows):
                     ids[j, width - len(row):] = torch.tensor(row)
                     mask[j, width - len(row):] = 1
-                generated = self.model.generate(
-                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False,
-                    max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                    stopping_criteria=StoppingCriteriaList([StopStrings(width)]) if stop else None,
-                    temperature=None, top_p=None, top_k=None)
-                texts = tok.batch_decode(generated[:, width:], skip_special_tokens=True)
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                if static:
+                    from hybridlora.fast.decode import greedy_generate
+
+                    result = greedy_generate(self.model, ids, mask, max_new_tokens=max_new_tokens,
+                                             pad_token_id=tok.pad_token_id,
+                                             stop_at=stop_finder(tok, stop) if stop else None,
+                                             graphs=self.device.type == "cuda")
+                    new_tokens = result.tokens
+                    paths.append(result.graph)
+                else:
+                    generated = self.model.generate(
+                        input_ids=ids, attention_mask=mask, do_sample=False,
+                        max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                        stopping_criteria=StoppingCriteriaList([stop_criterion(tok, stop, width)]) if stop else None,
+                        temperature=None, top_p=None, top_k=None)
+                    new_tokens = generated[:, width:]
+                texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
                 for i, text in zip(batch, texts):
                     out[i] = trim_at_stop(text, stop)
                 if progress is not None:
                     progress.update(len(batch))
+        self.decode_path = _describe_decoding(static, why_not, paths)
         return out
+
+    def _static_decoding(self) -> tuple[bool, str | None]:
+        """Whether this model decodes on the static-cache loop, and if not (under ``auto``), why."""
+        if self.decode == "hf":
+            return False, "decode=hf"
+        from hybridlora.fast.decode import unsupported_reason
+
+        why = unsupported_reason(self.model)
+        if self.decode == "static":
+            if why:
+                raise ValueError(f"decode=static cannot reproduce transformers' generate here: {why}; use decode=auto")
+            return True, None
+        if self.device.type != "cuda":
+            return False, "not on CUDA"
+        if why:
+            warnings.warn(f"hybridlora: greedy decoding stays with transformers' generate (no CUDA graph): {why}",
+                          RuntimeWarning, stacklevel=3)
+        return why is None, why
+
+
+def stop_criterion(tok: Any, stop: Sequence[str], width: int) -> Any:
+    """transformers' stopping criterion for ``generate``: a row is done once its generated text (after the
+    prompt's ``width`` tokens) holds a stop string. A stop string first appears at the end of the text, so only
+    the last :func:`stop_window` generated tokens are decoded each step (decoding all of them made the check grow
+    with every token). The outputs are cut at the earliest stop string afterwards in any case, so the window
+    changes only when a row stops, never what it returns."""
+    from transformers import StoppingCriteria
+
+    window = stop_window(stop)
+
+    class StopStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            start = max(width, input_ids.shape[1] - window)
+            texts = tok.batch_decode(input_ids[:, start:], skip_special_tokens=False)
+            done = [any(s in t for s in stop) for t in texts]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StopStrings()
+
+
+def stop_finder(tok: Any, stop: Sequence[str]):
+    """``stop_at`` for :func:`hybridlora.fast.decode.greedy_generate`: the first step whose last
+    :func:`stop_window` generated tokens decode to text holding a stop string — the check of
+    :func:`stop_criterion`, step by step, so both end a row at the same token."""
+    window = stop_window(stop)
+
+    def stop_at(tokens: list[int], first: int) -> int | None:
+        for t in range(first, len(tokens)):
+            text = tok.decode(tokens[max(0, t + 1 - window): t + 1], skip_special_tokens=False)
+            if any(s in text for s in stop):
+                return t
+        return None
+    return stop_at
+
+
+def _describe_decoding(static: bool, why_not: str | None, paths: Sequence[str]) -> str:
+    if not static:
+        return f"transformers generate ({why_not})" if why_not else "transformers generate"
+    if not paths:
+        return "static cache"
+    kinds = sorted(set(paths), key=paths.index)
+    return "static cache, decode step " + "; ".join(f"{k} ({paths.count(k)} of {len(paths)} batches)" for k in kinds)
 
 
 def stop_window(stop: Sequence[str]) -> int:

@@ -163,6 +163,7 @@ def evaluate_benchmark(lm: CausalLM, name: str, *, data_dir: str | Path | None =
         "settings": {"subset_size": module.DEFAULT_N if n is None else n, "limit": limit, "seed": seed,
                      "batch_size": lm.batch_size, "max_length": lm.max_length, "kernels": lm.kernels,
                      "max_new_tokens": new_tokens if generative else None,
+                     "decode": lm.decode_path if generative else None,
                      "code_execution": (("run" if executed else NOT_RUN) if module is humaneval else None),
                      "data_dir": str(data_dir) if data_dir is not None else None},
         "wall_s": wall, "examples_per_s": len(records) / wall if wall > 0 else None,

@@ -1,0 +1,132 @@
+"""Greedy generation on the GPU: transformers' generate vs the static-cache loop, eager and as a CUDA graph.
+
+For each full-size model (random weights, bf16) and each evaluation shape of the study — GSM8K (batch 256,
+256 new tokens) and HumanEval (batch 164, 512 new tokens) — it prints seconds per decode step for the three
+paths of ``CausalLM.generate_until`` (``decode="hf"``, the static loop without graphs, and with graphs), the
+time of one batch's prefill + warm-up + capture, peak memory, and token agreement: graph vs eager static loop
+(same kernels: expected identical) and static vs transformers (random weights give near-uniform logits whose
+argmax flips with bf16 rounding differences, so agreement there is reported, not asserted).
+
+Usage (GPU machine, fla-core / mamba-ssm wheels on PYTHONPATH)::
+
+    python bench/bench_decode.py --out OUT [--models qwen,falcon] [--new 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+os.environ.setdefault("HYBRIDLORA_LIFT_FLA_HOPPER_GUARD", "1")
+
+import bench_train_loop as btl  # noqa: E402
+from hybridlora import fast  # noqa: E402
+from hybridlora.fast.decode import greedy_generate  # noqa: E402
+
+SHAPES = {"gsm8k": (256, 256, 256), "humaneval": (164, 384, 512)}  # batch, longest prompt, new tokens
+
+
+def prompts(batch: int, longest: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts, lengths spread over [longest/2, longest] like a sorted evaluation batch."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, longest), generator=g)
+    lengths = torch.randint(longest // 2, longest + 1, (batch,), generator=g)
+    lengths[0] = longest
+    mask = (torch.arange(longest)[None, :] >= (longest - lengths)[:, None]).long()
+    return (ids * mask).cuda(), mask.cuda()
+
+
+def run(model, ids, mask, new: int, path: str) -> tuple[torch.Tensor, float, str]:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.inference_mode():
+        if path == "hf":
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                                 pad_token_id=0, temperature=None, top_p=None, top_k=None)[:, ids.shape[1]:]
+            how = "transformers generate"
+        else:
+            res = greedy_generate(model, ids, mask, max_new_tokens=new, pad_token_id=0, graphs=path == "graph")
+            out, how = res.tokens, res.graph
+    torch.cuda.synchronize()
+    return out.cpu(), time.perf_counter() - t, how
+
+
+def step_seconds(model, ids, mask, new: int, path: str) -> dict:
+    """Seconds per decode step: a run of ``new`` tokens minus a run of 4 (prefill, capture and setup cancel);
+    and the 4-token run itself (prefill + setup; for graphs two eager warm-up steps and the capture)."""
+    tokens, _, how = run(model, ids, mask, new, path)  # warm-up: Triton autotuning, allocator growth
+    short = run(model, ids, mask, 4, path)[1]
+    long = run(model, ids, mask, new, path)[1]
+    return {"s_per_step": (long - short) / (new - 4), "setup_s": short, "how": how, "tokens": tokens}
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    n = min(a.shape[1], b.shape[1])
+    same = (a[:, :n] == b[:, :n])
+    first_diff = [int((~row).nonzero()[0]) if (~row).any() else n for row in same]
+    return {"identical": bool(torch.equal(a, b)), "token_agreement": round(float(same.float().mean()), 4),
+            "median_first_difference": sorted(first_diff)[len(first_diff) // 2]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--models", default="qwen,falcon")
+    ap.add_argument("--shapes", default="gsm8k,humaneval")
+    ap.add_argument("--new", type=int, default=0, help="new tokens per timing (default: the benchmark's own)")
+    ap.add_argument("--paths", default="hf,eager,graph")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
+    fast.use("fast")
+    for name in args.models.split(","):
+        model, _ = btl.build(name)
+        model.eval()
+        model.generation_config.eos_token_id = None  # timings run every row to the end
+        res = results.setdefault(name, {"kernels": fast.describe(model)})
+        for shape in args.shapes.split(","):
+            batch, longest, new = SHAPES[shape]
+            new = args.new or new
+            ids, mask = prompts(batch, longest, model.config.vocab_size)
+            row: dict = {"batch": batch, "longest_prompt": longest, "new_tokens": new}
+            tokens = {}
+            for path in args.paths.split(","):
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    r = step_seconds(model, ids, mask, new, path)
+                except Exception as exc:  # recorded, the other paths still run
+                    row[path] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                    torch.cuda.empty_cache()
+                    continue
+                tokens[path] = r.pop("tokens")
+                r["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+                r["s_per_step"] = round(r["s_per_step"], 5)
+                r["setup_s"] = round(r["setup_s"], 3)
+                row[path] = r
+                btl.log(name, shape, path, json.dumps(r))
+            if "graph" in tokens and "eager" in tokens:
+                row["graph_vs_eager"] = agreement(tokens["graph"], tokens["eager"])
+            if "hf" in tokens:
+                for path in ("eager", "graph"):
+                    if path in tokens:
+                        row[f"{path}_vs_hf"] = agreement(tokens[path], tokens["hf"])
+            for path in ("eager", "graph"):
+                if "s_per_step" in row.get(path, {}) and "s_per_step" in row.get("hf", {}):
+                    row[f"{path}_speedup_vs_hf"] = round(row["hf"]["s_per_step"] / row[path]["s_per_step"], 2)
+            res[shape] = row
+            btl.log(name, shape, json.dumps({k: v for k, v in row.items() if k not in ("hf", "eager", "graph")}))
+            (args.out / "bench_decode.json").write_text(json.dumps(results, indent=1))
+        del model
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

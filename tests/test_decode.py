@@ -1,0 +1,162 @@
+"""Greedy decoding on a static cache (hybridlora.fast.decode) against transformers' greedy generate, token for
+token, on tiny random-weight models of both hybrid families (CPU; the CUDA-graph replay is checked on a GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridlora.evaluate.lm import CausalLM, stop_criterion, stop_finder
+from hybridlora.evaluate.tokenizer import byte_tokenizer
+from hybridlora.fast.decode import greedy_generate, unsupported_reason
+from hybridlora.models import build_model, tiny_config_for
+
+PROMPTS = ["Question: 2+2?\nAnswer:", "def add(a, b):\n", "x", "The quick brown fox jumps over the lazy"]
+FAMILIES = ["qwen3_5_text", "falcon_h1"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    return build_model(tiny_config_for(request.param), seed=1)
+
+
+def left_padded(tok, prompts):
+    rows = [tok(p).input_ids for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, row in enumerate(rows):
+        ids[j, width - len(row):] = torch.tensor(row)
+        mask[j, width - len(row):] = 1
+    return ids, mask
+
+
+def hf_tokens(model, ids, mask, new, stop=(), tok=None):
+    """transformers' greedy generate with the stop criterion generate_until hands it."""
+    from transformers import StoppingCriteriaList
+
+    criteria = StoppingCriteriaList([stop_criterion(tok, stop, ids.shape[1])]) if stop else None
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                             pad_token_id=tok.pad_token_id, stopping_criteria=criteria,
+                             temperature=None, top_p=None, top_k=None)
+    return out[:, ids.shape[1]:]
+
+
+def static_tokens(model, ids, mask, new, stop=(), tok=None, check_every=16):
+    stop_at = stop_finder(tok, stop) if stop else None
+    with torch.inference_mode():
+        return greedy_generate(model, ids, mask, max_new_tokens=new, pad_token_id=tok.pad_token_id,
+                               stop_at=stop_at, check_every=check_every).tokens
+
+
+def test_same_tokens_as_transformers_generate(model):
+    tok = byte_tokenizer()
+    ids, mask = left_padded(tok, PROMPTS)
+    assert len(set(mask.sum(1).tolist())) > 1  # rows really are padded differently
+    expected = hf_tokens(model, ids, mask, 48, tok=tok)
+    for every in (1, 5, 16):
+        assert torch.equal(static_tokens(model, ids, mask, 48, tok=tok, check_every=every), expected)
+
+
+def test_rows_end_at_eos_like_transformers(model):
+    """With an end-of-sequence id that some rows generate mid-way, both end those rows there, pad the rest of
+    them and stop when all rows ended (same output length)."""
+    tok = byte_tokenizer()
+    ids, mask = left_padded(tok, PROMPTS)
+    free = hf_tokens(model, ids, mask, 40, tok=tok)
+    row = free[0].tolist()
+    at = next(j for j in range(3, 40) if row[j] not in row[:j])  # row 0 first generates it there
+    eos = row[at]  # other rows may meet it too, or never
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [eos, 255] if eos != 255 else [eos]
+    try:
+        expected = hf_tokens(model, ids, mask, 40, tok=tok)
+        got = static_tokens(model, ids, mask, 40, tok=tok, check_every=4)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert (expected[0, at + 1:] == tok.pad_token_id).all() and expected[0, at] == eos
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_rows_end_at_stop_strings_like_transformers(model, with_eos):
+    """Every row meets a stop string it generates by itself: both stop after the last row's stop. Ended rows
+    are padded only when the model has an end-of-sequence id (transformers' rule), here one never generated."""
+    tok = byte_tokenizer()
+    ids, mask = left_padded(tok, PROMPTS)
+    free = hf_tokens(model, ids, mask, 40, tok=tok)
+    texts = tok.batch_decode(free)
+    stop = tuple(text[10 + 3 * j: 12 + 3 * j] for j, text in enumerate(texts))
+    saved = model.generation_config.eos_token_id
+    if with_eos:
+        model.generation_config.eos_token_id = next(i for i in range(1, 256) if i not in free.flatten().tolist())
+    try:
+        expected = hf_tokens(model, ids, mask, 40, stop=stop, tok=tok)
+        got = static_tokens(model, ids, mask, 40, stop=stop, tok=tok, check_every=7)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert expected.shape[1] < 40  # every row really ended early
+    assert torch.equal(got, expected)
+
+
+def test_generate_until_paths_agree_and_say_which_ran(model):
+    tok = byte_tokenizer()
+    hf = CausalLM(model, tok, batch_size=3, max_length=512, decode="hf")
+    static = CausalLM(model, tok, batch_size=3, max_length=512, decode="static")
+    auto = CausalLM(model, tok, batch_size=3, max_length=512)
+    for stop in [(), ("\n", "e")]:
+        assert static.generate_until(PROMPTS, stop=stop, max_new_tokens=30) == \
+            hf.generate_until(PROMPTS, stop=stop, max_new_tokens=30)
+    assert static.decode_path == "static cache, decode step eager (2 of 2 batches)"
+    auto.generate_until(PROMPTS[:1], max_new_tokens=2)
+    assert auto.decode_path == "transformers generate (not on CUDA)"
+
+
+def test_logits_processors_keep_transformers_generate(model):
+    saved = model.generation_config.repetition_penalty
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        assert "repetition_penalty=1.3" in unsupported_reason(model)
+        with pytest.raises(ValueError, match="repetition_penalty"):
+            CausalLM(model, byte_tokenizer(), max_length=512, decode="static").generate_until(["x"], max_new_tokens=2)
+    finally:
+        model.generation_config.repetition_penalty = saved
+    assert unsupported_reason(model) is None
+    with pytest.raises(ValueError, match="decode="):
+        CausalLM(model, byte_tokenizer(), decode="graph")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_replay_equals_eager_static_decoding_on_cuda(model):
+    tok = byte_tokenizer()
+    net = model.to("cuda")
+    ids, mask = (t.to("cuda") for t in left_padded(tok, PROMPTS))
+    with torch.inference_mode():
+        eager = greedy_generate(net, ids, mask, max_new_tokens=40, pad_token_id=tok.pad_token_id, graphs=False)
+        graph = greedy_generate(net, ids, mask, max_new_tokens=40, pad_token_id=tok.pad_token_id, graphs=True)
+    model.to("cpu")
+    assert graph.graph == "replayed" and eager.graph == "eager"
+    assert torch.equal(graph.tokens, eager.tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_failed_decode_capture_is_named_and_redone_eagerly(model, monkeypatch):
+    from hybridlora.fast import decode
+
+    tok = byte_tokenizer()
+    net = model.to("cuda")
+    ids, mask = (t.to("cuda") for t in left_padded(tok, PROMPTS))
+    real = decode._Batch.step
+
+    def host_read(self):  # a device value read on the host: not capturable
+        real(self)
+        float(self.position.float().mean())
+
+    with torch.inference_mode():
+        eager = greedy_generate(net, ids, mask, max_new_tokens=20, pad_token_id=tok.pad_token_id, graphs=False)
+        monkeypatch.setattr(decode._Batch, "step", host_read)
+        with pytest.warns(RuntimeWarning, match="could not be captured"):
+            failed = greedy_generate(net, ids, mask, max_new_tokens=20, pad_token_id=tok.pad_token_id)
+    model.to("cpu")
+    assert failed.graph.startswith("failed:") and "_local_scalar_dense" in failed.graph
+    assert torch.equal(failed.tokens, eager.tokens)
