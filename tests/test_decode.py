@@ -160,3 +160,10 @@ def test_failed_decode_capture_is_named_and_redone_eagerly(model, monkeypatch):
     model.to("cpu")
     assert failed.graph.startswith("failed:") and "_local_scalar_dense" in failed.graph
     assert torch.equal(failed.tokens, eager.tokens)
+
+
+def test_older_transformers_keep_generate(model, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    assert "5.17.0 < 5.23.0" in unsupported_reason(model)

@@ -40,6 +40,9 @@ _NO_PROCESSOR = {
     "force_words_ids": (None,), "constraints": (None,), "num_beams": (None, 1), "penalty_alpha": (None,),
 }
 
+# The oldest transformers whose StaticCache was checked against its generate for both hybrid families.
+TESTED_TRANSFORMERS = "5.23.0"
+
 # A row's end, as the host sees it: the index of its last generated token, or None while it runs.
 StopAt = Callable[[list[int], int], "int | None"]
 
@@ -52,9 +55,11 @@ def unsupported_reason(model: Any) -> str | None:
         if value not in neutral and value != []:
             return f"generation config sets {name}={value!r} (a logits processor)"
     import transformers
+    from packaging.version import Version
 
-    if not hasattr(transformers, "StaticCache"):  # pragma: no cover - transformers >= 5 has it
-        return "this transformers has no StaticCache"
+    if Version(transformers.__version__) < Version(TESTED_TRANSFORMERS):
+        # older static caches had no entry for hybrid layers (KV + mixer state): keep generate's own cache
+        return f"transformers {transformers.__version__} < {TESTED_TRANSFORMERS} (static cache for hybrid layers)"
     return None
 
 
