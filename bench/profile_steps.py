@@ -156,9 +156,13 @@ def main(argv=None) -> int:
             btl.log(name, section, json.dumps(res[section]))
         if "fixed" not in skip:
             exs = btl.fixed_examples(16 * 6, 1024, model.config.vocab_size, seed=1)
-            for label, kw in (("padded 8x2", dict(micro=8, accum=2, packing="off")),
-                              ("graphs 8192", dict(micro=8, accum=2, packing="auto", pack_tokens=8192, cuda_graphs="auto")),
-                              ("graphs 4096", dict(micro=8, accum=2, packing="auto", pack_tokens=4096, cuda_graphs="auto"))):
+            graphs = dict(micro=8, accum=2, packing="auto", cuda_graphs="auto")
+            for label, kw in (("graphs 4096, torch conv + CE", dict(graphs, pack_tokens=4096, torch_ops=True)),
+                              ("graphs 4096", dict(graphs, pack_tokens=4096)),
+                              ("graphs 8192", dict(graphs, pack_tokens=8192))):
+                torch_ops = kw.pop("torch_ops", False)
+                for var in ("HYBRIDLORA_TORCH_CONV", "HYBRIDLORA_TORCH_CE"):  # the session-4 ops, side by side
+                    os.environ[var] = "1" if torch_ops else "0"
                 try:
                     row, model = btl.run_trainer(model, resolved, exs, **kw)
                 except Exception as exc:

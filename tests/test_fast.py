@@ -59,8 +59,10 @@ def test_cpu_reports_reference_and_stays_quiet():
 def test_required_kernels_per_family():
     qwen = build_model(tiny_config_for("qwen3_5_text"), seed=0)
     falcon = build_model(tiny_config_for("falcon_h1"), seed=0)
-    assert fast.required_kernels(qwen) == ("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule")
-    assert fast.required_kernels(falcon) == ("mamba_ssm.mamba_chunk_scan_combined", "mamba_ssm.selective_state_update")
+    assert fast.required_kernels(qwen) == ("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule",
+                                           "fla.causal_conv1d")
+    assert fast.required_kernels(falcon) == ("mamba_ssm.mamba_chunk_scan_combined", "mamba_ssm.selective_state_update",
+                                             "fla.causal_conv1d")
     assert fast.required_kernels(types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))) == ()
 
 
@@ -74,7 +76,8 @@ def test_missing_kernel_on_cuda_is_a_loud_warning(monkeypatch):
                                   parameters=lambda: iter([types.SimpleNamespace(device=torch.device("cuda"))]))
     with pytest.warns(RuntimeWarning, match="mamba_ssm.mamba_chunk_scan_combined.*mamba-ssm not installed"):
         missing = fast.warn_missing_kernels(model)
-    assert set(missing) == {"mamba_ssm.mamba_chunk_scan_combined", "mamba_ssm.selective_state_update"}
+    assert set(missing) == {"mamba_ssm.mamba_chunk_scan_combined", "mamba_ssm.selective_state_update",
+                            "fla.causal_conv1d"}
     assert "mamba_ssm.mamba_chunk_scan_combined=off" in fast.describe(model)
 
 
@@ -227,6 +230,62 @@ def test_causal_conv1d_matches_transformers_and_resets_at_boundaries():
                                torch.cat([ops.causal_conv1d(x, weight, None, None) for x in parts], -1))
 
 
+def _channel_last_conv(x, weight, bias=None, activation=None, **kwargs):
+    """A CPU stand-in with the contract of fla.modules.causal_conv1d: x ``[B, T, D]`` of any strides."""
+    assert x.shape[-1] == weight.shape[0] and not kwargs
+    return ops.causal_conv1d(x.transpose(1, 2), weight, bias, activation).transpose(1, 2).contiguous(), None
+
+
+def _packed_conv_case(device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    dim = 64
+    weight, bias = torch.randn(dim, 4, device=device, dtype=dtype), torch.randn(dim, device=device, dtype=dtype)
+    # the model's layout: a [B, D, T] view of the projection's [B, T, D] output
+    projected = torch.randn(1, 15, dim, device=device, dtype=dtype)
+    cu = torch.tensor([0, 5, 6, 8, 15, 15], dtype=torch.int32, device=device)  # one-token example, padded cu
+    return projected, weight, bias, cu
+
+
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("packed", [True, False])
+def test_channel_last_conv_wrapper_equals_the_reference(activation, packed):
+    """make_conv hands the kernel the projection's own [B, T, D] storage, corrects packed rows and applies the
+    activation after the correction (inside the kernel when there is none): values and input gradients as
+    the channel-first reference."""
+    projected, weight, bias, cu = _packed_conv_case()
+    kw = {"cu_seq_lens_q": cu} if packed else {}
+    conv = ops.make_conv(_channel_last_conv, cpu=True)
+    a = projected.clone().requires_grad_()
+    b = projected.clone().requires_grad_()
+    out = conv(a.transpose(1, 2), weight, bias, activation, **kw)
+    ref = ops.causal_conv1d(b.transpose(1, 2), weight, bias, activation, **kw)
+    torch.testing.assert_close(out, ref)
+    assert out.shape == ref.shape and out.transpose(1, 2).is_contiguous()  # no transposing copy on the way out
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(a.grad, b.grad)
+    assert getattr(conv, "__hybridlora_boundaries__", False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton conv needs a GPU")
+def test_fla_conv_equals_the_reference_on_cuda():
+    fla_conv = pytest.importorskip("fla.modules.causal_conv1d").causal_conv1d
+    conv = ops.make_conv(fla_conv)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        projected, weight, bias, cu = _packed_conv_case("cuda", dtype)
+        for kw in ({}, {"cu_seq_lens_q": cu}):
+            a = projected.clone().requires_grad_()
+            b = projected.clone().requires_grad_()
+            out = conv(a.transpose(1, 2), weight, bias, "silu", **kw)
+            ref = ops.causal_conv1d(b.transpose(1, 2), weight, bias, "silu", **kw)
+            torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+            g = torch.randn_like(ref)
+            out.backward(g)
+            ref.backward(g)
+            torch.testing.assert_close(a.grad.float(), b.grad.float(), atol=tol, rtol=tol)
+
+
 def test_unfused_stand_in_sends_falcon_down_the_module_path():
     assert ops.unfused_split_conv1d_scan(torch.zeros(1), outproj_weight=torch.zeros(1)) is None
 
@@ -375,3 +434,29 @@ def test_train_log_and_eval_summaries_name_the_kernels(tmp_path, data_dir):
                  "--benchmarks", "mmlu", "--limit", "2", "--output", str(tmp_path / "ev")]) == 0
     summary = json.loads((tmp_path / "ev" / "mmlu.summary.json").read_text())
     assert summary["settings"]["kernels"] == "kernels: reference (no CUDA)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton cross-entropy needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_cross_entropy_equals_the_torch_path(dtype, monkeypatch):
+    """Frozen-head loss and hidden-state gradient: Triton kernel vs torch ops, ignored rows and a logit scale."""
+    from hybridlora.fast import ce_kernel
+    from hybridlora.fast.loss import IGNORE, _FrozenHeadCE
+
+    assert ce_kernel.available()
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 64, device="cuda", dtype=dtype)
+    weight = torch.randn(5003, 64, device="cuda", dtype=dtype) * 0.3  # vocab not a multiple of the block
+    targets = torch.randint(0, 5003, (300,), device="cuda")
+    targets[::7] = IGNORE
+    results = []
+    for torch_ce in ("1", "0"):
+        monkeypatch.setenv("HYBRIDLORA_TORCH_CE", torch_ce)
+        h = hidden.clone().requires_grad_()
+        loss = _FrozenHeadCE.apply(h, weight, targets, 0.7, 128, dtype)
+        loss.backward()
+        results.append((loss.detach(), h.grad))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=tol, atol=tol)
+    torch.testing.assert_close(results[1][1].float(), results[0][1].float(), rtol=tol, atol=tol)
+    assert results[1][1][::7].abs().max() == 0  # ignored rows: no gradient

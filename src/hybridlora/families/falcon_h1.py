@@ -11,7 +11,7 @@ FAMILY = Family(
     schedule_attr="layers_block_type",
     rules=attention_rules() + mamba2_rules("mamba") + dense_mlp_rules("feed_forward"),
     bypassed={r"mamba\.out_proj": MAMBA2_OUT_PROJ_BYPASS, r"mamba\.conv1d": CONV_BYPASS},
-    fast_kernels=("mamba_ssm.mamba_chunk_scan_combined", "mamba_ssm.selective_state_update"),
+    fast_kernels=("mamba_ssm.mamba_chunk_scan_combined", "mamba_ssm.selective_state_update", "fla.causal_conv1d"),
     logit_multiplier="lm_head_multiplier",
     tiny=dict(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -30,6 +30,7 @@ KERNEL_PURPOSE = {
     "fla.fused_recurrent_gated_delta_rule": "Gated DeltaNet one-token decode",
     "mamba_ssm.mamba_chunk_scan_combined": "Mamba-2 SSD training / prefill (chunked)",
     "mamba_ssm.selective_state_update": "Mamba-2 one-token decode",
+    "fla.causal_conv1d": "short convolution, training / prefill (channel-last Triton)",
 }
 _GDN_BINDINGS = {
     "torch_chunk_gated_delta_rule": "fla.chunk_gated_delta_rule",
@@ -68,6 +69,7 @@ def _probe() -> dict[str, dict[str, Any]]:
     for key, (module, name) in {
         "fla.chunk_gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
         "fla.fused_recurrent_gated_delta_rule": ("fla.ops.gated_delta_rule", "fused_recurrent_gated_delta_rule"),
+        "fla.causal_conv1d": ("fla.modules.causal_conv1d", "causal_conv1d"),
     }.items():
         try:
             fn = getattr(importlib.import_module(module), name)
@@ -135,8 +137,10 @@ def active_kernels() -> dict[str, Any]:
 
 
 def _implementation(key: str) -> Callable | None:
-    if key == "conv":
-        return ops.causal_conv1d
+    if key == "conv":  # fla's Triton kernel where it imports, else PyTorch's conv1d; both packing-aware
+        # $HYBRIDLORA_TORCH_CONV=1 keeps PyTorch's conv1d (side-by-side timing and checks)
+        fn = None if os.environ.get("HYBRIDLORA_TORCH_CONV") == "1" else _probe().get("fla.causal_conv1d", {}).get("fn")
+        return ops.make_conv(fn) if fn is not None else ops.causal_conv1d
     if key == "unfused":
         return ops.unfused_split_conv1d_scan
     fn = _probe().get(key, {}).get("fn")
@@ -310,8 +314,9 @@ def warn_missing_kernels(model: Any) -> dict[str, str]:
     if missing:
         model_type = getattr(_model_config(model), "model_type", "?")
         lines = "\n".join(f"  - {k} ({KERNEL_PURPOSE.get(k.split(' ')[0], '')}): {why}" for k, why in missing.items())
-        message = (f"\n{'!' * 78}\nhybridlora: {model_type} will run its mixers on the pure-PyTorch reference path "
-                   f"(correct, 10-100x slower):\n{lines}\nInstall the GPU extra (pip install 'hybridlora[gpu]') or "
+        message = (f"\n{'!' * 78}\nhybridlora: {model_type} will run these parts of its mixers on slower PyTorch "
+                   f"paths (correct; a missing scan kernel makes training 10-100x slower, a missing convolution "
+                   f"kernel ~10 %):\n{lines}\nInstall the GPU extra (pip install 'hybridlora[gpu]') or "
                    f"see docs/PERFORMANCE.md.\n{'!' * 78}")
         logger.warning(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
@@ -325,7 +330,11 @@ def describe(model: Any = None) -> str:
         return f"kernels: {REFERENCE}"
     keys = required_kernels(model) if model is not None else tuple(KERNEL_PURPOSE)
     missing = missing_kernels(model) if model is not None else {}
-    parts = [f"{k}={'off' if any(m.startswith(k) for m in missing) or not info['kernels'][k]['usable'] else 'on'}"
+    conv_off = os.environ.get("HYBRIDLORA_TORCH_CONV") == "1"
+    parts = [f"{k}={'off' if any(m.startswith(k) for m in missing) or not info['kernels'][k]['usable'] or (conv_off and k == 'fla.causal_conv1d') else 'on'}"
              for k in keys]
+    from .loss import _use_ce_kernel
+
+    parts.append(f"triton cross-entropy={'on' if _use_ce_kernel() else 'off'}")
     return f"kernels ({info['device']}, mode={info['mode']}): " + ", ".join(parts) + \
         (f"; notes: {'; '.join(info['notes'])}" if info["notes"] else "")

@@ -7,7 +7,8 @@ head and the cross-entropy in row chunks:
 
 * frozen head (the usual case: LoRA not on ``lm_head``): a custom autograd function computes each chunk's
   loss and its gradient w.r.t. the hidden states in the same pass, so no chunk's logits survive the forward
-  and the backward is a single stored tensor;
+  and the backward is a single stored tensor; on CUDA the chunk's softmax cross-entropy and its gradient are
+  one Triton kernel (:mod:`hybridlora.fast.ce_kernel`), elsewhere torch ops;
 * trainable head (LoRA on ``lm_head``, Falcon-H1 ``all_eligible``): each chunk calls the head module under
   activation checkpointing, so PEFT's LoRA path is used and its gradients flow.
 
@@ -53,6 +54,17 @@ class _FrozenHeadCE(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]  # False under no_grad (validation loss): skip the softmax gradient
         grad = torch.empty_like(hidden) if want_grad else None
         w = weight.to(dtype)
+        if hidden.is_cuda and _use_ce_kernel():
+            from .ce_kernel import cross_entropy_rows_
+
+            for start in range(0, hidden.shape[0], rows):
+                logits = hidden[start:start + rows].to(dtype) @ w.T  # becomes the gradient, in place
+                total += cross_entropy_rows_(logits, targets[start:start + rows], scale, IGNORE, want_grad).sum()
+                if want_grad:
+                    grad[start:start + rows] = (logits @ w).to(hidden.dtype)
+            if want_grad:
+                ctx.save_for_backward(grad)
+            return total
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows].to(dtype)
             y = targets[start:start + rows]
@@ -78,6 +90,16 @@ class _FrozenHeadCE(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         return grad * grad_output.to(grad.dtype), None, None, None, None, None
+
+
+def _use_ce_kernel() -> bool:
+    """The Triton cross-entropy runs where it can, unless $HYBRIDLORA_TORCH_CE=1 asks for the torch ops (for
+    side-by-side timing and checks)."""
+    import os
+
+    from . import ce_kernel
+
+    return os.environ.get("HYBRIDLORA_TORCH_CE") != "1" and ce_kernel.available()
 
 
 def _trainable_head_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float,

@@ -71,26 +71,62 @@ def causal_conv1d(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch
     return out.to(hidden_states.dtype)
 
 
+def make_conv(conv_fn: Callable, *, cpu: bool = False) -> Callable:
+    """:func:`causal_conv1d` on fla's channel-last Triton kernel (``fla.modules.causal_conv1d``), for CUDA.
+
+    transformers hands the convolution ``in_proj(x).transpose(1, 2)``: a ``[B, D, T]`` view of a ``[B, T, D]``
+    tensor. PyTorch's depthwise ``conv1d`` wants channels first, so that view was copied to ``[B, D, T]`` and the
+    result copied back — four transposing copies of the whole activation per layer and step, forward and backward
+    (~7 % of a packed Qwen3.5 step's GPU time at 4096 tokens, fourth-session kernel table). fla's kernel reads the
+    ``[B, T, D]`` storage as it is. Packed rows get the same static-shape boundary correction as
+    :func:`causal_conv1d` (fla's own ``cu_seqlens`` path sizes its grid from the lengths on the host, which a
+    CUDA graph cannot replay); the activation is fused into the kernel where no correction follows it.
+    ``cpu``: call ``conv_fn`` for CPU tensors too (tests, with a stand-in for the kernel)."""
+    def conv(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+             activation: str | None = None, **kwargs: Any) -> torch.Tensor:
+        cu = kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlens"))
+        if not (hidden_states.is_cuda or cpu) or kwargs.get("seq_idx") is not None or activation not in (None, "silu", "swish"):
+            return causal_conv1d(hidden_states, weight, bias, activation, **kwargs)
+        width = weight.shape[-1]
+        x = hidden_states.to(weight.dtype).transpose(1, 2)  # [B, T, D], a view of the projection's output
+        correct = cu is not None and width > 1
+        y, _ = conv_fn(x=x, weight=weight, bias=bias, activation=None if correct else activation)
+        if correct:
+            y = _drop_cross_example_taps(y, x, weight, cu.to(x.device), time_dim=1)
+            act = _activation(activation)
+            y = act(y) if act is not None else y
+        return y.transpose(1, 2).to(hidden_states.dtype)
+
+    conv.__hybridlora_kernel__ = "fla.causal_conv1d (packing-aware)"
+    conv.__hybridlora_boundaries__ = True
+    return conv
+
+
 def _drop_cross_example_taps(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                             cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Subtract, from the conv output of one packed row, every tap that crosses an example boundary."""
+                             cu_seqlens: torch.Tensor, time_dim: int = -1) -> torch.Tensor:
+    """Subtract, from the conv output of one packed row, every tap that crosses an example boundary.
+    ``out``/``x``: ``[1, D, T]`` (``time_dim=-1``) or ``[1, T, D]`` (``time_dim=1``); the result keeps that layout."""
     if x.shape[0] != 1:
         raise ValueError("packed rows have batch size 1")
-    length, width = x.shape[-1], weight.shape[-1]
+    channel_last = time_dim in (1, -2)
+    x_td = x[0] if channel_last else x[0].T  # [T, D] view either way
+    length, width = x_td.shape[0], weight.shape[-1]
     seg = seq_idx_from_cu_seqlens(cu_seqlens, length)[0].to(torch.long)  # [T] example of each position
     starts = cu_seqlens.to(torch.long).flatten()[:-1]  # [S] (a padded cu repeats its last value)
     segment = torch.arange(starts.numel(), device=x.device).repeat_interleave(width - 1)
     t = starts.repeat_interleave(width - 1) + torch.arange(width - 1, device=x.device).repeat(starts.numel())
     tc = t.clamp_max(length - 1)
     own = (t < length) & (seg[tc] == segment)  # position t really is offset t - start of this example
-    correction = torch.zeros(t.numel(), x.shape[1], dtype=out.dtype, device=x.device)
+    correction = torch.zeros(t.numel(), x_td.shape[1], dtype=out.dtype, device=x.device)
     for j in range(1, width):
         src = (tc - j).clamp_min(0)
         crosses = own & (tc - j >= 0) & (seg[src] != segment)
         # index_select, not x[0, :, src]: its backward is an index_add, where advanced indexing's backward is a
         # sort-based index_put (~3 % of a packed Qwen3.5 step's GPU time on the H100, session 4 kernel table)
-        taps = x[0].index_select(1, src).T
+        taps = x_td.index_select(0, src)
         correction = correction + crosses[:, None].to(x.dtype) * weight[:, width - 1 - j][None, :] * taps
+    if channel_last:
+        return out.index_add(1, tc, -correction[None])
     return out.index_add(-1, tc, -correction.T[None])
 
 
