@@ -157,12 +157,15 @@ def main(argv=None) -> int:
         if "fixed" not in skip:
             exs = btl.fixed_examples(16 * 6, 1024, model.config.vocab_size, seed=1)
             graphs = dict(micro=8, accum=2, packing="auto", cuda_graphs="auto")
-            for label, kw in (("graphs 4096, torch conv + CE", dict(graphs, pack_tokens=4096, torch_ops=True)),
+            session4 = ("HYBRIDLORA_TORCH_CONV", "HYBRIDLORA_TORCH_CE", "HYBRIDLORA_TORCH_NORM")
+            for label, kw in (("graphs 4096, torch conv + CE + norms", dict(graphs, pack_tokens=4096, torch_ops=session4)),
+                              ("graphs 4096, torch norms", dict(graphs, pack_tokens=4096,
+                                                                torch_ops=("HYBRIDLORA_TORCH_NORM",))),
                               ("graphs 4096", dict(graphs, pack_tokens=4096)),
                               ("graphs 8192", dict(graphs, pack_tokens=8192))):
-                torch_ops = kw.pop("torch_ops", False)
-                for var in ("HYBRIDLORA_TORCH_CONV", "HYBRIDLORA_TORCH_CE"):  # the session-4 ops, side by side
-                    os.environ[var] = "1" if torch_ops else "0"
+                torch_ops = kw.pop("torch_ops", ())
+                for var in session4:  # the session-4 torch ops, side by side with the Triton kernels
+                    os.environ[var] = "1" if var in torch_ops else "0"
                 try:
                     row, model = btl.run_trainer(model, resolved, exs, **kw)
                 except Exception as exc:

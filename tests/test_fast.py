@@ -60,7 +60,7 @@ def test_required_kernels_per_family():
     qwen = build_model(tiny_config_for("qwen3_5_text"), seed=0)
     falcon = build_model(tiny_config_for("falcon_h1"), seed=0)
     assert fast.required_kernels(qwen) == ("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule",
-                                           "fla.causal_conv1d")
+                                           "fla.causal_conv1d", "fla.rms_norm", "fla.rms_norm_gated")
     assert fast.required_kernels(falcon) == ("mamba_ssm.mamba_chunk_scan_combined", "mamba_ssm.selective_state_update",
                                              "fla.causal_conv1d")
     assert fast.required_kernels(types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))) == ()
@@ -461,3 +461,77 @@ def test_triton_cross_entropy_equals_the_torch_path(dtype, monkeypatch):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=tol, atol=tol)
     torch.testing.assert_close(results[1][1].float(), results[0][1].float(), rtol=tol, atol=tol)
     assert results[1][1][::7].abs().max() == 0  # ignored rows: no gradient
+
+
+def _rms_norm_stand_in(x, weight, bias, eps):
+    """CPU stand-in with fla's rms_norm contract: float32 inside, output in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def _rms_norm_gated_stand_in(x, g, weight, bias, activation, eps):
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return (normed * torch.nn.functional.silu(g.float())).to(x.dtype)
+
+
+def test_norm_methods_bind_on_the_class_and_restore(monkeypatch):
+    """Qwen3.5's two norms are bound as methods of their modeling classes (every built model uses them), their
+    fla versions compute what transformers' do, and restore() puts transformers' methods back."""
+    mq = importlib.import_module("transformers.models.qwen3_5.modeling_qwen3_5")
+    before = (mq.Qwen3_5RMSNorm.forward, mq.Qwen3_5RMSNormGated.forward)
+    torch.manual_seed(0)
+    norm, gated = mq.Qwen3_5RMSNorm(32), mq.Qwen3_5RMSNormGated(16)
+    torch.nn.init.normal_(norm.weight, std=0.1)
+    torch.nn.init.normal_(gated.weight, mean=1.0, std=0.1)
+    x, h, g = torch.randn(5, 32), torch.randn(7, 16), torch.randn(7, 16)
+    expected = (norm(x), gated(h, g))
+    probe = {k: {"fn": lambda *a, **k: None, "reason": "fake"} for k in fast.KERNEL_PURPOSE}
+    probe["fla.rms_norm"] = {"fn": _rms_norm_stand_in, "reason": "stand-in"}
+    probe["fla.rms_norm_gated"] = {"fn": _rms_norm_gated_stand_in, "reason": "stand-in"}
+    monkeypatch.setattr(kernels, "_cuda", lambda: True)
+    monkeypatch.setattr(kernels, "_probe", lambda: probe)
+    monkeypatch.setattr(kernels, "_gdn_backward_blocked", lambda *a: None)
+    bound = fast.use("fast")
+    assert bound["modeling_qwen3_5.Qwen3_5RMSNorm.forward"] == "fla.rms_norm"
+    assert bound["modeling_qwen3_5.Qwen3_5RMSNormGated.forward"] == "fla.rms_norm_gated"
+    assert mq.Qwen3_5RMSNorm.forward is not before[0]
+    torch.testing.assert_close(norm(x), expected[0])  # CPU tensors: transformers' own forward
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # take the kernel branch on CPU
+    torch.testing.assert_close(norm(x), expected[0])
+    torch.testing.assert_close(gated(h, g), expected[1])
+    monkeypatch.undo()
+    kernels.restore()
+    assert (mq.Qwen3_5RMSNorm.forward, mq.Qwen3_5RMSNormGated.forward) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton norms need a GPU")
+def test_fla_norms_equal_transformers_on_cuda():
+    pytest.importorskip("fla.modules.norm.layernorm")
+    from fla.modules.norm.fused_norm_gate import rms_norm_gated
+    from fla.modules.norm.layernorm import rms_norm
+
+    mq = importlib.import_module("transformers.models.qwen3_5.modeling_qwen3_5")
+    plain, gate = kernels._state["originals"].get(("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5RMSNorm.forward"),
+                                                 mq.Qwen3_5RMSNorm.forward), \
+        kernels._state["originals"].get(("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5RMSNormGated.forward"),
+                                        mq.Qwen3_5RMSNormGated.forward)
+    fast_plain, fast_gate = ops.make_rms_norm(rms_norm, plain), ops.make_rms_norm_gated(rms_norm_gated, gate)
+    torch.manual_seed(0)
+    norm = mq.Qwen3_5RMSNorm(1024).cuda().to(torch.bfloat16)
+    gated = mq.Qwen3_5RMSNormGated(128).cuda().to(torch.bfloat16)
+    torch.nn.init.normal_(norm.weight, std=0.1)
+    torch.nn.init.normal_(gated.weight, mean=1.0, std=0.1)
+    x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    h, g = torch.randn(2, 4096, 128, device="cuda", dtype=torch.bfloat16).unbind(0)
+    for module, ref_fn, fast_fn, inputs in ((norm, plain, fast_plain, (x,)), (gated, gate, fast_gate, (h, g))):
+        a = [t.clone().requires_grad_() for t in inputs]
+        b = [t.clone().requires_grad_() for t in inputs]
+        out, ref = fast_fn(module, *a), ref_fn(module, *b)
+        assert out.dtype == ref.dtype
+        torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=2e-2)
+        grad = torch.randn_like(ref)
+        out.backward(grad)
+        ref.backward(grad)
+        for ta, tb in zip(a, b):
+            torch.testing.assert_close(ta.grad.float(), tb.grad.float(), atol=3e-2, rtol=2e-2)

@@ -40,7 +40,8 @@ FAMILY = Family(
     schedule_attr="layer_types",
     rules=attention_rules() + GDN_RULES + QWEN_MOE_RULES + dense_mlp_rules(),
     tiny=TINY_GDN_MOE,
-    fast_kernels=("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule", "fla.causal_conv1d"),
+    fast_kernels=("fla.chunk_gated_delta_rule", "fla.fused_recurrent_gated_delta_rule", "fla.causal_conv1d",
+                  "fla.rms_norm", "fla.rms_norm_gated"),
     logit_multiplier=1.0,
     # "Where Should LoRA Go?" conditions for Qwen3.5-0.8B, named as the study named them.
     study_presets={

@@ -31,16 +31,26 @@ KERNEL_PURPOSE = {
     "mamba_ssm.mamba_chunk_scan_combined": "Mamba-2 SSD training / prefill (chunked)",
     "mamba_ssm.selective_state_update": "Mamba-2 one-token decode",
     "fla.causal_conv1d": "short convolution, training / prefill (channel-last Triton)",
+    "fla.rms_norm": "RMSNorm, fused (Qwen3.5's 1 + w form)",
+    "fla.rms_norm_gated": "gated RMSNorm of the Gated DeltaNet output, fused",
 }
 _GDN_BINDINGS = {
     "torch_chunk_gated_delta_rule": "fla.chunk_gated_delta_rule",
     "torch_recurrent_gated_delta_rule": "fla.fused_recurrent_gated_delta_rule",
     "causal_conv1d_fn": "conv",
 }
-# modeling module -> {attribute: kernel key}
+# modeling module -> {attribute: kernel key}; "Class.method" binds a method of a modeling class
 BINDINGS = {
-    "transformers.models.qwen3_5.modeling_qwen3_5": _GDN_BINDINGS,
-    "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe": _GDN_BINDINGS,
+    "transformers.models.qwen3_5.modeling_qwen3_5": {
+        **_GDN_BINDINGS,
+        "Qwen3_5RMSNorm.forward": "fla.rms_norm",
+        "Qwen3_5RMSNormGated.forward": "fla.rms_norm_gated",
+    },
+    "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe": {
+        **_GDN_BINDINGS,
+        "Qwen3_5MoeRMSNorm.forward": "fla.rms_norm",
+        "Qwen3_5MoeRMSNormGated.forward": "fla.rms_norm_gated",
+    },
     "transformers.models.falcon_h1.modeling_falcon_h1": {
         "mamba2_chunk_scan": "mamba_ssm.mamba_chunk_scan_combined",
         "mamba2_selective_state_update": "mamba_ssm.selective_state_update",
@@ -70,6 +80,8 @@ def _probe() -> dict[str, dict[str, Any]]:
         "fla.chunk_gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
         "fla.fused_recurrent_gated_delta_rule": ("fla.ops.gated_delta_rule", "fused_recurrent_gated_delta_rule"),
         "fla.causal_conv1d": ("fla.modules.causal_conv1d", "causal_conv1d"),
+        "fla.rms_norm": ("fla.modules.norm.layernorm", "rms_norm"),
+        "fla.rms_norm_gated": ("fla.modules.norm.fused_norm_gate", "rms_norm_gated"),
     }.items():
         try:
             fn = getattr(importlib.import_module(module), name)
@@ -136,7 +148,7 @@ def active_kernels() -> dict[str, Any]:
             "kernels": kernels, "notes": list(_state["notes"])}
 
 
-def _implementation(key: str) -> Callable | None:
+def _implementation(key: str, original: Callable | None = None) -> Callable | None:
     if key == "conv":  # fla's Triton kernel where it imports, else PyTorch's conv1d; both packing-aware
         # $HYBRIDLORA_TORCH_CONV=1 keeps PyTorch's conv1d (side-by-side timing and checks)
         fn = None if os.environ.get("HYBRIDLORA_TORCH_CONV") == "1" else _probe().get("fla.causal_conv1d", {}).get("fn")
@@ -146,6 +158,10 @@ def _implementation(key: str) -> Callable | None:
     fn = _probe().get(key, {}).get("fn")
     if fn is None:
         return None
+    if key in ("fla.rms_norm", "fla.rms_norm_gated"):  # methods: the original still serves CPU tensors
+        if os.environ.get("HYBRIDLORA_TORCH_NORM") == "1":  # side-by-side timing and checks
+            return None
+        return (ops.make_rms_norm if key == "fla.rms_norm" else ops.make_rms_norm_gated)(fn, inspect.unwrap(original))
     makers = {"fla.chunk_gated_delta_rule": ops.make_gdn_chunk,
               "fla.fused_recurrent_gated_delta_rule": ops.make_gdn_recurrent,
               "mamba_ssm.mamba_chunk_scan_combined": ops.make_ssd_chunk,
@@ -194,10 +210,11 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
         except Exception:
             continue  # this transformers has no such model
         for attr, key in attrs.items():
-            if not hasattr(module, attr):
+            owner, name = _owner(module, attr)
+            if owner is None or not hasattr(owner, name):
                 continue
-            original = _state["originals"].setdefault((module_name, attr), getattr(module, attr))
-            impl = _implementation(key) if fast else None
+            original = _state["originals"].setdefault((module_name, attr), getattr(owner, name))
+            impl = _implementation(key, original) if fast else None
             if impl is not None and key == "fla.chunk_gated_delta_rule" and _gdn_backward_blocked():
                 blocked = _gdn_backward_blocked()
                 msg = (f"hybridlora.fast: Gated DeltaNet stays on the slow torch reference: {blocked}; "
@@ -215,7 +232,7 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
                 what = "torch reference"
             else:
                 what = getattr(impl, "__hybridlora_kernel__", key)
-            setattr(module, attr, impl)
+            setattr(owner, name, impl)
             bound[f"{module_name.rsplit('.', 1)[-1]}.{attr}"] = what
     _state["mode"], _state["bound"] = mode if _cuda() else REFERENCE, bound
     return bound
@@ -257,10 +274,19 @@ def boundary_aware(model: Any) -> bool:
     return module_name in BINDINGS and _module_boundary_aware(module_name, BINDINGS[module_name])
 
 
+def _owner(module: Any, attr: str) -> tuple[Any, str]:
+    """Where ``attr`` lives: the module itself, or for ``"Class.method"`` the class (None if absent)."""
+    if "." in attr:
+        cls, name = attr.split(".", 1)
+        return getattr(module, cls, None), name
+    return module, attr
+
+
 def restore() -> None:
     """Put back whatever transformers had bound before the first :func:`use`."""
     for (module_name, attr), original in _state["originals"].items():
-        setattr(importlib.import_module(module_name), attr, original)
+        owner, name = _owner(importlib.import_module(module_name), attr)
+        setattr(owner, name, original)
     _state["mode"], _state["bound"] = None, {}
 
 

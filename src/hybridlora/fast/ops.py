@@ -102,6 +102,35 @@ def make_conv(conv_fn: Callable, *, cpu: bool = False) -> Callable:
     return conv
 
 
+def make_rms_norm(rms_norm_fn: Callable, original: Callable) -> Callable:
+    """``forward`` for Qwen3.5's RMSNorm (``x / rms(x) · (1 + w)``, computed in float32, cast once) on fla's
+    fused Triton norm: one kernel each way instead of float copies, a mean, a reciprocal square root and
+    multiplies over every ``[tokens, hidden]`` activation (~790 such copies per packed 4,096-token Qwen3.5 step,
+    fourth-session kernel table). Same arithmetic order as transformers'; off CUDA the original runs."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return original(self, x)
+        return rms_norm_fn(x, 1.0 + self.weight.float(), None, eps=self.eps)
+
+    forward.__hybridlora_kernel__ = "fla.rms_norm"
+    return forward
+
+
+def make_rms_norm_gated(rms_norm_gated_fn: Callable, original: Callable) -> Callable:
+    """``forward`` for Qwen3.5's gated RMSNorm of the Gated DeltaNet output (``w · x / rms(x) · silu(gate)``) on
+    fla's fused Triton kernel — the norm transformers' Qwen3-Next itself takes from fla when it is installed.
+    fla keeps the product in float32 and rounds once; transformers rounds after the weight and again at the
+    end (a bf16-rounding difference, within the fast path's stated tolerances). Off CUDA the original runs."""
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if not hidden_states.is_cuda or getattr(self, "activation", "silu") != "silu":
+            return original(self, hidden_states, gate)
+        return rms_norm_gated_fn(hidden_states, gate, self.weight, None, activation="silu",
+                                 eps=self.variance_epsilon).to(hidden_states.dtype)
+
+    forward.__hybridlora_kernel__ = "fla.rms_norm_gated"
+    return forward
+
+
 def _drop_cross_example_taps(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                              cu_seqlens: torch.Tensor, time_dim: int = -1) -> torch.Tensor:
     """Subtract, from the conv output of one packed row, every tap that crosses an example boundary.
