@@ -216,7 +216,8 @@ def host_syncs(step, device_type: str = "cuda") -> list[str]:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     found: dict[str, None] = {}
-    host_reads = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+    # under inference mode ``.item()`` reaches the mode as aten.item itself, not its decomposition
+    host_reads = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default, torch.ops.aten.nonzero.default}
 
     def where() -> str:
         frames = [f for f in traceback.extract_stack()
