@@ -64,13 +64,17 @@ def train_step_profile(model, resolved, lengths, out: Path, name: str, fixed: in
     for _ in range(3):  # autotune outside the profile
         runner.forward_backward(row, 1e-3)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=bool(fixed)) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=bool(fixed),
+                 with_stack=bool(fixed)) as prof:
         runner.forward_backward(row, 1e-3)
         torch.cuda.synchronize()
     table, cuda_ms, cpu_ms = kernel_table(prof, n=40 if fixed else 18)
     if fixed:
         table += "\n\n" + prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=40, max_shapes_column_width=100)
+        # where the operators come from: the same events grouped by their innermost Python frames
+        table += "\n\n" + prof.key_averages(group_by_stack_n=6).table(
+            sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=30, max_src_column_width=110)
     (out / f"{name}_train_step{fixed or ''}_kernels.txt").write_text(table)
     runner.zero_grad()
     peft.unload()
