@@ -55,8 +55,9 @@ def _kernel():
     return ce_rows
 
 
+@lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether the kernel can run here (CUDA and an importable Triton)."""
+    """Whether the kernel can run here (CUDA and an importable Triton); asked once per process."""
     if not torch.cuda.is_available():
         return False
     try:
