@@ -213,11 +213,12 @@ def _generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     batch = _Batch(model, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_ids(model))
     runner = _Replayer(batch, graphs, diagnose)
     ends: list[int | None] = [None] * input_ids.shape[0]
+    rows: list[list[int]] = [[] for _ in ends]  # the generated tokens, copied to the host column block by block
     eos = set(eos_ids(model))
     generated, checked, steps = 1, 0, 0
     batch.prefill()
     while True:
-        checked = _check(batch, ends, generated, checked, eos, stop_at)
+        checked = _check(batch, rows, ends, generated, checked, eos, stop_at)
         if generated >= max_new_tokens or all(end is not None for end in ends):
             break
         for _ in range(min(check_every, max_new_tokens - generated)):
@@ -232,11 +233,12 @@ def _generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return GreedyResult(tokens=tokens, steps=steps, graph=runner.state, culprits=runner.culprits)
 
 
-def _check(batch: _Batch, ends: list[int | None], generated: int, checked: int, eos: set[int],
-           stop_at: StopAt | None) -> int:
-    """Finds rows that ended among the tokens ``checked..generated-1``; marks them done on the device so that
-    their later tokens are padding. Returns the new ``checked``."""
-    rows = batch.out[:, :generated].tolist()
+def _check(batch: _Batch, rows: list[list[int]], ends: list[int | None], generated: int, checked: int,
+           eos: set[int], stop_at: StopAt | None) -> int:
+    """Copies tokens ``checked..generated-1`` to the host rows and finds the rows that ended among them; marks
+    those done on the device so that their later tokens are padding. Returns the new ``checked``."""
+    for row, block in zip(rows, batch.out[:, checked:generated].tolist()):
+        row.extend(block)
     newly = []
     for row, tokens in enumerate(rows):
         if ends[row] is not None:
