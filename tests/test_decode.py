@@ -58,6 +58,32 @@ def test_same_tokens_as_transformers_generate(model):
         assert torch.equal(static_tokens(model, ids, mask, 48, tok=tok, check_every=every), expected)
 
 
+def _one_type_per_tested_family():
+    from hybridlora.families import FAMILIES
+
+    return [fam.model_types[0] for fam in FAMILIES if fam.tiny]
+
+
+@pytest.mark.parametrize("model_type", _one_type_per_tested_family())
+def test_every_family_with_a_tiny_config_decodes_like_transformers(model_type):
+    """The static loop is used only for families checked here (unsupported_reason): one model type of each
+    family that has a tiny config, token for token against generate."""
+    net = build_model(tiny_config_for(model_type), seed=1)
+    tok = byte_tokenizer()
+    ids, mask = left_padded(tok, PROMPTS)
+    assert unsupported_reason(net) is None
+    assert torch.equal(static_tokens(net, ids, mask, 20, tok=tok), hf_tokens(net, ids, mask, 20, tok=tok))
+
+
+def test_families_without_a_tiny_config_keep_generate():
+    import types
+
+    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="kimi_linear"), generation_config=None)
+    assert "not verified for model_type 'kimi_linear'" in unsupported_reason(model)
+    model.config.model_type = "gpt2"
+    assert "not verified" in unsupported_reason(model)
+
+
 def test_rows_end_at_eos_like_transformers(model):
     """With an end-of-sequence id that some rows generate mid-way, both end those rows there, pad the rest of
     them and stop when all rows ended (same output length)."""

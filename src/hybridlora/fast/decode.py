@@ -38,6 +38,7 @@ _NO_PROCESSOR = {
     "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
     "exponential_decay_length_penalty": (None,), "renormalize_logits": (None, False), "watermarking_config": (None,),
     "force_words_ids": (None,), "constraints": (None,), "num_beams": (None, 1), "penalty_alpha": (None,),
+    "guidance_scale": (None, 1.0),
 }
 
 # The oldest transformers whose StaticCache was checked against its generate for both hybrid families.
@@ -57,10 +58,24 @@ def unsupported_reason(model: Any) -> str | None:
     import transformers
     from packaging.version import Version
 
+    from ..families import family_for
+
+    model_type = getattr(_text_config(model), "model_type", None)
+    family = family_for(model_type or "")
+    if family is None or not family.tiny:
+        # the static loop is checked against generate, token for token, on each family's tiny config
+        # (tests/test_decode.py); a model without one keeps generate
+        return f"static decoding is not verified for model_type {model_type!r} (no tiny config to check it on)"
+
     if Version(transformers.__version__) < Version(TESTED_TRANSFORMERS):
         # older static caches had no entry for hybrid layers (KV + mixer state): keep generate's own cache
         return f"transformers {transformers.__version__} < {TESTED_TRANSFORMERS} (static cache for hybrid layers)"
     return None
+
+
+def _text_config(model: Any) -> Any:
+    config = getattr(model, "config", None)
+    return getattr(config, "text_config", None) or config
 
 
 def eos_ids(model: Any) -> list[int]:
