@@ -44,9 +44,8 @@ def hf_tokens(model, ids, mask, new, stop=(), tok=None):
 
 def static_tokens(model, ids, mask, new, stop=(), tok=None, check_every=16):
     stop_at = stop_finder(tok, stop) if stop else None
-    with torch.inference_mode():
-        return greedy_generate(model, ids, mask, max_new_tokens=new, pad_token_id=tok.pad_token_id,
-                               stop_at=stop_at, check_every=check_every).tokens
+    return greedy_generate(model, ids, mask, max_new_tokens=new, pad_token_id=tok.pad_token_id,
+                           stop_at=stop_at, check_every=check_every).tokens
 
 
 def test_same_tokens_as_transformers_generate(model):
@@ -157,10 +156,11 @@ def test_graph_replay_equals_eager_static_decoding_on_cuda(model):
     tok = byte_tokenizer()
     net = model.to("cuda")
     ids, mask = (t.to("cuda") for t in left_padded(tok, PROMPTS))
-    with torch.inference_mode():
+    try:
         eager = greedy_generate(net, ids, mask, max_new_tokens=40, pad_token_id=tok.pad_token_id, graphs=False)
         graph = greedy_generate(net, ids, mask, max_new_tokens=40, pad_token_id=tok.pad_token_id, graphs=True)
-    model.to("cpu")
+    finally:
+        model.to("cpu")  # the module-scoped model goes back for the CPU tests, pass or fail
     assert graph.graph == "replayed" and eager.graph == "eager"
     assert torch.equal(graph.tokens, eager.tokens)
 
@@ -178,12 +178,13 @@ def test_failed_decode_capture_is_named_and_redone_eagerly(model, monkeypatch):
         real(self)
         float(self.position.float().mean())
 
-    with torch.inference_mode():
+    try:
         eager = greedy_generate(net, ids, mask, max_new_tokens=20, pad_token_id=tok.pad_token_id, graphs=False)
         monkeypatch.setattr(decode._Batch, "step", host_read)
         with pytest.warns(RuntimeWarning, match="could not be captured"):
             failed = greedy_generate(net, ids, mask, max_new_tokens=20, pad_token_id=tok.pad_token_id)
-    model.to("cpu")
+    finally:
+        model.to("cpu")
     assert failed.graph.startswith("failed:") and "aten.item" in failed.graph and "host_read" in failed.graph
     assert torch.equal(failed.tokens, eager.tokens)
 
@@ -193,3 +194,12 @@ def test_older_transformers_keep_generate(model, monkeypatch):
 
     monkeypatch.setattr(transformers, "__version__", "5.17.0")
     assert "5.17.0 < 5.23.0" in unsupported_reason(model)
+
+
+def test_greedy_generate_keeps_no_autograd_history(model):
+    """Called outside inference mode (it is a public function), the cache and outputs carry no grad history."""
+    tok = byte_tokenizer()
+    ids, mask = left_padded(tok, PROMPTS[:2])
+    with torch.enable_grad():
+        result = greedy_generate(model, ids, mask, max_new_tokens=5, pad_token_id=tok.pad_token_id)
+    assert result.tokens.grad_fn is None and not result.tokens.requires_grad

@@ -492,16 +492,18 @@ def test_norm_methods_bind_on_the_class_and_restore(monkeypatch):
     monkeypatch.setattr(kernels, "_cuda", lambda: True)
     monkeypatch.setattr(kernels, "_probe", lambda: probe)
     monkeypatch.setattr(kernels, "_gdn_backward_blocked", lambda *a: None)
-    bound = fast.use("fast")
-    assert bound["modeling_qwen3_5.Qwen3_5RMSNorm.forward"] == "fla.rms_norm"
-    assert bound["modeling_qwen3_5.Qwen3_5RMSNormGated.forward"] == "fla.rms_norm_gated"
-    assert mq.Qwen3_5RMSNorm.forward is not before[0]
-    torch.testing.assert_close(norm(x), expected[0])  # CPU tensors: transformers' own forward
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # take the kernel branch on CPU
-    torch.testing.assert_close(norm(x), expected[0])
-    torch.testing.assert_close(gated(h, g), expected[1])
-    monkeypatch.undo()
-    kernels.restore()
+    try:
+        bound = fast.use("fast")
+        assert bound["modeling_qwen3_5.Qwen3_5RMSNorm.forward"] == "fla.rms_norm"
+        assert bound["modeling_qwen3_5.Qwen3_5RMSNormGated.forward"] == "fla.rms_norm_gated"
+        assert mq.Qwen3_5RMSNorm.forward is not before[0]
+        torch.testing.assert_close(norm(x), expected[0])  # CPU tensors: transformers' own forward
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the kernel branch on CPU
+        torch.testing.assert_close(norm(x), expected[0])
+        torch.testing.assert_close(gated(h, g), expected[1])
+    finally:
+        monkeypatch.undo()
+        kernels.restore()  # no stand-in stays bound for later tests, pass or fail
     assert (mq.Qwen3_5RMSNorm.forward, mq.Qwen3_5RMSNormGated.forward) == before
 
 
@@ -535,3 +537,33 @@ def test_fla_norms_equal_transformers_on_cuda():
         ref.backward(grad)
         for ta, tb in zip(a, b):
             torch.testing.assert_close(ta.grad.float(), tb.grad.float(), atol=3e-2, rtol=2e-2)
+
+
+def test_reference_mode_and_env_switch_the_triton_cross_entropy_off(monkeypatch):
+    from hybridlora.fast import ce_kernel
+    from hybridlora.fast.loss import _use_ce_kernel
+
+    monkeypatch.setattr(ce_kernel, "available", lambda: True)
+    monkeypatch.setitem(kernels._state, "mode", "fast")
+    monkeypatch.delenv("HYBRIDLORA_TORCH_CE", raising=False)
+    assert _use_ce_kernel()
+    monkeypatch.setenv("HYBRIDLORA_TORCH_CE", "1")
+    assert not _use_ce_kernel()
+    monkeypatch.delenv("HYBRIDLORA_TORCH_CE")
+    monkeypatch.setitem(kernels._state, "mode", "reference")  # the study's path: torch arithmetic throughout
+    assert not _use_ce_kernel()
+
+
+def test_describe_says_off_for_kernels_switched_to_torch(monkeypatch):
+    monkeypatch.setattr(kernels, "_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    probe = {k: {"fn": lambda *a, **k: None, "reason": "ok"} for k in fast.KERNEL_PURPOSE}
+    monkeypatch.setattr(kernels, "_probe", lambda: probe)
+    monkeypatch.setattr(kernels, "_gdn_backward_blocked", lambda *a: None)
+    monkeypatch.setitem(kernels._state, "mode", "fast")
+    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="qwen3_5_text"),
+                                  parameters=lambda: iter([types.SimpleNamespace(device=torch.device("cuda"))]))
+    assert "fla.rms_norm=on" in fast.describe(model)
+    monkeypatch.setenv("HYBRIDLORA_TORCH_NORM", "1")
+    line = fast.describe(model)
+    assert "fla.rms_norm=off" in line and "fla.rms_norm_gated=off" in line and "fla.causal_conv1d=on" in line

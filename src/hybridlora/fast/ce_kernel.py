@@ -27,6 +27,7 @@ def _kernel():
         base = logits_ptr + row * stride
         target = tl.load(targets_ptr + row)
         valid = target != ignore_index
+        in_range = (target >= 0) & (target < vocab)
         cols = tl.arange(0, BLOCK)
         running_max = tl.full([BLOCK], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK], tl.float32)
@@ -40,9 +41,12 @@ def _kernel():
             running_max = new_max
         row_max = tl.max(running_max, 0)
         lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), 0))
-        safe_target = tl.where(valid, target, 0)
+        safe_target = tl.where(valid & in_range, target, 0)
         target_logit = tl.load(base + safe_target).to(tl.float32) * scale
-        tl.store(loss_ptr + row, tl.where(valid, lse - target_logit, 0.0))
+        # a target outside the vocabulary (a data bug; torch's gather would raise) makes the loss NaN, never a
+        # silent number or an out-of-bounds read
+        row_loss = tl.where(in_range, lse - target_logit, float("nan"))
+        tl.store(loss_ptr + row, tl.where(valid, row_loss, 0.0))
         if WANT_GRAD:
             keep = tl.where(valid, scale, 0.0)
             for start in range(0, vocab, BLOCK):
@@ -74,6 +78,9 @@ def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, scale: floa
     if logits.dim() != 2 or logits.stride(1) != 1 or not logits.is_cuda:
         raise ValueError("cross_entropy_rows_ takes a CUDA [N, V] tensor with contiguous rows")
     rows, vocab = logits.shape
+    if targets.shape != (rows,) or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be integer [{rows}], got {targets.dtype} {tuple(targets.shape)}")
+    targets = targets.contiguous()
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
         _kernel()[(rows,)](logits, targets, loss, logits.stride(0), vocab, float(scale), int(ignore_index),

@@ -11,7 +11,10 @@ fixed buffers (token, position, a 2D mask as long as the cache), and the greedy 
 and the output column are device ops in the same graph. The host looks at the tokens only every
 ``check_every`` steps, for stop strings and for "all rows done".
 
-Semantics are those of transformers' greedy ``generate`` (tests compare the two token for token): the first
+Semantics are those of transformers' greedy ``generate``: CPU tests compare the two token for token on every family
+with a tiny config (float32), and on the H100 ``bench/bench_decode.py`` found identical tokens on every row of both
+full-size models in bf16 with the fast kernels bound. (The static cache attends over its whole length with the
+unwritten slots masked, so in bf16 a near-tie could in principle round the other way.) The first
 token comes from the prefill, a row ends at an end-of-sequence token or at the step where the caller's
 ``stop_at`` says a stop string completed, later tokens of an ended row are ``pad_token_id``, and decoding
 ends when every row has ended or after ``max_new_tokens`` tokens. Steps run between two host checks after a
@@ -23,6 +26,7 @@ If the capture fails, the batch is redone eagerly on the same static cache path 
 """
 from __future__ import annotations
 
+import gc
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -148,24 +152,16 @@ class _Replayer:
     """Runs decode steps: two eager warm-up steps on a side stream (Triton autotuning, cuBLAS workspaces), then a
     capture (records, runs nothing), then replays. Eager throughout off CUDA or when ``graphs`` is False."""
 
-    def __init__(self, batch: _Batch, graphs: bool, diagnose: bool = False) -> None:
+    def __init__(self, batch: _Batch, graphs: bool) -> None:
         self.batch = batch
         self.graphs = graphs and batch.out.is_cuda
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
-        self.state = "eager" if not self.graphs else "pending"
-        self.diagnose = diagnose
-        self.culprits: list[str] = []
+        self.state = "eager"  # "replayed" once a capture took place (a batch of <= 2 decode steps never captures)
 
     def step(self) -> None:
         if self.graph is not None:
             self.graph.replay()
-            return
-        if self.diagnose and self.eager_steps == 0:  # after a failed capture: name what broke it, once
-            from .graphs import host_syncs
-
-            self.culprits = host_syncs(self.batch.step)
-            self.eager_steps += 1
             return
         if not self.graphs or self.eager_steps < 2:
             self._eager()
@@ -192,6 +188,7 @@ class _Replayer:
         self.state = "replayed"
 
 
+@torch.inference_mode()
 def greedy_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                     pad_token_id: int, stop_at: StopAt | None = None, check_every: int = 16,
                     graphs: bool = True) -> GreedyResult:
@@ -208,25 +205,43 @@ def greedy_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - a failed capture is reported and the batch redone eagerly
-        torch.cuda.set_stream(stream)  # a capture that fails at its end leaves its own stream current
-        torch.cuda.synchronize()
         causes = [error] + ([error.__context__] if error.__context__ is not None else [])
         reason = "; ".join(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}" for e in causes)[:400]
-        result = _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, stop_at, check_every,
-                           False, diagnose=True)
-        result.graph = f"failed: {reason}" + (f" [host tensors or host reads at: {'; '.join(result.culprits[:3])}]"
-                                              if result.culprits else "")
-        warnings.warn(f"hybridlora: the decode step could not be captured as a CUDA graph ({result.graph[8:]}); "
-                      "this batch was decoded again without graphs (correct, but host-bound and slower)",
-                      RuntimeWarning, stacklevel=2)
-        return result
+        del causes  # the exceptions' tracebacks hold the failed attempt's frames
+    # outside the except block: the failed attempt's frames (cache, buffers, graph pool) are released first
+    torch.cuda.set_stream(stream)  # a capture that fails at its end leaves its own stream current
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    culprits = _diagnose(model, input_ids, attention_mask, max_new_tokens, pad_token_id)
+    result = _generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, stop_at, check_every, False)
+    result.graph = f"failed: {reason}" + (f" [host tensors or host reads at: {'; '.join(culprits[:3])}]"
+                                          if culprits else "")
+    result.culprits = culprits
+    warnings.warn(f"hybridlora: the decode step could not be captured as a CUDA graph ({result.graph[8:]}); "
+                  "this batch was decoded again without graphs (correct, but host-bound and slower)",
+                  RuntimeWarning, stacklevel=2)
+    return result
+
+
+def _diagnose(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+              pad_token_id: int) -> list[str]:
+    """Where host values reach the decode step (after a failed capture): one step of a throwaway batch under
+    :func:`hybridlora.fast.graphs.host_syncs`, so that a step the diagnosis interrupts corrupts nothing."""
+    from .graphs import host_syncs
+
+    scratch = _Batch(model, input_ids, attention_mask, max(2, max_new_tokens), pad_token_id, eos_ids(model))
+    scratch.prefill()
+    culprits = host_syncs(scratch.step)
+    del scratch
+    torch.cuda.empty_cache()
+    return culprits
 
 
 def _generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-              pad_token_id: int, stop_at: StopAt | None, check_every: int, graphs: bool,
-              diagnose: bool = False) -> GreedyResult:
+              pad_token_id: int, stop_at: StopAt | None, check_every: int, graphs: bool) -> GreedyResult:
     batch = _Batch(model, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_ids(model))
-    runner = _Replayer(batch, graphs, diagnose)
+    runner = _Replayer(batch, graphs)
     ends: list[int | None] = [None] * input_ids.shape[0]
     rows: list[list[int]] = [[] for _ in ends]  # the generated tokens, copied to the host column block by block
     eos = set(eos_ids(model))
@@ -245,7 +260,7 @@ def _generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     for row, end in enumerate(ends):
         if end is not None and eos:  # transformers pads ended rows only when it has an end-of-sequence id
             tokens[row, end + 1:] = batch.pad
-    return GreedyResult(tokens=tokens, steps=steps, graph=runner.state, culprits=runner.culprits)
+    return GreedyResult(tokens=tokens, steps=steps, graph=runner.state)
 
 
 def _check(batch: _Batch, rows: list[list[int]], ends: list[int | None], generated: int, checked: int,

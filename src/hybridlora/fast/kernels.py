@@ -356,8 +356,9 @@ def describe(model: Any = None) -> str:
         return f"kernels: {REFERENCE}"
     keys = required_kernels(model) if model is not None else tuple(KERNEL_PURPOSE)
     missing = missing_kernels(model) if model is not None else {}
-    conv_off = os.environ.get("HYBRIDLORA_TORCH_CONV") == "1"
-    parts = [f"{k}={'off' if any(m.startswith(k) for m in missing) or not info['kernels'][k]['usable'] or (conv_off and k == 'fla.causal_conv1d') else 'on'}"
+    switched_off = {k for k, var in (("fla.causal_conv1d", "HYBRIDLORA_TORCH_CONV"), ("fla.rms_norm", "HYBRIDLORA_TORCH_NORM"),
+                                     ("fla.rms_norm_gated", "HYBRIDLORA_TORCH_NORM")) if os.environ.get(var) == "1"}
+    parts = [f"{k}={'off' if any(m.startswith(k) for m in missing) or not info['kernels'][k]['usable'] or k in switched_off else 'on'}"
              for k in keys]
     from .loss import _use_ce_kernel
 

@@ -93,13 +93,14 @@ class _FrozenHeadCE(torch.autograd.Function):
 
 
 def _use_ce_kernel() -> bool:
-    """The Triton cross-entropy runs where it can, unless $HYBRIDLORA_TORCH_CE=1 asks for the torch ops (for
-    side-by-side timing and checks)."""
+    """The Triton cross-entropy runs where it can, unless ``fast.use("reference")`` is in force or
+    $HYBRIDLORA_TORCH_CE=1 asks for the torch ops (for side-by-side timing and checks)."""
     import os
 
-    from . import ce_kernel
+    from . import ce_kernel, kernels
 
-    return os.environ.get("HYBRIDLORA_TORCH_CE") != "1" and ce_kernel.available()
+    return (os.environ.get("HYBRIDLORA_TORCH_CE") != "1" and kernels._state["mode"] != "reference"
+            and ce_kernel.available())
 
 
 def _trainable_head_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float,
