@@ -203,3 +203,47 @@ def test_greedy_generate_keeps_no_autograd_history(model):
     with torch.enable_grad():
         result = greedy_generate(model, ids, mask, max_new_tokens=5, pad_token_id=tok.pad_token_id)
     assert result.tokens.grad_fn is None and not result.tokens.requires_grad
+
+
+def test_failed_capture_control_flow_on_cpu(model, monkeypatch):
+    """The fallback's control flow with the CUDA calls stubbed: a capture that raises leads to one warning, a
+    diagnosis on a throwaway batch that names the host read, and the same tokens as the eager loop."""
+    from hybridlora.fast import decode
+
+    tok = byte_tokenizer()
+    ids, mask = left_padded(tok, PROMPTS)
+    eager = greedy_generate(model, ids, mask, max_new_tokens=12, pad_token_id=tok.pad_token_id, graphs=False)
+    for name in ("set_stream", "synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: "stream")
+    monkeypatch.setattr(decode._Replayer, "_eager", lambda self: (self.batch.step(), setattr(self, "eager_steps", self.eager_steps + 1)))
+
+    def capture(self):
+        self.batch.position.float().mean().item()  # what a real capture would refuse
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decode._Replayer, "_capture", capture)
+    from hybridlora.fast import graphs
+
+    def capture_read(step):  # the diagnosis step reads a device value, like the step the capture refused
+        step.__self__.position.float().mean().item()
+
+    real_spy = graphs.host_syncs  # on CPU the spy watches "cpu" tensors as it watches CUDA ones on a GPU
+    monkeypatch.setattr(graphs, "host_syncs", lambda step: real_spy(lambda: (step(), capture_read(step)),
+                                                                    device_type="cpu"))
+
+    cuda_ids = ids.clone()
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: self is cuda_ids or self.device.type == "cuda"))
+    monkeypatch.setattr(decode._Replayer, "__init__", _replayer_with_graphs(decode._Replayer.__init__))
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        failed = greedy_generate(model, cuda_ids, mask, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+    assert failed.graph.startswith("failed: RuntimeError: operation not permitted")
+    assert any("item" in c and "capture_read" in c for c in failed.culprits)
+    assert torch.equal(failed.tokens, eager.tokens)
+
+
+def _replayer_with_graphs(init):
+    def wrapped(self, batch, graphs):
+        init(self, batch, graphs)
+        self.graphs = graphs  # CPU tensors: pretend the batch is on CUDA so that a capture is attempted
+    return wrapped
