@@ -323,3 +323,19 @@ def test_claims_are_exclusive_and_dead_owners_are_taken_over(tmp_path):
     assert store_b.claim(mine, ids=[a.id]).id == a.id
     assert not store_a.complete(a.id, "host|1|x|a", {"summaries": {}, "records": []})  # lost claim: nothing written
     store_a.close(), store_b.close()
+
+
+def test_grid_shape_counts_placements_per_model():
+    """Two models whose families name their placements differently: 6 each, not the 11 names of the union."""
+    import types
+
+    from hybridlora.study.runner import _grid_shape
+
+    def jobs(model, placements):
+        return [types.SimpleNamespace(model=model, placement=p, train_domain=d, seed=1)
+                for p in placements for d in ("gsm8k", "code", "chat")]
+
+    qwen = jobs("q", ["all", "attn", "gdn", "mlp", "attn_mlp", "gdn_mlp"])
+    falcon = jobs("f", ["all", "attn", "ssm", "mlp", "attn_mlp", "ssm_mlp"])
+    assert _grid_shape(qwen + falcon) == "2 models × 6 placements × 3 domains × 1 seeds"
+    assert _grid_shape(qwen + falcon[:3]) == "2 models × placements 6 / 1 per model × 3 domains × 1 seeds"
