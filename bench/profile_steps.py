@@ -12,6 +12,7 @@ Usage (GPU machine, fla-core / mamba-ssm wheels on PYTHONPATH)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -44,6 +45,52 @@ def kernel_table(prof, n: int = 18) -> tuple[str, float, float]:
     return table, total("CUDA"), total("CPU")
 
 
+LABEL = "hl:"
+
+
+@contextlib.contextmanager
+def labelled_forwards(model):
+    """Every module's forward inside a profiler range named ``hl:<class>`` (LoRA layers, norms, mixers,
+    attention, MLPs …), so the kernels a forward launches are summed per kind of module (the stack-grouped
+    table of the fourth session came out without source lines). Backward kernels run outside these ranges."""
+    from torch.autograd.profiler import record_function
+
+    open_ranges: dict[int, list] = {}
+
+    def enter(module, args):
+        kind = type(module)
+        rf = record_function(f"{LABEL}{kind.__module__.split('.')[0]}.{kind.__name__}")  # peft.Linear vs torch.Linear
+        rf.__enter__()
+        open_ranges.setdefault(id(module), []).append(rf)
+
+    def leave(module, args, output):
+        open_ranges[id(module)].pop().__exit__(None, None, None)
+
+    wanted = [m for m in model.modules() if not isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict))]
+    handles = [h for m in wanted for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def label_table(prof) -> str:
+    """Forward device time per kind of module (ranges nest: a decoder layer includes its mixer and LoRA layers)."""
+    rows = []
+    for e in prof.key_averages():
+        if e.key.startswith(LABEL):
+            device_us = getattr(e, "device_time_total", None)
+            if device_us is None:
+                device_us = getattr(e, "cuda_time_total", 0.0)
+            rows.append((device_us, e.key[len(LABEL):], e.count))
+    rows.sort(reverse=True)
+    lines = ["forward device time per module kind (nested: totals include children)",
+             f"{'module':<40} {'calls':>7} {'device ms':>10}"]
+    lines += [f"{name:<40} {count:>7} {us / 1e3:>10.2f}" for us, name, count in rows[:40]]
+    return "\n".join(lines)
+
+
 def train_step_profile(model, resolved, lengths, out: Path, name: str, fixed: int = 0) -> dict:
     """Kernel table of one static packed step: 16 examples with GSM8K lengths, or (``fixed``) 1024-token
     examples packed into one row of ``fixed`` tokens, with a second table grouped by input shapes."""
@@ -64,17 +111,15 @@ def train_step_profile(model, resolved, lengths, out: Path, name: str, fixed: in
     for _ in range(3):  # autotune outside the profile
         runner.forward_backward(row, 1e-3)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=bool(fixed),
-                 with_stack=bool(fixed)) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=bool(fixed)) as prof, \
+            (labelled_forwards(peft) if fixed else contextlib.nullcontext()):
         runner.forward_backward(row, 1e-3)
         torch.cuda.synchronize()
     table, cuda_ms, cpu_ms = kernel_table(prof, n=40 if fixed else 18)
     if fixed:
         table += "\n\n" + prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=40, max_shapes_column_width=100)
-        # where the operators come from: the same events grouped by their innermost Python frames
-        table += "\n\n" + prof.key_averages(group_by_stack_n=6).table(
-            sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=30, max_src_column_width=110)
+        table += "\n\n" + label_table(prof)
     (out / f"{name}_train_step{fixed or ''}_kernels.txt").write_text(table)
     runner.zero_grad()
     peft.unload()
