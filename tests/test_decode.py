@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybridlora.evaluate.lm import CausalLM, stop_criterion, stop_finder
+from hybridlora.evaluate.lm import CausalLM, left_pad, stop_criterion, stop_finder
 from hybridlora.evaluate.tokenizer import byte_tokenizer
 from hybridlora.fast.decode import greedy_generate, unsupported_reason
 from hybridlora.models import build_model, tiny_config_for
@@ -20,14 +20,7 @@ def model(request):
 
 
 def left_padded(tok, prompts):
-    rows = [tok(p).input_ids for p in prompts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for j, row in enumerate(rows):
-        ids[j, width - len(row):] = torch.tensor(row)
-        mask[j, width - len(row):] = 1
-    return ids, mask
+    return left_pad([tok(p).input_ids for p in prompts], tok.pad_token_id)
 
 
 def hf_tokens(model, ids, mask, new, stop=(), tok=None):

@@ -81,15 +81,20 @@ def test_missing_kernel_on_cuda_is_a_loud_warning(monkeypatch):
     assert "mamba_ssm.mamba_chunk_scan_combined=off" in fast.describe(model)
 
 
-def test_unbound_kernels_count_as_missing_on_cuda(monkeypatch):
+def _qwen_on_fake_cuda(monkeypatch):
+    """A CUDA machine where every kernel imports (no Hopper guard), and a Qwen3.5 model "on" it."""
     monkeypatch.setattr(kernels, "_cuda", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
     probe = {k: {"fn": lambda *a, **k: None, "reason": "ok"} for k in fast.KERNEL_PURPOSE}
     monkeypatch.setattr(kernels, "_probe", lambda: probe)
     monkeypatch.setattr(kernels, "_gdn_backward_blocked", lambda *a: None)
+    return types.SimpleNamespace(config=types.SimpleNamespace(model_type="qwen3_5_text"),
+                                 parameters=lambda: iter([types.SimpleNamespace(device=torch.device("cuda"))]))
+
+
+def test_unbound_kernels_count_as_missing_on_cuda(monkeypatch):
+    model = _qwen_on_fake_cuda(monkeypatch)
     monkeypatch.setitem(kernels._state, "mode", None)
-    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="qwen3_5_text"),
-                                  parameters=lambda: iter([types.SimpleNamespace(device=torch.device("cuda"))]))
     assert all("use('fast')" in why for why in fast.missing_kernels(model).values())
     monkeypatch.setitem(kernels._state, "mode", "fast")
     assert fast.missing_kernels(model) == {}
@@ -555,14 +560,8 @@ def test_reference_mode_and_env_switch_the_triton_cross_entropy_off(monkeypatch)
 
 
 def test_describe_says_off_for_kernels_switched_to_torch(monkeypatch):
-    monkeypatch.setattr(kernels, "_cuda", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
-    probe = {k: {"fn": lambda *a, **k: None, "reason": "ok"} for k in fast.KERNEL_PURPOSE}
-    monkeypatch.setattr(kernels, "_probe", lambda: probe)
-    monkeypatch.setattr(kernels, "_gdn_backward_blocked", lambda *a: None)
+    model = _qwen_on_fake_cuda(monkeypatch)
     monkeypatch.setitem(kernels._state, "mode", "fast")
-    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="qwen3_5_text"),
-                                  parameters=lambda: iter([types.SimpleNamespace(device=torch.device("cuda"))]))
     assert "fla.rms_norm=on" in fast.describe(model)
     monkeypatch.setenv("HYBRIDLORA_TORCH_NORM", "1")
     line = fast.describe(model)

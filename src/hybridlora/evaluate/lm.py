@@ -185,13 +185,8 @@ class CausalLM:
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 batch = order[start: start + self.batch_size]
-                rows = [self.encode(prompts[i])[-budget:] for i in batch]
-                width = max(len(r) for r in rows)
-                ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for j, row in enumerate(rows):
-                    ids[j, width - len(row):] = torch.tensor(row)
-                    mask[j, width - len(row):] = 1
+                ids, mask = left_pad([self.encode(prompts[i])[-budget:] for i in batch], tok.pad_token_id)
+                width = ids.shape[1]
                 ids, mask = ids.to(self.device), mask.to(self.device)
                 if static:
                     from hybridlora.fast.decode import greedy_generate
@@ -234,6 +229,17 @@ class CausalLM:
             warnings.warn(f"hybridlora: greedy decoding stays with transformers' generate (no CUDA graph): {why}",
                           RuntimeWarning, stacklevel=3)
         return why is None, why
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as a left-padded ``[len(rows), longest]`` id tensor and its attention mask (generation's layout)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, row in enumerate(rows):
+        ids[j, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[j, width - len(row):] = 1
+    return ids, mask
 
 
 def stop_criterion(tok: Any, stop: Sequence[str], width: int) -> Any:

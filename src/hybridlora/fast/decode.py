@@ -63,8 +63,9 @@ def unsupported_reason(model: Any) -> str | None:
     from packaging.version import Version
 
     from ..families import family_for
+    from .kernels import _model_config
 
-    model_type = getattr(_text_config(model), "model_type", None)
+    model_type = getattr(_model_config(model), "model_type", None)
     family = family_for(model_type or "")
     if family is None or not family.tiny:
         # the static loop is checked against generate, token for token, on each family's tiny config
@@ -75,11 +76,6 @@ def unsupported_reason(model: Any) -> str | None:
         # older static caches had no entry for hybrid layers (KV + mixer state): keep generate's own cache
         return f"transformers {transformers.__version__} < {TESTED_TRANSFORMERS} (static cache for hybrid layers)"
     return None
-
-
-def _text_config(model: Any) -> Any:
-    config = getattr(model, "config", None)
-    return getattr(config, "text_config", None) or config
 
 
 def eos_ids(model: Any) -> list[int]:
@@ -240,11 +236,11 @@ def _diagnose(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def _generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
               pad_token_id: int, stop_at: StopAt | None, check_every: int, graphs: bool) -> GreedyResult:
-    batch = _Batch(model, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_ids(model))
+    eos = set(eos_ids(model))
+    batch = _Batch(model, input_ids, attention_mask, max_new_tokens, pad_token_id, sorted(eos))
     runner = _Replayer(batch, graphs)
     ends: list[int | None] = [None] * input_ids.shape[0]
     rows: list[list[int]] = [[] for _ in ends]  # the generated tokens, copied to the host column block by block
-    eos = set(eos_ids(model))
     generated, checked, steps = 1, 0, 0
     batch.prefill()
     while True:
