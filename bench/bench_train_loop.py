@@ -109,12 +109,12 @@ def length_examples(pairs: list[tuple[int, int]], n: int, vocab: int, max_length
 
 # --- the trainer, timed from its own log -------------------------------------------------------------------
 def run_trainer(model, resolved, examples, *, micro: int, accum: int, packing: str, pack_tokens: int = 0,
-                cuda_graphs: str = "off", warmup_steps: int = 2) -> dict:
+                cuda_graphs: str = "off", warmup_steps: int = 2, compile: str = "off") -> dict:
     from hybridlora.train import TrainConfig, train
 
     cfg = TrainConfig(epochs=1, micro_batch_size=micro, grad_accum=accum, max_length=1024, save_every=0,
                       norm_every=0, progress=False, packing=packing, pack_tokens=pack_tokens, warmup_ratio=0.0,
-                      cuda_graphs=cuda_graphs)
+                      cuda_graphs=cuda_graphs, compile=compile)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -132,7 +132,7 @@ def run_trainer(model, resolved, examples, *, micro: int, accum: int, packing: s
     seconds = [r["tokens"] / r["tokens_per_s"] for r in steps]
     out = {"micro": micro, "accum": accum, "packing": start["packing"], "batching": start["batching"],
            "kernels": start["kernels"], "cuda_graphs": end.get("cuda_graphs", start.get("cuda_graphs")),
-           "steps_timed": len(steps), "capture_steps_excluded": len(capture_steps),
+           "compile": compile, "steps_timed": len(steps), "capture_steps_excluded": len(capture_steps),
            "capture_step_s": [round(r["tokens"] / r["tokens_per_s"], 2) for r in capture_steps], "peak_gb": round(peak, 2), "wall_s": round(wall, 1),
            "s_per_step_median": round(statistics.median(seconds), 4),
            "tokens_per_s": round(sum(r["tokens"] for r in steps) / sum(seconds)),
@@ -319,6 +319,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma list of sections to skip: packing,graph_check,fixed,real")
     ap.add_argument("--compile-check", action="store_true",
                     help="also run graph_check with the decoder layers compiled (leaves them compiled: run it alone)")
+    ap.add_argument("--compile", default="",
+                    help="comma list of compile scopes (off,lora,layers): packed graph runs of 4096 / 8192-token "
+                         "rows of 1024-token examples with each, side by side")
     ap.add_argument("--modes", default="padded,packed,graphs",
                     help="which trainer runs: padded, packed (eager), graphs (packed, CUDA graphs)")
     args = ap.parse_args(argv)
@@ -353,6 +356,11 @@ def main(argv=None) -> int:
             runs += [("fixed", "padded 8x2", exs, dict(micro=8, accum=2, packing="off")),
                      ("fixed", "packed 8192", exs, dict(micro=8, accum=2, packing="auto")),
                      ("fixed", "graphs 8192", exs, dict(micro=8, accum=2, packing="auto", cuda_graphs="auto"))]
+        for scope in filter(None, args.compile.split(",")):  # graphs with torch.compile regions, side by side
+            exs = fixed_examples(16 * n_steps, 1024, vocab, seed=1)
+            runs += [("fixed", f"graphs {rows} compile={scope}", exs,
+                      dict(micro=rows // 1024, accum=16 * 1024 // rows, packing="auto", cuda_graphs="auto",
+                           compile=scope)) for rows in (4096, 8192)]
         if "real" not in skip:
             for domain, pairs in lengths.items():
                 exs = length_examples(pairs, 16 * n_steps, vocab, 1024, seed=2)

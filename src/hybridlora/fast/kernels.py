@@ -169,6 +169,16 @@ def _implementation(key: str, original: Callable | None = None) -> Callable | No
     return makers[key](fn)
 
 
+def _opaque_to_dynamo(fn: Callable) -> Callable:
+    """``fn`` as a call torch.compile does not trace into (a graph break): Triton kernels with autotuning and
+    the references' host loops stay as they are inside compiled layers (:mod:`.compile`)."""
+    if getattr(fn, "_hybridlora_opaque", False):
+        return fn
+    wrapped = torch.compiler.disable(fn)
+    wrapped._hybridlora_opaque = True
+    return wrapped
+
+
 def _boundary_aware_reference(key: str, original: Callable) -> Callable | None:
     """transformers' pure-PyTorch function wrapped so that packed rows keep their examples apart (used where no
     fast kernel runs); None where the plain reference is used as is (decode steps take no packed rows)."""
@@ -232,7 +242,9 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
                 what = "torch reference"
             else:
                 what = getattr(impl, "__hybridlora_kernel__", key)
-            setattr(owner, name, impl)
+            # torch modules' own methods stay traceable (inductor fuses a torch RMSNorm); kernels do not
+            traceable = "." in attr and what == "torch reference"
+            setattr(owner, name, impl if traceable else _opaque_to_dynamo(impl))
             bound[f"{module_name.rsplit('.', 1)[-1]}.{attr}"] = what
     _state["mode"], _state["bound"] = mode if _cuda() else REFERENCE, bound
     return bound

@@ -80,6 +80,7 @@ class TrainConfig:
     packing: str = "auto"  # "auto": pack each step's examples when every mixer keeps them apart | "off"
     pack_tokens: int = 0  # tokens per packed row (0: micro_batch_size × max_length, a padded micro-batch's size)
     cuda_graphs: str = "auto"  # "auto": replay packed rows' forward + backward as CUDA graphs on CUDA | "off"
+    compile: str = "off"  # torch.compile regions: "off" | "lora" (every LoRA layer) | "layers" (decoder layers)
 
     @property
     def effective_batch(self) -> int:
@@ -97,6 +98,7 @@ class TrainConfig:
             (self.loss_on in ("assistant", "full"), "loss_on must be assistant or full"),
             (self.packing in ("auto", "off"), "packing must be auto or off"),
             (self.cuda_graphs in ("auto", "off"), "cuda_graphs must be auto or off"),
+            (self.compile in ("off", "lora", "layers"), "compile must be off, lora or layers"),
             (self.pack_tokens == 0 or self.pack_tokens >= self.max_length,
              "pack_tokens must be 0 (automatic) or at least max_length"),
             (self.max_length >= 2, "max_length must be at least 2"),
@@ -505,6 +507,10 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
         from ..fast import skip_input_upcast
 
         skip_input_upcast(peft_model)  # PEFT's float32 copy of every LoRA input is undone by autocast anyway
+    if config.compile != "off":
+        from ..fast.compile import compile_regions
+
+        log.write(event="compile", compile=compile_regions(peft_model, config.compile))
     try:
         end = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
         while step < end:
@@ -578,6 +584,10 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
         log.close()
         if progress is not None:
             progress.close()
+        if config.compile != "off":
+            from ..fast.compile import uncompile
+
+            uncompile(peft_model)
         if precision == "bf16":  # hand the model back as PEFT made it: callers may run it without autocast
             from ..fast import skip_input_upcast
 
