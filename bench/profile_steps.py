@@ -91,6 +91,50 @@ def label_table(prof) -> str:
     return "\n".join(lines)
 
 
+def _self_time(e, device: bool) -> float:
+    if not device:
+        return e.self_cpu_time_total
+    t = getattr(e, "self_device_time_total", None)
+    return t if t is not None else getattr(e, "self_cuda_time_total", 0.0)
+
+
+def source_table(prof, device: bool = True, n: int = 45) -> str:
+    """Self time (device, or CPU when ``device`` is False) and calls per (source, operator chain): the source of a
+    forward op is its innermost ``hl:`` module range, of a backward op the autograd node that ran it; the chain
+    is the operators from the outermost one under that source down to the op that did the work. Says which
+    module's code a copy or an element-wise kernel comes from (the stack-grouped table had no source lines)."""
+    from collections import defaultdict
+
+    from torch.autograd import DeviceType
+
+    totals: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU:  # kernels: their time is the launching operator's self time
+            continue
+        t = _self_time(e, device)
+        if t <= 0 or e.name.startswith(LABEL) or e.name.startswith("autograd::engine"):
+            continue
+        chain, source, parent = [e.name], "(outside)", e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith(LABEL):
+                source = parent.name[len(LABEL):]
+                break
+            if parent.name.startswith("autograd::engine::evaluate_function: "):
+                source = "backward " + parent.name.split(": ", 1)[1]
+                break
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        key = (source, " < ".join(chain[:3]) + (" < …" if len(chain) > 3 else ""))
+        totals[key][0] += t
+        totals[key][1] += 1
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    unit = "device" if device else "cpu"
+    lines = [f"self {unit} time per (source, operator chain); source = innermost module range (forward) or "
+             "autograd node (backward)", f"{unit + ' ms':>9} {'calls':>6}  {'source':<42} chain (op < caller)"]
+    lines += [f"{t / 1e3:>9.2f} {c:>6}  {src:<42} {chain}" for (src, chain), (t, c) in rows[:n]]
+    return "\n".join(lines)
+
+
 def train_step_profile(model, resolved, lengths, out: Path, name: str, fixed: int = 0) -> dict:
     """Kernel table of one static packed step: 16 examples with GSM8K lengths, or (``fixed``) 1024-token
     examples packed into one row of ``fixed`` tokens, with a second table grouped by input shapes."""
@@ -102,6 +146,7 @@ def train_step_profile(model, resolved, lengths, out: Path, name: str, fixed: in
     fast.use("fast")
     peft = attach_lora(model, resolved)
     peft.train()
+    fast.skip_input_upcast(peft)  # as the trainer runs bf16 steps
     if fixed:
         exs = btl.fixed_examples(fixed // 1024, 1024, model.config.vocab_size, seed=5)
     else:
@@ -119,7 +164,7 @@ def train_step_profile(model, resolved, lengths, out: Path, name: str, fixed: in
     if fixed:
         table += "\n\n" + prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=40, max_shapes_column_width=100)
-        table += "\n\n" + label_table(prof)
+        table += "\n\n" + label_table(prof) + "\n\n" + source_table(prof)
     (out / f"{name}_train_step{fixed or ''}_kernels.txt").write_text(table)
     runner.zero_grad()
     peft.unload()

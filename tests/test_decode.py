@@ -180,6 +180,9 @@ def test_failed_decode_capture_is_named_and_redone_eagerly(model, monkeypatch):
         model.to("cpu")
     assert failed.graph.startswith("failed:") and "aten.item" in failed.graph and "host_read" in failed.graph
     assert torch.equal(failed.tokens, eager.tokens)
+    # the failed capture left the CUDA generator usable: random ops on the device still run, and advance it
+    a, b = torch.rand(4, device="cuda"), torch.rand(4, device="cuda")
+    assert not torch.equal(a, b)
 
 
 def test_older_transformers_keep_generate(model, monkeypatch):
@@ -209,6 +212,8 @@ def test_failed_capture_control_flow_on_cpu(model, monkeypatch):
     for name in ("set_stream", "synchronize", "empty_cache"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: "stream")
+    released = []
+    monkeypatch.setattr(decode, "release_generator_after_failed_capture", lambda device: released.append(device))
     monkeypatch.setattr(decode._Replayer, "_eager", lambda self: (self.batch.step(), setattr(self, "eager_steps", self.eager_steps + 1)))
 
     def capture(self):
@@ -231,6 +236,7 @@ def test_failed_capture_control_flow_on_cpu(model, monkeypatch):
     with pytest.warns(RuntimeWarning, match="could not be captured"):
         failed = greedy_generate(model, cuda_ids, mask, max_new_tokens=12, pad_token_id=tok.pad_token_id)
     assert failed.graph.startswith("failed: RuntimeError: operation not permitted")
+    assert released == [cuda_ids.device]  # the generator is taken out of capture mode
     assert any("item" in c and "capture_read" in c for c in failed.culprits)
     assert torch.equal(failed.tokens, eager.tokens)
 

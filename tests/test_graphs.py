@@ -197,6 +197,7 @@ class _FakeCuda:
     def __init__(self):
         self.captures_tried = 0
         self.rng_restores = 0
+        self.generator_releases = 0
 
     def install(self, monkeypatch):
         import contextlib
@@ -223,6 +224,12 @@ class _FakeCuda:
         def set_rng_state(state, device=None):
             fake.rng_restores += 1
 
+        def release(device=None):
+            fake.generator_releases += 1
+
+        from hybridlora.fast import graphs
+
+        monkeypatch.setattr(graphs, "release_generator_after_failed_capture", release)
         for name, value in {"Stream": Stream, "current_stream": lambda *a: Stream(), "stream": lambda s: contextlib.nullcontext(),
                             "get_rng_state": lambda *a: torch.get_rng_state(), "set_rng_state": set_rng_state,
                             "CUDAGraph": lambda: object(), "graph_pool_handle": lambda: object(), "graph": FailingGraph,
@@ -247,10 +254,31 @@ def test_failed_capture_falls_back_with_gradients_as_if_run_eagerly(monkeypatch)
     assert got == pytest.approx(expected, rel=1e-6)
     assert fake.captures_tried == 1 and runner.captures == 0 and not runner._graphs
     assert fake.rng_restores == 2  # after the warm-ups, and after the failure
+    assert fake.generator_releases == 1  # the generator is taken out of capture mode
     assert "capture broke" in runner.failure and runner.describe().startswith("off (capture failed")
     for (name, a), b in zip(model.named_parameters(), eager_model.parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_random_ops_run_after_a_failed_capture_on_cuda():
+    """A capture that raises mid-way leaves PyTorch's CUDA generator marked as capturing (later random ops
+    raise "Offset increment outside graph capture"); the fallbacks release it."""
+    from hybridlora.fast.graphs import release_generator_after_failed_capture
+
+    x = torch.ones(1024, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.current_stream()
+    with pytest.raises(Exception):
+        with torch.cuda.graph(graph):
+            torch.nn.functional.dropout(x, 0.5)
+            float(x.sum())  # a host read: the capture fails
+    torch.cuda.set_stream(stream)
+    release_generator_after_failed_capture(x.device)
+    a, b = torch.rand(8, device="cuda"), torch.rand(8, device="cuda")
+    assert not torch.equal(a, b)
+    assert 0.3 < float(torch.nn.functional.dropout(x, 0.5).eq(0).float().mean()) < 0.7
 
 
 def test_graphs_stay_off_where_a_bound_function_loops_over_examples_on_the_host():

@@ -33,6 +33,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .graphs import release_generator_after_failed_capture
+
+
 # Generation-config fields that make transformers' greedy search add a logits processor, with the value that
 # adds none. Decoding here implements plain argmax only, so any other value keeps transformers' generate.
 _NO_PROCESSOR = {
@@ -206,6 +209,7 @@ def greedy_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
         del causes  # the exceptions' tracebacks hold the failed attempt's frames
     # outside the except block: the failed attempt's frames (cache, buffers, graph pool) are released first
     torch.cuda.set_stream(stream)  # a capture that fails at its end leaves its own stream current
+    release_generator_after_failed_capture(input_ids.device)
     torch.cuda.synchronize()
     gc.collect()
     torch.cuda.empty_cache()

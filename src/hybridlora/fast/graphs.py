@@ -190,6 +190,7 @@ class PackedStepGraphs:
         """After a failed capture: the stream, gradients and random state as before it, the graphs' memory
         released, the cause named (also the one behind a capture invalidated by it), one loud warning."""
         torch.cuda.set_stream(stream)  # a capture that fails at its end leaves its own stream current
+        release_generator_after_failed_capture(self.device)
         causes = [exc] + ([exc.__context__] if exc.__context__ is not None else [])
         self.failure = "; ".join(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}" for e in causes)[:400]
         self._graphs.clear()  # no replays from here on: free the pool before the eager steps need memory
@@ -205,6 +206,20 @@ class PackedStepGraphs:
         torch.cuda.set_rng_state(rng, self.device)
         warnings.warn(f"hybridlora: CUDA graph capture of the packed training step failed ({self.failure}); "
                       "running it eagerly from now on (correct, but host-bound and slower)", stacklevel=4)
+
+
+def release_generator_after_failed_capture(device: torch.device | int | None = None) -> None:
+    """Put the device's default CUDA generator back in eager mode after a capture that raised.
+
+    A capture that fails before ``capture_end`` leaves the generator marked as capturing: every later random op
+    on the device (dropout, ``torch.randn``) then raises "Offset increment outside graph capture encountered
+    unexpectedly". The generator gets a fresh copy of its own state (same seed and offset, not capturing).
+    Graphs captured earlier keep the old state object, so call this only where no graph that draws random
+    numbers is kept (both callers free theirs)."""
+    index = torch.device("cuda", device).index if isinstance(device, int) else \
+        (device.index if device is not None else None)
+    generator = torch.cuda.default_generators[torch.cuda.current_device() if index is None else index]
+    generator.graphsafe_set_state(generator.clone_state())
 
 
 def host_syncs(step, device_type: str = "cuda") -> list[str]:
