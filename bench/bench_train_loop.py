@@ -322,6 +322,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", default="",
                     help="comma list of compile scopes (off,lora,layers): packed graph runs of 4096 / 8192-token "
                          "rows of 1024-token examples with each, side by side")
+    ap.add_argument("--compile-sections", default="fixed", help="where --compile runs: fixed,real")
+    ap.add_argument("--domains", default="gsm8k,codealpaca,chat", help="real-length domains for --compile runs")
     ap.add_argument("--modes", default="padded,packed,graphs",
                     help="which trainer runs: padded, packed (eager), graphs (packed, CUDA graphs)")
     args = ap.parse_args(argv)
@@ -356,11 +358,17 @@ def main(argv=None) -> int:
             runs += [("fixed", "padded 8x2", exs, dict(micro=8, accum=2, packing="off")),
                      ("fixed", "packed 8192", exs, dict(micro=8, accum=2, packing="auto")),
                      ("fixed", "graphs 8192", exs, dict(micro=8, accum=2, packing="auto", cuda_graphs="auto"))]
-        for scope in filter(None, args.compile.split(",")):  # graphs with torch.compile regions, side by side
+        scopes = list(filter(None, args.compile.split(",")))
+        for scope in scopes if "fixed" in args.compile_sections else []:  # graph runs per compile scope
             exs = fixed_examples(16 * n_steps, 1024, vocab, seed=1)
             runs += [("fixed", f"graphs {rows} compile={scope}", exs,
                       dict(micro=rows // 1024, accum=16 * 1024 // rows, packing="auto", cuda_graphs="auto",
                            compile=scope)) for rows in (4096, 8192)]
+        for scope in scopes if "real" in args.compile_sections else []:
+            for domain in args.domains.split(","):
+                exs = length_examples(lengths[domain], 16 * n_steps, vocab, 1024, seed=2)
+                runs.append(("real", f"{domain} graphs compile={scope}", exs,
+                             dict(micro=4, accum=4, packing="auto", cuda_graphs="auto", compile=scope)))
         if "real" not in skip:
             for domain, pairs in lengths.items():
                 exs = length_examples(pairs, 16 * n_steps, vocab, 1024, seed=2)

@@ -135,9 +135,12 @@ def source_table(prof, device: bool = True, n: int = 45) -> str:
     return "\n".join(lines)
 
 
-def train_step_profile(model, resolved, lengths, out: Path, name: str, fixed: int = 0) -> dict:
+def train_step_profile(model, resolved, lengths, out: Path, name: str, fixed: int = 0, compile: str = "off") -> dict:
     """Kernel table of one static packed step: 16 examples with GSM8K lengths, or (``fixed``) 1024-token
-    examples packed into one row of ``fixed`` tokens, with a second table grouped by input shapes."""
+    examples packed into one row of ``fixed`` tokens, with a second table grouped by input shapes. ``compile``:
+    a torch.compile scope of the trainer (``hybridlora.fast.compile``)."""
+    from hybridlora.fast.compile import compile_regions, uncompile
+
     from torch.profiler import ProfilerActivity, profile
 
     from hybridlora.fast.graphs import PackedStepGraphs
@@ -147,6 +150,7 @@ def train_step_profile(model, resolved, lengths, out: Path, name: str, fixed: in
     peft = attach_lora(model, resolved)
     peft.train()
     fast.skip_input_upcast(peft)  # as the trainer runs bf16 steps
+    compile_regions(peft, compile)
     if fixed:
         exs = btl.fixed_examples(fixed // 1024, 1024, model.config.vocab_size, seed=5)
     else:
@@ -165,11 +169,14 @@ def train_step_profile(model, resolved, lengths, out: Path, name: str, fixed: in
         table += "\n\n" + prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=40, max_shapes_column_width=100)
         table += "\n\n" + label_table(prof) + "\n\n" + source_table(prof)
-    (out / f"{name}_train_step{fixed or ''}_kernels.txt").write_text(table)
+    suffix = "" if compile == "off" else f"_compile_{compile}"
+    (out / f"{name}_train_step{fixed or ''}{suffix}_kernels.txt").write_text(table)
     runner.zero_grad()
+    uncompile(peft)
     peft.unload()
     torch.cuda.empty_cache()
-    return {"tokens": runner.row_length(row), "cuda_ms": round(cuda_ms, 1), "cpu_ms": round(cpu_ms, 1)}
+    return {"tokens": runner.row_length(row), "compile": compile, "cuda_ms": round(cuda_ms, 1),
+            "cpu_ms": round(cpu_ms, 1)}
 
 
 def _decode_step_ms(gen, new: int) -> float:
@@ -227,6 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma list: train,decode,fixed")
     ap.add_argument("--train-row", type=int, default=0,
                     help="profile the training step on one packed row of this many tokens of 1024-token examples")
+    ap.add_argument("--compile", default="off", help="comma list of compile scopes for the training profile")
     ap.add_argument("--decode-cache", default=None, choices=["static"],
                     help="time generation with transformers' static cache (default: its dynamic cache)")
     args = ap.parse_args(argv)
@@ -237,8 +245,10 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         model, resolved = btl.build(name)
         res = results.setdefault(name, {})
-        for section, fn, fn_args in (("train_step", train_step_profile, (model, resolved, lengths, args.out, name,
-                                                                         args.train_row)),
+        profiles = [(f"train_step{'' if scope == 'off' else ' compile=' + scope}", train_step_profile,
+                     (model, resolved, lengths, args.out, name, args.train_row, scope))
+                    for scope in args.compile.split(",")]
+        for section, fn, fn_args in (*profiles,
                                      ("decode", decode_profile, (model, args.out, name, 256, 256, 32,
                                                                  args.decode_cache))):
             if section.split("_")[0] in skip:

@@ -242,8 +242,9 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
                 what = "torch reference"
             else:
                 what = getattr(impl, "__hybridlora_kernel__", key)
-            # torch modules' own methods stay traceable (inductor fuses a torch RMSNorm); kernels do not
-            traceable = "." in attr and what == "torch reference"
+            # in fast mode kernels and host-looping references are opaque to torch.compile, while torch modules'
+            # own methods stay traceable (inductor fuses a torch RMSNorm); reference mode binds functions as is
+            traceable = mode != "fast" or ("." in attr and what == "torch reference")
             setattr(owner, name, impl if traceable else _opaque_to_dynamo(impl))
             bound[f"{module_name.rsplit('.', 1)[-1]}.{attr}"] = what
     _state["mode"], _state["bound"] = mode if _cuda() else REFERENCE, bound

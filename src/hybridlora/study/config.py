@@ -98,6 +98,7 @@ class TrainSettings(_Strict):
     loss_on: Literal["assistant", "full"] = "full"  # the study trained on the full text
     save_every: int = Field(default=100, ge=0)
     norm_every: int = Field(default=10, ge=0)
+    compile: Literal["off", "lora", "layers"] = "off"  # torch.compile regions (speed; changes dropout masks)
 
 
 class EvalSettings(_Strict):

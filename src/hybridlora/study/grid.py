@@ -104,6 +104,8 @@ def expand_grid(config: StudyConfig) -> list[Job]:
     data = _data_spec(config)
     evaluation = config.eval.model_dump(mode="json")
     training = config.train.model_dump(mode="json")
+    if training.get("compile") == "off":  # a later option: off keeps the job ids of studies started before it
+        del training["compile"]
     base_jobs, train_jobs = [], []
     for entry in config.models:
         model = _model_spec(config, entry)

@@ -100,7 +100,7 @@ def _train_config(spec: dict, progress: bool):
                        micro_batch_size=t["micro_batch_size"], grad_accum=t["grad_accum"],
                        max_length=t["max_length"], weight_decay=t["weight_decay"], warmup_ratio=t["warmup_ratio"],
                        seed=spec["seed"], save_every=t["save_every"], norm_every=t["norm_every"],
-                       loss_on=t["loss_on"], progress=progress)
+                       loss_on=t["loss_on"], compile=t.get("compile", "off"), progress=progress)
 
 
 def _fine_tune(spec: dict, model, tokenizer, out: Path, data_dir: str | None, progress: bool):

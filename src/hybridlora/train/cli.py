@@ -46,6 +46,9 @@ def register(subparsers) -> None:
                    help="tokens per packed row (default: micro-batch size x max length)")
     p.add_argument("--cuda-graphs", choices=["auto", "off"], default="auto",
                    help="auto: on CUDA, replay each packed row's forward + backward as a CUDA graph (default)")
+    p.add_argument("--compile", choices=["off", "lora", "layers"], default=d.compile,
+                   help="torch.compile regions: layers (every decoder layer, between the fast kernels) or lora (every "
+                        "LoRA layer); costs ~25 s per row length on an H100, pays on long runs (docs/PERFORMANCE.md)")
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N optimizer steps")
     p.add_argument("--norm-every", type=int, default=d.norm_every, help="log per-component LoRA norms every N steps")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="validation loss every N steps (0: end)")
@@ -130,7 +133,7 @@ def _run(args) -> int:
                          warmup_ratio=args.warmup_ratio, loss_on=args.loss_on, precision=args.precision,
                          gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
                          packing=args.packing, pack_tokens=args.pack_tokens,
-                         cuda_graphs=args.cuda_graphs,
+                         cuda_graphs=args.cuda_graphs, compile=args.compile,
                          norm_every=args.norm_every, eval_every=args.eval_every, progress=not args.no_progress)
     config.validate()
     tr, va, manifest = prepare_data(args.data, tokenizer, config, data_dir=args.data_dir,
