@@ -145,6 +145,25 @@ def test_logits_processors_keep_transformers_generate(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_decoding_with_fast_kernels_equals_generate_on_cuda(model):
+    """With fla / mamba-ssm bound (fast.use), the replayed static loop gives transformers' greedy tokens."""
+    from hybridlora import fast
+
+    tok = byte_tokenizer()
+    net = model.to("cuda")
+    ids, mask = (t.to("cuda") for t in left_padded(tok, PROMPTS))
+    try:
+        fast.use("fast")
+        expected = hf_tokens(net, ids, mask, 40, tok=tok)
+        got = greedy_generate(net, ids, mask, max_new_tokens=40, pad_token_id=tok.pad_token_id)
+    finally:
+        fast.restore()
+        model.to("cpu")
+    assert got.graph == "replayed"
+    assert torch.equal(got.tokens, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_replay_equals_eager_static_decoding_on_cuda(model):
     tok = byte_tokenizer()
     net = model.to("cuda")
