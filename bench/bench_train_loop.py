@@ -175,13 +175,11 @@ def packing_check(model, name: str) -> dict:
 
 
 def compile_layers(peft) -> int:
-    """Regional torch.compile: every decoder layer of the PEFT model compiled in place (default mode)."""
-    from hybridlora.fast.loss import head_and_scale
+    """Every decoder layer of the PEFT model compiled in place, as the trainer's ``compile: layers`` does."""
+    from hybridlora.fast.compile import compile_regions, decoder_layers
 
-    decoder = head_and_scale(peft)[0]
-    for layer in decoder.layers:
-        layer.compile()
-    return len(decoder.layers)
+    compile_regions(peft, "layers")
+    return len(decoder_layers(peft))
 
 
 def graph_check(model, resolved, lengths, compile: bool = False) -> dict:
