@@ -33,7 +33,8 @@ def _run(model_type: str, preset: str, scope: str, tmp_path):
     cfg = TrainConfig(epochs=1, micro_batch_size=4, grad_accum=1, progress=False, save_every=0, norm_every=0,
                       lora_dropout=0.0, compile=scope)  # no dropout: inductor draws other masks than eager
     out = tmp_path / scope
-    result = train(model, resolved, _examples(), out, cfg, pad_id=0)
+    validation = [_examples(1, length)[0] for length in (9, 17, 23, 31, 40)]  # five batch shapes
+    result = train(model, resolved, _examples(), out, cfg, pad_id=0, val_set=validation)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     return result, lora_state(result.peft_model), log
 
@@ -41,9 +42,14 @@ def _run(model_type: str, preset: str, scope: str, tmp_path):
 @pytest.mark.parametrize("model_type,preset,scope", [("falcon_h1", "all_eligible", "layers"),
                                                      ("qwen3_5_text", "all_layers", "lora")])
 def test_compiled_training_matches_eager(model_type, preset, scope, tmp_path):
+    from torch._dynamo.utils import counters
+
     eager, eager_state, _ = _run(model_type, preset, "off", tmp_path)
+    graphs_before = counters["stats"]["unique_graphs"]
     compiled, compiled_state, log = _run(model_type, preset, scope, tmp_path)
+    assert counters["stats"]["unique_graphs"] > graphs_before  # dynamo really compiled something
     assert compiled.final_loss == pytest.approx(eager.final_loss, rel=1e-5)
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-5)  # validation runs the eager code
     for name, value in eager_state.items():
         torch.testing.assert_close(compiled_state[name], value, rtol=1e-4, atol=1e-6, msg=name)
     line = next(r for r in log if r["event"] == "compile")["compile"]
@@ -61,9 +67,35 @@ def test_compile_scope_is_validated():
         compile_regions(torch.nn.Linear(2, 2), "layers")
 
 
-def test_decoder_layers_are_the_longest_module_list():
+def test_decoder_layers_are_the_language_models_stack():
     model = build_model(tiny_config_for("qwen3_5_text"))
     assert decoder_layers(model) is model.model.layers
+    assert decoder_layers(torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 9))) is None
+
+
+def test_compile_errors_end_training_with_a_one_line_hint(tmp_path, monkeypatch):
+    """An error from dynamo / Inductor is reported as a TrainingError that says to train with compile off,
+    logged, and the model is handed back uncompiled."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    import hybridlora.train.loop as loop
+    from hybridlora.fast.compile import is_compile_error
+
+    def broken(*args, **kwargs):
+        raise TorchDynamoException("lowering failed")
+
+    monkeypatch.setattr(loop, "_eager_forward_backward", broken)
+    model = build_model(tiny_config_for("qwen3_5_text"))
+    resolved = resolve(named_preset("softmax_only", family_named(build_component_map(model).family)),
+                       build_component_map(model))
+    cfg = TrainConfig(epochs=1, micro_batch_size=4, grad_accum=1, progress=False, save_every=0, compile="lora")
+    with pytest.raises(TrainingError, match="torch.compile .lora. failed: TorchDynamoException: lowering failed; "
+                                            "train again with compile: off"):
+        train(model, resolved, _examples(), tmp_path / "run", cfg, pad_id=0)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["event"] == "error" and "compile: off" in log[-1]["message"]
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in model.modules())
+    assert not is_compile_error(ValueError("model code")) and is_compile_error(TorchDynamoException("x"))
 
 
 def test_bound_kernels_are_opaque_and_torch_methods_stay_traceable():
@@ -79,7 +111,7 @@ def test_bound_kernels_are_opaque_and_torch_methods_stay_traceable():
         if not torch.cuda.is_available():  # the norms stay on torch here
             assert not getattr(qwen.Qwen3_5RMSNorm.forward, "_hybridlora_opaque", False)
     finally:
-        fast.use("fast")
+        fast.restore()
 
 
 def test_study_job_ids_do_not_change_while_compile_is_off():

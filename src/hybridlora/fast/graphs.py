@@ -180,6 +180,12 @@ class PackedStepGraphs:
             if [p.grad.data_ptr() if p.grad is not None else None for p in self.params] != pointers:
                 raise RuntimeError("autograd replaced gradient tensors during capture instead of accumulating")
         except Exception as exc:  # loud, once; the eager static step gives the same numbers
+            from .compile import is_compile_error
+
+            if is_compile_error(exc):  # not a capture problem: the trainer reports it (compile: off helps)
+                torch.cuda.set_stream(stream)
+                release_generator_after_failed_capture(self.device)
+                raise
             self._give_up(exc, stream, static, saved, rng)
             return None
         torch._foreach_copy_(grads, saved)  # undo the warm-up steps' gradients
@@ -216,9 +222,14 @@ def release_generator_after_failed_capture(device: torch.device | int | None = N
     unexpectedly". The generator gets a fresh copy of its own state (same seed and offset, not capturing).
     Graphs captured earlier keep the old state object, so call this only where no graph that draws random
     numbers is kept (both callers free theirs)."""
-    index = torch.device("cuda", device).index if isinstance(device, int) else \
-        (device.index if device is not None else None)
+    from torch.cuda._utils import _get_device_index
+
+    index = _get_device_index(device, optional=True)  # int, "cuda:1", torch.device; None: the current device
     generator = torch.cuda.default_generators[torch.cuda.current_device() if index is None else index]
+    if not hasattr(generator, "graphsafe_set_state"):  # torch without graph-safe generator states
+        warnings.warn("hybridlora: this torch cannot reset the CUDA generator after a failed graph capture; "
+                      "random ops on the device may fail from here on (upgrade torch)", stacklevel=3)
+        return
     generator.graphsafe_set_state(generator.clone_state())
 
 

@@ -507,11 +507,16 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
         from ..fast import skip_input_upcast
 
         skip_input_upcast(peft_model)  # PEFT's float32 copy of every LoRA input is undone by autocast anyway
-    if config.compile != "off":
-        from ..fast.compile import compile_regions
-
-        log.write(event="compile", compile=compile_regions(peft_model, config.compile))
+    validation = _eager_validation(config)
     try:
+        if config.compile != "off":
+            from ..fast.compile import compile_regions
+
+            try:  # graph rows come in a few bucket lengths; eager batches in any: let dynamo go dynamic there
+                line = compile_regions(peft_model, config.compile, dynamic=False if graphs is not None else None)
+            except ValueError as exc:
+                raise TrainingError(f"{exc}; train with compile: off") from exc
+            log.write(event="compile", compile=line)
         end = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
         while step < end:
             epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -554,8 +559,9 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             if config.norm_every and (step % config.norm_every == 0 or step == 1):
                 log.write(event="lora_norms", step=step, norms=lora_norms(peft_model, component_of))
             if config.eval_every and step % config.eval_every == 0 and val_examples:
-                log.write(event="eval", step=step, val_loss=evaluate_loss(peft_model, val_examples, pad_id,
-                                                                          config.micro_batch_size, config.precision))
+                with validation():
+                    val = evaluate_loss(peft_model, val_examples, pad_id, config.micro_batch_size, config.precision)
+                log.write(event="eval", step=step, val_loss=val)
             if config.save_every and step % config.save_every == 0 and step < total_steps:
                 _save_checkpoint(output_dir, step, peft_model, optimizer, scheduler, config.keep_checkpoints,
                                  fingerprint)
@@ -568,7 +574,8 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             log.write(event="stopped", step=step, reason=f"stop_after_steps={stop_after_steps}")
             return TrainResult(output_dir, output_dir / ADAPTER_DIR, step, last_loss, None, trainable, peft_model,
                                graphs.describe() if graphs is not None else graphs_line)
-        val_loss = evaluate_loss(peft_model, val_examples, pad_id, config.micro_batch_size, config.precision)
+        with validation():
+            val_loss = evaluate_loss(peft_model, val_examples, pad_id, config.micro_batch_size, config.precision)
         if val_examples:
             log.write(event="eval", step=step, val_loss=val_loss)
         tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.", dir=output_dir))
@@ -580,6 +587,15 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
     except TrainingError as exc:
         log.write(event="error", step=step, message=str(exc))
         raise
+    except Exception as exc:
+        from ..fast.compile import is_compile_error
+
+        if config.compile == "off" or not is_compile_error(exc):
+            raise
+        message = (f"torch.compile ({config.compile}) failed: {type(exc).__name__}: "
+                   f"{(str(exc).splitlines() or [''])[0][:300]}; train again with compile: off")
+        log.write(event="error", step=step, message=message)
+        raise TrainingError(message) from exc
     finally:
         log.close()
         if progress is not None:
@@ -594,6 +610,18 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             skip_input_upcast(peft_model, enabled=False)
     return TrainResult(output_dir, output_dir / ADAPTER_DIR, step, last_loss, val_loss, trainable, peft_model,
                        graphs.describe() if graphs is not None else graphs_line)
+
+
+def _eager_validation(config: TrainConfig):
+    """Context factory for validation batches: compiled regions run eagerly there (padded batches of any
+    length would each compile anew)."""
+    import contextlib
+
+    if config.compile == "off":
+        return contextlib.nullcontext
+    from ..fast.compile import eager
+
+    return eager
 
 
 def _nan_message(step: int, output_dir: Path, what: str = "loss") -> str:
