@@ -2,6 +2,8 @@
 token, on tiny random-weight models of both hybrid families (CPU; the CUDA-graph replay is checked on a GPU)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -21,6 +23,18 @@ def model(request):
 
 def left_padded(tok, prompts):
     return left_pad([tok(p).input_ids for p in prompts], tok.pad_token_id)
+
+
+@contextlib.contextmanager
+def on_cuda(model):
+    """(model on CUDA, byte tokenizer, left-padded PROMPTS on CUDA); the module-scoped model goes back to the
+    CPU afterwards, pass or fail, for the CPU tests."""
+    tok = byte_tokenizer()
+    ids, mask = (t.to("cuda") for t in left_padded(tok, PROMPTS))
+    try:
+        yield model.to("cuda"), tok, ids, mask
+    finally:
+        model.to("cpu")
 
 
 def hf_tokens(model, ids, mask, new, stop=(), tok=None):
@@ -149,30 +163,22 @@ def test_graph_decoding_with_fast_kernels_equals_generate_on_cuda(model):
     """With fla / mamba-ssm bound (fast.use), the replayed static loop gives transformers' greedy tokens."""
     from hybridlora import fast
 
-    tok = byte_tokenizer()
-    net = model.to("cuda")
-    ids, mask = (t.to("cuda") for t in left_padded(tok, PROMPTS))
     try:
-        fast.use("fast")
-        expected = hf_tokens(net, ids, mask, 40, tok=tok)
-        got = greedy_generate(net, ids, mask, max_new_tokens=40, pad_token_id=tok.pad_token_id)
+        with on_cuda(model) as (net, tok, ids, mask):
+            fast.use("fast")
+            expected = hf_tokens(net, ids, mask, 40, tok=tok)
+            got = greedy_generate(net, ids, mask, max_new_tokens=40, pad_token_id=tok.pad_token_id)
     finally:
         fast.restore()
-        model.to("cpu")
     assert got.graph == "replayed"
     assert torch.equal(got.tokens, expected.to(got.tokens.device))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_replay_equals_eager_static_decoding_on_cuda(model):
-    tok = byte_tokenizer()
-    net = model.to("cuda")
-    ids, mask = (t.to("cuda") for t in left_padded(tok, PROMPTS))
-    try:
+    with on_cuda(model) as (net, tok, ids, mask):
         eager = greedy_generate(net, ids, mask, max_new_tokens=40, pad_token_id=tok.pad_token_id, graphs=False)
         graph = greedy_generate(net, ids, mask, max_new_tokens=40, pad_token_id=tok.pad_token_id, graphs=True)
-    finally:
-        model.to("cpu")  # the module-scoped model goes back for the CPU tests, pass or fail
     assert graph.graph == "replayed" and eager.graph == "eager"
     assert torch.equal(graph.tokens, eager.tokens)
 
@@ -181,22 +187,17 @@ def test_graph_replay_equals_eager_static_decoding_on_cuda(model):
 def test_failed_decode_capture_is_named_and_redone_eagerly(model, monkeypatch):
     from hybridlora.fast import decode
 
-    tok = byte_tokenizer()
-    net = model.to("cuda")
-    ids, mask = (t.to("cuda") for t in left_padded(tok, PROMPTS))
     real = decode._Batch.step
 
     def host_read(self):  # a device value read on the host: not capturable
         real(self)
         float(self.position.float().mean())
 
-    try:
+    with on_cuda(model) as (net, tok, ids, mask):
         eager = greedy_generate(net, ids, mask, max_new_tokens=20, pad_token_id=tok.pad_token_id, graphs=False)
         monkeypatch.setattr(decode._Batch, "step", host_read)
         with pytest.warns(RuntimeWarning, match="could not be captured"):
             failed = greedy_generate(net, ids, mask, max_new_tokens=20, pad_token_id=tok.pad_token_id)
-    finally:
-        model.to("cpu")
     assert failed.graph.startswith("failed:") and "aten.item" in failed.graph and "host_read" in failed.graph
     assert torch.equal(failed.tokens, eager.tokens)
     # the failed capture left the CUDA generator usable: random ops on the device still run, and advance it

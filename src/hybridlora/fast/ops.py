@@ -159,14 +159,6 @@ def _drop_cross_example_taps(out: torch.Tensor, x: torch.Tensor, weight: torch.T
     return out.index_add(-1, tc, -correction.T[None])
 
 
-def _opaque_to_compile(fn: Callable) -> Callable:
-    """``fn`` as a call torch.compile leaves alone (a graph break around it, no effect in eager): the fla /
-    mamba-ssm autograd functions launch their own Triton kernels, which Inductor has nothing to add to."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    package = (getattr(fn, "__module__", None) or "").split(".")[0]
-    return disable(fn) if disable is not None and package in ("fla", "mamba_ssm") else fn
-
-
 def _call_with_accepted(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     import inspect
 
@@ -203,8 +195,6 @@ def reset_gate_at_boundaries(g: torch.Tensor, cu_seqlens: torch.Tensor) -> torch
 def make_gdn_chunk(chunk_fn: Callable, name: str = "fla.chunk_gated_delta_rule") -> Callable:
     """Chunked GDN with transformers' signature around ``chunk_fn`` (fla's kernel or the torch reference);
     packed rows (``cu_seqlens`` / ``cu_seq_lens_q``) are handled by :func:`reset_gate_at_boundaries`."""
-    kernel = _opaque_to_compile(chunk_fn)
-
     @functools.wraps(chunk_fn)
     def gdn_chunk(query, key, value, g, beta, chunk_size: int = 64, initial_state=None, output_final_state=False,
                   use_qk_l2norm_in_kernel: bool = False, cu_seqlens=None, **kwargs):
@@ -214,7 +204,7 @@ def make_gdn_chunk(chunk_fn: Callable, name: str = "fla.chunk_gated_delta_rule")
             if initial_state is not None or output_final_state:
                 raise NotImplementedError("packed rows carry no recurrent state in or out (training only)")
             g = reset_gate_at_boundaries(g, cu_seqlens)
-        return kernel(query, key, value, g=g, beta=beta, initial_state=initial_state,
+        return chunk_fn(query, key, value, g=g, beta=beta, initial_state=initial_state,
                       output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
     gdn_chunk.__hybridlora_kernel__ = name
     gdn_chunk.__hybridlora_boundaries__ = True
@@ -236,8 +226,6 @@ def make_gdn_recurrent(fla_recurrent: Callable) -> Callable:
 
 # --- Mamba-2 SSD (mamba-ssm Triton) --------------------------------------------------------------------------
 def make_ssd_chunk(chunk_scan: Callable) -> Callable:
-    chunk_scan = _opaque_to_compile(chunk_scan)
-
     def ssd_chunk(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
                   dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, z=None, **kwargs):
         seq_idx = _segments(kwargs, hidden_states.shape[1])
