@@ -274,22 +274,86 @@ def test_channel_last_conv_wrapper_equals_the_reference(activation, packed):
     assert getattr(conv, "__hybridlora_boundaries__", False)
 
 
+def _fwd_stand_in(x, weight, bias, residual=None, activation=None, **kwargs):
+    """fla's ``causal_conv1d_fwd`` contract on CPU: x ``[B, T, D]`` of any strides -> (y contiguous, state)."""
+    assert residual is None and activation is None and not kwargs
+    return ops.causal_conv1d(x.transpose(1, 2), weight, bias).transpose(1, 2).contiguous(), None
+
+
+def _bwd_stand_in(x, dy, dht, weight, bias, residual=None, activation=None, **kwargs):
+    """fla's ``causal_conv1d_bwd`` contract on CPU: (dx, dw, db, dresidual, dinitial_state) of the plain conv."""
+    assert dht is None and residual is None and activation is None and not kwargs
+    inputs = [t.detach().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
+    with torch.enable_grad():
+        y, _ = _fwd_stand_in(*inputs[:2], inputs[2] if bias is not None else None)
+        grads = torch.autograd.grad(y, inputs, dy)
+    return grads[0], grads[1], grads[2] if bias is not None else None, None, None
+
+
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_packed_conv_corrected_in_place_equals_per_example_convolution(activation, with_bias):
+    """With fla's forward/backward kernels (CPU stand-ins here), a packed row runs as one autograd function that
+    corrects only the boundary positions: output, input gradient *and* weight / bias gradients equal the
+    convolution of each example on its own (one-token example and a padded cu included)."""
+    projected, weight, bias, cu = _packed_conv_case()
+    bias = bias if with_bias else None
+    conv = ops.make_conv(_channel_last_conv, cpu=True, fwd_bwd=(_fwd_stand_in, _bwd_stand_in))
+    assert "in place" in conv.__hybridlora_kernel__
+    x = projected.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_() if with_bias else None
+    out = conv(x.transpose(1, 2), w, b, activation, cu_seq_lens_q=cu)
+    assert out.grad_fn is not None and out.transpose(1, 2).is_contiguous()
+    g = torch.randn_like(out)
+    out.backward(g)
+
+    xr = projected.clone().requires_grad_()
+    wr = weight.clone().requires_grad_()
+    br = bias.clone().requires_grad_() if with_bias else None
+    bounds = cu.tolist()
+    parts = [ops.causal_conv1d(xr[:, s:e].transpose(1, 2), wr, br, activation)
+             for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    ref = torch.cat(parts, -1)
+    ref.backward(g)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(w.grad, wr.grad)
+    if with_bias:
+        torch.testing.assert_close(b.grad, br.grad)
+
+
+def test_boundary_taps_mark_exactly_the_taps_into_earlier_examples():
+    cu = torch.tensor([0, 5, 6, 8, 8], dtype=torch.int32)  # examples of 5, 1, 2 tokens and a padding entry
+    taps = ops.boundary_taps(cu, 8, 4)
+    hits = {(int(taps.target[n]), int(taps.source[j, n])) for j in range(3) for n in range(taps.target.numel())
+            if taps.crosses[j, n]}
+    # a width-4 tap reads lags 1..3: position 5 (the 1-token example) reads 4, 3, 2, all earlier; position 6
+    # (first of the 2-token example) reads 5, 4, 3; position 7 reads 6 (its own example), then 5 and 4
+    assert hits == {(5, 4), (5, 3), (5, 2), (6, 5), (6, 4), (6, 3), (7, 5), (7, 4)}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton conv needs a GPU")
-def test_fla_conv_equals_the_reference_on_cuda():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_fla_conv_equals_the_reference_on_cuda(in_place):
     fla_conv = pytest.importorskip("fla.modules.causal_conv1d").causal_conv1d
-    conv = ops.make_conv(fla_conv)
+    from hybridlora.fast import kernels
+    fwd_bwd = kernels._fla_conv_kernels() if in_place else None
+    assert fwd_bwd is not None or not in_place, "fla 0.6's causal_conv1d_fwd / _bwd not found"
+    conv = ops.make_conv(fla_conv, fwd_bwd=fwd_bwd)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         projected, weight, bias, cu = _packed_conv_case("cuda", dtype)
         for kw in ({}, {"cu_seq_lens_q": cu}):
-            a = projected.clone().requires_grad_()
-            b = projected.clone().requires_grad_()
-            out = conv(a.transpose(1, 2), weight, bias, "silu", **kw)
-            ref = ops.causal_conv1d(b.transpose(1, 2), weight, bias, "silu", **kw)
+            a, b = projected.clone().requires_grad_(), projected.clone().requires_grad_()
+            wa, wb = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+            out = conv(a.transpose(1, 2), wa, bias, "silu", **kw)
+            ref = ops.causal_conv1d(b.transpose(1, 2), wb, bias, "silu", **kw)
             torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
             g = torch.randn_like(ref)
             out.backward(g)
             ref.backward(g)
             torch.testing.assert_close(a.grad.float(), b.grad.float(), atol=tol, rtol=tol)
+            torch.testing.assert_close(wa.grad.float(), wb.grad.float(), atol=tol * 10, rtol=tol)
 
 
 def test_unfused_stand_in_sends_falcon_down_the_module_path():
@@ -566,3 +630,19 @@ def test_describe_says_off_for_kernels_switched_to_torch(monkeypatch):
     monkeypatch.setenv("HYBRIDLORA_TORCH_NORM", "1")
     line = fast.describe(model)
     assert "fla.rms_norm=off" in line and "fla.rms_norm_gated=off" in line and "fla.causal_conv1d=on" in line
+
+
+def test_describe_names_the_slower_packed_conv_correction(monkeypatch):
+    model = _qwen_on_fake_cuda(monkeypatch)
+    monkeypatch.setitem(kernels._state, "mode", "fast")
+    fast_conv = ops.make_conv(_channel_last_conv, fwd_bwd=(_fwd_stand_in, _bwd_stand_in)).__hybridlora_kernel__
+    monkeypatch.setitem(kernels._state, "bound", {"modeling_qwen3_5.causal_conv1d_fn": fast_conv})
+    assert "autograd ops" not in fast.describe(model)
+    slow_conv = ops.make_conv(_channel_last_conv).__hybridlora_kernel__
+    monkeypatch.setitem(kernels._state, "bound", {"modeling_qwen3_5.causal_conv1d_fn": slow_conv})
+    assert "packed-row conv correction=autograd ops" in fast.describe(model)
+
+
+def test_autograd_correction_switch_withholds_fla_conv_internals(monkeypatch):
+    monkeypatch.setenv("HYBRIDLORA_CONV_AUTOGRAD_CORRECTION", "1")
+    assert kernels._fla_conv_kernels() is None

@@ -148,11 +148,25 @@ def active_kernels() -> dict[str, Any]:
             "kernels": kernels, "notes": list(_state["notes"])}
 
 
+def _fla_conv_kernels() -> tuple[Callable, Callable] | None:
+    """fla's conv forward and backward functions (below its autograd wrapper), for the in-place packed-row
+    correction; None where this fla lays them out differently (the bound kernel's name then says so), or with
+    $HYBRIDLORA_CONV_AUTOGRAD_CORRECTION=1 (side-by-side timing: the correction as autograd ops)."""
+    if os.environ.get("HYBRIDLORA_CONV_AUTOGRAD_CORRECTION") == "1":
+        return None
+    try:
+        from fla.modules.causal_conv1d import ops as conv_ops
+
+        return conv_ops.causal_conv1d_fwd, conv_ops.causal_conv1d_bwd
+    except Exception:
+        return None
+
+
 def _implementation(key: str, original: Callable | None = None) -> Callable | None:
     if key == "conv":  # fla's Triton kernel where it imports, else PyTorch's conv1d; both packing-aware
         # $HYBRIDLORA_TORCH_CONV=1 keeps PyTorch's conv1d (side-by-side timing and checks)
         fn = None if os.environ.get("HYBRIDLORA_TORCH_CONV") == "1" else _probe().get("fla.causal_conv1d", {}).get("fn")
-        return ops.make_conv(fn) if fn is not None else ops.causal_conv1d
+        return ops.make_conv(fn, fwd_bwd=_fla_conv_kernels()) if fn is not None else ops.causal_conv1d
     if key == "unfused":
         return ops.unfused_split_conv1d_scan
     fn = _probe().get(key, {}).get("fn")
@@ -373,6 +387,10 @@ def describe(model: Any = None) -> str:
                                      ("fla.rms_norm_gated", "HYBRIDLORA_TORCH_NORM")) if os.environ.get(var) == "1"}
     parts = [f"{k}={'off' if any(m.startswith(k) for m in missing) or not info['kernels'][k]['usable'] or k in switched_off else 'on'}"
              for k in keys]
+    conv_bound = next((v for v in info["bound"].values() if v.startswith("fla.causal_conv1d")), "")
+    if conv_bound and "in place" not in conv_bound and "fla.causal_conv1d=on" in parts:
+        parts.append("packed-row conv correction=autograd ops (slower: fla's conv internals not found or "
+                     "HYBRIDLORA_CONV_AUTOGRAD_CORRECTION=1)")
     from .loss import _use_ce_kernel
 
     parts.append(f"triton cross-entropy={'on' if _use_ce_kernel() else 'off'}")

@@ -10,7 +10,7 @@ mixer's state starts from zero at each example.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,7 @@ def causal_conv1d(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch
     return out.to(hidden_states.dtype)
 
 
-def make_conv(conv_fn: Callable, *, cpu: bool = False) -> Callable:
+def make_conv(conv_fn: Callable, *, cpu: bool = False, fwd_bwd: tuple[Callable, Callable] | None = None) -> Callable:
     """:func:`causal_conv1d` on fla's channel-last Triton kernel (``fla.modules.causal_conv1d``), for CUDA.
 
     transformers hands the convolution ``in_proj(x).transpose(1, 2)``: a ``[B, D, T]`` view of a ``[B, T, D]``
@@ -81,7 +81,10 @@ def make_conv(conv_fn: Callable, *, cpu: bool = False) -> Callable:
     ``[B, T, D]`` storage as it is. Packed rows get the same static-shape boundary correction as
     :func:`causal_conv1d` (fla's own ``cu_seqlens`` path sizes its grid from the lengths on the host, which a
     CUDA graph cannot replay); the activation is fused into the kernel where no correction follows it.
-    ``cpu``: call ``conv_fn`` for CPU tensors too (tests, with a stand-in for the kernel)."""
+
+    ``fwd_bwd``: fla's forward and backward kernels themselves (``causal_conv1d_fwd`` / ``causal_conv1d_bwd``);
+    with them a packed row runs as :class:`_PackedConv`, which corrects only the few positions the crossing taps
+    reach, forward and backward. ``cpu``: call the kernels for CPU tensors too (tests, with stand-ins)."""
     def conv(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
              activation: str | None = None, **kwargs: Any) -> torch.Tensor:
         cu = kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlens"))
@@ -90,16 +93,57 @@ def make_conv(conv_fn: Callable, *, cpu: bool = False) -> Callable:
         width = weight.shape[-1]
         x = hidden_states.to(weight.dtype).transpose(1, 2)  # [B, T, D], a view of the projection's output
         correct = cu is not None and width > 1
-        y, _ = conv_fn(x=x, weight=weight, bias=bias, activation=None if correct else activation)
-        if correct:
+        if correct and fwd_bwd is not None and x.shape[0] == 1:
+            taps = boundary_taps(cu.to(x.device), x.shape[1], width)
+            y = _PackedConv.apply(x, weight, bias, taps.target, taps.source, taps.crosses, fwd_bwd)
+        elif correct:
+            y, _ = conv_fn(x=x, weight=weight, bias=bias, activation=None)
             y = _drop_cross_example_taps(y, x, weight, cu.to(x.device), time_dim=1)
+        else:
+            y, _ = conv_fn(x=x, weight=weight, bias=bias, activation=activation)
+        if correct:
             act = _activation(activation)
             y = act(y) if act is not None else y
         return y.transpose(1, 2).to(hidden_states.dtype)
 
-    conv.__hybridlora_kernel__ = "fla.causal_conv1d (packing-aware)"
+    conv.__hybridlora_kernel__ = ("fla.causal_conv1d (packing-aware" +
+                                  (", boundary taps corrected in place)" if fwd_bwd is not None else ")"))
     conv.__hybridlora_boundaries__ = True
     return conv
+
+
+class _PackedConv(torch.autograd.Function):
+    """The short convolution over one packed row ``x`` ``[1, T, D]``: fla's kernel convolves the whole row, then
+    the taps that reach into the previous example are subtracted at the W-1 first positions of each example —
+    in place, forward and backward, so packing adds no pass over the whole activation. (Built from autograd
+    ops, the correction's backward materialised a zero ``[T, D]`` gradient per tap and added it in: ~5 ms of a
+    4,096-token Qwen3.5 step's 87 ms of kernels, fifth-session source table.)
+
+    ``fwd_bwd``: ``(fwd, bwd)`` with the signatures of fla's ``causal_conv1d_fwd`` / ``causal_conv1d_bwd``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, source, crosses, fwd_bwd):
+        fwd, bwd = fwd_bwd
+        y, _ = fwd(x=x, weight=weight, bias=bias, residual=None, activation=None)
+        y[0].index_add_(0, target, -_crossing_taps(x[0], weight, source, crosses).to(y.dtype))
+        ctx.save_for_backward(x, weight, bias, target, source, crosses)
+        ctx.bwd = bwd
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, target, source, crosses = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx, dw, db, *_ = ctx.bwd(x=x, dy=dy, dht=None, weight=weight, bias=bias, residual=None, activation=None)
+        width = weight.shape[-1]
+        dy_at = dy[0].index_select(0, target)  # [N, D]: the gradient where the crossing taps landed
+        for j in range(1, width):
+            hit = crosses[j - 1, :, None] * dy_at  # [N, D]
+            if ctx.needs_input_grad[0]:
+                dx[0].index_add_(0, source[j - 1], -(hit * weight[:, width - 1 - j]).to(dx.dtype))
+            if ctx.needs_input_grad[1]:
+                dw[:, width - 1 - j] -= (hit * x[0].index_select(0, source[j - 1])).sum(0).to(dw.dtype)
+        return dx, dw, db, None, None, None, None
 
 
 def make_rms_norm(rms_norm_fn: Callable, original: Callable) -> Callable:
@@ -131,32 +175,57 @@ def make_rms_norm_gated(rms_norm_gated_fn: Callable, original: Callable) -> Call
     return forward
 
 
+class BoundaryTaps(NamedTuple):
+    """Where a packed row's convolution taps cross an example boundary. ``N`` = examples × (W-1) candidate
+    positions (the first W-1 of each example); ``target`` ``[N]`` those output positions (clamped into the row),
+    ``source`` ``[W-1, N]`` the input position tap j reads, ``crosses`` ``[W-1, N]`` 1.0 where that input lies in
+    an earlier example (0.0 otherwise, and for padding). Static shapes from ``cu_seqlens`` alone: no host sync."""
+    target: torch.Tensor
+    source: torch.Tensor
+    crosses: torch.Tensor
+
+
+def boundary_taps(cu_seqlens: torch.Tensor, length: int, width: int) -> BoundaryTaps:
+    device = cu_seqlens.device
+    seg = seq_idx_from_cu_seqlens(cu_seqlens, length)[0].to(torch.long)  # [T] example of each position
+    starts = cu_seqlens.to(torch.long).flatten()[:-1]  # [S] (a padded cu repeats its last value)
+    segment = torch.arange(starts.numel(), device=device).repeat_interleave(width - 1)
+    t = starts.repeat_interleave(width - 1) + torch.arange(width - 1, device=device).repeat(starts.numel())
+    target = t.clamp_max(length - 1)
+    own = (t < length) & (seg[target] == segment)  # position t really is offset t - start of this example
+    lags = torch.arange(1, width, device=device)[:, None]  # [W-1, 1]
+    source = (target[None] - lags).clamp_min(0)
+    crosses = own[None] & (target[None] - lags >= 0) & (seg[source] != segment[None])
+    return BoundaryTaps(target, source, crosses.to(torch.float32))
+
+
+def _crossing_taps(x_td: torch.Tensor, weight: torch.Tensor, source: torch.Tensor,
+                   crosses: torch.Tensor) -> torch.Tensor:
+    """``[N, D]``: Σ_j crosses_j · w[:, W-1-j] · x[source_j], what the crossing taps added to each target."""
+    width = weight.shape[-1]
+    total = torch.zeros(source.shape[1], x_td.shape[1], dtype=torch.float32, device=x_td.device)
+    for j in range(1, width):
+        # index_select, not x[src]: its backward is an index_add, where advanced indexing's backward is a
+        # sort-based index_put (~3 % of a packed Qwen3.5 step's GPU time on the H100, session 4 kernel table)
+        taps = x_td.index_select(0, source[j - 1])
+        total = total + crosses[j - 1, :, None] * weight[:, width - 1 - j][None, :] * taps
+    return total
+
+
 def _drop_cross_example_taps(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                              cu_seqlens: torch.Tensor, time_dim: int = -1) -> torch.Tensor:
-    """Subtract, from the conv output of one packed row, every tap that crosses an example boundary.
+    """Subtract, from the conv output of one packed row, every tap that crosses an example boundary (autograd
+    ops; :class:`_PackedConv` does the same in place around fla's kernels).
     ``out``/``x``: ``[1, D, T]`` (``time_dim=-1``) or ``[1, T, D]`` (``time_dim=1``); the result keeps that layout."""
     if x.shape[0] != 1:
         raise ValueError("packed rows have batch size 1")
     channel_last = time_dim in (1, -2)
-    x_td = x[0] if channel_last else x[0].T  # [T, D] view either way
-    length, width = x_td.shape[0], weight.shape[-1]
-    seg = seq_idx_from_cu_seqlens(cu_seqlens, length)[0].to(torch.long)  # [T] example of each position
-    starts = cu_seqlens.to(torch.long).flatten()[:-1]  # [S] (a padded cu repeats its last value)
-    segment = torch.arange(starts.numel(), device=x.device).repeat_interleave(width - 1)
-    t = starts.repeat_interleave(width - 1) + torch.arange(width - 1, device=x.device).repeat(starts.numel())
-    tc = t.clamp_max(length - 1)
-    own = (t < length) & (seg[tc] == segment)  # position t really is offset t - start of this example
-    correction = torch.zeros(t.numel(), x_td.shape[1], dtype=out.dtype, device=x.device)
-    for j in range(1, width):
-        src = (tc - j).clamp_min(0)
-        crosses = own & (tc - j >= 0) & (seg[src] != segment)
-        # index_select, not x[0, :, src]: its backward is an index_add, where advanced indexing's backward is a
-        # sort-based index_put (~3 % of a packed Qwen3.5 step's GPU time on the H100, session 4 kernel table)
-        taps = x_td.index_select(0, src)
-        correction = correction + crosses[:, None].to(x.dtype) * weight[:, width - 1 - j][None, :] * taps
+    x_td = x.squeeze(0) if channel_last else x.squeeze(0).T  # [T, D] view either way
+    taps = boundary_taps(cu_seqlens, x_td.shape[0], weight.shape[-1])
+    correction = _crossing_taps(x_td, weight, taps.source, taps.crosses).to(out.dtype)
     if channel_last:
-        return out.index_add(1, tc, -correction[None])
-    return out.index_add(-1, tc, -correction.T[None])
+        return out.index_add(1, taps.target, -correction[None])
+    return out.index_add(-1, taps.target, -correction.T[None])
 
 
 def _call_with_accepted(fn: Callable, *args: Any, **kwargs: Any) -> Any:
