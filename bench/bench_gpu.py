@@ -476,6 +476,7 @@ def mc_eval(model, info, args):
         sync()
         out["study_style_s_per_question"] = (time.perf_counter() - t) / args.ref_questions
         lm = CausalLM(model, _Tok(), batch_size=args.mc_batch, device=args.device)
+        set_mode(model, "reference")  # CausalLM binds the fast kernels on CUDA: rebind the reference after it
         check = prompts[:4]
         ref_lp = lm._forward_positions(check, [[len(r) - 1] for r in check])
         set_mode(model, "fast")
