@@ -6,6 +6,7 @@ before the inputs have been validated.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -14,12 +15,7 @@ from typing import Any
 
 from . import __version__
 
-EXIT_USAGE = 2
-EXIT_FAILED_CHECK = 1
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+from .errors import EXIT_FAILED_CHECK, EXIT_USAGE, CliError  # noqa: F401  (re-exported for callers)
 
 
 # --- shared steps -----------------------------------------------------------------------------------
@@ -264,18 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_verify)
 
-    from .study.cli import register as register_study
-
-    register_study(sub)
-    from .train.cli import register as register_train
-
-    register_train(sub)
-    from .evaluate.cli import register as register_eval
-
-    register_eval(sub)
-    from .analysis.cli import register as register_report
-    register_report(sub)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module, __package__).register(sub)
     return parser
+
+
+# Each capability package owns its sub-commands through a ``register(subparsers)`` function: one line here each.
+SUBCOMMAND_MODULES = (
+    ".study.cli",
+    ".train.cli",
+    ".evaluate.cli",
+    ".analysis.cli",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

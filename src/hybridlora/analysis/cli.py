@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 
 
 def _load_imported(path: Path):
-    from hybridlora.cli import CliError
+    from hybridlora.errors import CliError
 
     from .importer import ResultsFormatError, detect_format, load_results
     from .results import from_result_set
@@ -64,7 +64,7 @@ def _load_imported(path: Path):
 
 
 def _load_study(path: Path):
-    from hybridlora.cli import CliError
+    from hybridlora.errors import CliError
 
     if not path.is_dir():
         raise CliError(f"{path}: no such study directory")
@@ -83,7 +83,7 @@ def _load_study(path: Path):
 
 
 def _full_placements(items) -> Dict[str, str]:
-    from hybridlora.cli import CliError
+    from hybridlora.errors import CliError
 
     out = {}
     for item in items:
@@ -95,7 +95,7 @@ def _full_placements(items) -> Dict[str, str]:
 
 
 def _read_params(path: str) -> Dict[tuple, int]:
-    from hybridlora.cli import CliError
+    from hybridlora.errors import CliError
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -138,7 +138,7 @@ def _apply_options(results, args):
 
 def _planned_params(runs, rank: int) -> Dict[tuple, int]:
     """(model, placement) -> trainable params for runs whose placement is a preset of the model's family."""
-    from hybridlora.cli import CliError
+    from hybridlora.errors import CliError
     from hybridlora.components import build_component_map
     from hybridlora.families import family_named
     from hybridlora.models import ModelError, build_meta_model, resolve_model
@@ -168,7 +168,7 @@ def _planned_params(runs, rank: int) -> Dict[tuple, int]:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from hybridlora.cli import CliError
+    from hybridlora.errors import CliError
 
     from .report import ReportError, build_report
 

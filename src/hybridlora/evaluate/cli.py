@@ -66,7 +66,7 @@ def register(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from hybridlora.cli import CliError
+    from hybridlora.errors import CliError
 
     from .data import BenchmarkError
     from .lm import load_lm
@@ -130,7 +130,7 @@ def check_adapter(model: str, adapter: str | Path, *, tiny: bool = False) -> Non
     a known model), its ``target_modules`` against MODEL's module names, and its LoRA weight shapes (from the
     safetensors header) against those modules. MODEL is built on the meta device (no memory, no weights).
     """
-    from hybridlora.cli import CliError
+    from hybridlora.errors import CliError
 
     folder = Path(adapter)
     path = folder / "adapter_config.json"

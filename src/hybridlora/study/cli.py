@@ -25,7 +25,7 @@ def register(subparsers) -> None:
 
 
 def _config(args):
-    from ..cli import CliError
+    from ..errors import CliError
     from .config import StudyConfigError, load_study_config
 
     config = load_study_config(args.config)
@@ -53,7 +53,7 @@ def _config(args):
 
 
 def cmd_study(args) -> int:
-    from ..cli import CliError
+    from ..errors import CliError
     from ..analysis.report import ReportError
     from ..placement import PlacementError
     from .config import StudyConfigError

@@ -61,7 +61,7 @@ def register(subparsers) -> None:
 
 
 def cmd_train(args) -> int:
-    from ..cli import CliError
+    from ..errors import CliError
     from ..data import DataError
     from .loop import TrainingError
 
@@ -72,7 +72,7 @@ def cmd_train(args) -> int:
 
 
 def _fields(items: list[str]) -> dict[str, str] | None:
-    from ..cli import CliError
+    from ..errors import CliError
 
     out = {}
     for item in items:
@@ -86,7 +86,7 @@ def _fields(items: list[str]) -> dict[str, str] | None:
 def _run(args) -> int:
     import torch
 
-    from ..cli import CliError
+    from ..errors import CliError
     from ..components import build_component_map
     from ..data import pad_id_of
     from ..families import family_for, family_named
