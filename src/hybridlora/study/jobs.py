@@ -177,3 +177,24 @@ def run_job(spec: dict, study_dir: str | Path, out: str | Path, *, progress: boo
     result.update(summaries=summaries, records=records, artifact_dir=str(out.relative_to(study_dir)),
                   wall_s=time.perf_counter() - start)
     return result
+
+
+# Every kind of job the runner (and any backend) can execute: kind -> "module:function", the function taking
+# (spec, study_dir, out, progress=...) and returning a JSON-able result for ``Store.complete``. Dotted paths, not
+# imports, so that the study package does not import the packages that add kinds (no cycles), and a fresh worker
+# process imports only what its job needs.
+JOB_KINDS: dict[str, str] = {
+    "base": "hybridlora.study.jobs:run_job",
+    "train": "hybridlora.study.jobs:run_job",
+}
+
+
+def execute(spec: dict, study_dir: str | Path, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Run one job of any registered kind."""
+    import importlib
+
+    kind = spec.get("kind")
+    if kind not in JOB_KINDS:
+        raise JobError(f"unknown job kind {kind!r}; known: {', '.join(sorted(JOB_KINDS))}")
+    module, function = JOB_KINDS[kind].split(":")
+    return getattr(importlib.import_module(module), function)(spec, study_dir, out, progress=progress)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import BUILTIN_DATA, StudyConfig
 from .grid import Job, expand_grid, filter_jobs, parse_only
-from .jobs import crash_point, run_job
+from .jobs import crash_point, execute
 from .store import HEARTBEAT_S, Store, make_owner, release_owner
 
 
@@ -78,12 +78,27 @@ def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = 
     store = Store(study_dir)
     store.register(jobs, config.model_dump(mode="json"))
     _write_config_snapshot(study_dir, config)
+    store.close()
+    run = run_jobs(study_dir, jobs, progress=progress, desc="study")
+    run.report_skipped = not report
+    if report and run.counts["complete"]:
+        run.report = build_study_report(study_dir)
+    return run
+
+
+def run_jobs(study_dir: Path, jobs: list[Job], *, progress: bool = True, desc: str = "study") -> StudyRun:
+    """Claim, run and record the given (already registered) jobs until none is left to claim.
+
+    The one dispatch loop for every kind of job (study cells, ablation conditions, …): each job runs through
+    :func:`.jobs.execute`, which looks its kind up in ``JOB_KINDS``; the result is recorded complete atomically.
+    """
+    store = Store(study_dir)
     owner = make_owner()
     ids = [j.id for j in jobs]
     run = StudyRun(study_dir, jobs)
     done = store.counts(ids)["complete"]
     beat = _Heartbeat(study_dir, owner)
-    bar = tqdm(total=len(jobs), initial=done, desc="study", unit="job", disable=not progress, position=0)
+    bar = tqdm(total=len(jobs), initial=done, desc=desc, unit="job", disable=not progress, position=0)
     try:
         while True:
             job = store.claim(owner, skip=set(run.ran) | set(run.failed), ids=ids)
@@ -94,7 +109,7 @@ def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = 
             _test_delay()
             bar.set_postfix_str(job.label)
             try:
-                result = run_job(job.spec, study_dir, study_dir / "runs" / job.id, progress=progress)
+                result = execute(job.spec, study_dir, study_dir / "runs" / job.id, progress=progress)
             except Exception as exc:  # noqa: BLE001 — one failed cell must not stop the grid
                 message = f"{type(exc).__name__}: {exc}"
                 store.fail(job.id, owner, message + "\n" + traceback.format_exc(limit=8))
@@ -118,9 +133,6 @@ def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = 
         release_owner(owner)
     run.counts = store.counts(ids)
     store.close()
-    run.report_skipped = not report
-    if report and run.counts["complete"]:
-        run.report = build_study_report(study_dir)
     return run
 
 
