@@ -69,14 +69,14 @@ def _load_study(path: Path):
     if not path.is_dir():
         raise CliError(f"{path}: no such study directory")
     try:
-        from hybridlora.study import store
+        from hybridlora.study import results, store
     except ImportError as exc:
         raise CliError(f"reading a study directory needs hybridlora.study ({exc})") from None
     # the store's own error (not a study, corrupt database) plus plain I/O and format errors
     expected = (OSError, ValueError) + tuple(
         e for e in (getattr(store, "StoreError", None),) if isinstance(e, type) and issubclass(e, Exception))
     try:
-        return store.load_study_results(path)
+        return results.load_study_results(path)
     except expected as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CliError(first if str(path) in first else f"{path}: {first}") from None

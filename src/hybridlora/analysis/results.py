@@ -3,7 +3,7 @@
 Everything the report shows is derived from one ``StudyResults`` object: the per-example
 records, the run list (with trainable parameter counts where known) and optional training
 traces. The study runner builds it from a study directory
-(``hybridlora.study.store.load_study_results``); ``hybridlora report --import`` builds it
+(``hybridlora.study.results.load_study_results``); ``hybridlora report --import`` builds it
 from imported per-instance results (:func:`from_result_set`).
 """
 from __future__ import annotations

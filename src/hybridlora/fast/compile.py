@@ -37,9 +37,9 @@ def unsupported_reason() -> str | None:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     """The causal LM's stack of decoder layers (``model.model.layers`` under any PEFT wrapping), else None."""
-    from .loss import _causal_lm
+    from .state import causal_lm
 
-    layers = getattr(getattr(_causal_lm(model), "model", None), "layers", None)
+    layers = getattr(getattr(causal_lm(model), "model", None), "layers", None)
     return layers if isinstance(layers, nn.ModuleList) and len(layers) else None
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from . import ops
+from .state import STATE, causal_lm, use_ce_kernel
 
 logger = logging.getLogger("hybridlora.fast")
 
@@ -60,7 +61,7 @@ BINDINGS = {
 }
 REFERENCE = "reference (no CUDA)"
 
-_state: dict[str, Any] = {"mode": None, "bound": {}, "originals": {}, "notes": []}
+_state = STATE  # one dict shared with .loss through .state (tests and benches read kernels._state)
 
 
 def _cuda() -> bool:
@@ -279,9 +280,7 @@ def _module_boundary_aware(module_name: str, attrs: dict[str, str]) -> bool:
 
 def _model_module(model: Any) -> str:
     """The modeling module (the key of :data:`BINDINGS`) of ``model``, PEFT wrapper or not."""
-    from .loss import _causal_lm
-
-    return type(_causal_lm(model)).__module__
+    return type(causal_lm(model)).__module__
 
 
 def host_read_boundaries(model: Any) -> list[str]:
@@ -391,8 +390,6 @@ def describe(model: Any = None) -> str:
     if conv_bound and "in place" not in conv_bound and "fla.causal_conv1d=on" in parts:
         parts.append("packed-row conv correction=autograd ops (slower: fla's conv internals not found or "
                      "HYBRIDLORA_CONV_AUTOGRAD_CORRECTION=1)")
-    from .loss import _use_ce_kernel
-
-    parts.append(f"triton cross-entropy={'on' if _use_ce_kernel() else 'off'}")
+    parts.append(f"triton cross-entropy={'on' if use_ce_kernel() else 'off'}")
     return f"kernels ({info['device']}, mode={info['mode']}): " + ", ".join(parts) + \
         (f"; notes: {'; '.join(info['notes'])}" if info["notes"] else "")

@@ -22,13 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .state import causal_lm as _causal_lm
+from .state import use_ce_kernel as _use_ce_kernel
+
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 27  # logits elements per chunk (512 MB as float32)
-
-
-def _causal_lm(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)  # PEFT wrapper
-    return get_base() if callable(get_base) else model
 
 
 def head_and_scale(model: nn.Module) -> tuple[nn.Module, nn.Module, float] | None:
@@ -90,17 +88,6 @@ class _FrozenHeadCE(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         return grad * grad_output.to(grad.dtype), None, None, None, None, None
-
-
-def _use_ce_kernel() -> bool:
-    """The Triton cross-entropy runs where it can, unless ``fast.use("reference")`` is in force or
-    $HYBRIDLORA_TORCH_CE=1 asks for the torch ops (for side-by-side timing and checks)."""
-    import os
-
-    from . import ce_kernel, kernels
-
-    return (os.environ.get("HYBRIDLORA_TORCH_CE") != "1" and kernels._state["mode"] != "reference"
-            and ce_kernel.available())
 
 
 def _trainable_head_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float,

@@ -252,9 +252,3 @@ def _text(value: Any) -> str | None:
         return None
     return value if isinstance(value, str) else json.dumps(value)
 
-
-def load_study_results(study_dir: str | Path):
-    """The analysis input of a study directory (see :func:`hybridlora.study.results.load_study_results`)."""
-    from .results import load_study_results as load
-
-    return load(study_dir)
