@@ -531,6 +531,7 @@ def generation(model, info, args):
         agree = (ref_tokens == fast_tokens).float()
         first_diff = int((agree[0] == 0).nonzero()[0]) if (agree == 0).any() else new
         out["greedy_tokens_identical_before_first_difference"] = first_diff
+        out["first_difference_margin"] = divergence_margin(model, one, kw)
         variants = [("adapter", args.gen_batches[0])] + [("merged", b) for b in args.gen_batches]
         for variant, batch in variants:
             if variant == "merged":
@@ -551,6 +552,40 @@ def generation(model, info, args):
     out["best_batch"] = best
     out["speedup_vs_study_figure"] = MODELS[args.current]["study_gen_s"] / out[f"fast_{best}_s_per_question"]
     out["speedup_vs_measured_reference"] = out["reference_unbatched_s_per_question"] / out[f"fast_{best}_s_per_question"]
+    return out
+
+
+def divergence_margin(model, prompt: torch.Tensor, generate_kw: dict) -> dict:
+    """Where greedy decoding on the reference and the fast path first differ, were the reference's top two logits
+    a near tie? Both paths are re-run with the logits generate decided on; up to the first difference the
+    prefixes are identical, so the step there is the same decision on both paths. A tie: the reference's top-2
+    gap is no larger than the largest logit difference between the paths at that step (numerics can flip it).
+    Without a difference the same figures are given for the first generated token (so --tiny runs the code)."""
+    steps = {}
+    for mode in ("reference", "fast"):
+        set_mode(model, mode)
+        result = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), output_logits=True,
+                                return_dict_in_generate=True, **generate_kw)
+        steps[mode] = (result.sequences[0, prompt.shape[1]:], [step[0].float() for step in result.logits])
+    (ref_tokens, ref_logits), (fast_tokens, fast_logits) = steps["reference"], steps["fast"]
+    n = min(len(ref_tokens), len(fast_tokens))
+    differ = (ref_tokens[:n] != fast_tokens[:n]).nonzero()
+    first = int(differ[0]) if len(differ) else None
+    at = 0 if first is None else first
+    ref, fst = ref_logits[at], fast_logits[at]
+    top2 = ref.topk(2)
+    gap = float(top2.values[0] - top2.values[1])
+    noise = float((fst - ref).abs().max())
+    a, b = int(ref_tokens[at]), int(fast_tokens[at])
+    out = {"first_difference": first, "at_step": at, "reference_top2_gap": gap,
+           "fast_top2_gap": float(fst.topk(2).values.diff().abs()), "max_abs_logit_diff_paths": noise,
+           "reference_token": a, "fast_token": b,
+           "reference_margin_ref_token_over_fast_token": float(ref[a] - ref[b]),
+           "fast_margin_fast_token_over_ref_token": float(fst[b] - fst[a]),
+           "logit_scale_std": float(ref.std())}
+    if first is not None:
+        out["verdict"] = ("near tie: the paths' logits differ by more than the reference's top-2 gap" if gap <= noise
+                          else "NOT a tie: the top-2 gap exceeds the paths' logit difference (look for a wrong path)")
     return out
 
 
@@ -720,6 +755,11 @@ def print_table():
             lines.append(f"{name:7s} gen s/q: reference {ge['reference_unbatched_s_per_question']:.3f}, fast {b} "
                          f"{ge[f'fast_{b}_s_per_question']:.4f} ({ge[f'fast_{b}_new_tokens_per_s']:.0f} tok/s); "
                          f"x{ge['speedup_vs_study_figure']:.1f} vs study figure")
+        m = ge.get("first_difference_margin") or {}
+        if "reference_top2_gap" in m:
+            lines.append(f"{name:7s} greedy fast vs reference: first difference at step {m['first_difference']}; "
+                         f"reference top-2 gap there {m['reference_top2_gap']:.4g} vs max |logit diff| between paths "
+                         f"{m['max_abs_logit_diff_paths']:.4g} -> {m.get('verdict', 'no difference')}")
     for k in ("op_gdn", "op_ssd"):
         if s.get(k):
             lines.append(f"{k}: ok={s[k].get('ok')} {json.dumps({a: b for a, b in s[k].items() if a != 'shape'}, default=str)[:300]}")

@@ -128,6 +128,7 @@ def test_fast_adapters_on_cuda_are_chosen_when_kernels_import(monkeypatch):
     monkeypatch.setattr(kernels, "_cuda", lambda: True)
     monkeypatch.setattr(kernels, "_probe", lambda: probe)
     monkeypatch.setattr(kernels, "_gdn_backward_blocked", lambda *a: None)  # a real Hopper GPU would block it
+    monkeypatch.setattr(kernels, "_on_cuda", lambda args, kwargs: True)  # CPU tensors stand for CUDA ones here
     bound = fast.use("fast")
     assert bound["modeling_qwen3_5.torch_chunk_gated_delta_rule"] == "fla.chunk_gated_delta_rule"
     assert bound["modeling_falcon_h1.mamba2_split_conv1d_scan_combined"].startswith("unfused")
@@ -489,7 +490,8 @@ def test_packing_refused_on_the_reference_path():
 
 
 def test_train_log_and_eval_summaries_name_the_kernels(tmp_path, data_dir):
-    """Every run log and evaluation summary says which mixer kernels ran (here, on CPU: the reference)."""
+    """Every run log and evaluation summary says which mixer kernels ran: without CUDA the reference; on a GPU
+    machine `train` runs on CUDA (kernels named) while `eval` keeps its default CPU device (the torch path)."""
     import json
 
     from hybridlora.cli import main
@@ -499,11 +501,17 @@ def test_train_log_and_eval_summaries_name_the_kernels(tmp_path, data_dir):
                  "--data-dir", str(data_dir), "--max-examples", "4", "--val-examples", "1", "--epochs", "1",
                  "--micro-batch-size", "4", "--grad-accum", "1", "--no-progress", "--output", str(out)]) == 0
     start = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
-    assert start["event"] == "start" and start["kernels"] == "kernels: reference (no CUDA)"
+    assert start["event"] == "start"
+    if torch.cuda.is_available():
+        assert start["kernels"].startswith("kernels (") and "mode=fast" in start["kernels"]
+        assert "mamba_ssm.mamba_chunk_scan_combined=" in start["kernels"]
+    else:
+        assert start["kernels"] == "kernels: reference (no CUDA)"
     assert main(["eval", "falcon-h1-0.5b", "--tiny", "--adapter", str(out / "adapter"), "--data-dir", str(data_dir),
                  "--benchmarks", "mmlu", "--limit", "2", "--output", str(tmp_path / "ev")]) == 0
     summary = json.loads((tmp_path / "ev" / "mmlu.summary.json").read_text())
-    assert summary["settings"]["kernels"] == "kernels: reference (no CUDA)"
+    assert summary["settings"]["kernels"] == ("kernels: reference (model on cpu, not CUDA)" if torch.cuda.is_available()
+                                              else "kernels: reference (no CUDA)")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton cross-entropy needs a GPU")

@@ -215,11 +215,20 @@ def build_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(text_config(config), dtype=dtype)
-    return model.eval()
+    return _cpu_safe(model).eval()
+
+
+def _cpu_safe(model: torch.nn.Module) -> torch.nn.Module:
+    """Calls on CPU tensors take the torch path even where fla / mamba-ssm import (a GPU machine): transformers
+    binds their Triton kernels for every model of the process at import time (see fast.kernels.guard_cpu_path)."""
+    from .fast.kernels import guard_cpu_path
+
+    guard_cpu_path(model)
+    return model
 
 
 def load_pretrained(source: ModelSource, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     where = str(source.path) if source.path else source.name
-    return AutoModelForCausalLM.from_pretrained(where, dtype=dtype).eval()
+    return _cpu_safe(AutoModelForCausalLM.from_pretrained(where, dtype=dtype)).eval()

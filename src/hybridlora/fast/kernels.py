@@ -11,6 +11,7 @@ looks the functions up at call time.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -257,11 +258,15 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
                 what = "torch reference"
             else:
                 what = getattr(impl, "__hybridlora_kernel__", key)
+                if fast and "." not in attr:  # a CUDA kernel: models on the CPU keep the path they get without CUDA
+                    impl = _device_dispatch(impl, _boundary_aware_reference(key, original) or _torch_path(original))
             # in fast mode kernels and host-looping references are opaque to torch.compile, while torch modules'
             # own methods stay traceable (inductor fuses a torch RMSNorm); reference mode binds functions as is
             traceable = mode != "fast" or ("." in attr and what == "torch reference")
             setattr(owner, name, impl if traceable else _opaque_to_dynamo(impl))
             bound[f"{module_name.rsplit('.', 1)[-1]}.{attr}"] = what
+    for module_name in BINDINGS:  # the kernel functions use() leaves alone (e.g. causal_conv1d_update)
+        guard_cpu_path(module_name)
     _state["mode"], _state["bound"] = mode if _cuda() else REFERENCE, bound
     return bound
 
@@ -309,11 +314,84 @@ def _owner(module: Any, attr: str) -> tuple[Any, str]:
 
 
 def restore() -> None:
-    """Put back whatever transformers had bound before the first :func:`use`."""
+    """Put back whatever transformers had bound before the first :func:`use` (CPU tensors still take the torch
+    path: see :func:`guard_cpu_path`)."""
     for (module_name, attr), original in _state["originals"].items():
         owner, name = _owner(importlib.import_module(module_name), attr)
         setattr(owner, name, original)
     _state["mode"], _state["bound"] = None, {}
+    for module_name in BINDINGS:
+        guard_cpu_path(module_name)
+
+
+# --- models on the CPU of a GPU machine --------------------------------------------------------------
+# transformers decides at import time of a modeling module which function each of these names calls: the
+# package's kernel (fla, mamba-ssm, causal-conv1d) when it imports, else the torch reference — one choice for
+# every model in the process, whatever device the model is on. A Triton kernel handed CPU tensors crashes
+# ("Pointer argument cannot be accessed from Triton (cpu tensor?)"), so CPU tensors must take the torch path.
+KERNEL_FUNCTIONS = (
+    "torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule",            # Gated DeltaNet (fla)
+    "chunk_kimi_delta_attention", "recurrent_kimi_delta_attention",                # KDA (fla)
+    "mamba2_chunk_scan", "mamba2_selective_state_update", "mamba2_split_conv1d_scan_combined",  # mamba-ssm
+    "mamba_inner_fn", "mamba_selective_scan", "mamba_selective_state_update",
+    "causal_conv1d_fn", "causal_conv1d_update",                                    # causal-conv1d
+)
+_PACKING_KWARGS = ("cu_seqlens", "seq_idx")
+
+
+def _on_cuda(args: tuple, kwargs: dict) -> bool:
+    """Whether a call's first tensor argument lives on CUDA (no tensor: the kernel decides)."""
+    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    return first is None or first.is_cuda
+
+
+def _device_dispatch(cuda_impl: Callable, other_impl: Callable) -> Callable:
+    """``cuda_impl`` for calls on CUDA tensors, ``other_impl`` for any other device."""
+    @functools.wraps(cuda_impl)  # keeps the __hybridlora_* facts of the CUDA binding (the CUDA-graph decisions)
+    def dispatch(*args, **kwargs):
+        return (cuda_impl if _on_cuda(args, kwargs) else other_impl)(*args, **kwargs)
+
+    dispatch.__hybridlora_cpu_path__ = other_impl
+    return dispatch
+
+
+def _torch_path(bound: Callable) -> Callable:
+    """transformers' pure-PyTorch function under ``bound``, called as transformers calls it when the package is
+    missing: refusing packed rows (the reference would silently mix their examples) instead of ignoring them."""
+    reference = inspect.unwrap(bound)
+    name = getattr(reference, "__name__", "kernel function")
+
+    @functools.wraps(reference)
+    def torch_path(*args, **kwargs):
+        if any(kwargs.get(k) is not None for k in _PACKING_KWARGS):
+            raise ValueError(f"{name}: the torch reference cannot keep packed sequences apart; call "
+                             "hybridlora.fast.use('fast') first (it binds packing-aware references)")
+        kwargs = {k: v for k, v in kwargs.items() if k not in _PACKING_KWARGS}
+        return reference(*args, **kwargs)
+
+    return torch_path
+
+
+def guard_cpu_path(module_or_model: Any) -> list[str]:
+    """Make calls on CPU tensors take the torch path in a modeling module (given by name, or a model of it,
+    PEFT-wrapped or not), whatever transformers bound there at import time. Idempotent; the CUDA path is
+    unchanged. Returns the ``module.function`` names guarded now."""
+    module_name = (module_or_model if isinstance(module_or_model, str)
+                   else type(causal_lm(module_or_model)).__module__)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:
+        return []  # this transformers has no such model
+    guarded = []
+    for name in KERNEL_FUNCTIONS:
+        bound = getattr(module, name, None)
+        if not callable(bound) or hasattr(bound, "__hybridlora_cpu_path__") or hasattr(bound, "__hybridlora_kernel__"):
+            continue  # absent, guarded already, or bound by use() (which keeps CPU tensors on the torch path)
+        if inspect.unwrap(bound) is bound:
+            continue  # a plain function: no package kernel behind it
+        setattr(module, name, _device_dispatch(bound, _torch_path(bound)))
+        guarded.append(f"{module_name.rsplit('.', 1)[-1]}.{name}")
+    return guarded
 
 
 def _model_config(model: Any) -> Any:
@@ -329,16 +407,17 @@ def required_kernels(model: Any) -> tuple[str, ...]:
     return family.fast_kernels if family is not None else ()
 
 
+def _device_type(model: Any) -> str | None:
+    try:
+        return next(model.parameters()).device.type
+    except (StopIteration, AttributeError):
+        return None
+
+
 def missing_kernels(model: Any) -> dict[str, str]:
     """{kernel: why} for the kernels this model needs that will not run (empty off CUDA: nothing is expected)."""
-    if not _cuda():
+    if not _cuda() or _device_type(model) not in (None, "cuda"):
         return {}
-    try:
-        device = next(model.parameters()).device
-        if device.type != "cuda":
-            return {}
-    except (StopIteration, AttributeError):
-        pass
     info = active_kernels()["kernels"]
     config = _model_config(model)
     missing = {}
@@ -380,6 +459,9 @@ def describe(model: Any = None) -> str:
     info = active_kernels()
     if info["mode"] == REFERENCE:
         return f"kernels: {REFERENCE}"
+    device = _device_type(model)
+    if device not in (None, "cuda"):  # a CPU model on a GPU machine runs the torch path (guard_cpu_path)
+        return f"kernels: reference (model on {device}, not CUDA)"
     keys = required_kernels(model) if model is not None else tuple(KERNEL_PURPOSE)
     missing = missing_kernels(model) if model is not None else {}
     switched_off = {k for k, var in (("fla.causal_conv1d", "HYBRIDLORA_TORCH_CONV"), ("fla.rms_norm", "HYBRIDLORA_TORCH_NORM"),
