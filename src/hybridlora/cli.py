@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, threads
 
 from .errors import EXIT_FAILED_CHECK, EXIT_USAGE, CliError  # noqa: F401  (re-exported for callers)
+from .errors import check_output_folder
 
 
 # --- shared steps -----------------------------------------------------------------------------------
@@ -40,6 +41,22 @@ def _family(cmap):
     from .families import family_named
 
     return family_named(cmap.family) if cmap.family else None
+
+
+MAX_RANK = 65_536  # wider than any layer of the supported models: a larger rank only asks for memory
+
+
+def check_rank_alpha(args) -> None:
+    """--rank / --alpha / --budget that would plan nonsense (0 or negative trainable parameters) or allocate
+    petabytes in verify: refused before anything is built."""
+    import math
+
+    if args.rank is not None and not 1 <= args.rank <= MAX_RANK:
+        raise CliError(f"--rank {args.rank}: give a LoRA rank between 1 and {MAX_RANK:,} (typical: 8-64)")
+    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise CliError(f"--alpha {args.alpha}: give a positive scaling (typical: twice the rank)")
+    if args.budget is not None and args.budget < 1:
+        raise CliError(f"--budget {args.budget}: give a positive number of trainable parameters")
 
 
 def _placements(args, cmap) -> list:
@@ -117,6 +134,9 @@ def cmd_inspect(args) -> int:
 def cmd_plan(args) -> int:
     from .placement import match_budget, resolve, save_adapter_config
 
+    check_rank_alpha(args)
+    if args.save_config:
+        check_output_folder(args.save_config, "--save-config")
     source, _, cmap = _source_and_map(args.model)
     rows, resolved_all = [], []
     for placement in _placements(args, cmap):
@@ -127,8 +147,12 @@ def cmd_plan(args) -> int:
         rows.append(_plan_row(resolved, report))
         resolved_all.append(resolved)
     if args.save_config:
-        for resolved in resolved_all:
-            save_adapter_config(resolved, Path(args.save_config) / resolved.name, base_model=source.name)
+        try:
+            for resolved in resolved_all:
+                save_adapter_config(resolved, Path(args.save_config) / resolved.name, base_model=source.name)
+        except OSError as exc:
+            raise CliError(f"--save-config {args.save_config}: cannot write ({exc.strerror or exc}); choose a "
+                           "folder you can write to") from None
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return 0
@@ -156,6 +180,7 @@ def cmd_verify(args) -> int:
     from .models import load_pretrained
     from .placement.verify import verify_placement
 
+    check_rank_alpha(args)
     source, _, cmap = _source_and_map(args.model)
     if args.load_weights and source.kind not in ("local", "hub"):
         raise CliError("--load-weights needs a local model directory or a reachable hub id")
@@ -258,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-weights", action="store_true",
                    help="load the real weights and check liveness on them (default: a tiny same-family model)")
     p.add_argument("--format", choices=["table", "json"], default="table")
+    threads.add_option(p)
     p.set_defaults(func=cmd_verify)
 
     for module in SUBCOMMAND_MODULES:
@@ -274,6 +300,17 @@ SUBCOMMAND_MODULES = (
 )
 
 
+def _configure_threads(args) -> None:
+    """Commands that compute (those with ``--threads``) size their CPU threads before any work; each says what
+    was chosen once its inputs are validated (``threads.current()``), so that bad input stays one line."""
+    if not hasattr(args, "threads") or getattr(args, "dry_run", False):
+        return
+    try:
+        threads.configure(args.threads)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
     from .placement import PlacementError
@@ -281,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
+        _configure_threads(args)
         return args.func(args)
     except (CliError, ModelError, PlacementError) as exc:
         print(f"error: {exc}", file=sys.stderr)

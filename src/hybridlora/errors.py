@@ -5,9 +5,26 @@ Kept apart from ``cli.py`` so that sub-command modules (study, train, eval, repo
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 EXIT_USAGE = 2
 EXIT_FAILED_CHECK = 1
 
 
 class CliError(Exception):
     """A user-facing error: printed as one line (``error: …``), exit status 2."""
+
+
+def check_output_folder(path: str | Path, option: str) -> None:
+    """Fail before any work when ``path`` cannot become a folder to write into (a file, or no write access)."""
+    folder = Path(path)
+    existing = folder
+    while not existing.exists():  # the folder that would hold the new one
+        existing = existing.parent
+    if existing == folder and not folder.is_dir():
+        raise CliError(f"{option} {path}: exists and is not a folder; give a folder path")
+    if not existing.is_dir():
+        raise CliError(f"{option} {path}: {existing} is a file, not a folder; give a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"{option} {path}: {existing} is not writable; choose a folder you can write to")

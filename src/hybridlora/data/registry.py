@@ -220,11 +220,26 @@ def resolve_fields(fields: dict[str, str] | None, columns: Iterable[str], source
 
 # --- reading files -------------------------------------------------------------------------------
 def read_rows(path: Path) -> Iterable[dict | None]:
-    """Rows of a .jsonl / .json (array) / .csv file. A row that does not parse (or is no object) yields ``None``."""
+    """Rows of a .jsonl / .json (array) / .csv file. A row that does not parse (or is no object) yields ``None``;
+    a file that cannot be read or is not UTF-8 raises one :class:`DataError` saying where and what to do."""
+    try:
+        yield from _rows(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (at byte {exc.start}); save the file as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}); check the file and its permissions") from None
+
+
+def _rows(path: Path) -> Iterable[dict | None]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
+        with path.open("rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}: row {number} is not UTF-8 text (at byte {exc.start} of the row); "
+                                    "save the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -381,8 +396,11 @@ def load_examples(source: str, *, data_dir: str | Path | None = None, fields: di
         rows = list(read_rows(path))
         columns = _first_columns(rows)
         if path.suffix.lower() == ".csv" and not columns:
-            with path.open(encoding="utf-8", newline="") as fh:
-                columns = next(csv.reader(fh), [])
+            try:
+                with path.open(encoding="utf-8", newline="") as fh:
+                    columns = next(csv.reader(fh), [])
+            except (OSError, UnicodeDecodeError) as exc:
+                raise DataError(f"{path}: cannot be read as UTF-8 CSV ({exc}); check the file") from None
         mapping = resolve_fields(fields, columns, source)
         examples, skipped = _convert(rows, _mapped_converter(mapping, path.stem))
         origin = str(path.resolve())

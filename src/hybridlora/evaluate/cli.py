@@ -9,6 +9,9 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+from ..threads import add_option as add_threads_option
+from ..threads import current as current_threads
+
 
 DEFAULT_BENCHMARKS = "mmlu,arc_challenge,hellaswag,gsm8k,humaneval"
 
@@ -62,15 +65,16 @@ def register(subparsers) -> None:
                    help="execute HumanEval completions (in the sandbox; with --protocol lm-eval see "
                         "--lmeval-code-executor); without it HumanEval pass@1 is 'not run'")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_threads_option(p)
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from hybridlora.errors import CliError
+    from hybridlora.errors import CliError, check_output_folder
 
     from .data import BenchmarkError
     from .lm import load_lm
-    from .runner import evaluate, parse_benchmarks, perplexity
+    from .runner import evaluate, load_items, parse_benchmarks, perplexity
 
     output = args.output or ("eval_results_lmeval" if args.protocol == "lm-eval" else "eval_results")
     try:
@@ -81,22 +85,22 @@ def run_eval(args: argparse.Namespace) -> int:
             require_lm_eval()
         if args.limit is not None and args.limit < 1:
             raise BenchmarkError("--limit must be at least 1 (omit it to evaluate the whole subset)")
-        texts = None
-        if args.perplexity_text:
-            path = Path(args.perplexity_text)
-            if not path.is_file():
-                raise BenchmarkError(f"--perplexity-text {path}: no such file")
-            texts = [t for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+        _check_numbers(args)
+        check_output_folder(output, "--output")
+        texts = _perplexity_texts(args.perplexity_text) if args.perplexity_text else None
         from .lmeval_bridge import data_source
 
-        for name in names:  # missing data fails here, before a model is loaded
+        for name in names:  # missing or unreadable data fails here, before a model is loaded
             data_source(name, args.data_dir)
+            load_items(name, args.data_dir, limit=args.limit)
         if args.adapter:
             check_adapter(args.model, args.adapter, tiny=args.tiny)
         import torch
 
         lm = load_lm(args.model, adapter=args.adapter, tiny=args.tiny, device=args.device, dtype=getattr(torch, args.dtype),
                      batch_size=args.batch_size, max_length=args.max_length)
+        if current_threads() and lm.device.type == "cpu":
+            print(current_threads(), file=sys.stderr)
         options = dict(output_dir=output, data_dir=args.data_dir, limit=args.limit, max_new_tokens=args.max_new_tokens,
                        allow_code_execution=args.confirm_run_unsafe_code, progress=not args.no_progress)
         if args.protocol == "lm-eval":
@@ -120,6 +124,32 @@ def run_eval(args: argparse.Namespace) -> int:
               f"{ppl['tokens']} tokens)")
     print(f"results in {output} (protocol {args.protocol})", file=sys.stderr)
     return 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    from .data import BenchmarkError
+
+    if args.max_length is not None and args.max_length < 1:
+        raise BenchmarkError(f"--max-length {args.max_length}: give a positive number of tokens (omit it for the "
+                             "model's own limit)")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise BenchmarkError(f"--max-new-tokens {args.max_new_tokens}: give at least 1 (omit it for each "
+                             "benchmark's own budget: GSM8K 256, HumanEval 512)")
+
+
+def _perplexity_texts(name: str) -> list[str]:
+    from .data import BenchmarkError
+
+    path = Path(name)
+    if not path.is_file():
+        raise BenchmarkError(f"--perplexity-text {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BenchmarkError(f"--perplexity-text {path}: not UTF-8 text (at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise BenchmarkError(f"--perplexity-text {path}: cannot be read ({exc.strerror or exc})") from None
+    return [t for t in text.split("\n\n") if t.strip()]
 
 
 # --------------------------------------------------------------------------------------------- adapter checks
@@ -217,8 +247,44 @@ def _shape_mismatch(folder: Path, network: Any) -> str | None:
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    _check_safetensors_size(weights)
+    try:
+        return _first_mismatch(weights, network, safe_open)
+    except (SafetensorError, OSError) as exc:
+        from hybridlora.errors import CliError
+
+        raise CliError(f"--adapter {folder}: {weights.name} is not a readable safetensors file ({exc}); save or "
+                       "train the adapter again") from None
+
+
+def _check_safetensors_size(weights: Path) -> None:
+    """A truncated file whose header survived still opens; its tensors' byte ranges must fit in the file."""
+    import struct
+
+    from hybridlora.errors import CliError
+
+    problem = None
+    try:
+        with weights.open("rb") as handle:
+            raw = handle.read(8)
+            size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+            header = json.loads(handle.read(size)) if size is not None and size < (1 << 27) else None
+        if not isinstance(header, dict):
+            problem = "no valid header"
+        else:
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            if 8 + size + end > weights.stat().st_size:
+                problem = f"truncated: {weights.stat().st_size:,} bytes, the header needs {8 + size + end:,}"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        problem = f"unreadable header ({type(exc).__name__})"
+    if problem:
+        raise CliError(f"--adapter {weights.parent}: {weights.name} is not a readable safetensors file ({problem}); "
+                       "save or train the adapter again")
+
+
+def _first_mismatch(weights: Path, network: Any, safe_open: Any) -> str | None:
     prefix = "base_model.model."
     with safe_open(str(weights), framework="pt") as handle:
         for key in handle.keys():

@@ -10,6 +10,7 @@ import gzip
 import json
 import os
 import random
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -51,16 +52,35 @@ def hf_load(hf_id: str, *args: Any, **kwargs: Any) -> Any:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a (gzipped) JSON-lines file; one :class:`BenchmarkError` for any file that cannot be read."""
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise BenchmarkError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+    lineno = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise BenchmarkError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        raise unreadable(path, exc, lineno + 1) from exc
     return rows
+
+
+def unreadable(path: Path, exc: BaseException, lineno: int | None = None) -> BenchmarkError:
+    """The one-line error for a benchmark data file that cannot be read, saying what to do."""
+    fix = "restore it from a good copy of the data folder (see shared/data/README.md and its SHA256SUMS)"
+    if isinstance(exc, UnicodeDecodeError):
+        at = f":{lineno}" if lineno else ""
+        return BenchmarkError(f"{path}{at}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r}); {fix}")
+    if isinstance(exc, (EOFError, gzip.BadGzipFile, zlib.error)):
+        return BenchmarkError(f"{path}: not a complete gzip file ({exc}); {fix}")
+    if isinstance(exc, FileNotFoundError):
+        return BenchmarkError(f"{path}: not found; {fix}")
+    return BenchmarkError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc}); check its "
+                          f"permissions, or {fix}")
 
 
 def seeded_subset(items: Sequence[dict], n: int | None, *, seed: int = SUBSET_SEED,

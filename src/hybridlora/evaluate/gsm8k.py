@@ -52,6 +52,11 @@ def extract_answer(completion: str) -> str | None:
 
 
 def _item(row: dict, split: str, index: int) -> dict:
+    fields = row if isinstance(row, dict) else {}
+    missing = [key for key in ("question", "answer") if not isinstance(fields.get(key), str)]
+    if missing:
+        raise BenchmarkError(f"gsm8k: {split} row {index} has no {' or '.join(repr(k) for k in missing)} text; every "
+                             "row needs {\"question\": ..., \"answer\": \"... #### <number>\"} (see shared/data/README.md)")
     answer = row["answer"]
     if "####" not in answer:
         raise BenchmarkError(f"gsm8k: {split} row {index} has no '#### <answer>'")
@@ -63,6 +68,10 @@ def load(data_dir: str | Path | None = None, split: str = "test") -> tuple[list[
     """(evaluation items of ``split``, the fixed few-shot examples from train)."""
     root = resolve_source(NAME, data_dir, f"gsm8k/{split}.jsonl", HF_ID)
     if root is not None:
+        shots = root / "gsm8k" / "train.jsonl"
+        if not shots.is_file():
+            raise BenchmarkError(f"gsm8k: the {NUM_FEWSHOT} few-shot examples come from {shots}, which is missing; "
+                                 "copy gsm8k/train.jsonl into the data folder (see shared/data/README.md)")
         rows = {s: read_jsonl(root / "gsm8k" / f"{s}.jsonl") for s in {split, "train"}}
     else:
         data = hf_load(HF_ID, "main")

@@ -9,7 +9,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from .data import BenchmarkError, hf_load, letters, mc_block, resolve_source
+from .data import BenchmarkError, hf_load, letters, mc_block, resolve_source, unreadable
 
 NAME = "mmlu"
 HF_ID = "cais/mmlu"
@@ -22,12 +22,15 @@ PROTOCOL = ("5-shot (same-subject dev questions), seeded 512-question test subse
 
 def _read_csv(path: Path, subject: str, split: str) -> list[dict[str, Any]]:
     items = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row_no, row in enumerate(csv.reader(handle)):
-            if len(row) != 6 or row[5].strip() not in "ABCD" or not row[5].strip():
-                raise BenchmarkError(f"{path}: row {row_no} is not `question,A,B,C,D,answer`")
-            items.append({"example_id": f"{subject}/{split}/{row_no}", "subject": subject, "question": row[0],
-                          "choices": row[1:5], "gold": "ABCD".index(row[5].strip())})
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for row_no, row in enumerate(csv.reader(handle)):
+                if len(row) != 6 or row[5].strip() not in "ABCD" or not row[5].strip():
+                    raise BenchmarkError(f"{path}: row {row_no} is not `question,A,B,C,D,answer`")
+                items.append({"example_id": f"{subject}/{split}/{row_no}", "subject": subject, "question": row[0],
+                              "choices": row[1:5], "gold": "ABCD".index(row[5].strip())})
+    except (OSError, UnicodeDecodeError) as exc:
+        raise unreadable(path, exc) from exc
     return items
 
 

@@ -137,7 +137,9 @@ def evaluate_benchmark(lm: CausalLM, name: str, *, data_dir: str | Path | None =
     module = get_benchmark(name)
     items, shots = load_items(name, data_dir, n=n, limit=limit, seed=seed)
     generative = module.KIND == "generate"
-    new_tokens = max_new_tokens or getattr(module, "MAX_NEW_TOKENS", 0)
+    if max_new_tokens is not None and max_new_tokens < 1:  # 0 must not silently become the default budget
+        raise BenchmarkError(f"max_new_tokens must be at least 1 (got {max_new_tokens}); None = the benchmark's own")
+    new_tokens = max_new_tokens if max_new_tokens is not None else getattr(module, "MAX_NEW_TOKENS", 0)
     start = time.perf_counter()
     prompts = build_prompts(lm, module, items, shots, reserve=new_tokens if generative else 2)
     with tqdm(total=len(items), desc=name, unit="ex", disable=not progress) as bar:

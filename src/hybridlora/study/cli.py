@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from ..threads import add_option as add_threads_option
+
 
 def register(subparsers) -> None:
     from .config import preset_names
@@ -21,6 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", help="override the config's seeds, e.g. 3407,42,1234")
     p.add_argument("--no-report", action="store_true", help="run the jobs but do not build the report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads_option(p)
     p.set_defaults(func=cmd_study)
 
 

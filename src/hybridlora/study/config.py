@@ -111,6 +111,11 @@ class EvalSettings(_Strict):
     allow_code_execution: bool = False  # HumanEval runs model code (sandboxed) only when this is true
     subset_seed: int = 1234
 
+    @field_validator("subset_seed")
+    @classmethod
+    def _subset_seed(cls, value: int) -> int:
+        return check_seed(value)
+
     @field_validator("benchmarks", mode="before")
     @classmethod
     def _benchmarks(cls, value: Any) -> Any:
@@ -125,6 +130,15 @@ class EvalSettings(_Strict):
             if not value:
                 raise ValueError("name at least one benchmark")
         return value
+
+
+MAX_SEED = 2**32 - 1  # numpy's seeding accepts no more; torch and random take any seed numpy takes
+
+
+def check_seed(seed: int) -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed {seed} is out of range; use an integer from 0 to {MAX_SEED:,}")
+    return seed
 
 
 class StudyConfig(_Strict):
@@ -174,7 +188,14 @@ class StudyConfig(_Strict):
     def _unique_seeds(cls, value: list[int]) -> list[int]:
         if len(set(value)) != len(value):
             raise ValueError(f"seeds repeat: {value}")
+        for seed in value:
+            check_seed(seed)
         return value
+
+    @field_validator("model_seed")
+    @classmethod
+    def _model_seed(cls, value: int) -> int:
+        return check_seed(value)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "StudyConfig":
@@ -219,7 +240,9 @@ def load_study_config(spec: str | None) -> StudyConfig:
         text, source = _preset_text(spec), f"preset {spec}"
     elif path.is_file():
         try:
-            text, source = path.read_text(), str(path)
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as exc:
+            raise StudyConfigError(f"{path}: not UTF-8 text (at byte {exc.start}); save the YAML as UTF-8") from None
         except OSError as exc:
             raise StudyConfigError(f"{path}: cannot read ({exc.strerror})") from None
     else:

@@ -106,6 +106,7 @@ def _train_config(spec: dict, progress: bool):
 def _fine_tune(spec: dict, model, tokenizer, out: Path, data_dir: str | None, progress: bool):
     """The adapted model (PEFT-wrapped), its resolved placement and the training log rows."""
     from ..data import pad_id_of
+    from ..threads import current as current_threads
     from ..train import checkpoints, load_adapter, prepare_data, train
     from ..train.loop import ADAPTER_DIR, LOG_NAME
 
@@ -120,7 +121,8 @@ def _fine_tune(spec: dict, model, tokenizer, out: Path, data_dir: str | None, pr
                                         max_examples=domain["max_examples"], val_examples=domain["val_examples"])
         result = train(model, resolved, tr, train_dir, config, pad_id=pad_id_of(tokenizer), val_set=va,
                        data_manifest=manifest, resume=bool(checkpoints(train_dir)),
-                       run_info={"job": spec["placement"]["name"], "train_domain": domain["train_domain"]})
+                       run_info={"job": spec["placement"]["name"], "train_domain": domain["train_domain"],
+                                 "threads": current_threads()})
         peft_model = result.peft_model
     crash_point("trained")
     log = [json.loads(line) for line in (train_dir / LOG_NAME).read_text().splitlines() if line.strip()]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..threads import current as current_threads
 from .config import BUILTIN_DATA, StudyConfig
 from .grid import Job, expand_grid, filter_jobs, parse_only
 from .jobs import crash_point, execute
@@ -65,6 +66,7 @@ def prepare(config: StudyConfig, *, only: str | None = None) -> tuple[Path, list
     jobs = filter_jobs(expand_grid(config), parse_only(only))
     check_inputs(config)
     planned_params(jobs)  # every placement resolves on its model, before anything is written
+    make_study_folder(study_dir)
     if config.data_dir == BUILTIN_DATA:
         from .demo_data import write_demo_data
 
@@ -79,6 +81,8 @@ def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = 
     store.register(jobs, config.model_dump(mode="json"))
     _write_config_snapshot(study_dir, config)
     store.close()
+    if progress and current_threads():
+        tqdm.write(current_threads(), file=sys.stderr)
     run = run_jobs(study_dir, jobs, progress=progress, desc="study")
     run.report_skipped = not report
     if report and run.counts["complete"]:
@@ -105,6 +109,7 @@ def run_jobs(study_dir: Path, jobs: list[Job], *, progress: bool = True, desc: s
             if job is None:
                 break
             beat.job_id = job.id
+            _rebalance_threads(progress)
             crash_point("claimed")
             _test_delay()
             bar.set_postfix_str(job.label)
@@ -134,6 +139,15 @@ def run_jobs(study_dir: Path, jobs: list[Job], *, progress: bool = True, desc: s
     run.counts = store.counts(ids)
     store.close()
     return run
+
+
+def _rebalance_threads(progress: bool) -> None:
+    """Runners come and go while a study runs: each job starts with this process's share of the cores."""
+    from ..threads import rebalance
+
+    changed = rebalance()
+    if changed is not None and progress:
+        tqdm.write(changed.describe(), file=sys.stderr)
 
 
 DELAY_ENV = "HYBRIDLORA_TEST_JOB_DELAY"
@@ -187,6 +201,21 @@ def dry_run(config: StudyConfig, *, only: str | None = None, out=print) -> list[
     return jobs
 
 
+def make_study_folder(study_dir: Path) -> None:
+    """The study folder, created once every input is known to be good (the first thing a study writes)."""
+    from .config import StudyConfigError
+
+    if study_dir.exists() and not study_dir.is_dir():
+        raise StudyConfigError(f"--output {study_dir}: exists and is not a folder; give a new or existing study folder")
+    try:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StudyConfigError(f"--output {study_dir}: cannot create the study folder ({exc.strerror or exc}); "
+                               "choose a folder you can write to") from None
+    if not os.access(study_dir, os.W_OK | os.X_OK):
+        raise StudyConfigError(f"--output {study_dir}: not writable; choose a folder you can write to")
+
+
 def check_inputs(config: StudyConfig) -> None:
     """Data problems a run would only meet after hours of work: unknown domains, missing folders and files."""
     from ..data import DOMAINS
@@ -201,10 +230,25 @@ def check_inputs(config: StudyConfig) -> None:
         if domain.name not in DOMAINS and not hub_id and not Path(domain.name).is_file():
             raise StudyConfigError(f"domains: {domain.name!r} is neither a known domain ({', '.join(DOMAINS)}), "
                                    "an existing .jsonl/.json/.csv file, nor a hub dataset id (owner/name)")
+        if is_file_name and Path(domain.name).is_file():
+            _check_readable(Path(domain.name))
         if domain.name in DOMAINS and config.data_dir not in (None, BUILTIN_DATA):
             local = Path(config.data_dir) / DOMAINS[domain.name].local_path
             if not local.is_file():
                 raise StudyConfigError(f"domains: {domain.name}: {local} not found under data_dir")
+
+
+def _check_readable(path: Path) -> None:
+    """Every row of a domain file decodes (a bad byte in row 1,900 must not wait for the cell that trains on it)."""
+    from ..data import DataError
+    from ..data.registry import read_rows
+    from .config import StudyConfigError
+
+    try:
+        for _ in read_rows(path):
+            pass
+    except DataError as exc:
+        raise StudyConfigError(f"domains: {exc}") from None
 
 
 def planned_params(jobs: list[Job]) -> dict[str, int]:

@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from ..threads import add_option as add_threads_option
+from ..threads import current as current_threads
+
 
 def register(subparsers) -> None:
     from .loop import TrainConfig
@@ -55,6 +58,7 @@ def register(subparsers) -> None:
     p.add_argument("--output", default="runs/train", help="output directory (default: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_option(p)
     p.add_argument("--tiny", action="store_true",
                    help="random-weight tiny same-family model (weights seeded with 0) and the offline byte tokenizer, as in eval --tiny (smoke runs)")
     p.set_defaults(func=cmd_train)
@@ -149,11 +153,12 @@ def _run(args) -> int:
                                         if skipped else ""))
     bind_kernels(model)
     print(batching_line(model, config)[1])
+    print(current_threads() or "threads: torch's default")
     sys.stdout.flush()
     result = train(model, resolved, tr, args.output, config, pad_id=pad_id_of(tokenizer), val_set=va,
                    data_manifest=manifest, resume=args.resume,
                    run_info={"model": source.name, "tiny": bool(args.tiny), "data": args.data,
-                             "data_dir": str(args.data_dir) if args.data_dir else None})
+                             "data_dir": str(args.data_dir) if args.data_dir else None, "threads": current_threads()})
     val = "n/a" if result.val_loss is None else f"{result.val_loss:.4f}"
     print(f"{resolved.name}: {result.steps} steps, {result.trainable_params:,} trainable parameters, final loss "
           f"{result.final_loss:.4f}, validation loss {val}; adapter in {result.adapter_dir}")
