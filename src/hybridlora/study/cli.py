@@ -19,6 +19,9 @@ def register(subparsers) -> None:
                    help="run only matching cells, e.g. placement=softmax_only,domain=gsm8k (keys: model, placement, "
                         "domain, seed, kind); base evaluations of the matching models are kept")
     p.add_argument("--seeds", help="override the config's seeds, e.g. 3407,42,1234")
+    p.add_argument("--add-cells", action="store_true",
+                   help="the --output directory holds a study of another config: add this config's cells to it "
+                        "(its report then covers both); without it such a directory is refused")
     p.add_argument("--no-report", action="store_true", help="run the jobs but do not build the report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_study)
@@ -65,7 +68,8 @@ def cmd_study(args) -> int:
         if args.dry_run:
             dry_run(config, only=args.only)
             return 0
-        run = run_study(config, only=args.only, progress=not args.quiet, report=not args.no_report)
+        run = run_study(config, only=args.only, progress=not args.quiet, report=not args.no_report,
+                        add_cells=args.add_cells)
     except (StudyConfigError, StoreError, PlacementError, ReportError) as exc:
         raise CliError(str(exc)) from None
     print(summary_line(run))

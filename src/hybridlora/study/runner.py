@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,12 +74,15 @@ def prepare(config: StudyConfig, *, only: str | None = None) -> tuple[Path, list
 
 
 def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = True, report: bool = True,
-              log=print) -> StudyRun:
+              add_cells: bool = False, log=print) -> StudyRun:
+    from .ownership import check_owner, register_grid
+
+    adding = check_owner(config.output_dir(), config, filter_jobs(expand_grid(config), parse_only(only)),
+                         add_cells=add_cells)  # before anything is written
     study_dir, jobs = prepare(config, only=only)
-    store = Store(study_dir)
-    store.register(jobs, config.model_dump(mode="json"))
-    _write_config_snapshot(study_dir, config)
-    store.close()
+    register_grid(study_dir, jobs, config)
+    if not adding:
+        _write_config_snapshot(study_dir, config)
     run = run_jobs(study_dir, jobs, progress=progress, desc="study")
     run.report_skipped = not report
     if report and run.counts["complete"]:
@@ -161,11 +165,27 @@ def _write_config_snapshot(study_dir: Path, config: StudyConfig) -> None:
 
 
 def build_study_report(study_dir: Path, output: Path | None = None) -> Path:
+    """Build the report under a lock held from reading the database to renaming the report into place: runners
+    finishing in any order then leave the report of the newest state (complete once every cell is), never an
+    older partial one written last."""
     from ..analysis.report import build_report
     from .results import load_study_results
 
-    paths = build_report(load_study_results(study_dir), output or study_dir / "report", progress=False)
+    with _report_lock(study_dir):
+        paths = build_report(load_study_results(study_dir), output or study_dir / "report", progress=False)
     return Path(paths["html"]) if "html" in paths else Path(next(iter(paths.values())))
+
+
+@contextmanager
+def _report_lock(study_dir: Path):
+    import fcntl
+
+    with open(Path(study_dir) / ".report.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def dry_run(config: StudyConfig, *, only: str | None = None, out=print) -> list[Job]:
@@ -275,7 +295,10 @@ def summary_line(run: StudyRun) -> str:
         parts.append(f"{c['failed']} failed (re-run to retry; errors in study.db)")
     if c.get("running"):
         parts.append(f"{c['running']} still running elsewhere")
-    where = f"; report: {run.report}" if run.report else ("; no report (--no-report)" if run.report_skipped
+    if run.report and c.get("complete", 0) < len(run.jobs):
+        where = f"; PARTIAL report (rewritten complete by the runner that finishes the grid; re-run to finish it): {run.report}"
+    else:
+        where = f"; report: {run.report}" if run.report else ("; no report (--no-report)" if run.report_skipped
                                                            else "; no report (no complete job)")
     return ", ".join(parts) + where
 
