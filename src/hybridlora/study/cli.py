@@ -16,7 +16,7 @@ def register(subparsers) -> None:
     p.add_argument("--output", help="study directory (default: the config's `output`, else studies/<name>)")
     p.add_argument("--dry-run", action="store_true", help="print the grid, the number of runs and a rough cost")
     p.add_argument("--only", metavar="KEY=PATTERN,...",
-                   help="run only matching cells, e.g. placement=softmax_only,domain=gsm8k (keys: model, placement, "
+                   help="run only matching cells, e.g. placement=study/softmax_only,domain=gsm8k (keys: model, placement, "
                         "domain, seed, kind); base evaluations of the matching models are kept")
     p.add_argument("--seeds", help="override the config's seeds, e.g. 3407,42,1234")
     p.add_argument("--add-cells", action="store_true",
