@@ -182,9 +182,11 @@ def test_published_placement_pairs_include_falcon_gsm8k_attention_vs_ssm(publish
     """The paper's headline contrast is placement vs placement; the re-analysis now makes it (it used to compare
     with base and the full placement only)."""
     from hybridlora.analysis.metrics import index_study, paired_comparisons, resolve_full_placements
+    from hybridlora.analysis.results import from_result_set
 
-    index = index_study(published)
-    rows, _ = paired_comparisons(index, resolve_full_placements(published, index), resamples=200, seed=0)
+    results = from_result_set(published)
+    index = index_study(results)
+    rows, _ = paired_comparisons(index, resolve_full_placements(results, index), resamples=200, seed=0)
     row = next(r for r in rows if (r["model"], r["train_domain"], r["benchmark"], r["placement_a"],
                                    r["placement_b"]) == (FALCON, "gsm8k", "gsm8k", "attention_only", "ssm_only"))
     name = "train__falcon_h1_0_5b_base__{}__gsm8k_train__seed3407__inline_eval__gsm8k.jsonl.gz"
