@@ -138,7 +138,8 @@ def test_dry_run_prints_grid_and_cost_and_writes_nothing(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump(mini(tmp_path)))
     assert main(["study", str(cfg), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "6 jobs: 2 base evaluations + 4 fine-tuning runs" in out and "cost:" in out
+    assert "6 jobs: 2 base evaluations + 4 fine-tuning runs" in out and "cost (6 jobs on tiny" in out
+    assert "CPU-minutes" in out and "GPU-hours" not in out  # tiny models: no GPU estimate
     assert "73,088" in out and "8,192" in out  # trainable params resolved on the tiny Qwen3.5 architecture
     assert not (tmp_path / "study").exists()
 

@@ -267,11 +267,45 @@ def _grid_shape(train: list[Job]) -> str:
 
 
 def _cost_line(config: StudyConfig, jobs: list[Job]) -> str:
+    """A rough cost of what is asked: GPU-hours at the full-size models' measured rates for real checkpoints,
+    CPU-minutes at the demo's measured rate for tiny random-weight stand-ins (never the GPU figure for those)."""
+    tiny = [j for j in jobs if j.spec["model"]["tiny"]]
+    real = [j for j in jobs if not j.spec["model"]["tiny"]]
+    lines = []
+    if real:
+        lines.append(_gpu_cost(config, real))
+    if tiny:
+        lines.append(_tiny_cost(config, tiny))
+    return "\n".join(lines)
+
+
+def _work(config: StudyConfig, jobs: list[Job]) -> tuple[int, int, list[str]]:
+    """(training sequences, evaluation items, benchmarks evaluated on their whole split) of ``jobs``."""
     sequences = sum((j.spec["domain"]["max_examples"] or 0) * config.train.epochs for j in jobs if j.kind == "train")
     full = [b for b, n in config.eval.benchmarks.items() if n is None and not config.eval.limit]
     per_job_q = sum(min(n or 10**9, config.eval.limit or 10**9) for n in config.eval.benchmarks.values()
                     if n is not None or config.eval.limit)
-    questions = per_job_q * len(jobs)
+    return sequences, per_job_q * len(jobs), full
+
+
+# The demo preset, measured (README): 14 jobs, 1,152 training sequences of <= 256 tokens and 2,240 evaluation
+# items in about 52 s on 2 CPU cores, report included; split evenly between training and evaluation.
+_DEMO_S_PER_SEQUENCE_256 = 26.0 / 1152
+_DEMO_S_PER_ITEM = 26.0 / 2240
+
+
+def _tiny_cost(config: StudyConfig, jobs: list[Job]) -> str:
+    sequences, questions, full = _work(config, jobs)
+    seconds = (sequences * _DEMO_S_PER_SEQUENCE_256 * max(1.0, config.train.max_length / 256)
+               + questions * _DEMO_S_PER_ITEM)
+    whole = f" plus the whole split of {', '.join(full)} per job" if full else ""
+    return (f"cost ({len(jobs)} jobs on tiny random-weight models): {sequences:,} training sequences and "
+            f"{questions:,} evaluation items{whole}; ≈ {max(seconds, 1) / 60:,.1f} CPU-minutes on 2 cores at the demo's "
+            "measured rate (52 s for its 14 jobs), no GPU needed")
+
+
+def _gpu_cost(config: StudyConfig, jobs: list[Job]) -> str:
+    sequences, questions, full = _work(config, jobs)
     tokens = sequences * config.train.max_length
     # Rough rates on one H100 from docs/PERFORMANCE.md: the reference (HF fallback) path, and the fast path
     # (1024-token rows through the trainer with graphs and the Triton kernels, ~40k tokens/s for both studied
@@ -279,11 +313,12 @@ def _cost_line(config: StudyConfig, jobs: list[Job]) -> str:
     reference = tokens / 5000 / 3600 + questions * 0.5 / 3600
     fast = tokens / 40000 / 3600 + questions * 0.012 / 3600
     whole = f" plus the whole split of {', '.join(full)} per job" if full else ""
-    return (f"cost: ≤ {sequences:,} training sequences (≤ {tokens/1e6:,.1f}M tokens at max_length "
-            f"{config.train.max_length}) and {questions:,} evaluation items{whole}; on one H100 ≈ {reference:,.1f} "
-            f"GPU-hours at the reference path's rough rates (5k tokens/s, 0.5 s per item), ≈ {fast:,.1f} on the "
-            "fast path (40k tokens/s, 12 ms per item) — upper bounds that count every example at max_length; "
-            "with the study's real lengths the `paper` preset projects to about 0.65 h (docs/PERFORMANCE.md)")
+    return (f"cost ({len(jobs)} jobs on full-size models): ≤ {sequences:,} training sequences (≤ {tokens/1e6:,.1f}M "
+            f"tokens at max_length {config.train.max_length}) and {questions:,} evaluation items{whole}; on one "
+            f"H100 ≈ {reference:,.1f} GPU-hours at the reference path's rough rates (5k tokens/s, 0.5 s per item), "
+            f"≈ {fast:,.1f} on the fast path (40k tokens/s, 12 ms per item) — upper bounds that count every example "
+            "at max_length; with the study's real lengths the `paper` preset projects to about 0.65 h "
+            "(docs/PERFORMANCE.md)")
 
 
 def summary_line(run: StudyRun) -> str:
