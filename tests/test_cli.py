@@ -18,8 +18,8 @@ def test_plan_study_json_contract(capsys):
     code, out, err = run(capsys, "plan", "qwen3.5-0.8b", "--preset", "study", "--format", "json")
     assert code == 0, err
     rows = json.loads(out)
-    assert [r["name"] for r in rows] == ["all_layers", "softmax_only", "gdn_only", "mlp_only", "softmax_plus_mlp",
-                                         "gdn_plus_mlp"]
+    assert [r["name"] for r in rows] == ["study/all_layers", "study/softmax_only", "study/gdn_only",
+                                         "study/mlp_only", "study/softmax_plus_mlp", "study/gdn_plus_mlp"]
     for r in rows:
         assert isinstance(r["trainable_params"], int) and r["trainable_params"] > 0
         assert r["num_target_modules"] == len(r["target_modules"]) == len(r["rank_pattern"])
@@ -32,7 +32,7 @@ def test_plan_falcon_by_hub_id_offline_uses_catalog(capsys):
     code, out, err = run(capsys, "plan", "tiiuae/Falcon-H1-0.5B-Base", "--preset", "study", "--format", "json")
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out)}
-    assert "lm_head" in rows["all_eligible"]["target_modules"]
+    assert "lm_head" in rows["study/all_eligible"]["target_modules"]
 
 
 def test_plan_budget_and_save_config(capsys, tmp_path):
@@ -58,7 +58,7 @@ def test_inspect_table_and_json(capsys):
 def test_verify_ok(capsys):
     code, out, err = run(capsys, "verify", "qwen3.5-0.8b", "--placement", "softmax_only")
     assert code == 0, out + err
-    assert out.startswith("[OK] softmax_only: 24/24 hosts")
+    assert out.startswith("[OK] study/softmax_only: 24/24 hosts")
 
 
 @pytest.mark.parametrize("argv,message", [

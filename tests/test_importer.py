@@ -178,6 +178,31 @@ def test_qwen_gsm8k_quirk_pairs_on_shared_ids(published_dir, cells):
     assert mcnemar_exact(tuned, base).n_shared == 128
 
 
+def test_published_placement_pairs_include_falcon_gsm8k_attention_vs_ssm(published_dir, published):
+    """The paper's headline contrast is placement vs placement; the re-analysis now makes it (it used to compare
+    with base and the full placement only)."""
+    from hybridlora.analysis.metrics import index_study, paired_comparisons, resolve_full_placements
+    from hybridlora.analysis.results import from_result_set
+
+    results = from_result_set(published)
+    index = index_study(results)
+    rows, _ = paired_comparisons(index, resolve_full_placements(results, index), resamples=200, seed=0)
+    row = next(r for r in rows if (r["model"], r["train_domain"], r["benchmark"], r["placement_a"],
+                                   r["placement_b"]) == (FALCON, "gsm8k", "gsm8k", "attention_only", "ssm_only"))
+    name = "train__falcon_h1_0_5b_base__{}__gsm8k_train__seed3407__inline_eval__gsm8k.jsonl.gz"
+    attn = {r["example_id"]: r["correct"] for r in raw_rows(published_dir / name.format("attention_only"))}
+    ssm = {r["example_id"]: r["correct"] for r in raw_rows(published_dir / name.format("ssm_only"))}
+    shared = attn.keys() & ssm.keys()
+    b10 = sum(attn[i] and not ssm[i] for i in shared)  # attention right, SSM wrong
+    b01 = sum(ssm[i] and not attn[i] for i in shared)
+    assert (row["n_shared"], row["b01"], row["b10"]) == (len(shared), b01, b10)
+    assert row["mean_diff"] == pytest.approx(100 * (b10 - b01) / len(shared))
+    assert row["reference"] == "pair" and row["holm_family"] == "model x domain x benchmark"
+    family = [r for r in rows if r["reference"] == "pair" and (r["model"], r["train_domain"], r["benchmark"]) ==
+              (FALCON, "gsm8k", "gsm8k")]
+    assert len(family) == 10  # the 15 pairs of six placements, minus the 5 with the full placement
+
+
 def test_published_is_strict_about_data_file_names(tmp_path):
     def write(name, rows):
         with gzip.open(tmp_path / name, "wt", encoding="utf-8") as fh:

@@ -298,9 +298,35 @@ def test_vs_full_and_holm_per_model():
     vs_full = [r for r in rows if r["reference"] == "full"]
     assert {r["placement_a"] for r in vs_full} == {"mid", "small"}
     assert all(r["placement_b"] == "all" for r in vs_full)
-    # 3 placements x 2 benchmarks vs base + 2 x 2 vs full
-    assert len(rows) == 10 and gaps == []
-    assert [r["p_holm"] for r in rows] == pytest.approx(holm([r["mcnemar_p"] for r in rows]))
+    # 3 placements x 2 benchmarks vs base + 2 x 2 vs full (+ the small/mid pairs, tested below)
+    model_family = [r for r in rows if r["reference"] != "pair"]
+    assert len(model_family) == 10 and gaps == []
+    assert {r["holm_family"] for r in model_family} == {"model"}
+    assert [r["p_holm"] for r in model_family] == pytest.approx(holm([r["mcnemar_p"] for r in model_family]))
+
+
+def test_every_pair_of_placements_is_compared_with_holm_within_model_domain_benchmark():
+    res = _recipe_study()
+    # a fourth placement, so that one model x domain x benchmark holds several pairs
+    res = study(res.records + cell("tiny", "d", 1, "b1", bits(3, 10)) + cell("tiny", "d", 1, "b2", bits(9, 10)),
+                res.runs + [RunInfo(M, "tiny", "d", 1, 5)])
+    index = index_study(res)
+    rows, gaps = paired_comparisons(index, resolve_full_placements(res, index), resamples=200, seed=0)
+    pairs = [r for r in rows if r["reference"] == "pair"]
+    # placements by params: tiny 5, small 10, mid 30 (all = full: its pairs are the "full" rows)
+    assert sorted((r["benchmark"], r["placement_a"], r["placement_b"]) for r in pairs) == sorted(
+        (b, a, c) for b in ("b1", "b2") for a, c in (("tiny", "small"), ("tiny", "mid"), ("small", "mid")))
+    assert gaps == [] and {r["holm_family"] for r in pairs} == {"model x domain x benchmark"}
+    # by hand on b1: small right on ids 0..5, mid on 0..7 -> small - mid = -20 pp, b01 = 2 (a wrong, b right)
+    row = by(pairs, benchmark="b1", placement_a="small", placement_b="mid")
+    assert (row["n_shared"], row["b01"], row["b10"]) == (10, 2, 0)
+    assert row["mean_diff"] == pytest.approx(-20.0) and row["mcnemar_p"] == pytest.approx(0.5)
+    for bench in ("b1", "b2"):  # Holm within the three pairs of one benchmark, not with the other rows
+        family = [r for r in pairs if r["benchmark"] == bench]
+        assert [r["p_holm"] for r in family] == pytest.approx(holm([r["mcnemar_p"] for r in family]))
+    # the base/full family is adjusted as if the pairs did not exist
+    base_full = [r for r in rows if r["reference"] != "pair"]
+    assert [r["p_holm"] for r in base_full] == pytest.approx(holm([r["mcnemar_p"] for r in base_full]))
 
 
 def test_unscored_comparisons_are_gaps_not_rows():

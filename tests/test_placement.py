@@ -43,7 +43,8 @@ def test_study_presets_trainable_params_equal_peft_on_full_size_models(model, fa
 
 def test_qwen_study_names_and_hosts(qwen_map):
     names = [p.name for p in preset_group("study", family_named("qwen3_5"))]
-    assert names == ["all_layers", "softmax_only", "gdn_only", "mlp_only", "softmax_plus_mlp", "gdn_plus_mlp"]
+    assert names == ["study/all_layers", "study/softmax_only", "study/gdn_only", "study/mlp_only",
+                     "study/softmax_plus_mlp", "study/gdn_plus_mlp"]
     softmax = resolve(named_preset("softmax_only", family_named("qwen3_5")), qwen_map)
     assert {h.layer for h in softmax.hosts} == set(range(3, 24, 4))
     assert len(softmax.hosts) == 6 * 4
@@ -57,8 +58,10 @@ def test_qwen_study_names_and_hosts(qwen_map):
 
 def test_falcon_study_conditions(falcon_map):
     fam = family_named("falcon_h1")
-    attn = resolve(named_preset("attention_only", fam), falcon_map)
+    attn = resolve(named_preset("study/attention_only", fam), falcon_map)
     assert {h.role for h in attn.hosts} == {"q", "k", "v"}  # the study left o_proj out
+    generic = resolve(named_preset("attention_only", fam), falcon_map)  # one name, one meaning: all four
+    assert {h.role for h in generic.hosts} == {"q", "k", "v", "o"} and generic.name == "attention_only"
     everything = resolve(named_preset("all_eligible", fam), falcon_map)
     names = {h.name for h in everything.hosts}
     assert "lm_head" in names
@@ -178,3 +181,19 @@ def test_unknown_preset_lists_the_available_ones():
         named_preset("softmax_everything", family_named("qwen3_5"))
     with pytest.raises(PlacementError, match="Qwen3.5 and Falcon-H1 only"):
         preset_group("study", family_named("bamba"))
+
+
+def test_unknown_placement_lists_each_name_once_and_suggests_the_closest():
+    from hybridlora.placement import PlacementError
+
+    with pytest.raises(PlacementError) as err:
+        named_preset("atention_only", family_named("falcon_h1"))
+    message = str(err.value)
+    assert "did you mean 'attention_only'?" in message
+    names = [n.strip() for part in message.split(": ")[1:] for n in part.split(";")[0].split("(")[0].split(",")]
+    assert len(names) == len(set(names)), message  # no name listed twice
+    assert "study/attention_only" in message and "hybridlora presets" in message
+    # a study-only name needs no prefix (it cannot mean anything else) and comes back under its study/ name
+    assert named_preset("ssm_only", family_named("falcon_h1")).name == "study/ssm_only"
+    with pytest.raises(PlacementError, match="did you mean 'study/gdn_only'"):
+        named_preset("study/gdn_onyl", family_named("qwen3_5"))

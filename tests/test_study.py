@@ -105,7 +105,8 @@ def test_paper_presets_expand_to_the_published_grid():
     paper = expand_grid(load_study_config("paper"))
     assert len(paper) == 2 + 2 * 6 * 3  # 2 base models + 2 models × 6 placements × 3 domains × 1 seed
     assert {j.placement for j in paper if j.model == "tiiuae/Falcon-H1-0.5B-Base"} == {
-        "base", "all_eligible", "attention_only", "ssm_only", "mlp_only", "attention_plus_mlp", "ssm_plus_mlp"}
+        "base", *(f"study/{n}" for n in ("all_eligible", "attention_only", "ssm_only", "mlp_only",
+                                         "attention_plus_mlp", "ssm_plus_mlp"))}
     multi = expand_grid(load_study_config("paper-multiseed"))
     assert len(multi) == 2 + 36 * 3 and {j.seed for j in multi if j.kind == "train"} == {3407, 42, 1234}
     assert {j.id for j in paper} <= {j.id for j in multi}  # seed 3407 cells are the same jobs
@@ -137,7 +138,8 @@ def test_dry_run_prints_grid_and_cost_and_writes_nothing(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump(mini(tmp_path)))
     assert main(["study", str(cfg), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "6 jobs: 2 base evaluations + 4 fine-tuning runs" in out and "cost:" in out
+    assert "6 jobs: 2 base evaluations + 4 fine-tuning runs" in out and "cost (6 jobs on tiny" in out
+    assert "CPU-minutes" in out and "GPU-hours" not in out  # tiny models: no GPU estimate
     assert "73,088" in out and "8,192" in out  # trainable params resolved on the tiny Qwen3.5 architecture
     assert not (tmp_path / "study").exists()
 

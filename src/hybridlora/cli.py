@@ -60,7 +60,7 @@ def check_rank_alpha(args) -> None:
 
 
 def _placements(args, cmap) -> list:
-    from .placement import load_placement_file, named_preset, preset_group
+    from .placement import load_placement_file, looks_like_placement_file, named_preset, preset_group
 
     family = _family(cmap)
     if args.preset:
@@ -68,7 +68,7 @@ def _placements(args, cmap) -> list:
     else:
         chosen = []
         for item in args.placement:
-            looks_like_file = item.endswith((".yaml", ".yml")) or os.sep in item
+            looks_like_file = looks_like_placement_file(item)
             if looks_like_file and not Path(item).is_file():
                 raise CliError(f"placement file {item} not found")
             chosen.append(load_placement_file(item) if looks_like_file else named_preset(item, family))
@@ -297,6 +297,7 @@ SUBCOMMAND_MODULES = (
     ".train.cli",
     ".evaluate.cli",
     ".analysis.cli",
+    ".placement.cli",
 )
 
 

@@ -79,6 +79,8 @@ def resolve_model(spec: str) -> ModelSource:
         return ModelSource(spec, "config", spec, _config_from_file(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
+            if (path / "adapter_config.json").is_file():
+                _refuse_adapter_config(path / "adapter_config.json", _read_json(path / "adapter_config.json"))
             raise ModelError(f"{spec}: directory has no config.json; point MODEL at a transformers model directory")
         return ModelSource(spec, "local", spec, _config_from_file(path / "config.json"), path=path)
     entry = _catalog_lookup(spec)
@@ -102,10 +104,21 @@ def _config_from_file(path: Path) -> Any:
     """Read a config.json through its config class, which decodes what transformers encodes (e.g. infinities)."""
     from transformers import CONFIG_MAPPING
 
-    model_type = _read_json(path).get("model_type")
+    data = _read_json(path)
+    if "peft_type" in data:
+        _refuse_adapter_config(path, data)
+    model_type = data.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise ModelError(f"{path}: model_type {model_type!r} unknown to this transformers; upgrade transformers")
     return CONFIG_MAPPING[model_type].from_json_file(str(path))
+
+
+def _refuse_adapter_config(path: Path, data: dict[str, Any]) -> None:
+    """A PEFT adapter is not a model: say so, and what to pass instead (not "upgrade transformers")."""
+    base = data.get("base_model_name_or_path")
+    instead = f"pass its base model ({base})" if base else "pass its base model"
+    raise ModelError(f"{path} is a PEFT adapter config ({data.get('peft_type')}), not a model config; {instead} as "
+                     "MODEL, and the adapter's directory to `hybridlora eval --adapter`")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -160,7 +160,10 @@ def _planned_params(runs, rank: int) -> Dict[tuple, int]:
         cmap = maps[run.model]
         family = family_named(cmap.family) if cmap.family else None
         try:
-            placement = named_preset(run.placement, family).with_defaults(rank, 2 * rank)
+            # imported runs of the published study name its conditions without the study/ prefix
+            study_name = f"study/{run.placement}"
+            name = study_name if family and run.placement in family.study_presets else run.placement
+            placement = named_preset(name, family).with_defaults(rank, 2 * rank)
         except PlacementError:
             continue  # not a preset name: its count stays unknown (and the report says so)
         out[key] = resolve(placement, cmap).trainable_params

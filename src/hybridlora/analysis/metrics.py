@@ -640,7 +640,9 @@ def _comparison_seed(seed: int, key: tuple) -> int:
 
 
 def _planned_pairs(index: StudyIndex, full: Mapping[str, FullChoice]):
-    """Yield ``(row identity, reference, cell_a, cell_b)`` for every planned comparison."""
+    """Yield ``(row identity, reference, cell_a, cell_b)`` for every planned comparison: each fine-tuned cell vs
+    base and vs the full placement, then (reference ``"pair"``) every other pair of placements of one model ×
+    train domain × seed × benchmark, ``placement_a`` the one listed first in the index (fewer parameters)."""
     for key in _ordered_cell_keys(index):
         model, placement, domain, seed, bench = key
         if placement == BASE:
@@ -651,6 +653,26 @@ def _planned_pairs(index: StudyIndex, full: Mapping[str, FullChoice]):
         if ref is not None and ref != placement:
             yield (dict(ident, placement_b=ref), "full", index.cells[key],
                    index.cell(model, ref, domain, seed, bench))
+    yield from _placement_pairs(index, full)
+
+
+def _placement_pairs(index: StudyIndex, full: Mapping[str, FullChoice]):
+    """Every pair of fine-tuned placements within model × train domain × seed × benchmark whose cells both exist,
+    except the pairs with the full placement (already compared, reference ``"full"``)."""
+    for key in _ordered_cell_keys(index):
+        model, placement_a, domain, seed, bench = key
+        if placement_a == BASE:
+            continue
+        places = index.placements[model]
+        for placement_b in places[places.index(placement_a) + 1:]:
+            if full[model].placement in (placement_a, placement_b):
+                continue
+            cell_b = index.cell(model, placement_b, domain, seed, bench)
+            if cell_b is None:
+                continue  # that run did not evaluate this benchmark (or does not exist): nothing was planned
+            ident = {"model": model, "train_domain": domain, "benchmark": bench, "placement_a": placement_a,
+                     "placement_b": placement_b, "seed": seed}
+            yield ident, "pair", index.cells[key], cell_b
 
 
 def _gap_reason(cell_a, cell_b) -> str:
@@ -666,15 +688,18 @@ def _gap_reason(cell_a, cell_b) -> str:
 def paired_comparisons(index: StudyIndex, full: Mapping[str, FullChoice], *, resamples: int = 10_000,
                        seed: int = 0, progress: Optional[Callable[[Iterable], Iterable]] = None
                        ) -> Tuple[List[dict], List[dict]]:
-    """Paired bootstrap and exact McNemar of each fine-tuned cell vs base and vs full.
+    """Paired bootstrap and exact McNemar of each fine-tuned cell vs base and vs full, and of every other pair
+    of placements of one model × train domain × seed × benchmark.
 
     Pairs are the example ids scored in both cells, nothing else. Output ``(rows, gaps)``.
     ``rows`` keys: ``model, train_domain, benchmark, placement_a, placement_b, n_shared,
     mean_diff, ci_low, ci_high`` (pp, ``a - b``, percentile 95% interval of ``resamples``
-    replicates), ``seed``, ``reference`` (``"base"``/``"full"``), ``b01`` (a wrong, b right),
-    ``b10`` (a right, b wrong), ``mcnemar_p``, ``p_holm`` (Holm over every row of the same
-    model). ``gaps``: the comparisons that could not be made, keys ``model, train_domain,
-    benchmark, placement_a, placement_b, seed, reason``. ``progress`` optionally wraps the
+    replicates), ``seed``, ``reference`` (``"base"``/``"full"``/``"pair"``), ``b01`` (a wrong, b right),
+    ``b10`` (a right, b wrong), ``mcnemar_p``, ``p_holm`` and ``holm_family``: Holm over every base/full row of
+    the same model (family ``"model"``), and over the placement pairs of the same model × train domain × seed ×
+    benchmark (family ``"model x domain x benchmark"``, the comparisons a report shows side by side), so adding
+    the pairs leaves the base/full adjustment as it was. ``gaps``: the comparisons that could not be made, keys
+    ``model, train_domain, benchmark, placement_a, placement_b, seed, reason``. ``progress`` optionally wraps the
     work list (e.g. ``tqdm``).
     """
     plan = list(_planned_pairs(index, full))
@@ -691,14 +716,32 @@ def paired_comparisons(index: StudyIndex, full: Mapping[str, FullChoice], *, res
                      "placement_a": ident["placement_a"], "placement_b": ident["placement_b"],
                      "n_shared": boot.n_shared, "mean_diff": PP * boot.mean_diff, "ci_low": PP * boot.ci_low,
                      "ci_high": PP * boot.ci_high, "seed": ident["seed"], "reference": reference,
-                     "b01": test.b01, "b10": test.b10, "mcnemar_p": test.p_value, "p_holm": None})
-    _holm_by_model(rows, "mcnemar_p")
+                     "b01": test.b01, "b10": test.b10, "mcnemar_p": test.p_value, "p_holm": None,
+                     "holm_family": _holm_family(reference)})
+    _holm_by_family(rows, "mcnemar_p")
     return rows, gaps
 
 
-def _holm_by_model(rows: List[dict], p_key: str) -> None:
-    """Fill ``p_holm`` in place: Holm over the rows of one model that have a p-value."""
-    for _, group in _group(rows, ("model",)).items():
+PAIR_FAMILY = "model x domain x benchmark"
+
+
+def _holm_family(reference: str) -> str:
+    return PAIR_FAMILY if reference == "pair" else "model"
+
+
+def _holm_by_family(rows: List[dict], p_key: str) -> None:
+    """Fill ``p_holm`` in place: Holm over the rows of one family that have a p-value. A row's family: its
+    model (comparisons with base and the full placement), or its model × train domain × seed × benchmark
+    (placement pairs; rows without a ``seed`` key, as over seeds, group without it)."""
+    def family(r: dict) -> tuple:
+        if r["reference"] != "pair":
+            return ("model", r["model"])
+        return ("pair", r["model"], r["train_domain"], r.get("seed"), r["benchmark"])
+
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault(family(r), []).append(r)
+    for group in groups.values():
         with_p = [r for r in group if r[p_key] is not None]
         for r, adj in zip(with_p, holm([r[p_key] for r in with_p])):
             r["p_holm"] = adj
@@ -711,7 +754,8 @@ def seed_comparisons(paired_rows: Sequence[dict]) -> List[dict]:
     ``reference, k_seeds, mean_diff`` (pp, mean of per-seed ``mean_diff``), ``seed_ci_low,
     seed_ci_high`` (t interval over seeds, ``None`` for one seed), ``t_p`` (two-sided
     one-sample t-test of the per-seed differences against 0; ``None`` for fewer than 2 seeds
-    or zero spread), ``p_holm`` (Holm over the rows of one model with a ``t_p``).
+    or zero spread), ``p_holm`` and ``holm_family`` (Holm over the rows of one family with a ``t_p``; families
+    as in :func:`paired_comparisons`).
     """
     keys = ("model", "train_domain", "benchmark", "placement_a", "placement_b")
     groups = _group(paired_rows, keys)
@@ -725,8 +769,9 @@ def seed_comparisons(paired_rows: Sequence[dict]) -> List[dict]:
         if len(diffs) > 1 and float(np.std(diffs)) > 0:
             p = float(_sps.ttest_1samp(diffs, 0.0).pvalue)
         out.append(dict(zip(keys, key), reference=group[0]["reference"], k_seeds=len(diffs), mean_diff=mean,
-                        seed_ci_low=low, seed_ci_high=high, t_p=p, p_holm=None))
-    _holm_by_model(out, "t_p")
+                        seed_ci_low=low, seed_ci_high=high, t_p=p, p_holm=None,
+                        holm_family=_holm_family(group[0]["reference"])))
+    _holm_by_family(out, "t_p")
     return out
 
 

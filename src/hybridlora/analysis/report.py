@@ -72,12 +72,15 @@ DEFINITIONS: List[Tuple[str, str]] = [
     ("Practitioner recipe", f"Per (model, train domain): among placements whose mean accuracy is at least "
                             f"{RECIPE_FRACTION:.0%} of the full placement's, the one with the fewest trainable "
                             f"parameters."),
-    ("Paired bootstrap", "Per fine-tuned cell vs the base cell, and vs the full placement's cell of the same "
-                         "train domain and seed: the mean difference a - b over the example ids scored in both "
-                         "(never unshared ids), with the percentile 95% interval of seeded resamples of those "
-                         "pairs."),
+    ("Paired bootstrap", "Per fine-tuned cell vs the base cell (reference 'base'), vs the full placement's cell "
+                         "of the same train domain and seed ('full'), and vs every other placement of the same "
+                         "model, train domain, seed and benchmark ('pair'): the mean difference a - b over the "
+                         "example ids scored in both (never unshared ids), with the percentile 95% interval of "
+                         "seeded resamples of those pairs."),
     ("McNemar / Holm", "Exact two-sided McNemar test on the same pairs (b01 = a wrong & b right, b10 = a right & "
-                       "b wrong); p_holm = Holm-Bonferroni adjustment over every comparison of the same model."),
+                       "b wrong); p_holm = Holm-Bonferroni adjustment within the comparison's family "
+                       "(holm_family): every base/full comparison of the same model, or every placement pair of "
+                       "the same model, train domain, seed and benchmark."),
     ("Over seeds", "With several seeds: mean and Student-t 95% interval of the per-seed values; the seed "
                    "comparison table adds a one-sample t-test of the per-seed differences, Holm-adjusted per "
                    "model."),
@@ -127,11 +130,11 @@ TABLE_COLUMNS: Dict[str, List[Tuple[str, str]]] = {
                          ("placement_a", "text"), ("placement_b", "text"), ("n_shared", "int"),
                          ("mean_diff", "pp"), ("ci_low", "pp"), ("ci_high", "pp"), ("seed", "int"),
                          ("reference", "text"), ("b01", "int"), ("b10", "int"), ("mcnemar_p", "p"),
-                         ("p_holm", "p")],
+                         ("p_holm", "p"), ("holm_family", "text")],
     "seed_comparisons": [("model", "text"), ("train_domain", "text"), ("benchmark", "text"),
                          ("placement_a", "text"), ("placement_b", "text"), ("reference", "text"),
                          ("k_seeds", "int"), ("mean_diff", "pp"), ("seed_ci_low", "pp"), ("seed_ci_high", "pp"),
-                         ("t_p", "p"), ("p_holm", "p")],
+                         ("t_p", "p"), ("p_holm", "p"), ("holm_family", "text")],
     "comparison_gaps": [("model", "text"), ("train_domain", "text"), ("benchmark", "text"),
                         ("placement_a", "text"), ("placement_b", "text"), ("seed", "int"), ("reason", "text")],
     "params": [("model", "text"), ("placement", "text"), ("trainable_params", "params")],
@@ -170,9 +173,10 @@ def _tables(t: StudyTables) -> List[_Table]:
         ("recipe", "Practitioner recipe", f"Smallest placement within {RECIPE_FRACTION:.0%} of the full "
          "placement's mean accuracy.", t.recipe),
         ("paired_bootstrap", "Paired comparisons", "Paired bootstrap (pp, a - b) and exact McNemar on shared "
-         "scored ids; p_holm over all comparisons of one model.", t.paired),
+         "scored ids, vs base, vs the full placement and between every pair of placements; p_holm within "
+         "holm_family.", t.paired),
         ("seed_comparisons", "Paired comparisons over seeds", "Mean of per-seed differences, t interval and "
-         "t-test over seeds; p_holm per model.", t.seed_comparisons),
+         "t-test over seeds; p_holm within holm_family.", t.seed_comparisons),
         ("comparison_gaps", "Comparisons not made", "Planned comparisons without scored shared examples.",
          t.comparison_gaps),
         ("params", "Trainable parameters", "Per placement (empty = unknown).", t.params),
@@ -407,6 +411,25 @@ def _significant(t: StudyTables, alpha: float = 0.05) -> List[dict]:
     return sorted(rows, key=lambda r: -abs(r["mean_diff"]))[:_SIGNIFICANT_LIMIT]
 
 
+def _target_pairs(t: StudyTables) -> List[dict]:
+    """Placement-vs-placement rows on each train domain's own benchmarks: the contrasts a study's headline
+    discusses ("on GSM8K, after GSM8K training, attention beats SSM"); every pair is in the CSV."""
+    targets = {(r["model"], r["train_domain"], r["benchmark"]) for r in t.deltas if r["target"]}
+    rows = [r for r in t.paired if r["reference"] in ("pair", "full")
+            and (r["model"], r["train_domain"], r["benchmark"]) in targets]
+    order = {m: i for i, m in enumerate(t.index.models)}
+    return sorted(rows, key=lambda r: (order.get(r["model"], 0), r["train_domain"], r["benchmark"],
+                                       -abs(r["mean_diff"])))
+
+
+_PAIR_COLUMNS = [("model", "text"), ("train_domain", "text"), ("benchmark", "text"), ("placement_a", "text"),
+                 ("placement_b", "text"), ("seed", "int"), ("n_shared", "int"), ("mean_diff", "pp"),
+                 ("ci_low", "pp"), ("ci_high", "pp"), ("mcnemar_p", "p"), ("p_holm", "p")]
+_PAIR_INTRO = ("Every pair of placements on each training domain's own benchmark(s), largest difference first: "
+               "a - b in pp on shared example ids, 95% paired-bootstrap interval, exact McNemar p and its Holm "
+               "adjustment within the model x domain x benchmark family (pairs with the full placement are "
+               "adjusted with the model's base/full comparisons). Other benchmarks: tables/paired_bootstrap.csv.")
+
 _SIG_COLUMNS = [("model", "text"), ("train_domain", "text"), ("benchmark", "text"), ("placement_a", "text"),
                 ("placement_b", "text"), ("seed", "int"), ("n_shared", "int"), ("mean_diff", "pp"),
                 ("ci_low", "pp"), ("ci_high", "pp"), ("p_holm", "p")]
@@ -446,6 +469,9 @@ def _markdown(results: StudyResults, t: StudyTables, figs: FigureSet, gen: dict)
             "Percentage points on shared example ids; 95% paired-bootstrap interval; Holm-adjusted McNemar p.", ""]
     key = _key_deltas(t)
     out += [_md_table(_KEY_DELTA_COLUMNS, key) if key else "_No target benchmarks in these results._", ""]
+    pairs = _target_pairs(t)
+    if pairs:
+        out += ["## Placement vs placement (target benchmarks)", "", _PAIR_INTRO, "", _md_table(_PAIR_COLUMNS, pairs), ""]
     out += ["## Target vs non-target effect and forgetting", "", _md_table(_EFFECT_COLUMNS, t.domain_effects), ""]
     sig = _significant(t)
     out += [f"## Largest significant differences (Holm p < 0.05, top {_SIGNIFICANT_LIMIT})", "",
@@ -530,6 +556,10 @@ def _html(results: StudyResults, t: StudyTables, figs: FigureSet, tables: List[_
     p.append("<h2>Key deltas vs base (target benchmarks)</h2><p>Percentage points on shared example ids; 95% "
              "paired-bootstrap interval; Holm-adjusted McNemar p.</p>"
              + (_html_table(_KEY_DELTA_COLUMNS, key) if key else "<p>No target benchmarks in these results.</p>"))
+    pairs = _target_pairs(t)
+    if pairs:
+        p.append(f"<h2>Placement vs placement (target benchmarks)</h2><p>{_h(_PAIR_INTRO)}</p>"
+                 f"<details><summary>{len(pairs)} comparisons</summary>{_html_table(_PAIR_COLUMNS, pairs)}</details>")
     p.append("<h2>Target vs non-target effect and forgetting</h2>" + _html_table(_EFFECT_COLUMNS, t.domain_effects))
     sig = _significant(t)
     p.append(f"<h2>Largest significant differences (Holm p &lt; 0.05, top {_SIGNIFICANT_LIMIT})</h2>"

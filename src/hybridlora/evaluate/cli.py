@@ -122,6 +122,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if texts is not None:
         print(f"perplexity {ppl['perplexity']:.3f}  (mean token log-prob {ppl['mean_token_logprob']:.4f}, "
               f"{ppl['tokens']} tokens)")
+    for summary in results.values():  # each note once, under the results (also in <benchmark>.summary.json)
+        if summary.get("fewshot_note"):
+            print(f"note: {summary['fewshot_note']}", file=sys.stderr)
     print(f"results in {output} (protocol {args.protocol})", file=sys.stderr)
     return 0
 

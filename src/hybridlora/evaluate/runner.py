@@ -18,7 +18,6 @@ import json
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Sequence
@@ -175,9 +174,7 @@ def evaluate_benchmark(lm: CausalLM, name: str, *, data_dir: str | Path | None =
         # Trimmed shots change what is measured: say so, never silently.
         summary["fewshot_note"] = (f"{name}: prompts kept {kept:.1f} of {module.NUM_FEWSHOT} few-shot examples on "
                                    f"average (context limit {lm.max_length} tokens); raise the max length to keep more")
-        warnings.warn(summary["fewshot_note"], stacklevel=2)
-        if progress:
-            tqdm.write("note: " + summary["fewshot_note"])
+        # The caller shows it once (eval: under the results; study: in its end summary), not as a Python warning.
     return finish_benchmark(name, summary, records, output_dir)
 
 

@@ -39,28 +39,65 @@ def generic_preset(name: str) -> Placement:
     return Placement(name=name, targets=targets, description=GENERIC_DESCRIPTIONS[name])
 
 
+STUDY_PREFIX = "study/"
+"""Study conditions are named ``study/<name>``: a generic preset and a study condition never share a name
+(Falcon-H1's study ``attention_only`` adapts q, k, v; the generic one q, k, v, o)."""
+
+
+def looks_like_placement_file(item: str) -> bool:
+    """A command-line placement that names a file rather than a preset (``study/x`` is a preset)."""
+    import os
+
+    return item.endswith((".yaml", ".yml")) or (os.sep in item and not item.startswith(STUDY_PREFIX))
+
+
 def study_preset(family: Family, name: str) -> Placement:
+    """The study condition ``name`` (with or without the ``study/`` prefix), named ``study/<name>``."""
+    name = name.removeprefix(STUDY_PREFIX)
     roles_by_component = family.study_presets[name]
     targets = tuple(
         Target(components=(component,), roles=None if roles == ["*"] else tuple(roles))
         for component, roles in roles_by_component.items()
     )
-    return Placement(name=name, targets=targets, description=f"study condition ({family.name})")
+    return Placement(name=STUDY_PREFIX + name, targets=targets,
+                     description=f"study condition ({family.name}): {_describe(roles_by_component)}")
+
+
+def _describe(roles_by_component: dict[str, list[str]]) -> str:
+    return "; ".join(f"{c} {'all roles' if r == ['*'] else ', '.join(r)}" for c, r in roles_by_component.items())
+
+
+def study_names(family: Family | None) -> list[str]:
+    return [STUDY_PREFIX + n for n in family.study_presets] if family else []
 
 
 def preset_names(family: Family | None) -> list[str]:
-    return list(GENERIC_PRESETS) + (list(family.study_presets) if family else [])
+    """Every name a placement may be given for this family, each once: generic presets, then study conditions."""
+    return list(GENERIC_PRESETS) + study_names(family)
 
 
 def named_preset(name: str, family: Family | None) -> Placement:
-    if family is not None and name in family.study_presets:
-        return study_preset(family, name)
+    """A generic preset, or a study condition (``study/<name>``; a study-only name such as ``softmax_only`` is
+    accepted without the prefix, since it cannot mean anything else)."""
     if name in GENERIC_PRESETS:
         return generic_preset(name)
-    raise PlacementError(
-        f"unknown placement {name!r}; presets for this model: {', '.join(preset_names(family))} "
-        "(or pass a placement YAML file)"
-    )
+    bare = name.removeprefix(STUDY_PREFIX)
+    if family is not None and bare in family.study_presets:
+        return study_preset(family, bare)
+    raise PlacementError(_unknown_message(name, family))
+
+
+def _unknown_message(name: str, family: Family | None) -> str:
+    import difflib
+
+    candidates = preset_names(family) + ([n for n in family.study_presets if n not in GENERIC_PRESETS]
+                                         if family else [])
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    study = (f"; study conditions ({family.name}): {', '.join(study_names(family))}"
+             if family and family.study_presets else "")
+    return (f"unknown placement {name!r}; {hint}generic presets: {', '.join(GENERIC_PRESETS)}{study} "
+            "(or pass a placement YAML file; `hybridlora presets` lists them)")
 
 
 def preset_group(group: str, family: Family | None) -> list[Placement]:

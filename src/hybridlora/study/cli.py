@@ -12,17 +12,24 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "study", help="run a placement study (model × placement × domain × seed) and write its report",
         description="Run every cell of a study config, resumably, then build the report. With no CONFIG: the "
-                    "demo preset (tiny models, generated data, CPU, a few minutes).")
+                    "demo preset (tiny models, generated data, CPU, about one minute on 2 cores). Ctrl-C stops "
+                    "it; the same command resumes it.")
     p.add_argument("config", nargs="?", default=None,
-                   help=f"a study YAML file or a preset ({', '.join(preset_names())}); default: demo")
+                   help=f"a study YAML file or a preset ({', '.join(preset_names())}); default: demo. With "
+                        "--status: also a study directory")
     p.add_argument("--output", help="study directory (default: the config's `output`, else studies/<name>)")
     p.add_argument("--dry-run", action="store_true", help="print the grid, the number of runs and a rough cost")
     p.add_argument("--only", metavar="KEY=PATTERN,...",
-                   help="run only matching cells, e.g. placement=softmax_only,domain=gsm8k (keys: model, placement, "
+                   help="run only matching cells, e.g. placement=study/softmax_only,domain=gsm8k (keys: model, placement, "
                         "domain, seed, kind); base evaluations of the matching models are kept")
     p.add_argument("--seeds", help="override the config's seeds, e.g. 3407,42,1234")
+    p.add_argument("--add-cells", action="store_true",
+                   help="the --output directory holds a study of another config: add this config's cells to it "
+                        "(its report then covers both); without it such a directory is refused")
     p.add_argument("--no-report", action="store_true", help="run the jobs but do not build the report")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes: only the result line")
+    p.add_argument("--status", action="store_true",
+                   help="show the progress of the study (running or stopped) cell by cell and exit; runs nothing")
     add_threads_option(p)
     p.set_defaults(func=cmd_study)
 
@@ -64,16 +71,74 @@ def cmd_study(args) -> int:
     from .store import StoreError
 
     try:
+        if args.status:
+            return _status(args)
         config = _config(args)
         if args.dry_run:
             dry_run(config, only=args.only)
             return 0
-        run = run_study(config, only=args.only, progress=not args.quiet, report=not args.no_report)
+        if not args.quiet:
+            _code_execution_notice(args, config)
+        try:
+            run = run_study(config, only=args.only, progress=not args.quiet, report=not args.no_report,
+                            add_cells=args.add_cells)
+        except KeyboardInterrupt:
+            return _interrupted(args, config)
     except (StudyConfigError, StoreError, PlacementError, ReportError) as exc:
         raise CliError(str(exc)) from None
+    if not args.quiet:
+        _end_summary(run)
     print(summary_line(run))
     if run.failed:
         for job_id, message in run.failed.items():
             print(f"failed {job_id}: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _status(args) -> int:
+    from pathlib import Path
+
+    from .store import DB_NAME
+    from .summary import status_lines
+
+    if args.output:
+        study_dir = Path(args.output)
+    elif args.config and (Path(args.config) / DB_NAME).is_file():
+        study_dir = Path(args.config)
+    else:
+        study_dir = _config(args).output_dir()
+    for line in status_lines(study_dir):
+        print(line)
+    return 0
+
+
+def _code_execution_notice(args, config) -> None:
+    """The study runs model-generated code (as `eval --confirm-run-unsafe-code` does): say so before it starts."""
+    if config.eval.allow_code_execution and "humaneval" in config.eval.benchmarks:
+        print(f"NOTE: this study RUNS MODEL-GENERATED CODE (HumanEval) in the sandbox, because its config sets "
+              f"eval.allow_code_execution: true ({args.config or 'demo'}); set it to false to leave HumanEval "
+              "unscored (docs/EVALUATION.md: the sandbox)", file=sys.stderr)
+
+
+def _interrupted(args, config) -> int:
+    from .summary import resume_command
+
+    print(f"\ninterrupted: finished cells are kept in {config.output_dir()}; resume with:\n  "
+          f"{resume_command(args.config, config.output_dir(), args.only)}", file=sys.stderr)
+    return 130
+
+
+def _end_summary(run) -> None:
+    """Notes of the cells, once (stderr), then the headline of the report (stdout, above the result line)."""
+    from .summary import cell_notes, headline_lines
+
+    for line in cell_notes(run.study_dir, [j.id for j in run.jobs]):
+        print(line, file=sys.stderr)
+    if run.report:
+        lines = headline_lines(run.report)
+        if lines:
+            print("recommended placement per model and training domain (smallest within 95% of the full "
+                  "placement; gain vs base on the domain's own benchmark, pp, 95% paired-bootstrap interval):")
+            for line in lines:
+                print("  " + line)

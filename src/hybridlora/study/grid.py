@@ -138,7 +138,7 @@ def parse_only(text: str | None) -> dict[str, list[str]]:
         key = key.strip()
         if not sep or key not in _FILTER_KEYS or not pattern.strip():
             raise StudyConfigError(f"--only {part!r}: use key=pattern with key one of {', '.join(_FILTER_KEYS)} "
-                                   "(e.g. --only placement=softmax_only,domain=gsm8k)")
+                                   "(e.g. --only placement=study/softmax_only,domain=gsm8k)")
         wanted.setdefault(key, []).append(pattern.strip())
     return wanted
 

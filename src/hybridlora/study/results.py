@@ -37,6 +37,7 @@ def load_study_results(study_dir: str | Path):
     store = Store(study_dir, create=False)
     try:
         config = store.get("config", {}) or {}
+        added = store.get("added_configs", []) or []  # configs whose cells were added with --add-cells
         jobs = store.jobs()
         records, runs, curves, norms, by_component = [], [], {}, {}, {}
         for job in jobs:
@@ -56,8 +57,13 @@ def load_study_results(study_dir: str | Path):
     finally:
         store.close()
     notes = list(config.get("notes") or [])
-    tiny = [m.get("label") or f"{m['model']} [tiny random]" for m in config.get("models", []) if m.get("tiny")]
-    if config.get("data_dir") == "builtin:demo":
+    tiny = list(dict.fromkeys(m.get("label") or f"{m['model']} [tiny random]"
+                              for c in [config, *added] for m in c.get("models", []) if m.get("tiny")))
+    if added:
+        notes.append(f"This study holds the cells of {1 + len(added)} configs: "
+                     + ", ".join(repr(c.get("name", "?")) for c in [config, *added])
+                     + " (added with --add-cells).")
+    if any(c.get("data_dir") == "builtin:demo" for c in [config, *added]):
         notes.insert(0, DEMO_DATA_NOTE)
     if tiny:
         notes.insert(0, tiny_note(tiny))
@@ -67,8 +73,11 @@ def load_study_results(study_dir: str | Path):
     full = {}
     if config.get("full_placement"):
         full = {m: config["full_placement"] for m in {r.model for r in runs}}
+    title = f"LoRA placement study: {config.get('name', Path(study_dir).name)}"
+    if incomplete:  # said in the title, where no reader can miss it
+        title = f"PARTIAL report ({len(jobs) - len(incomplete)} of {len(jobs)} cells complete) — {title}"
     return StudyResults(
-        records=records, runs=runs, title=f"LoRA placement study: {config.get('name', Path(study_dir).name)}",
+        records=records, runs=runs, title=title,
         notes=notes, full_placement=full, curves=curves, norms=norms, params_by_component=by_component,
         metadata={"config": config, "versions": _versions(), "jobs": len(jobs), "complete": len(jobs) - len(incomplete),
                   "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")},

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,12 +76,15 @@ def prepare(config: StudyConfig, *, only: str | None = None) -> tuple[Path, list
 
 
 def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = True, report: bool = True,
-              log=print) -> StudyRun:
+              add_cells: bool = False, log=print) -> StudyRun:
+    from .ownership import check_owner, register_grid
+
+    adding = check_owner(config.output_dir(), config, filter_jobs(expand_grid(config), parse_only(only)),
+                         add_cells=add_cells)  # before anything is written
     study_dir, jobs = prepare(config, only=only)
-    store = Store(study_dir)
-    store.register(jobs, config.model_dump(mode="json"))
-    _write_config_snapshot(study_dir, config)
-    store.close()
+    register_grid(study_dir, jobs, config)
+    if not adding:
+        _write_config_snapshot(study_dir, config)
     if progress and current_threads():
         tqdm.write(current_threads(), file=sys.stderr)
     run = run_jobs(study_dir, jobs, progress=progress, desc="study")
@@ -175,11 +179,27 @@ def _write_config_snapshot(study_dir: Path, config: StudyConfig) -> None:
 
 
 def build_study_report(study_dir: Path, output: Path | None = None) -> Path:
+    """Build the report under a lock held from reading the database to renaming the report into place: runners
+    finishing in any order then leave the report of the newest state (complete once every cell is), never an
+    older partial one written last."""
     from ..analysis.report import build_report
     from .results import load_study_results
 
-    paths = build_report(load_study_results(study_dir), output or study_dir / "report", progress=False)
+    with _report_lock(study_dir):
+        paths = build_report(load_study_results(study_dir), output or study_dir / "report", progress=False)
     return Path(paths["html"]) if "html" in paths else Path(next(iter(paths.values())))
+
+
+@contextmanager
+def _report_lock(study_dir: Path):
+    import fcntl
+
+    with open(Path(study_dir) / ".report.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def dry_run(config: StudyConfig, *, only: str | None = None, out=print) -> list[Job]:
@@ -291,11 +311,45 @@ def _grid_shape(train: list[Job]) -> str:
 
 
 def _cost_line(config: StudyConfig, jobs: list[Job]) -> str:
+    """A rough cost of what is asked: GPU-hours at the full-size models' measured rates for real checkpoints,
+    CPU-minutes at the demo's measured rate for tiny random-weight stand-ins (never the GPU figure for those)."""
+    tiny = [j for j in jobs if j.spec["model"]["tiny"]]
+    real = [j for j in jobs if not j.spec["model"]["tiny"]]
+    lines = []
+    if real:
+        lines.append(_gpu_cost(config, real))
+    if tiny:
+        lines.append(_tiny_cost(config, tiny))
+    return "\n".join(lines)
+
+
+def _work(config: StudyConfig, jobs: list[Job]) -> tuple[int, int, list[str]]:
+    """(training sequences, evaluation items, benchmarks evaluated on their whole split) of ``jobs``."""
     sequences = sum((j.spec["domain"]["max_examples"] or 0) * config.train.epochs for j in jobs if j.kind == "train")
     full = [b for b, n in config.eval.benchmarks.items() if n is None and not config.eval.limit]
     per_job_q = sum(min(n or 10**9, config.eval.limit or 10**9) for n in config.eval.benchmarks.values()
                     if n is not None or config.eval.limit)
-    questions = per_job_q * len(jobs)
+    return sequences, per_job_q * len(jobs), full
+
+
+# The demo preset, measured (README): 14 jobs, 1,152 training sequences of <= 256 tokens and 2,240 evaluation
+# items in about 52 s on 2 CPU cores, report included; split evenly between training and evaluation.
+_DEMO_S_PER_SEQUENCE_256 = 26.0 / 1152
+_DEMO_S_PER_ITEM = 26.0 / 2240
+
+
+def _tiny_cost(config: StudyConfig, jobs: list[Job]) -> str:
+    sequences, questions, full = _work(config, jobs)
+    seconds = (sequences * _DEMO_S_PER_SEQUENCE_256 * max(1.0, config.train.max_length / 256)
+               + questions * _DEMO_S_PER_ITEM)
+    whole = f" plus the whole split of {', '.join(full)} per job" if full else ""
+    return (f"cost ({len(jobs)} jobs on tiny random-weight models): {sequences:,} training sequences and "
+            f"{questions:,} evaluation items{whole}; ≈ {max(seconds, 1) / 60:,.1f} CPU-minutes on 2 cores at the demo's "
+            "measured rate (52 s for its 14 jobs), no GPU needed")
+
+
+def _gpu_cost(config: StudyConfig, jobs: list[Job]) -> str:
+    sequences, questions, full = _work(config, jobs)
     tokens = sequences * config.train.max_length
     # Rough rates on one H100 from docs/PERFORMANCE.md: the reference (HF fallback) path, and the fast path
     # (1024-token rows through the trainer with graphs and the Triton kernels, ~40k tokens/s for both studied
@@ -303,11 +357,12 @@ def _cost_line(config: StudyConfig, jobs: list[Job]) -> str:
     reference = tokens / 5000 / 3600 + questions * 0.5 / 3600
     fast = tokens / 40000 / 3600 + questions * 0.012 / 3600
     whole = f" plus the whole split of {', '.join(full)} per job" if full else ""
-    return (f"cost: ≤ {sequences:,} training sequences (≤ {tokens/1e6:,.1f}M tokens at max_length "
-            f"{config.train.max_length}) and {questions:,} evaluation items{whole}; on one H100 ≈ {reference:,.1f} "
-            f"GPU-hours at the reference path's rough rates (5k tokens/s, 0.5 s per item), ≈ {fast:,.1f} on the "
-            "fast path (40k tokens/s, 12 ms per item) — upper bounds that count every example at max_length; "
-            "with the study's real lengths the `paper` preset projects to about 0.65 h (docs/PERFORMANCE.md)")
+    return (f"cost ({len(jobs)} jobs on full-size models): ≤ {sequences:,} training sequences (≤ {tokens/1e6:,.1f}M "
+            f"tokens at max_length {config.train.max_length}) and {questions:,} evaluation items{whole}; on one "
+            f"H100 ≈ {reference:,.1f} GPU-hours at the reference path's rough rates (5k tokens/s, 0.5 s per item), "
+            f"≈ {fast:,.1f} on the fast path (40k tokens/s, 12 ms per item) — upper bounds that count every example "
+            "at max_length; with the study's real lengths the `paper` preset projects to about 0.65 h "
+            "(docs/PERFORMANCE.md)")
 
 
 def summary_line(run: StudyRun) -> str:
@@ -319,7 +374,10 @@ def summary_line(run: StudyRun) -> str:
         parts.append(f"{c['failed']} failed (re-run to retry; errors in study.db)")
     if c.get("running"):
         parts.append(f"{c['running']} still running elsewhere")
-    where = f"; report: {run.report}" if run.report else ("; no report (--no-report)" if run.report_skipped
+    if run.report and c.get("complete", 0) < len(run.jobs):
+        where = f"; PARTIAL report (rewritten complete by the runner that finishes the grid; re-run to finish it): {run.report}"
+    else:
+        where = f"; report: {run.report}" if run.report else ("; no report (--no-report)" if run.report_skipped
                                                            else "; no report (no complete job)")
     return ", ".join(parts) + where
 

@@ -136,8 +136,9 @@ class Store:
         self.db.execute("COMMIT")
 
     # ---------------------------------------------------------------- grid
-    def register(self, jobs: list[Job], config: dict | None = None) -> None:
-        """Add the grid's jobs (existing rows, finished or not, are kept) and record it as the current grid."""
+    def register(self, jobs: list[Job], config: dict | None = None, *, grid: list[str] | None = None) -> None:
+        """Add the grid's jobs (existing rows, finished or not, are kept) and record them as the current grid
+        (or record ``grid``, a list of job ids that includes them: a study with cells added by another config)."""
         with self.transaction() as db:
             for position, job in enumerate(jobs):
                 db.execute("INSERT OR IGNORE INTO jobs (id, position, kind, model, placement, train_domain, seed, "
@@ -145,9 +146,13 @@ class Store:
                            (job.id, position, job.kind, job.model, job.placement, job.train_domain, job.seed,
                             json.dumps(job.spec, sort_keys=True)))
                 db.execute("UPDATE jobs SET position = ? WHERE id = ?", (position, job.id))
-            self._set(db, "grid", [j.id for j in jobs])
+            self._set(db, "grid", grid if grid is not None else [j.id for j in jobs])
             if config is not None:
                 self._set(db, "config", config)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.transaction() as db:
+            self._set(db, key, value)
 
     @staticmethod
     def _set(db: sqlite3.Connection, key: str, value: Any) -> None:

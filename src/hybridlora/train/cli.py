@@ -19,6 +19,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="LoRA fine-tuning of a placement on a domain dataset")
     p.add_argument("model", help="catalog name, hub id, local model directory or config.json")
     p.add_argument("--placement", required=True, metavar="NAME|FILE", help="a preset name or a placement YAML file")
+    p.add_argument("--rank", type=int, default=None,
+                   help="default LoRA rank of the placement (default: the placement's own, 16 for presets)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="default LoRA alpha of the placement (default: the placement's own, 32 for presets)")
     p.add_argument("--data", required=True, metavar="gsm8k|codealpaca|chat|PATH|HF_ID",
                    help="a study domain, a local .jsonl/.json/.csv file, or a Hugging Face dataset id")
     p.add_argument("--data-dir", help="the shared data folder (local copies of the domains; needed offline)")
@@ -95,7 +99,7 @@ def _run(args) -> int:
     from ..data import pad_id_of
     from ..families import family_for, family_named
     from ..models import build_model, load_pretrained, resolve_model, text_config, tiny_config
-    from ..placement import load_placement_file, named_preset, resolve
+    from ..placement import load_placement_file, looks_like_placement_file, named_preset, resolve
     from .loop import TrainConfig, bind_kernels, prepare_data, train
     from .packing import batching_line
 
@@ -124,13 +128,17 @@ def _run(args) -> int:
         tokenizer = AutoTokenizer.from_pretrained(str(source.path) if source.path else source.name)
     cmap = build_component_map(model)
     item = args.placement
-    if item.endswith((".yaml", ".yml")) or os.sep in item:
+    if args.rank is not None and args.rank < 1:
+        raise CliError(f"--rank {args.rank}: give a LoRA rank of at least 1, e.g. --rank 16")
+    if args.alpha is not None and not args.alpha > 0:
+        raise CliError(f"--alpha {args.alpha:g}: give a positive LoRA alpha, e.g. --alpha 32")
+    if looks_like_placement_file(item):
         if not Path(item).is_file():
             raise CliError(f"placement file {item} not found")
         placement = load_placement_file(item)
     else:
         placement = named_preset(item, family_named(cmap.family) if cmap.family else None)
-    resolved = resolve(placement, cmap)
+    resolved = resolve(placement.with_defaults(args.rank, args.alpha), cmap)
     config = TrainConfig(epochs=args.epochs, seed=args.seed, max_length=args.max_length,
                          micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum,
                          learning_rate=args.lr, lora_dropout=args.lora_dropout, weight_decay=args.weight_decay,
