@@ -77,11 +77,10 @@ def cmd_study(args) -> int:
         if args.dry_run:
             dry_run(config, only=args.only)
             return 0
-        if not args.quiet:
-            _code_execution_notice(args, config)
+        notice = None if args.quiet else (lambda: _code_execution_notice(args, config))
         try:
             run = run_study(config, only=args.only, progress=not args.quiet, report=not args.no_report,
-                            add_cells=args.add_cells)
+                            add_cells=args.add_cells, on_start=notice)
         except KeyboardInterrupt:
             return _interrupted(args, config)
     except (StudyConfigError, StoreError, PlacementError, ReportError) as exc:

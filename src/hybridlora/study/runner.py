@@ -76,7 +76,9 @@ def prepare(config: StudyConfig, *, only: str | None = None) -> tuple[Path, list
 
 
 def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = True, report: bool = True,
-              add_cells: bool = False, log=print) -> StudyRun:
+              add_cells: bool = False, on_start=None, log=print) -> StudyRun:
+    """Run (or resume) the study; ``on_start`` is called once the inputs have been validated, before any job runs
+    (so that notices are not printed for a command that is about to be refused)."""
     from .ownership import check_owner, register_grid
 
     adding = check_owner(config.output_dir(), config, filter_jobs(expand_grid(config), parse_only(only)),
@@ -87,6 +89,8 @@ def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = 
         _write_config_snapshot(study_dir, config)
     if progress and current_threads():
         tqdm.write(current_threads(), file=sys.stderr)
+    if on_start is not None:
+        on_start()
     run = run_jobs(study_dir, jobs, progress=progress, desc="study")
     run.report_skipped = not report
     if report and run.counts["complete"]:
