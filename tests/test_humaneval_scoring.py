@@ -394,9 +394,12 @@ def test_attacks_are_scored_failed_as_an_ordinary_user(problems, tmp_path):
             warnings.simplefilter("ignore")
             from hybridlora.evaluate.sandbox import run_many, protections
             items = json.load(open({str(folder / 'items.json')!r}))
+            from hybridlora.evaluate.sandbox import run_program
             results = run_many([tuple(i) for i in items], workers=2, timeout_s=10.0)
+            flood = run_program({_DISK_FLOOD!r}, disk_mb=16, timeout_s=20.0)
             print(json.dumps({{"layers": protections(), "results": [[r.passed, r.status, r.detail[:200]]
-                                                                    for r in results]}}))
+                                                                    for r in results],
+                              "flood": [flood.passed, flood.detail]}}))
         """)
         proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c",
                                script], capture_output=True, text=True, timeout=300, cwd=folder,
@@ -410,19 +413,23 @@ def test_attacks_are_scored_failed_as_an_ordinary_user(problems, tmp_path):
     assert canonical[0] is True, canonical  # the set-up can score a pass at all
     passed = {name: r for name, r in zip(ATTACKS, attacks) if r[0]}
     assert passed == {}
+    assert out["flood"][0] is False and "16 MiB allowed in total" in out["flood"][1]  # disk cap without root
 
 
 # ----------------------------------------------------------------------------- disk cap and leftovers
+_DISK_FLOOD = textwrap.dedent("""
+    import sys
+    for i in range(64):
+        with open(f"f{i}.bin", "wb") as handle:
+            handle.write(b"x" * (4 * 1024 * 1024))
+    print("WROTE ALL", file=sys.stderr)
+""")
+
+
 def test_total_bytes_written_are_capped():
-    """64 files of 4 MiB each stay under the per-file limit; the total cap stops the program."""
-    code = textwrap.dedent("""
-        import os
-        for i in range(64):
-            with open(f"f{i}.bin", "wb") as handle:
-                handle.write(b"x" * (4 * 1024 * 1024))
-        import sys; print("WROTE ALL", file=sys.stderr)
-    """)
-    res = sandbox.run_program(code, disk_mb=16, timeout_s=20.0, disable=["mount_namespace"])
+    """64 files of 4 MiB each stay under the per-file limit; the total cap stops the program (the work folder
+    is on the host's disk here, as it is without root)."""
+    res = sandbox.run_program(_DISK_FLOOD, disk_mb=16, timeout_s=20.0, disable=["mount_namespace"])
     assert not res.passed
     assert "16 MiB allowed in total" in res.detail and "WROTE ALL" not in res.detail
 
