@@ -439,14 +439,16 @@ def test_leftover_folders_of_a_killed_run_are_removed_but_not_a_live_runs(tmp_pa
 
     tmp = str(tmp_path)
     stale = Path(tempfile.mkdtemp(prefix="hybridlora-sbx-", dir=tmp))
-    (stale / "lock").touch()
+    (stale / "lock").write_text("12345\n")  # the pid of a run that was killed
     Path(str(stale) + ".work").mkdir()
     (Path(str(stale) + ".work") / "junk").write_bytes(b"x")
     live = Path(tempfile.mkdtemp(prefix="hybridlora-sbx-", dir=tmp))
     Path(str(live) + ".work").mkdir()
     holder = os.open(live / "lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(holder, fcntl.LOCK_EX)
+    os.write(holder, b"1\n")
     fresh_unlocked = Path(tempfile.mkdtemp(prefix="hybridlora-sbx-", dir=tmp))  # just created, lock not yet
+    (fresh_unlocked / "lock").touch()  # created, not yet locked and marked by its run
     old_unlocked = Path(tempfile.mkdtemp(prefix="hybridlora-sbx-", dir=tmp))
     old = time.time() - 3600
     os.utime(old_unlocked, (old, old))

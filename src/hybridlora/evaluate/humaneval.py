@@ -106,8 +106,13 @@ def score_completions(rows: list[dict], problems: dict[str, dict], *, trim: bool
         raise BenchmarkError(f"{len(unknown)} completion(s) for task ids that are not HumanEval problems "
                              f"(e.g. {unknown[0]!r}); task ids look like 'HumanEval/0'")
     executed = [trim_completion(r["completion"], STANDARD_STOP) if trim else r["completion"] for r in rows]
-    results = run_many([(problems[r["task_id"]], code) for r, code in zip(rows, executed)],
-                       workers=workers, timeout_s=timeout_s)
+    items = [(problems[r["task_id"]], code) for r, code in zip(rows, executed)]
+    results = run_many(items, workers=workers, timeout_s=timeout_s)
+    # "error" is the sandbox's own failure, never the candidate's doing: run those once more. What
+    # stays an error counts as not passed (a completion must not escape scoring by causing one).
+    again = [i for i, res in enumerate(results) if res.status == "error"]
+    for i, res in zip(again, run_many([items[i] for i in again], workers=workers, timeout_s=timeout_s)):
+        results[i] = res
     records = []
     for index, (row, code, res) in enumerate(zip(rows, executed, results)):
         records.append({"benchmark": NAME, "example_id": str(row.get("example_id", row["task_id"])), "index": index,

@@ -1,5 +1,12 @@
 """Sandboxed execution of untrusted, model-generated Python code (HumanEval pass@1).
 
+HumanEval (:func:`run_humaneval`): only the candidate function runs in here.  The sandboxed worker
+loads prompt + completion and then serves calls of the entry point on its stdin/stdout (a pipe);
+the problem's tests run in a separate *trusted* process (``trusted_check.py``) that calls the
+candidate through that pipe, where only plain data crosses (``plain_data.py``), and that alone
+decides "passed".  Nothing the completion does in the sandbox can produce a pass.
+:func:`run_program` (passed = exit status 0) is for general programs, not for scoring.
+
 Every program runs in its own short-lived process tree, built by a small *launcher* (this
 very file run as a script: ``python -I -S sandbox.py --hybridlora-sandbox-launch CONFIG``)::
 
@@ -1214,11 +1221,12 @@ def _remove_stale_dirs(tmp: str | None = None) -> int:
     """Remove ``hybridlora-sbx-*`` folders left by a killed evaluation (once per process).
 
     Each run's private folder holds a ``lock`` file that its evaluation process keeps locked
-    (flock) for the whole run; the kernel drops the lock when that process dies, however it
-    dies. A folder whose lock can be taken is stale; a live run's folder is never touched.
-    Folders without a lock (the instant between creating one and locking it, or made by an
-    older version) are removed only when older than a minute. Only folders owned by this user
-    (the work folder may belong to a sandbox uid) are considered.
+    (flock) for the whole run and then writes its pid into; the kernel drops the lock when that
+    process dies, however it dies. A folder whose lock can be taken and whose lock file holds a
+    pid is stale; a live run's folder is never touched. An empty or missing lock file (the
+    instant between creating the folder and locking it, or a folder made by an older version)
+    counts as stale only when the folder is older than a minute. Only folders owned by this
+    user (the work folder may belong to a sandbox uid) are considered.
     """
     tmp = tmp or tempfile.gettempdir()
     removed = 0
@@ -1257,6 +1265,8 @@ def _remove_stale_dirs(tmp: str | None = None) -> int:
         try:
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not os.fstat(fd).st_size and now - info.st_mtime < _STALE_AFTER_S:
+                    continue  # created but not locked yet by its (live) run
         except OSError:
             continue  # a live run holds it
         else:
@@ -1380,6 +1390,7 @@ def _run_checked(program: str, *, timeout_s: float, memory_mb: int, strict_exit:
         # held for the whole run: a later evaluation process leaves this run's folders alone
         lock_fd = os.open(os.path.join(private, _LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        os.write(lock_fd, b"%d\n" % os.getpid())  # marks the lock as taken (see _remove_stale_dirs)
         workdir = private + ".work"  # fallback cwd without mount ns
         os.mkdir(workdir, 0o700)
         if uid is not None:
