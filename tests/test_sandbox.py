@@ -138,10 +138,10 @@ def test_passing_and_failing_programs():
 
 
 def test_humaneval_program_layout():
+    # the sandboxed worker loads the prompt and the completion only; the tests stay with the trusted checker
     program = humaneval_program(PROBLEM, "    return a + b\n")
-    assert program.startswith(PROBLEM["prompt"] + "    return a + b\n")
-    assert PROBLEM["test"] in program
-    assert program.rstrip().endswith("check(add)")
+    assert program == PROBLEM["prompt"] + "    return a + b\n\n"
+    assert "check" not in program
     assert run_humaneval(PROBLEM, PROBLEM["canonical_solution"]).passed
 
 
@@ -375,12 +375,31 @@ def test_writes_outside_the_workdir_do_not_reach_the_host(prot, tmp_path, disabl
         os.rmdir(open_dir)
 
 
-def test_caller_files_are_not_readable(prot):
+def test_caller_files_are_not_readable(prot, tmp_path):
+    """Wherever the checkout is: a file outside /tmp is refused (PermissionError); one under /tmp may
+    instead be hidden by the sandbox's private /tmp (FileNotFoundError). Either way nothing is read."""
     if not active(prot) & {"uid_drop", "landlock_fs"}:
         pytest.skip("neither a uid drop nor Landlock is active")
-    res = hostile(f"print(open({os.path.abspath(__file__)!r}).read()[:50])\n")
+    secret = "s3cr3t-" + uuid.uuid4().hex
+    secret_file = tmp_path / "secret.txt"
+    secret_file.write_text(secret)
+    secret_file.chmod(0o600)
+    targets = [os.path.abspath(__file__), str(secret_file)]
+    assert all(os.path.isfile(t) for t in targets)
+    res = hostile(f"""
+    import sys
+    for target in {targets!r}:
+        try:
+            with open(target) as handle:
+                print("READ", target, handle.read()[:80], file=sys.stderr)
+        except OSError as exc:
+            print("blocked", type(exc).__name__, target, file=sys.stderr)
+    """)
     assert_not_passed(res, "failed")
-    assert "PermissionError" in res.detail
+    assert secret not in res.detail and "READ" not in res.detail, res.detail
+    for target in targets:
+        assert (f"blocked PermissionError {target}" in res.detail
+                or f"blocked FileNotFoundError {target}" in res.detail), res.detail
 
 
 def test_host_tmp_is_invisible_with_mount_namespace(prot):
@@ -533,20 +552,3 @@ def test_subprocess_and_ctypes_are_blocked():
     res = hostile("import ctypes\n")
     assert_not_passed(res, "failed")
     assert "ImportError" in res.detail or "ModuleNotFoundError" in res.detail
-
-
-# ----------------------------------------------------------------------------- HumanEval
-def test_all_canonical_humaneval_solutions_pass(data_dir):
-    path = data_dir / "humaneval" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        problems = [json.loads(line) for line in handle if line.strip()]
-    assert len(problems) == 164
-    start = time.monotonic()
-    results = run_many([(p, p["canonical_solution"]) for p in problems], timeout_s=10.0)
-    elapsed = time.monotonic() - start
-    failures = {p["task_id"]: r for p, r in zip(problems, results) if not r.passed}
-    assert failures == {}
-    print(f"164 canonical HumanEval solutions passed in {elapsed:.1f}s ({os.cpu_count()} cores)")
-    # A wrong completion for the same problems is caught.
-    wrong = run_many([(p, "    return None\n") for p in problems[:8]])
-    assert not any(r.passed for r in wrong)

@@ -38,6 +38,13 @@ def register(subparsers) -> None:
     p.add_argument("--plan-params", type=int, metavar="RANK",
                    help="fill missing parameter counts by planning each placement (a preset name of the model's "
                         "family) at this LoRA rank on the model's exact architecture, e.g. 16 for the published study")
+    p.add_argument("--score-code", action="store_true",
+                   help="with --import: execute the HumanEval completions the results left unscored (in the "
+                        "sandbox, cut at the standard stop sequences) and report their pass@1, labelled as scored "
+                        "by hybridlora; this runs model-written code")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="with --score-code: local data laid out like shared/data, for the HumanEval problems "
+                        "(else $HYBRIDLORA_DATA, else the Hugging Face hub)")
     p.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
                    help=f"paired-bootstrap resamples (default {DEFAULT_RESAMPLES})")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
@@ -45,7 +52,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_report)
 
 
-def _load_imported(path: Path):
+def _load_imported(path: Path, args: argparse.Namespace):
+    """(StudyResults, extra report files) of imported results; with --score-code, HumanEval executed."""
     from hybridlora.errors import CliError
 
     from .importer import ResultsFormatError, detect_format, load_results
@@ -60,7 +68,20 @@ def _load_imported(path: Path):
         raise CliError(str(exc)) from None
     metadata = {"source": str(path.resolve()), "layout": layout,
                 "imported": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
-    return from_result_set(result_set, metadata=metadata)
+    if not args.score_code:
+        return from_result_set(result_set, metadata=metadata), {}
+    from .code_scoring import SCORED_FILE, CodeScoringError, relabel_targets, score_imported_humaneval
+
+    try:
+        result_set, outcomes, note = score_imported_humaneval(result_set, data_dir=args.data_dir,
+                                                              progress=not args.no_progress)
+    except CodeScoringError as exc:
+        raise CliError(str(exc)) from None
+    metadata["humaneval_scored_by"] = "hybridlora report --score-code"
+    results = from_result_set(result_set, metadata=metadata, notes=[note])
+    results.target_benchmarks = relabel_targets(results.target_benchmarks)
+    extra = {SCORED_FILE: "".join(json.dumps(row) + "\n" for row in outcomes).encode("utf-8")}
+    return results, extra
 
 
 def _load_study(path: Path):
@@ -185,9 +206,12 @@ def run_report(args: argparse.Namespace) -> int:
         if not args.output:
             raise CliError("report --import needs --output OUT")
         source = Path(args.import_dir)
-        results = _load_imported(source)
+        results, extra_files = _load_imported(source, args)
         output = Path(args.output)
     else:
+        if args.score_code:
+            raise CliError("--score-code works with --import DIR (a study made by hybridlora scores HumanEval itself)")
+        extra_files = {}
         source = Path(args.study_dir)
         results = _load_study(source)
         output = Path(args.output) if args.output else source / "report"
@@ -196,7 +220,7 @@ def run_report(args: argparse.Namespace) -> int:
     results = _apply_options(results, args)
     try:
         paths = build_report(results, output, resamples=args.resamples, seed=args.seed,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, extra_files=extra_files)
     except ReportError as exc:
         raise CliError(str(exc)) from None
     print(paths["report.html"])

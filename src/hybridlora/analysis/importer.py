@@ -19,7 +19,7 @@ import gzip
 import json
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -72,6 +72,9 @@ class ResultSet:
 
     runs: List[RunInfo]
     records: List[InstanceRecord]
+    completions: Dict[tuple, dict] = field(default_factory=dict)
+    """Generated code of the rows that carry it (HumanEval): ``(model, placement, train_domain, seed,
+    benchmark, example_id) -> {"task_id", "completion"}``, for :mod:`.code_scoring` to execute."""
 
 
 # --------------------------------------------------------------------------- shared JSONL
@@ -126,9 +129,11 @@ def _parse_correct(obj: dict, where: str) -> Optional[bool]:
 
 
 def _read_cell(
-    path: Path, *, model: str, placement: str, train_domain: str, seed: Optional[int], benchmark: str
+    path: Path, *, model: str, placement: str, train_domain: str, seed: Optional[int], benchmark: str,
+    completions: Optional[Dict[tuple, dict]] = None,
 ) -> List[InstanceRecord]:
-    """Read one JSONL file of one run on one benchmark into records."""
+    """Read one JSONL file of one run on one benchmark into records (and, into ``completions``, the
+    ``task_id``/``completion`` of rows that have both)."""
     records: List[InstanceRecord] = []
     seen: Dict[str, int] = {}
     for lineno, obj in _iter_json_lines(path):
@@ -139,6 +144,9 @@ def _read_cell(
         if eid in seen:
             raise ResultsFormatError(f"{where}: duplicate example_id {eid!r} (first on line {seen[eid]})")
         seen[eid] = lineno
+        if completions is not None and isinstance(obj.get("task_id"), str) and isinstance(obj.get("completion"), str):
+            completions[(model, placement, train_domain, seed, benchmark, eid)] = {
+                "task_id": obj["task_id"], "completion": obj["completion"]}
         row_bench = obj.get("benchmark")
         if row_bench is not None and row_bench != benchmark:
             raise ResultsFormatError(
@@ -223,6 +231,7 @@ def load_generic(path: PathLike) -> ResultSet:
     entries = _load_manifest(root)
     runs: List[RunInfo] = []
     records: List[InstanceRecord] = []
+    completions: Dict[tuple, dict] = {}
     seen_runs: Dict[tuple, int] = {}
     for i, entry in enumerate(entries):
         where = f"{mpath}: runs[{i}]"
@@ -253,10 +262,11 @@ def load_generic(path: PathLike) -> ResultSet:
                     train_domain=info.train_domain,
                     seed=info.seed,
                     benchmark=bench,
+                    completions=completions,
                 )
             )
         runs.append(info)
-    return ResultSet(runs=runs, records=records)
+    return ResultSet(runs=runs, records=records, completions=completions)
 
 
 # --------------------------------------------------------------------------- published layout
@@ -352,15 +362,17 @@ def load_published(
     parsed.sort(key=order)
     runs: Dict[tuple, RunInfo] = {}
     records: List[InstanceRecord] = []
+    completions: Dict[tuple, dict] = {}
     for p, n in parsed:
         model = model_names[n.model_key]
         domain = BASE if n.train_dataset == BASE else train_domains[n.train_dataset]
         run = RunInfo(model=model, placement=n.condition, train_domain=domain, seed=n.seed)
         runs.setdefault(run.key, run)
         records.extend(
-            _read_cell(p, model=model, placement=n.condition, train_domain=domain, seed=n.seed, benchmark=n.benchmark)
+            _read_cell(p, model=model, placement=n.condition, train_domain=domain, seed=n.seed, benchmark=n.benchmark,
+                       completions=completions)
         )
-    return ResultSet(runs=list(runs.values()), records=records)
+    return ResultSet(runs=list(runs.values()), records=records, completions=completions)
 
 
 # --------------------------------------------------------------------------- entry points

@@ -661,14 +661,15 @@ def _write_all(tmp: Path, results: StudyResults, t: StudyTables, figs: FigureSet
 
 
 def build_report(results: StudyResults, output_dir: PathLike, *, resamples: int = 10_000, seed: int = 0,
-                 progress: bool = True) -> Dict[str, Path]:
+                 progress: bool = True, extra_files: Optional[Dict[str, bytes]] = None) -> Dict[str, Path]:
     """Compute, draw and write the whole report into ``output_dir`` atomically.
 
     Inputs: the :class:`StudyResults`; the output directory (created, or replaced if it holds
     an earlier report); ``resamples`` and ``seed`` of the paired bootstrap; ``progress``
     shows a progress bar on stderr. Output: ``{relative path: final Path}`` for every file
     written, e.g. ``"report.html"``, ``"report.md"``, ``"tables/accuracy.csv"``,
-    ``"figures/<name>.png"``, plus the aliases ``"html"`` and ``"markdown"``. Raises
+    ``"figures/<name>.png"``, plus the aliases ``"html"`` and ``"markdown"``; ``extra_files``
+    (relative path -> bytes, e.g. per-instance outcomes) are written alongside. Raises
     :class:`ReportError` when there are no records or the
     output location is unsafe to replace. On any failure nothing is left behind and an
     earlier report is untouched.
@@ -685,6 +686,10 @@ def build_report(results: StudyResults, output_dir: PathLike, *, resamples: int 
     try:
         _normal_permissions(tmp)
         written = _write_all(tmp, results, tables, figs, gen)
+        for rel, data in (extra_files or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+            written.append(rel)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -36,7 +36,8 @@ def register(subparsers) -> None:
         description="Few-shot MMLU/ARC-Challenge/HellaSwag (letter log-probs), GSM8K and HumanEval (greedy). "
                     "Writes <output>/<benchmark>.jsonl, <benchmark>.summary.json and summary.json. "
                     "--protocol lm-eval runs lm-evaluation-harness's stock tasks on the same model and items instead.")
-    p.add_argument("model", metavar="MODEL", help="catalog name, hub id or local model directory")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="catalog name, hub id or local model directory (not with --score-completions)")
     p.add_argument("--adapter", metavar="DIR", help="PEFT LoRA adapter directory to load on top of MODEL")
     p.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS, help=f"comma list (default {DEFAULT_BENCHMARKS})")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N items of each fixed subset")
@@ -64,6 +65,12 @@ def register(subparsers) -> None:
     p.add_argument("--confirm-run-unsafe-code", action="store_true",
                    help="execute HumanEval completions (in the sandbox; with --protocol lm-eval see "
                         "--lmeval-code-executor); without it HumanEval pass@1 is 'not run'")
+    p.add_argument("--score-completions", metavar="FILE.jsonl",
+                   help="instead of a model: score a file of HumanEval completions made elsewhere (JSON lines with "
+                        "task_id and completion) in the sandbox; needs --confirm-run-unsafe-code")
+    p.add_argument("--no-trim", action="store_true",
+                   help="with --score-completions: execute each completion as it is (default: cut it at the "
+                        "standard HumanEval stops \\nclass \\ndef \\n# \\nif \\nprint; the raw text stays in the record)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_threads_option(p)
     p.set_defaults(func=run_eval)
@@ -77,6 +84,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from .runner import evaluate, load_items, parse_benchmarks, perplexity
 
     output = args.output or ("eval_results_lmeval" if args.protocol == "lm-eval" else "eval_results")
+    if args.score_completions:
+        check_output_folder(output, "--output")
+        return score_completions_command(args, output)
+    if not args.model:
+        raise CliError("eval needs a MODEL (or --score-completions FILE.jsonl to score completions made elsewhere)")
     try:
         names = parse_benchmarks(args.benchmarks)
         if args.protocol == "lm-eval":
@@ -153,6 +165,54 @@ def _perplexity_texts(name: str) -> list[str]:
     except OSError as exc:
         raise BenchmarkError(f"--perplexity-text {path}: cannot be read ({exc.strerror or exc})") from None
     return [t for t in text.split("\n\n") if t.strip()]
+
+
+# --------------------------------------------------------------------------------------------- completions
+def score_completions_command(args: argparse.Namespace, output: str) -> int:
+    """``eval --score-completions FILE``: HumanEval pass@1 of completions made elsewhere, same files as a model run."""
+    import time
+
+    from hybridlora.errors import CliError
+
+    from . import humaneval
+    from .data import BenchmarkError
+    from .runner import finish_benchmark, write_json_atomic
+
+    if args.model:
+        raise CliError(f"--score-completions scores a file, not a model: drop MODEL ({args.model})")
+    if not args.confirm_run_unsafe_code:
+        raise CliError("--score-completions executes the completions (in the sandbox): add --confirm-run-unsafe-code")
+    try:
+        rows = humaneval.read_completions(args.score_completions)
+        if args.limit is not None:
+            if args.limit < 1:
+                raise BenchmarkError("--limit must be at least 1 (omit it to score every completion)")
+            rows = rows[:args.limit]
+        items, _ = humaneval.load(args.data_dir)
+        start = time.perf_counter()
+        records = humaneval.score_completions(rows, {item["task_id"]: item for item in items},
+                                              trim=not args.no_trim)
+    except BenchmarkError as exc:
+        raise CliError(str(exc)) from exc
+    wall = time.perf_counter() - start
+    correct = sum(r["correct"] for r in records)
+    summary = {
+        "benchmark": humaneval.NAME, "metric": "pass@1", "accuracy": correct / len(records), "n": len(records),
+        "correct": correct, "protocol": f"completions from {args.score_completions}, scored by hybridlora's sandbox "
+                                        "(trusted checker)", "num_fewshot": humaneval.NUM_FEWSHOT,
+        "mean_fewshot_kept": float(humaneval.NUM_FEWSHOT), "model": None, "adapter": None,
+        "settings": {"completions": str(Path(args.score_completions).resolve()), "limit": args.limit,
+                     "trim": "none" if args.no_trim else humaneval.STANDARD_TRIM, "code_execution": "run",
+                     "data_dir": args.data_dir},
+        "wall_s": wall, "examples_per_s": len(records) / wall if wall > 0 else None,
+    }
+    summary = finish_benchmark(humaneval.NAME, summary, records, output)
+    write_json_atomic(Path(output) / "summary.json", {humaneval.NAME: {k: v for k, v in summary.items()
+                                                                        if k != "records"}})
+    print(f"humaneval  pass@1  {summary['accuracy']:.4f}  ({correct}/{len(records)})  "
+          f"{'untrimmed' if args.no_trim else 'trimmed at the standard stops'}")
+    print(f"results in {output}", file=sys.stderr)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- adapter checks

@@ -1,5 +1,12 @@
 """Sandboxed execution of untrusted, model-generated Python code (HumanEval pass@1).
 
+HumanEval (:func:`run_humaneval`): only the candidate function runs in here.  The sandboxed worker
+loads prompt + completion and then serves calls of the entry point on its stdin/stdout (a pipe);
+the problem's tests run in a separate *trusted* process (``trusted_check.py``) that calls the
+candidate through that pipe, where only plain data crosses (``plain_data.py``), and that alone
+decides "passed".  Nothing the completion does in the sandbox can produce a pass.
+:func:`run_program` (passed = exit status 0) is for general programs, not for scoring.
+
 Every program runs in its own short-lived process tree, built by a small *launcher* (this
 very file run as a script: ``python -I -S sandbox.py --hybridlora-sandbox-launch CONFIG``)::
 
@@ -84,8 +91,9 @@ _WORLD_WRITABLE_CANDIDATES = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var
 _NS_WORKDIR = "/tmp/sandbox"
 _NS_PYTHON_MOUNT = "/tmp/.sandbox-python"
 
-# The guard prelude and program runner, executed by the sandboxed interpreter via ``-c``.
-# argv: program path, strict-exit flag ("1"/"0"), guard flag ("1"/"0").
+# The guard prelude and program runner, executed by the sandboxed interpreter via ``-c`` after the
+# source of plain_data.py.  argv: program path, strict-exit flag ("1"/"0"), guard flag ("1"/"0"),
+# entry point to serve ("" = run the program for its exit status).
 _RUNNER_SRC = r'''
 import sys
 
@@ -142,10 +150,45 @@ def _sandbox_guard():
         sys.modules[name] = None
 
 
+def _serve(entry, channel_in, channel_out, finish):
+    """Answer the trusted checker's calls of ``entry`` until it closes the channel."""
+    import os
+    function = sys.modules["__main__"].__dict__.get(entry)
+    if not callable(function):
+        write_message(channel_out, ["load_error", "the completion does not define %s()" % entry])
+        finish(1)
+    write_message(channel_out, ["ready"])
+    while True:
+        try:
+            request = read_message(channel_in)
+        except EOFError:
+            finish(0)
+        _, args, kwargs = request
+        try:
+            result = function(*args, **kwargs)
+        except BaseException as exc:
+            import traceback
+            names = [cls.__name__ for cls in type(exc).__mro__]
+            text = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-1000:]
+            write_message(channel_out, ["raise", names, text])
+            continue
+        try:
+            reply = encode(["return", result, args])
+        except PlainDataError as exc:
+            write_message(channel_out, ["not_plain", str(exc)])
+            continue
+        os.write(channel_out, len(reply).to_bytes(4, "little") + reply)
+
+
 def _sandbox_main():
     import builtins, os, types
-    path, strict, guard = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+    path, strict, guard, entry = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1", sys.argv[4]
     real_exit = os._exit
+    if entry:  # the channel is on fds 0/1; the program's own stdin/stdout go to /dev/null
+        channel_in, channel_out = os.dup(0), os.dup(1)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
 
     def finish(code):
         for stream in (sys.stdout, sys.stderr):
@@ -161,7 +204,10 @@ def _sandbox_main():
         code = compile(source, path, "exec", dont_inherit=True)
     except BaseException as exc:
         import traceback
-        sys.stderr.write("".join(traceback.format_exception_only(type(exc), exc)))
+        text = "".join(traceback.format_exception_only(type(exc), exc))
+        sys.stderr.write(text)
+        if entry:
+            write_message(channel_out, ["load_error", text[-1500:]])
         finish(1)
     if guard:
         _sandbox_guard()
@@ -173,6 +219,10 @@ def _sandbox_main():
     try:
         exec(code, module.__dict__)
     except SystemExit as exc:
+        if entry:  # loading the completion must finish normally
+            sys.stderr.write("sandbox: the program exited early via SystemExit(%r)\n" % (exc.code,))
+            write_message(channel_out, ["load_error", "SystemExit(%r) while loading the completion" % (exc.code,)])
+            finish(1)
         if strict:
             sys.stderr.write("sandbox: the program exited early via SystemExit(%r) "
                              "before its tests finished\n" % (exc.code,))
@@ -186,8 +236,13 @@ def _sandbox_main():
     except BaseException as exc:
         import traceback
         tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-        sys.stderr.write("".join(traceback.format_exception(type(exc), exc, tb)))
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        sys.stderr.write(text)
+        if entry:
+            write_message(channel_out, ["load_error", text[-1500:]])
         finish(1)
+    if entry:
+        _serve(entry, channel_in, channel_out, finish)
     finish(0)
 
 _sandbox_main()
@@ -455,6 +510,7 @@ class _Launcher:
             else:
                 self._worker_main()
             os._exit(_EXIT_SANDBOX_ERROR)  # not reached
+        self._close_channel()  # only the worker may hold it: its death must close the channel
         # The launcher's exit status mirrors the worker's (exit code, or 128 + signal number),
         # so the caller can cross-check the report file.
         if self.layers.get("pid_namespace") is True:
@@ -594,6 +650,13 @@ class _Launcher:
         _record(self.report_fd, worker={"exitcode": os.WEXITSTATUS(status), "cpu_s": cpu})
         return os.WEXITSTATUS(status)
 
+    def _close_channel(self) -> None:
+        for fd in self.cfg["channel"] or ():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def _init_main(self) -> None:
         """PID 1 of the new PID namespace: start the worker, reap, relay its status."""
         try:
@@ -613,6 +676,7 @@ class _Launcher:
             pid = os.fork()
             if pid == 0:
                 self._worker_main()
+            self._close_channel()
             code = self._reap_worker(pid)
         except BaseException as exc:
             try:
@@ -732,9 +796,12 @@ class _Launcher:
                 "LOGNAME": "sandbox",
                 **self.extra_env,
             }
-            argv = [self.python, "-I", "-S", "-B", "-c", _RUNNER_SRC, self.program_path,
+            argv = [self.python, "-I", "-S", "-B", "-c", cfg["runner_source"], self.program_path,
                     "1" if cfg["strict_exit"] else "0",
-                    "0" if "python_guard" in self.disabled else "1"]
+                    "0" if "python_guard" in self.disabled else "1", cfg["serve"] or ""]
+            if cfg["channel"]:  # the trusted checker's channel becomes the worker's stdin/stdout
+                os.dup2(cfg["channel"][0], 0)
+                os.dup2(cfg["channel"][1], 1)
             os.closerange(3, 65536)
             os.execve(self.python, argv, env)
         except BaseException as exc:
@@ -771,6 +838,7 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == _LAUNCH_FLAG
 # ======================================================================= caller side
 import fcntl  # noqa: E402
 import functools  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import select  # noqa: E402
@@ -1079,28 +1147,152 @@ def _remove_owned_in_world_writable(uid: int) -> int:
     return removed
 
 
-def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait for the launcher to exit without reaping it; True if the timeout expired."""
+def _wait(proc: subprocess.Popen, timeout_s: float, watch: Any = None, interval_s: float = 0.02) -> tuple[bool, str]:
+    """Wait for the launcher to exit without reaping it.
+
+    Returns (timed out, reason to stop it early): every ``interval_s`` seconds ``watch()`` may return a
+    reason (e.g. too many bytes written), which ends the wait at once.
+    """
+    end = time.monotonic() + timeout_s
     try:
         pidfd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
-        try:
-            proc.wait(timeout_s)
-            return False
-        except subprocess.TimeoutExpired:
-            return True
+        pidfd = None
     try:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        end = time.monotonic() + timeout_s
+        poller = None
+        if pidfd is not None:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
         while True:
             remaining = end - time.monotonic()
             if remaining <= 0:
-                return True
-            if poller.poll(max(1, int(remaining * 1000))):
-                return False
+                return True, ""
+            step = min(remaining, interval_s if watch else remaining)
+            if poller is not None:
+                if poller.poll(max(1, int(step * 1000))):
+                    return False, ""
+            else:
+                try:
+                    proc.wait(step)
+                    return False, ""
+                except subprocess.TimeoutExpired:
+                    pass
+            reason = watch() if watch else ""
+            if reason:
+                return False, reason
     finally:
-        os.close(pidfd)
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _disk_watch(workdir: str, limit_bytes: int, max_entries: int = 20_000) -> Any:
+    """A ``watch`` for :func:`_wait`: the total size of everything under ``workdir`` must stay below
+    ``limit_bytes`` (needed where the workdir is on the host's disk, i.e. without a mount namespace)."""
+    def used() -> str:
+        total, entries, stack = 0, 0, [workdir]
+        while stack:
+            try:
+                with os.scandir(stack.pop()) as listing:
+                    for entry in listing:
+                        entries += 1
+                        info = entry.stat(follow_symlinks=False)
+                        total += max(info.st_size, info.st_blocks * 512)
+                        if stat.S_ISDIR(info.st_mode):
+                            stack.append(entry.path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                return f"stopped: the sandbox made its working directory unmeasurable ({exc.strerror})"
+            if total > limit_bytes:
+                return (f"stopped: the program wrote more than the {limit_bytes // 2 ** 20} MiB allowed "
+                        "in total (sandbox disk limit)")
+            if entries > max_entries:
+                return f"stopped: the program created more than {max_entries} files (sandbox disk limit)"
+        return ""
+    return used
+
+
+_LOCK_NAME = "lock"
+_STALE_AFTER_S = 60.0
+_CLEANED = False
+
+
+def _remove_stale_dirs(tmp: str | None = None) -> int:
+    """Remove ``hybridlora-sbx-*`` folders left by a killed evaluation (once per process).
+
+    Each run's private folder holds a ``lock`` file that its evaluation process keeps locked
+    (flock) for the whole run and then writes its pid into; the kernel drops the lock when that
+    process dies, however it dies. A folder whose lock can be taken and whose lock file holds a
+    pid is stale; a live run's folder is never touched. An empty or missing lock file (the
+    instant between creating the folder and locking it, or a folder made by an older version)
+    counts as stale only when the folder is older than a minute. Only folders owned by this
+    user (the work folder may belong to a sandbox uid) are considered.
+    """
+    tmp = tmp or tempfile.gettempdir()
+    removed = 0
+    try:
+        names = sorted(n for n in os.listdir(tmp) if n.startswith("hybridlora-sbx-"))
+    except OSError:
+        return 0
+    now = time.time()
+    for name in names:
+        path = os.path.join(tmp, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            continue
+        private = path[:-len(".work")] if name.endswith(".work") else path
+        if name.endswith(".work") or name.startswith("hybridlora-sbx-work-"):
+            # a work folder goes with its private folder; an orphan only once it is old
+            if (name.endswith(".work") and os.path.lexists(private)) or now - info.st_mtime < _STALE_AFTER_S:
+                continue
+            if info.st_uid == os.geteuid() or _is_sandbox_uid(info.st_uid):
+                _rmtree(path)
+                removed += 1
+            continue
+        if info.st_uid != os.geteuid():
+            continue
+        try:
+            fd = os.open(os.path.join(path, _LOCK_NAME), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if now - info.st_mtime < _STALE_AFTER_S:
+                continue
+            fd = None
+        except OSError:
+            continue
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if not os.fstat(fd).st_size and now - info.st_mtime < _STALE_AFTER_S:
+                    continue  # created but not locked yet by its (live) run
+        except OSError:
+            continue  # a live run holds it
+        else:
+            work = path + ".work"
+            if os.path.isdir(work) and not os.path.islink(work):
+                _rmtree(work)
+            _rmtree(path)
+            removed += 1
+        finally:
+            if fd is not None:
+                os.close(fd)
+    if removed:
+        logger.info("sandbox: removed %d folder(s) left in %s by a killed evaluation", removed, tmp)
+    return removed
+
+
+def _is_sandbox_uid(uid: int) -> bool:
+    return uid == _NOBODY or _uid_base() <= uid < _uid_base() + _UID_POOL_SIZE
+
+
+@functools.lru_cache(maxsize=None)
+def _runner_source() -> str:
+    """The worker's ``-c`` source: the plain-data channel's code, then the guard and runner."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "plain_data.py"), encoding="utf-8") as handle:
+        return handle.read() + "\n" + _RUNNER_SRC
 
 
 _SIGNAL_REASONS = {
@@ -1151,23 +1343,56 @@ def _classify(timed_out: bool, timeout_s: float, cpu_limit: int, returncode: int
 
 def _run(program: str, *, timeout_s: float, memory_mb: int, strict_exit: bool,
          disable: Iterable[str], file_size_mb: int, max_processes: int, max_open_files: int,
-         tmpfs_mb: int) -> tuple[SandboxResult, dict]:
-    if not isinstance(program, str):
-        raise TypeError("program must be a str")
-    if not (timeout_s > 0 and memory_mb > 0):
-        raise ValueError("timeout_s and memory_mb must be positive")
-    disable = sorted(set(disable))
-    unknown = set(disable) - DISABLEABLE_LAYERS
-    if unknown:
-        raise ValueError(f"unknown or non-disableable sandbox layers: {sorted(unknown)}")
+         tmpfs_mb: int, disk_mb: int = 64, channel: tuple[int, int] | None = None,
+         serve: str | None = None) -> tuple[SandboxResult, dict]:
+    """One sandboxed run.  ``channel`` (read fd, write fd) becomes the worker's stdin/stdout and is
+    closed here once the launcher holds it; ``serve`` names the function the worker then serves."""
+    global _CLEANED
+    owned = list(channel or ())  # closed exactly once, by whoever gets there first
+    try:
+        if not isinstance(program, str):
+            raise TypeError("program must be a str")
+        if not (timeout_s > 0 and memory_mb > 0 and disk_mb > 0):
+            raise ValueError("timeout_s, memory_mb and disk_mb must be positive")
+        disable = sorted(set(disable))
+        unknown = set(disable) - DISABLEABLE_LAYERS
+        if unknown:
+            raise ValueError(f"unknown or non-disableable sandbox layers: {sorted(unknown)}")
+        if not _CLEANED:
+            _CLEANED = True
+            _remove_stale_dirs()
+        return _run_checked(program, timeout_s=timeout_s, memory_mb=memory_mb, strict_exit=strict_exit,
+                            disable=disable, file_size_mb=file_size_mb, max_processes=max_processes,
+                            max_open_files=max_open_files, tmpfs_mb=tmpfs_mb, disk_mb=disk_mb,
+                            channel=owned, serve=serve)
+    finally:
+        _close_fds(owned)
 
+
+def _close_fds(fds: list) -> None:
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass
+
+
+def _run_checked(program: str, *, timeout_s: float, memory_mb: int, strict_exit: bool, disable: list,
+                 file_size_mb: int, max_processes: int, max_open_files: int, tmpfs_mb: int, disk_mb: int,
+                 channel: list, serve: str | None) -> tuple[SandboxResult, dict]:
     as_root = os.geteuid() == 0
     uid, dedicated = _UID_POOL.acquire() if as_root else (None, False)
     private = workdir = None
+    lock_fd = -1
     start = time.monotonic()
     try:
         private = tempfile.mkdtemp(prefix="hybridlora-sbx-")  # root/caller only: config, report
-        workdir = tempfile.mkdtemp(prefix="hybridlora-sbx-work-")  # fallback cwd without mount ns
+        # held for the whole run: a later evaluation process leaves this run's folders alone
+        lock_fd = os.open(os.path.join(private, _LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        os.write(lock_fd, b"%d\n" % os.getpid())  # marks the lock as taken (see _remove_stale_dirs)
+        workdir = private + ".work"  # fallback cwd without mount ns
+        os.mkdir(workdir, 0o700)
         if uid is not None:
             os.chown(workdir, uid, uid)
         python, prefix, stdlib, libdir, fallbacks = _interpreters()
@@ -1182,6 +1407,7 @@ def _run(program: str, *, timeout_s: float, memory_mb: int, strict_exit: bool,
             "strict_exit": strict_exit, "cpu_s": cpu_s, "memory_mb": int(memory_mb),
             "file_size_mb": int(file_size_mb), "max_processes": int(max_processes),
             "max_open_files": int(max_open_files), "tmpfs_mb": int(tmpfs_mb), "dedicated_uid": dedicated,
+            "channel": tuple(channel) if channel else None, "serve": serve, "runner_source": _runner_source(),
         }
         cfg_path = os.path.join(private, "config")
         with open(cfg_path, "wb") as handle:
@@ -1194,12 +1420,13 @@ def _run(program: str, *, timeout_s: float, memory_mb: int, strict_exit: bool,
                     [python, "-I", "-S", "-B", os.path.abspath(__file__), _LAUNCH_FLAG, cfg_path],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                     env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
-                    cwd=private, start_new_session=True, close_fds=True,
+                    cwd=private, start_new_session=True, close_fds=True, pass_fds=tuple(channel or ()),
                 )
             except OSError as exc:
                 return SandboxResult(False, "error", f"cannot start the sandbox: {exc}", 0.0), {}
+        _close_fds(channel)  # the launcher has its copies; ours would keep the channel open
         try:
-            timed_out = _wait(proc, timeout_s)
+            timed_out, stopped = _wait(proc, timeout_s, _disk_watch(workdir, disk_mb * 2 ** 20))
         finally:
             try:  # the launcher is unreaped (at worst a zombie), so its group id is still ours
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -1226,12 +1453,18 @@ def _run(program: str, *, timeout_s: float, memory_mb: int, strict_exit: bool,
         layers["sandbox_uid"] = (
             f"dedicated per-run uid from {_uid_base()}..{_uid_base() + _UID_POOL_SIZE - 1}" if dedicated
             else f"shared uid {uid}" if uid is not None else "the caller's uid")
+        if stopped:
+            return SandboxResult(False, "failed", stopped, wall), layers
         res = _classify(timed_out, timeout_s, cpu_s, proc.returncode, records, _tail(stderr_path), wall)
+        if serve and res.passed:  # a served function's exit status means nothing: keep what it printed
+            res.detail = _tail(stderr_path)
         return res, layers
     finally:
-        for path in (private, workdir):
+        for path in (workdir, private):
             if path:
                 _rmtree(path)
+        if lock_fd >= 0:
+            os.close(lock_fd)
         if dedicated:
             _UID_POOL.release(uid)
 
@@ -1320,38 +1553,153 @@ def describe_protections() -> str:
 # ----------------------------------------------------------------------- public API
 def run_program(program: str, *, timeout_s: float = 10.0, memory_mb: int = 1024, strict_exit: bool = False,
                 disable: Iterable[str] = (), file_size_mb: int = 16, max_processes: int = 16,
-                max_open_files: int = 128, tmpfs_mb: int = 64) -> SandboxResult:
+                max_open_files: int = 128, tmpfs_mb: int = 64, disk_mb: int = 64) -> SandboxResult:
     """Run ``program`` (Python source) in the sandbox; passed iff it exits 0 within the limits.
 
-    ``strict_exit`` makes a ``SystemExit``/``os._exit`` from the program a failure (used for
-    HumanEval: the tests must run to the end).  ``disable`` switches off named layers (see
-    :data:`DISABLEABLE_LAYERS`); it exists for testing the remaining layers.
+    The exit status is the program's own word: a hostile program can exit 0 whatever it did, so
+    this is no way to *score* untrusted code (HumanEval is scored by :func:`run_humaneval`).
+    ``strict_exit`` makes a ``SystemExit``/``os._exit`` from the program a failure.  ``disk_mb``
+    caps the total bytes it may write (``file_size_mb`` each file).  ``disable`` switches off
+    named layers (see :data:`DISABLEABLE_LAYERS`); it exists for testing the remaining layers.
     """
     protections()  # probe once, warn loudly about missing layers
     res, layers = _run(program, timeout_s=timeout_s, memory_mb=memory_mb, strict_exit=strict_exit,
                        disable=disable, file_size_mb=file_size_mb, max_processes=max_processes,
-                       max_open_files=max_open_files, tmpfs_mb=tmpfs_mb)
+                       max_open_files=max_open_files, tmpfs_mb=tmpfs_mb, disk_mb=disk_mb)
+    _check_layers(res, layers, disable)
+    return res
+
+
+def _check_layers(res: SandboxResult, layers: dict, disable: Iterable[str]) -> None:
     if layers and res.status != "error":
         expected = [k for k in _LAYER_ORDER if _PROBED and _PROBED.get(k) is True]
         checked = {k: layers.get(k, "not established in this run") for k in expected}
         if "interpreter" in layers:
             checked["interpreter"] = layers["interpreter"]
         _warn_layers(checked, disabled=disable)
-    return res
 
 
 def humaneval_program(problem: Mapping[str, Any], completion: str) -> str:
-    """Prompt + completion + the problem's tests + ``check(entry_point)``."""
-    return (f"{problem['prompt']}{completion}\n\n"
-            f"{problem['test']}\n\n"
-            f"check({problem['entry_point']})\n")
+    """What the sandboxed worker loads for a HumanEval problem: the prompt and the completion only
+    (the tests stay in the trusted checker process)."""
+    return f"{problem['prompt']}{completion}\n"
+
+
+@functools.lru_cache(maxsize=None)
+def _checker_source() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    parts = []
+    for name in ("plain_data.py", "trusted_check.py"):
+        with open(os.path.join(here, name), encoding="utf-8") as handle:
+            parts.append(handle.read())
+    return "\n".join(parts) + "\n_checker_main()\n"
 
 
 def run_humaneval(problem: Mapping[str, Any], completion: str, *, timeout_s: float = 10.0,
                   **options: Any) -> SandboxResult:
-    """Execute one HumanEval completion against its tests; exiting early counts as failure."""
-    options.setdefault("strict_exit", True)
-    return run_program(humaneval_program(problem, completion), timeout_s=timeout_s, **options)
+    """Score one HumanEval completion; passed only on the word of trusted code.
+
+    The completion (loaded after the problem's prompt) runs in the sandbox and does nothing but
+    answer calls of the problem's entry point. The problem's ``check`` runs in a separate trusted
+    process (never sandboxed code) that calls the candidate through a pipe on which only plain
+    data crosses (:mod:`.plain_data`); that process alone decides ``passed``, and reports it on a
+    pipe the sandbox never holds. See docs/EVALUATION.md for what this does and does not guarantee.
+    """
+    options.pop("strict_exit", None)  # the checker decides; how the worker exits does not matter
+    disable = options.get("disable", ())
+    protections()
+    request_r, request_w = os.pipe()
+    reply_r, reply_w = os.pipe()
+    verdict_r, verdict_w = os.pipe()
+    checker = None
+    try:
+        with tempfile.TemporaryFile() as checker_err:
+            try:
+                checker = subprocess.Popen(
+                    [sys.executable, "-I", "-S", "-B", "-c", _checker_source(),
+                     str(request_w), str(reply_r), str(verdict_w)],
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=checker_err,
+                    env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+                    start_new_session=True, close_fds=True, pass_fds=(request_w, reply_r, verdict_w))
+            finally:
+                for fd in (request_w, reply_r, verdict_w):
+                    os.close(fd)
+            try:
+                payload = {k: problem[k] for k in ("prompt", "test", "entry_point")}
+                checker.stdin.write(json.dumps(payload).encode("utf-8"))
+                checker.stdin.close()
+            except OSError:
+                pass  # the checker died: no verdict, which is a failure below
+            channel, request_r, reply_w = (request_r, reply_w), -1, -1  # from here on owned (closed) by _run
+            res, layers = _run(humaneval_program(problem, completion), timeout_s=timeout_s, strict_exit=False,
+                               channel=channel, serve=str(problem["entry_point"]), **_run_options(options))
+            verdict = _checker_verdict(checker, verdict_r, grace_s=1.0)
+            if verdict is None:
+                checker_err.seek(0)
+                problem_text = checker_err.read()[-_DETAIL_CHARS:].decode("utf-8", "replace").strip()
+            else:
+                problem_text = ""
+    finally:
+        for fd in (request_r, reply_w, verdict_r):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if checker is not None and checker.poll() is None:
+            _kill_group(checker)
+    _check_layers(res, layers, disable)
+    return _humaneval_result(verdict, res, problem_text)
+
+
+def _run_options(options: Mapping[str, Any]) -> dict:
+    defaults = dict(memory_mb=1024, disable=(), file_size_mb=16, max_processes=16, max_open_files=128,
+                    tmpfs_mb=64, disk_mb=64)
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown sandbox option(s): {sorted(unknown)}")
+    return {**defaults, **options}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    proc.wait()
+
+
+def _checker_verdict(checker: subprocess.Popen, verdict_fd: int, grace_s: float) -> dict | None:
+    """The trusted checker's verdict, or None when it gave none (killed, crashed, still running)."""
+    try:
+        checker.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(checker)
+        return None
+    os.set_blocking(verdict_fd, False)
+    try:
+        data = os.read(verdict_fd, 1 << 16)
+    except OSError:
+        return None
+    try:
+        verdict = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return verdict if isinstance(verdict, dict) and verdict.get("status") in ("passed", "failed", "error") else None
+
+
+def _humaneval_result(verdict: dict | None, sandbox: SandboxResult, checker_problem: str) -> SandboxResult:
+    """Passed iff the trusted checker says so; otherwise the most telling reason first."""
+    if verdict is not None and verdict["status"] == "passed":
+        return SandboxResult(True, "passed", "", sandbox.wall_s)
+    reason = verdict["detail"] if verdict is not None else "the trusted checker gave no verdict" + (
+        f" ({checker_problem})" if checker_problem else "")
+    extra = ("sandbox: " + sandbox.detail) if sandbox.detail and sandbox.detail not in reason else ""
+    detail = (reason + ("\n" + extra if extra else ""))[:2 * _DETAIL_CHARS]
+    status = sandbox.status if sandbox.status in ("timeout", "error") else "failed"
+    if verdict is not None and verdict["status"] == "error":
+        status = "error"
+    return SandboxResult(False, status, detail, sandbox.wall_s)
 
 
 def run_many(items: Iterable[Any], *, workers: int | None = None, timeout_s: float = 10.0,
