@@ -358,3 +358,33 @@ def test_bad_input_is_one_error_line(capsys, tmp_path, data_dir, extra, message)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "abl").exists()  # nothing written
+
+
+def test_study_link_rank_correlates_importance_with_adaptation_gain(tmp_path):
+    from hybridlora.ablation.stats import study_link
+    from hybridlora.study.grid import Job
+    from hybridlora.study.store import Store, make_owner
+
+    store = Store(tmp_path)
+    gains = {"softmax_attention": 0.10, "linear_attention": 0.05, "mlp": 0.02, None: 0.0}
+    jobs = []
+    for component in gains:
+        kind = "base" if component is None else "train"
+        spec = {"kind": kind} if component is None else {
+            "kind": kind, "placement": {"name": component, "placement": {"targets": [{"components": [component]}]}}}
+        jobs.append(Job(f"{kind}-{component}", kind, "m", component or "base", "gsm8k", None, spec))
+    store.register(jobs)
+    owner = make_owner()
+    for job in jobs:
+        assert store.claim(owner, ids=[job.id]).id == job.id
+        acc = 0.5 + gains[None if job.kind == "base" else job.placement]
+        store.complete(job.id, owner, {"summaries": {"mmlu": {"n": 100, "correct": int(acc * 100), "accuracy": acc}},
+                                       "records": []})
+    store.close()
+    rows = [{"plan": "group", "method": "skip", "detail": {"component": c}, "dlogppl": d}
+            for c, d in (("softmax_attention", 0.9), ("linear_attention", 0.4), ("mlp", 0.1))]
+    link = study_link(rows, tmp_path)
+    assert [r["component"] for r in link["components"]] == ["linear_attention", "mlp", "softmax_attention"]
+    assert link["spearman"]["rho"] == pytest.approx(1.0) and link["spearman"]["n"] == 3
+    rows[0]["dlogppl"] = 0.0  # attention now the least important: the ranks disagree
+    assert study_link(rows, tmp_path)["spearman"]["rho"] < 1.0

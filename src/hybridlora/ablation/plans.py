@@ -1,10 +1,11 @@
 """Ablation plans: the conditions to run, built from a model's units (so every family in ``families/`` works).
 
-Plans: ``groups`` (every unit of one mixer type; ``recurrent`` = every recurrent mixer, when that differs),
+Plans: ``groups`` (every unit of one component type; ``recurrent`` = every recurrent mixer, when that differs),
 ``layers`` (each unit alone), ``progressive`` (first / last / random N of the recurrent mixers — attention for
 an all-attention model — with N from 1, 2, 4, 6, 8, 12, 18, … below the count, and early / middle / late
 thirds of each mixer type), ``random`` (matched-count controls of every group and progressive condition:
-``trials`` draws of as many mixer units from all mixer units, seeded, never the targeted set), ``all`` (every
+``trials`` draws of as many units from all mixer units — from all units for targets holding MLPs — seeded,
+never the targeted set), ``all`` (every
 plan), a YAML file, or ``--remove`` specs (``softmax_attention``, ``ssm@0-5``, ``linear_attention@3+mlp@3``).
 
 Method ``auto``: ``zero`` for units of parallel blocks, ``skip`` otherwise; group and progressive conditions of
@@ -79,6 +80,11 @@ def group_conditions(mu: ModelUnits, methods: Sequence[str]) -> list[Condition]:
     recurrent = [u for u in mu.units if u.component in RECURRENT_MIXERS]
     if len({u.component for u in recurrent}) > 1:
         out += _conditions("no_recurrent", recurrent, "group", methods, {"component": "recurrent"})
+    for component in [c for c in ("mlp", "moe") if mu.of(c)]:
+        # the feed-forward groups complete the component types a placement study adapts (softmax / GDN / MLP);
+        # no whole-layer variant: it would remove every layer of the model
+        out += _conditions(f"no_{component}", mu.of(component), "group", methods, {"component": component},
+                           whole_layer_variant=False)
     return out
 
 
@@ -139,8 +145,9 @@ def random_controls(targets: Iterable[Condition], mu: ModelUnits, trials: int, s
             pool = list(firsts.values())
             chosen_of = lambda keys: frozenset(by_key[k].layer for k in keys)  # noqa: E731
             as_set = lambda units: frozenset(u.layer for u in units)  # noqa: E731
-        else:
-            pool = mixer_units(mu)
+        else:  # mixer targets draw from the mixers; a target holding MLP/MoE units draws from every unit
+            mixers_only = all(by_key[k].component in SEQUENCE_MIXERS for k in target.units)
+            pool = mixer_units(mu) if mixers_only else list(mu.units)
             chosen_of = frozenset
             as_set = lambda units: frozenset(u.key for u in units)  # noqa: E731
         k = len(target.units)

@@ -28,6 +28,8 @@ from .stats import (AblationResults, condition_rows, control_tests, diagnostic_c
                     study_link)
 
 DEFAULT_METHODS = ("skip", "zero")
+# the Markdown tables keep point estimates (intervals are in the CSV and HTML tables)
+MARKDOWN_COLUMNS = ("dlogppl_low", "dlogppl_high")
 
 
 def build_ablation_report(ablation_dir: str | Path, output: str | Path | None = None, *, study_dir: str | None = None,
@@ -247,7 +249,8 @@ def _markdown(res, tables, figures, link) -> str:
     for name, (columns, rows) in tables.items():
         if name == "diagnostics" or not rows:
             continue
-        shown = [c for c in columns if c not in ("units",)]
+        shown = [c for c in columns if c in MARKDOWN_COLUMNS or not c.endswith(("_low", "_high", "_n"))
+                 and c != "units" and not (name == "conditions" and c.endswith("_acc"))]
         parts += [f"## {name.replace('_', ' ').title()}", "", "| " + " | ".join(shown) + " |",
                   "|" + "---|" * len(shown)]
         parts += ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in shown) + " |" for r in rows]
