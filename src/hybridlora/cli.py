@@ -298,6 +298,7 @@ SUBCOMMAND_MODULES = (
     ".evaluate.cli",
     ".analysis.cli",
     ".placement.cli",
+    ".ablation.cli",
 )
 
 

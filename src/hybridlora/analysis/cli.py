@@ -213,6 +213,11 @@ def run_report(args: argparse.Namespace) -> int:
             raise CliError("--score-code works with --import DIR (a study made by hybridlora scores HumanEval itself)")
         extra_files = {}
         source = Path(args.study_dir)
+        from hybridlora.ablation.report import build_ablation_report, is_ablation_dir
+
+        if is_ablation_dir(source):  # an ablation directory (hybridlora ablate) has its own report
+            print(build_ablation_report(source, args.output, resamples=min(args.resamples, 2000), seed=args.seed))
+            return 0
         results = _load_study(source)
         output = Path(args.output) if args.output else source / "report"
     if not results.records:

@@ -14,7 +14,8 @@ A family entry is declarative:
   a role; the first match wins;
 * ``bypassed`` — modules whose weight a kernel reads directly, so a LoRA adapter on them never acts;
 * ``tiny`` — config overrides giving a small same-family model for CPU liveness checks and tests;
-* ``study_presets`` — the placements of the published study, where the family was in it.
+* ``study_presets`` — the placements of the published study, where the family was in it;
+* ``ablation_modules`` — where a component's output is not one module's output (ablation hooks).
 """
 from __future__ import annotations
 
@@ -86,6 +87,9 @@ class Family:
     notes: str = ""
     # (path inside layer, layer index, config) -> reason when a module exists but is never called at that layer
     unused: Callable[[str, int, Any], str | None] | None = None
+    # Ablation (hybridlora.ablation): component -> the module path(s) inside a decoder layer whose output is that
+    # component's contribution, where it is not simply the common parent of the component's modules.
+    ablation_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def classify(self, path: str, layer_kind: str | None, config: Any) -> tuple[str, str] | None:
         for rule in self.rules:

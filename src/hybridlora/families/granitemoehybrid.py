@@ -24,6 +24,8 @@ FAMILY = Family(
         Rule(r"shared_mlp\.output_linear", "mlp", "down"),
     ),
     bypassed={r"mamba\.out_proj": MAMBA2_OUT_PROJ_BYPASS, r"mamba\.conv1d": CONV_BYPASS},
+    # With experts the layer adds the routed experts and the always-on shared MLP: both are the MoE's output.
+    ablation_modules={"moe": ("block_sparse_moe", "shared_mlp")},
     tiny=dict(
         vocab_size=256, hidden_size=64, intermediate_size=32, shared_intermediate_size=64, num_hidden_layers=3,
         layer_types=["mamba", "attention", "mamba"], layers_block_type=["mamba", "attention", "mamba"],

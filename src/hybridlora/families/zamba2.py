@@ -48,6 +48,9 @@ FAMILY = Family(
         num_mem_blocks=1, use_shared_attention_adapter=False, adapter_rank=8, max_position_embeddings=512,
     ),
     unused=_unused_adapter,
+    # The shared block runs attention then its MLP in series (no residual inside), projected by `linear` into the
+    # Mamba layer's input; the hooks sit on the shared block's attention and MLP as called at each hybrid layer.
+    ablation_modules={"softmax_attention": (f"{_SHARED}.self_attn",), "mlp": (f"{_SHARED}.feed_forward",)},
     notes="The shared transformer block's weights are tied across hybrid layers (counted once); LoRA adapters "
     "on it are separate per layer.",
 )

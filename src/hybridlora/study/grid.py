@@ -35,6 +35,8 @@ class Job:
     def label(self) -> str:
         if self.kind == "base":
             return f"{self.model} · base"
+        if self.seed is None:  # a job kind without seeds (an ablation condition: model · condition · method)
+            return f"{self.model} · {self.placement} · {self.train_domain}"
         return f"{self.model} · {self.placement} · {self.train_domain} · seed {self.seed}"
 
 

@@ -188,6 +188,7 @@ def run_job(spec: dict, study_dir: str | Path, out: str | Path, *, progress: boo
 JOB_KINDS: dict[str, str] = {
     "base": "hybridlora.study.jobs:run_job",
     "train": "hybridlora.study.jobs:run_job",
+    "ablation": "hybridlora.ablation.jobs:run_condition",
 }
 
 

@@ -1,0 +1,261 @@
+"""Removing a component: the ablation units of a model and the forward hooks that remove them.
+
+A **unit** is one component at one layer (``softmax_attention@3``): the module(s) whose output is that
+component's contribution at that layer — the common parent of the component's modules in the component map
+(``model.layers.3.self_attn``), or what the family entry declares in ``ablation_modules`` where the component
+spans several modules (Granite's routed experts + shared MLP) or sits in a block shared across layers (Zamba2).
+
+Methods (each hook replaces the *output* of the hooked module; the module still runs):
+
+* ``skip`` — the mixer's residual contribution removed: its output replaced by zeros, so the layer adds nothing
+  through it (``h + mixer(norm(h))`` becomes ``h``). The name for sequential layers.
+* ``zero`` — the same operation named for a branch of a parallel block (Falcon-H1 sums attention and Mamba-2 on
+  one input; zeroing one branch leaves the block computing the other alone — the reference's Falcon method).
+* ``skip_layer`` — the whole decoder layer replaced by identity (its output := its input): mixer *and* MLP gone.
+  The reference's Qwen3.5 method; offered for sequential layers.
+* ``mean`` — the output replaced by its mean over a reference text set (one vector per unit and module,
+  measured on the intact model and stored; see :func:`collect_means`).
+
+Hooks are pure tensor operations on the output's device and dtype (no host sync, no data-dependent Python), so
+they are recorded into a CUDA graph captured while they are attached — the static decode loop of
+``hybridlora.fast.decode`` replays them (a graph captured *before* attaching would not; every ablation job
+builds its evaluator after attaching).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..families import SEQUENCE_MIXERS, family_named
+
+ABLATABLE = SEQUENCE_MIXERS + ("mlp", "moe")
+METHODS = ("skip", "zero", "skip_layer", "mean")
+
+
+class AblationError(ValueError):
+    """Bad ablation input (unknown component, layer out of range, …); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    layer: int
+    component: str
+    modules: tuple[str, ...]  # full module names whose outputs are replaced
+    layer_module: str  # the decoder layer's full name
+    parallel: bool  # the layer holds more than one sequence mixer (a parallel block)
+
+    @property
+    def key(self) -> str:
+        return f"{self.component}@{self.layer}"
+
+
+@dataclass
+class ModelUnits:
+    units: list[Unit]
+    num_layers: int
+    topology: str
+    family: str | None
+    layers_path: str
+    components: list[str] = field(default_factory=list)
+
+    def by_key(self) -> dict[str, Unit]:
+        return {u.key: u for u in self.units}
+
+    def of(self, component: str) -> list[Unit]:
+        return [u for u in self.units if u.component == component]
+
+
+def _layers_path(cmap) -> str:
+    return family_named(cmap.family).layers_path if cmap.family else "model.layers"
+
+
+def model_units(cmap) -> ModelUnits:
+    """Every (layer, component) of the component map that can be removed, in layer order."""
+    family = family_named(cmap.family) if cmap.family else None
+    layers_path = _layers_path(cmap)
+    members: dict[tuple[int, str], list[str]] = {}
+    for m in cmap.modules:
+        if m.component not in ABLATABLE or m.layer is None:
+            continue
+        for layer in [m.layer] + list(m.shared_layers):
+            members.setdefault((layer, m.component), []).append(m.name)
+    parallel_layers = {layer.index for layer in cmap.schedule if len(layer.mixers) > 1}
+    units = []
+    for (layer, component), names in sorted(members.items()):
+        layer_name = f"{layers_path}.{layer}"
+        declared = family.ablation_modules.get(component) if family else None
+        if declared:
+            modules = tuple(f"{layer_name}.{path}" for path in declared)
+        else:
+            own = [n for n in names if n.startswith(layer_name + ".")]
+            if not own:  # only reached through a module shared from another layer, with no declared path
+                raise AblationError(f"{component} at layer {layer} is a module shared from another layer; declare "
+                                    f"its path in ablation_modules of families/{cmap.family}.py")
+            parent = ".".join(os.path.commonprefix([n.split(".") for n in own]))  # a lone module is its own
+            if parent == layer_name:
+                raise AblationError(f"{component} at layer {layer} spans several modules with no common parent "
+                                    f"below the layer; declare them in ablation_modules of families/"
+                                    f"{cmap.family or 'FAMILY'}.py")
+            modules = (parent,)
+        units.append(Unit(layer, component, modules, layer_name, layer in parallel_layers))
+    components = list(dict.fromkeys(c for c in ABLATABLE if any(u.component == c for u in units)))
+    return ModelUnits(units, len(cmap.schedule), cmap.topology, cmap.family, layers_path, components)
+
+
+def default_method(unit: Unit) -> str:
+    return "zero" if unit.parallel else "skip"
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+def _primary(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise AblationError(f"cannot ablate a module returning {type(output).__name__}; expected a tensor or a tuple "
+                        "whose first item is the hidden states")
+
+
+def _replace(output: Any, tensor: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return tensor
+    return type(output)([tensor, *output[1:]]) if isinstance(output, list) else (tensor, *output[1:])
+
+
+class LayerTracker:
+    """Which decoder layer is running now: lets a hook on a module shared by several layers (Zamba2's shared
+    block) act only when called from the layers being ablated."""
+
+    def __init__(self, model: nn.Module, layers_path: str):
+        self.current: int | None = None
+        self.handles = []
+        for index, layer in enumerate(model.get_submodule(layers_path)):
+            self.handles.append(layer.register_forward_pre_hook(self._enter(index)))
+            self.handles.append(layer.register_forward_hook(self._leave))
+
+    def _enter(self, index: int):
+        def hook(module, args):
+            self.current = index
+        return hook
+
+    def _leave(self, module, args, output):
+        self.current = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class Ablation:
+    """Attach the hooks removing ``units`` with ``method`` from ``model``; a context manager (``remove()``
+    detaches every hook, leaving the model as it was)."""
+
+    def __init__(self, model: nn.Module, units: Sequence[Unit], method: str, layers_path: str, *,
+                 means: dict[str, dict[str, torch.Tensor]] | None = None):
+        if method not in METHODS:
+            raise AblationError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        self.handles: list = []
+        self.tracker = LayerTracker(model, layers_path)
+        if method == "skip_layer":
+            for layer_name in sorted({u.layer_module for u in units}):
+                self.handles.append(model.get_submodule(layer_name).register_forward_hook(_identity_layer,
+                                                                                         with_kwargs=True))
+            return
+        wanted: dict[str, dict[int, torch.Tensor | None]] = {}
+        for unit in units:
+            for name in unit.modules:
+                value = None
+                if method == "mean":
+                    try:
+                        value = means[unit.key][name]
+                    except (KeyError, TypeError):
+                        raise AblationError(f"no stored mean for {unit.key} ({name}); compute the means first") from None
+                wanted.setdefault(name, {})[unit.layer] = value
+        for name, per_layer in wanted.items():
+            self.handles.append(model.get_submodule(name).register_forward_hook(self._hook(per_layer)))
+
+    def _hook(self, per_layer: dict[int, torch.Tensor | None]):
+        tracker = self.tracker
+        cache: dict[tuple, torch.Tensor] = {}
+
+        def hook(module, args, output):
+            if tracker.current not in per_layer:
+                return None
+            hidden = _primary(output)
+            mean = per_layer[tracker.current]
+            if mean is None:
+                return _replace(output, torch.zeros_like(hidden))
+            key = (tracker.current, hidden.device, hidden.dtype)
+            if key not in cache:  # moved once, so the hook stays a pure on-device op (graph-capturable)
+                cache[key] = mean.to(device=hidden.device, dtype=hidden.dtype)
+            return _replace(output, cache[key].expand_as(hidden).clone())
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.tracker.remove()
+
+    def __enter__(self) -> "Ablation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _identity_layer(module, args, kwargs, output):
+    hidden_in = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden_in, torch.Tensor):
+        raise AblationError(f"skip_layer: cannot find the input hidden states of {type(module).__name__}")
+    return _replace(output, hidden_in)
+
+
+# ---------------------------------------------------------------------------------------------- means
+def collect_means(model: nn.Module, units: Iterable[Unit], layers_path: str,
+                  windows: Sequence[Sequence[int]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The mean output vector of every unit's module(s) over every token of ``windows`` (token id rows, no
+    padding), on the intact model; float32 on the CPU."""
+    units = list(units)
+    tracker = LayerTracker(model, layers_path)
+    sums: dict[tuple[str, int], torch.Tensor] = {}
+    counts: dict[tuple[str, int], int] = {}
+    layers_of: dict[str, set[int]] = {}
+    for unit in units:
+        for name in unit.modules:
+            layers_of.setdefault(name, set()).add(unit.layer)
+
+    def capture(name: str):
+        def hook(module, args, output):
+            if tracker.current not in layers_of[name]:
+                return None
+            hidden = _primary(output).detach().float()
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            key = (name, tracker.current)
+            sums[key] = sums.get(key, 0) + flat.sum(0).cpu()
+            counts[key] = counts.get(key, 0) + flat.shape[0]
+            return None
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(capture(name)) for name in layers_of]
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for row in windows:
+                model(input_ids=torch.tensor([list(row)], device=device))
+    finally:
+        for h in handles:
+            h.remove()
+        tracker.remove()
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for unit in units:
+        for name in unit.modules:
+            key = (name, unit.layer)
+            if key not in counts:
+                raise AblationError(f"{unit.key}: {name} never ran on the reference text; mean ablation impossible")
+            out.setdefault(unit.key, {})[name] = sums[key] / counts[key]
+    return out
