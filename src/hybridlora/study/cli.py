@@ -5,6 +5,7 @@ import sys
 
 
 def register(subparsers) -> None:
+    from .backends import add_backend_options
     from .config import preset_names
 
     p = subparsers.add_parser(
@@ -21,6 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", help="override the config's seeds, e.g. 3407,42,1234")
     p.add_argument("--no-report", action="store_true", help="run the jobs but do not build the report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_backend_options(p)
     p.set_defaults(func=cmd_study)
 
 
@@ -56,6 +58,7 @@ def cmd_study(args) -> int:
     from ..errors import CliError
     from ..analysis.report import ReportError
     from ..placement import PlacementError
+    from .backends import BackendError, backend_from_args
     from .config import StudyConfigError
     from .runner import dry_run, run_study, summary_line
     from .store import StoreError
@@ -65,8 +68,9 @@ def cmd_study(args) -> int:
         if args.dry_run:
             dry_run(config, only=args.only)
             return 0
-        run = run_study(config, only=args.only, progress=not args.quiet, report=not args.no_report)
-    except (StudyConfigError, StoreError, PlacementError, ReportError) as exc:
+        backend = backend_from_args(args, config.backend)
+        run = run_study(config, only=args.only, progress=not args.quiet, report=not args.no_report, backend=backend)
+    except (StudyConfigError, StoreError, PlacementError, ReportError, BackendError) as exc:
         raise CliError(str(exc)) from None
     print(summary_line(run))
     if run.failed:
