@@ -58,7 +58,7 @@ def cmd_study(args) -> int:
     from ..errors import CliError
     from ..analysis.report import ReportError
     from ..placement import PlacementError
-    from .backends import BackendError, backend_from_args
+    from .backends import BackendError, backend_from_args, check_backend
     from .config import StudyConfigError
     from .runner import dry_run, run_study, summary_line
     from .store import StoreError
@@ -69,6 +69,7 @@ def cmd_study(args) -> int:
             dry_run(config, only=args.only)
             return 0
         backend = backend_from_args(args, config.backend)
+        check_backend(backend)  # Ray missing or the cluster unreachable: say so before any work
         run = run_study(config, only=args.only, progress=not args.quiet, report=not args.no_report, backend=backend)
     except (StudyConfigError, StoreError, PlacementError, ReportError, BackendError) as exc:
         raise CliError(str(exc)) from None

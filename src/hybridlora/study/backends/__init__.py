@@ -72,15 +72,25 @@ def backend_from_args(args, settings: Any = None) -> Backend:
     return backend
 
 
-def run_on_backend(run, backend: Backend, *, progress: bool, desc: str) -> None:
-    """Run ``run.jobs`` on a non-local backend (today: ray), filling ``run`` as the local loop does."""
+def check_backend(backend: Backend) -> None:
+    """What can be checked before any work: Ray importable, the cluster's address reachable (BackendError)."""
     if backend.name != "ray":
-        raise BackendError(f"unknown backend {backend.name!r}; choose one of {', '.join(BACKENDS)}")
+        return
     try:
         import ray  # noqa: F401
     except ImportError:
         raise BackendError("--backend ray needs Ray, which is not installed here: pip install 'hybridlora[ray]' "
                            "(or pip install ray)") from None
+    from .ray_backend import check_address
+
+    check_address(backend.address)
+
+
+def run_on_backend(run, backend: Backend, *, progress: bool, desc: str) -> None:
+    """Run ``run.jobs`` on a non-local backend (today: ray), filling ``run`` as the local loop does."""
+    if backend.name != "ray":
+        raise BackendError(f"unknown backend {backend.name!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     from .ray_backend import run_on_ray
 
     run_on_ray(run, backend, progress=progress, desc=desc)

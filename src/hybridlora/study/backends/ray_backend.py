@@ -59,8 +59,7 @@ def connect(backend: Backend) -> None:
     kwargs = dict(runtime_env={"env_vars": env} if env else None, log_to_driver=False,
                   logging_level="WARNING", configure_logging=True)
     address = backend.address
-    if address and address != "auto" and not address.startswith("ray://"):
-        _check_reachable(address)
+    check_address(address)
     if not address:
         kwargs["include_dashboard"] = False
     try:
@@ -72,10 +71,13 @@ def connect(backend: Backend) -> None:
                            ) from None
 
 
-def _check_reachable(address: str) -> None:
+def check_address(address: str | None) -> None:
+    """A HOST:PORT address answers (seconds, where ray.init would retry for a minute); auto/None pass."""
     import socket
 
-    host, _, port = address.rpartition(":")
+    if not address or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise BackendError(f"--address {address}: give auto or HOST:PORT (the address `ray start --head` prints)")
     try:

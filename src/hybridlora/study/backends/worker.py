@@ -145,10 +145,13 @@ def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | Non
     "timing", "paths" (local path -> driver path)}; a job that raises is returned as an error, not raised, so
     that the driver tells a failed job (recorded, maybe retried) from a lost worker (rerun)."""
     task_start = time.time()
-    timing: dict[str, Any] = {"process_age_at_task_s": _process_age_s()}
+    timing: dict[str, Any] = {"process_age_at_task_s": _process_age_s(), "task_start": task_start}
     caches = use_node_kernel_caches()
     where = where_am_i()
-    events.started.remote(task["token"], where)
+    where["saw_study_dir"] = os.path.exists(task["study_dir"])  # True only on a shared file system (never used)
+    import ray
+
+    ray.get(events.started.remote(task["token"], where))  # waited for: the driver hears it before the result
     root = Path(tempfile.mkdtemp(prefix=f"hybridlora-{task['job_id']}-"))
     study = root / "study"
     out = study / "runs" / task["job_id"]
@@ -162,8 +165,6 @@ def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | Non
         timing["import_torch_s"] = time.time() - t
         module, function = task["kind_path"].split(":")
         run = getattr(importlib.import_module(module), function)
-        import ray
-
         streamer = _CheckpointStreamer(
             out, lambda name, blob: ray.get(events.checkpoint.remote(task["token"], name, blob)))
         t = time.time()
@@ -175,7 +176,8 @@ def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | Non
         finally:
             streamer.stop()
         timing["job_s"] = time.time() - t
-        timing["task_s"] = time.time() - task_start
+        timing["task_end"] = time.time()
+        timing["task_s"] = timing["task_end"] - task_start
         if error is not None:
             return {"error": error, "where": where, "timing": timing}
         _write_worker_info(out, where, timing, caches)
