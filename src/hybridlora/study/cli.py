@@ -7,6 +7,7 @@ from ..threads import add_option as add_threads_option
 
 
 def register(subparsers) -> None:
+    from .backends import add_backend_options
     from .config import preset_names
 
     p = subparsers.add_parser(
@@ -31,6 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--status", action="store_true",
                    help="show the progress of the study (running or stopped) cell by cell and exit; runs nothing")
     add_threads_option(p)
+    add_backend_options(p)
     p.set_defaults(func=cmd_study)
 
 
@@ -66,6 +68,7 @@ def cmd_study(args) -> int:
     from ..errors import CliError
     from ..analysis.report import ReportError
     from ..placement import PlacementError
+    from .backends import BackendError, backend_from_args, check_backend
     from .config import StudyConfigError
     from .runner import dry_run, run_study, summary_line
     from .store import StoreError
@@ -77,13 +80,15 @@ def cmd_study(args) -> int:
         if args.dry_run:
             dry_run(config, only=args.only)
             return 0
+        backend = backend_from_args(args, config.backend)
+        check_backend(backend)  # Ray missing or the cluster unreachable: say so before any work
         notice = None if args.quiet else (lambda: _code_execution_notice(args, config))
         try:
             run = run_study(config, only=args.only, progress=not args.quiet, report=not args.no_report,
-                            add_cells=args.add_cells, on_start=notice)
+                            add_cells=args.add_cells, on_start=notice, backend=backend)
         except KeyboardInterrupt:
             return _interrupted(args, config)
-    except (StudyConfigError, StoreError, PlacementError, ReportError) as exc:
+    except (StudyConfigError, StoreError, PlacementError, ReportError, BackendError) as exc:
         raise CliError(str(exc)) from None
     if not args.quiet:
         _end_summary(run)

@@ -141,6 +141,15 @@ def check_seed(seed: int) -> int:
     return seed
 
 
+class BackendSettings(_Strict):
+    """Where the jobs run (docs/RAY.md); not part of any job's spec, so changing it never changes a job id."""
+    name: Literal["local", "ray"] = "local"
+    address: Optional[str] = None  # ray: "auto" or HOST:PORT of a running cluster; None starts one in-process
+    gpus_per_job: Optional[float] = Field(default=None, ge=0)  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_job: float = Field(default=1.0, gt=0)
+    retries: int = Field(default=0, ge=0)  # reruns of a job that raises, before it is recorded failed
+
+
 class StudyConfig(_Strict):
     name: str = Field(min_length=1)
     description: str = ""
@@ -155,6 +164,12 @@ class StudyConfig(_Strict):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     notes: list[str] = Field(default_factory=list)  # shown at the top of the report
     full_placement: Optional[str] = None  # the all-components placement compared against (default: largest)
+    backend: BackendSettings = Field(default_factory=BackendSettings)  # `backend: ray` or a mapping
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
     @field_validator("models", mode="before")
     @classmethod

@@ -192,6 +192,10 @@ JOB_KINDS: dict[str, str] = {
 }
 
 
+# Whether a job kind needs a GPU (the Ray backend asks for none for a kind mapped to False); unknown kinds do.
+JOB_USES_GPU: dict[str, bool] = {"base": True, "train": True}
+
+
 def execute(spec: dict, study_dir: str | Path, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Run one job of any registered kind."""
     import importlib

@@ -5,7 +5,7 @@ overwrite the first study's report with a mix of both grids. Now the first confi
 it; another config is refused unless the caller asks explicitly (``--add-cells``) to add its cells to the study,
 in which case the directory's grid becomes the union and the added config is recorded beside the first.
 
-The comparison ignores ``output`` (the same directory may be named by different relative paths) and normalises
+The comparison ignores ``output`` (the same directory may be named by different relative paths) and ``backend`` and normalises
 the stored config through the current validator, so defaults added by a newer hybridlora do not count as a change.
 """
 from __future__ import annotations
@@ -19,9 +19,13 @@ from .store import DB_NAME, Store
 ADDED_KEY = "added_configs"  # meta key: configs whose cells were added with --add-cells, in order
 
 
+# Fields that say where or how the jobs run, not what they compute: a study may be resumed on another backend.
+NOT_IDENTITY = ("output", "backend")
+
+
 def _identity(config_dump: dict) -> dict:
-    """The part of a config dump that decides what the study computes (everything but where it is written)."""
-    return {k: v for k, v in config_dump.items() if k != "output"}
+    """The part of a config dump that decides what the study computes (not where it is written or run)."""
+    return {k: v for k, v in config_dump.items() if k not in NOT_IDENTITY}
 
 
 def _normalised(stored: dict) -> dict | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..threads import current as current_threads
+from .backends import LOCAL, Backend, run_on_backend
 from .config import BUILTIN_DATA, StudyConfig
 from .grid import Job, expand_grid, filter_jobs, parse_only
 from .jobs import crash_point, execute
@@ -76,7 +77,7 @@ def prepare(config: StudyConfig, *, only: str | None = None) -> tuple[Path, list
 
 
 def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = True, report: bool = True,
-              add_cells: bool = False, on_start=None, log=print) -> StudyRun:
+              add_cells: bool = False, on_start=None, log=print, backend: Backend | None = None) -> StudyRun:
     """Run (or resume) the study; ``on_start`` is called once the inputs have been validated, before any job runs
     (so that notices are not printed for a command that is about to be refused)."""
     from .ownership import check_owner, register_grid
@@ -91,23 +92,31 @@ def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = 
         tqdm.write(current_threads(), file=sys.stderr)
     if on_start is not None:
         on_start()
-    run = run_jobs(study_dir, jobs, progress=progress, desc="study")
+    run = run_jobs(study_dir, jobs, progress=progress, desc="study", backend=backend)
     run.report_skipped = not report
     if report and run.counts["complete"]:
         run.report = build_study_report(study_dir)
     return run
 
 
-def run_jobs(study_dir: Path, jobs: list[Job], *, progress: bool = True, desc: str = "study") -> StudyRun:
+def run_jobs(study_dir: Path, jobs: list[Job], *, progress: bool = True, desc: str = "study",
+             backend: Backend | None = None) -> StudyRun:
     """Claim, run and record the given (already registered) jobs until none is left to claim.
 
     The one dispatch loop for every kind of job (study cells, ablation conditions, …): each job runs through
     :func:`.jobs.execute`, which looks its kind up in ``JOB_KINDS``; the result is recorded complete atomically.
+    ``backend`` says where jobs run (default: here); ``ray`` hands the same claim/record protocol to
+    :mod:`.backends.ray_backend`. A job that raises is rerun up to ``backend.retries`` times.
     """
+    backend = backend or LOCAL
+    run = StudyRun(study_dir, jobs)
+    if backend.name != "local":
+        run_on_backend(run, backend, progress=progress, desc=desc)
+        return run
     store = Store(study_dir)
     owner = make_owner()
     ids = [j.id for j in jobs]
-    run = StudyRun(study_dir, jobs)
+    failures: dict[str, int] = {}
     done = store.counts(ids)["complete"]
     beat = _Heartbeat(study_dir, owner)
     bar = tqdm(total=len(jobs), initial=done, desc=desc, unit="job", disable=not progress, position=0)
@@ -126,8 +135,12 @@ def run_jobs(study_dir: Path, jobs: list[Job], *, progress: bool = True, desc: s
             except Exception as exc:  # noqa: BLE001 — one failed cell must not stop the grid
                 message = f"{type(exc).__name__}: {exc}"
                 store.fail(job.id, owner, message + "\n" + traceback.format_exc(limit=8))
-                run.failed[job.id] = message
-                tqdm.write(f"FAILED {job.label}: {message}", file=sys.stderr)
+                failures[job.id] = failures.get(job.id, 0) + 1
+                retry = failures[job.id] <= backend.retries
+                if not retry:
+                    run.failed[job.id] = message
+                tqdm.write(f"FAILED {job.label}: {message}" + (
+                    f" (retry {failures[job.id]} of {backend.retries})" if retry else ""), file=sys.stderr)
                 continue
             finally:
                 beat.job_id = None

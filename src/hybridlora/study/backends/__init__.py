@@ -1,0 +1,96 @@
+"""Where a study's (or an ablation's) jobs run: ``local`` (this process, the default) or ``ray`` (a Ray cluster).
+
+The choice travels as one small :class:`Backend` value into :func:`hybridlora.study.runner.run_jobs`, so every
+command that dispatches jobs (``study``, ``ablate``) shares one mechanism. :func:`add_backend_options` adds the
+command line options to any parser; :func:`backend_from_args` merges them over a config's ``backend:`` key.
+The Ray code is imported only when the ray backend is used, so ``local`` works without Ray installed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+BACKENDS = ("local", "ray")
+
+
+class BackendError(RuntimeError):
+    """The backend cannot run the jobs (Ray missing, cluster unreachable, impossible resource request); the
+    message says what to install or check."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str = "local"  # "local" | "ray"
+    address: str | None = None  # ray: None starts a cluster in this process; "auto" or HOST:PORT joins one
+    gpus_per_job: float | None = None  # ray: None = 1 when the cluster has GPUs, else 0
+    cpus_per_job: float = 1.0  # ray
+    retries: int = 0  # a job that raises is run again up to this many times (both backends)
+
+    def describe(self) -> str:
+        if self.name == "local":
+            return "local"
+        return f"ray ({self.address or 'new local cluster'})"
+
+
+LOCAL = Backend()
+
+
+def add_backend_options(parser) -> None:
+    """The backend options of any command that runs jobs (``study``, ``ablate``)."""
+    group = parser.add_argument_group("where jobs run (docs/RAY.md)")
+    group.add_argument("--backend", choices=BACKENDS, default=None,
+                       help="local: this process (default); ray: one Ray task per job on a Ray cluster")
+    group.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                       help="ray: the cluster to join (`ray start --head` prints it); default: start one here")
+    group.add_argument("--gpus-per-job", type=float, default=None, metavar="N",
+                       help="ray: GPUs each job asks for (default 1 when the cluster has GPUs, else 0)")
+    group.add_argument("--cpus-per-job", type=float, default=None, metavar="N", help="ray: CPUs each job asks for "
+                       "(default 1)")
+    group.add_argument("--retries", type=int, default=None, metavar="N",
+                       help="run a job that raises up to N more times before recording it failed (default 0)")
+
+
+def backend_from_args(args, settings: Any = None) -> Backend:
+    """The backend a command asked for: command line options over the config's ``backend:`` settings (an object
+    or dict with the same field names, or None) over the defaults. Raises CliError on impossible values."""
+    from ...errors import CliError
+
+    base = settings.model_dump() if hasattr(settings, "model_dump") else dict(settings or {})
+    fields = {k: v for k, v in base.items() if k in Backend.__dataclass_fields__ and v is not None}
+    for key in ("backend", "address", "gpus_per_job", "cpus_per_job", "retries"):
+        value = getattr(args, key, None)
+        if value is not None:
+            fields["name" if key == "backend" else key] = value
+    backend = Backend(**fields)
+    for key in ("gpus_per_job", "cpus_per_job", "retries"):
+        value = getattr(backend, key)
+        if value is not None and value < 0:
+            raise CliError(f"--{key.replace('_', '-')} {value}: give a number >= 0")
+    if backend.name == "local" and (backend.address or backend.gpus_per_job is not None):
+        raise CliError("--address/--gpus-per-job apply to --backend ray; add --backend ray (or backend: ray in the "
+                       "config)")
+    return backend
+
+
+def check_backend(backend: Backend) -> None:
+    """What can be checked before any work: Ray importable, the cluster's address reachable (BackendError)."""
+    if backend.name != "ray":
+        return
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise BackendError("--backend ray needs Ray, which is not installed here: pip install 'hybridlora[ray]' "
+                           "(or pip install ray)") from None
+    from .ray_backend import check_address
+
+    check_address(backend.address)
+
+
+def run_on_backend(run, backend: Backend, *, progress: bool, desc: str) -> None:
+    """Run ``run.jobs`` on a non-local backend (today: ray), filling ``run`` as the local loop does."""
+    if backend.name != "ray":
+        raise BackendError(f"unknown backend {backend.name!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
+    from .ray_backend import run_on_ray
+
+    run_on_ray(run, backend, progress=progress, desc=desc)
