@@ -14,7 +14,8 @@ A family entry is declarative:
   a role; the first match wins;
 * ``bypassed`` — modules whose weight a kernel reads directly, so a LoRA adapter on them never acts;
 * ``tiny`` — config overrides giving a small same-family model for CPU liveness checks and tests;
-* ``study_presets`` — the placements of the published study, where the family was in it.
+* ``study_presets`` — the placements of the published study, where the family was in it;
+* ``topology`` may also be ``by-layer``: sequential or parallel as the model's layers hold one or more mixers.
 """
 from __future__ import annotations
 
@@ -81,11 +82,13 @@ class Family:
     layers_path: str = "model.layers"
     # GPU fast path (hybridlora.fast): the kernels this family's mixers need, and how its LM head scales logits
     # for the chunked cross-entropy (None: unknown, so no chunked loss; 1.0: plain; a str: a decoder attribute).
-    fast_kernels: tuple[str, ...] = ()
+    fast_kernels: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()  # or per config (the lab)
     logit_multiplier: float | str | None = None
     notes: str = ""
     # (path inside layer, layer index, config) -> reason when a module exists but is never called at that layer
     unused: Callable[[str, int, Any], str | None] | None = None
+    # for families whose classes transformers does not ship (the lab): makes the Auto classes know them
+    register: Callable[[], None] | None = None
 
     def classify(self, path: str, layer_kind: str | None, config: Any) -> tuple[str, str] | None:
         for rule in self.rules:
@@ -156,6 +159,7 @@ _FAMILY_MODULES = (
     "olmo_hybrid",
     "kimi_linear",
     "transformer",
+    "lab",
 )
 
 
@@ -170,6 +174,13 @@ _BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}
 def family_for(model_type: str) -> Family | None:
     """The family entry covering ``model_type``, or None (→ the structural classifier)."""
     return _BY_MODEL_TYPE.get(model_type)
+
+
+def ensure_registered(model_type: str) -> None:
+    """Let transformers' Auto classes know ``model_type`` where a family brings its own classes (the lab)."""
+    family = family_for(model_type or "")
+    if family is not None and family.register is not None:
+        family.register()
 
 
 def family_named(name: str) -> Family:
