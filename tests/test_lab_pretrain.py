@@ -62,3 +62,44 @@ def test_pretrain_bad_inputs_are_one_error_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, err
     assert not (tmp_path / "o" / "model").exists()
+
+
+@pytest.mark.usefixtures("fast_bindings")
+@pytest.mark.parametrize("mixers,parallel", [(["attention", "gdn"], False), (["attention", "gdn"], True),
+                                             (["attention", "mamba2"], False), (["attention", "mamba2"], True)])
+def test_packed_row_of_a_lab_model_equals_separate_rows(mixers, parallel):
+    """Pretraining packs documents into rows: every lab mixer (transformers' modules with hybridlora's bound
+    packing-aware functions) restarts its state at each example."""
+    from hybridlora import fast
+    from hybridlora.lab.model import LabConfig, LabForCausalLM
+
+    layers = [mixers] * 2 if parallel else [[mixers[1]], ["attention"]]
+    model = LabForCausalLM(LabConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     layer_mixers=layers, fusion="normalized", num_attention_heads=2,
+                                     num_key_value_heads=1, linear_num_key_heads=2, linear_num_value_heads=2,
+                                     mamba_n_heads=4, mamba_chunk_size=16)).eval()
+    ok, why = fast.packing_supported(model)
+    assert ok, why
+    torch.manual_seed(0)
+    exs = [{"input_ids": torch.randint(0, 100, (n,)).tolist(), "labels": [0] * n} for n in (7, 40, 3, 21)]
+    row = fast.pack(exs)
+    with torch.no_grad(), fast.packed_attention(model):
+        packed = model(**{k: v for k, v in row.items() if k != "labels"}, use_cache=False).logits
+    with torch.no_grad():
+        separate = torch.cat([model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits for e in exs], 1)
+    torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-4)
+
+
+def test_short_conv_lab_models_say_why_they_are_not_packed():
+    from hybridlora import fast
+    from hybridlora.lab.model import LabConfig, LabForCausalLM
+
+    model = LabForCausalLM(LabConfig(layer_mixers=[["short_conv"], ["attention"]]))
+    fast.use("fast")
+    try:
+        ok, why = fast.packing_supported(model)
+    finally:
+        from hybridlora.fast import kernels
+
+        kernels.restore()
+    assert not ok and "boundaries" in why
