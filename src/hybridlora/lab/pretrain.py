@@ -31,10 +31,28 @@ RUN_FILE = "lab_run.json"
 
 
 @dataclass
-class Corpus:
-    train: list[str]
-    val: list[str]
-    source: str
+class PretrainOptions:
+    """The recipe of one pretraining run (the CLI's flags; library callers build it directly)."""
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.05
+    seed: int = 0
+    precision: str = "auto"
+    packing: str = "auto"
+    cuda_graphs: str = "auto"
+    save_every: int = 100
+    eval_every: int = 0
+    resume: bool = False
+    stop_after_steps: int | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args: Any) -> "PretrainOptions":
+        names = [f for f in cls.__dataclass_fields__ if f != "progress"]
+        return cls(**{f: getattr(args, f) for f in names}, progress=not args.no_progress)
 
 
 # --- corpus ----------------------------------------------------------------------------------------
@@ -225,7 +243,7 @@ def cmd_pretrain(args) -> int:
     config.bos_token_id = tokenizer.bos_token_id
     train_ex, epochs = take_tokens(tokenize_documents(train_docs, tokenizer, args.seq_len), args.tokens)
     val_ex = tokenize_documents(val_docs, tokenizer, args.seq_len, prefix="val")[:200]
-    result = pretrain(config, train_ex, val_ex, out, args, tokenizer, epochs=epochs,
+    result = pretrain(config, train_ex, val_ex, out, PretrainOptions.from_args(args), tokenizer, epochs=epochs,
                       info={"spec": spec.name, "variant": args.variant, "match": vars(match) | {
                           "relative_error": match.relative_error}, "corpus": args.corpus, "tokenizer": tok_source,
                           "documents": {"train": len(train_docs), "val": len(val_docs)},
@@ -240,9 +258,10 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-def pretrain(config, train_ex: list, val_ex: list, out: Path, args: Any, tokenizer, *, epochs: int,
+def pretrain(config, train_ex: list, val_ex: list, out: Path, args: PretrainOptions, tokenizer, *, epochs: int,
              info: dict[str, Any]):
-    """Train a freshly initialised model of ``config`` on the examples (the library entry point)."""
+    """Train a freshly initialised model of ``config`` (a LabConfig, e.g. from ``solve.solve``) on tokenized
+    examples (``tokenize_documents``) into ``out`` (the library entry point; ``lab pretrain`` wraps it)."""
     import warnings
 
     import torch
@@ -254,7 +273,7 @@ def pretrain(config, train_ex: list, val_ex: list, out: Path, args: Any, tokeniz
                          grad_accum=args.grad_accum, max_length=args.seq_len, weight_decay=args.weight_decay,
                          warmup_ratio=args.warmup_ratio, seed=args.seed, save_every=args.save_every,
                          norm_every=0, eval_every=args.eval_every, loss_on="full", precision=args.precision,
-                         progress=not args.no_progress, packing=args.packing, cuda_graphs=args.cuda_graphs,
+                         progress=args.progress, packing=args.packing, cuda_graphs=args.cuda_graphs,
                          lora_dropout=0.0)
     torch.manual_seed(args.seed)
     with warnings.catch_warnings():
