@@ -299,6 +299,7 @@ SUBCOMMAND_MODULES = (
     ".analysis.cli",
     ".placement.cli",
     ".ablation.cli",
+    ".lab.cli",
 )
 
 

@@ -268,7 +268,7 @@ def _schedule(modules: list[ModuleInfo], kinds: list[str] | None, n_layers: int)
 
 
 def _topology(family: Family | None, schedule: list[LayerInfo]) -> tuple[str, str]:
-    if family is not None:
+    if family is not None and family.topology != "by-layer":
         return family.topology, "family table"
     parallel = any(len(layer.mixers) > 1 for layer in schedule)
     return ("parallel" if parallel else "sequential"), "inferred: layers holding more than one mixer"

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .families import Family, family_for
+from .families import Family, ensure_registered, family_for
 
 
 class ModelError(ValueError):
@@ -61,6 +61,7 @@ def config_from_dict(data: dict[str, Any]) -> Any:
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ModelError("config has no model_type; pass a transformers config.json")
+    ensure_registered(model_type)
     try:
         return AutoConfig.for_model(model_type, **data)
     except ValueError as exc:
@@ -108,6 +109,7 @@ def _config_from_file(path: Path) -> Any:
     if "peft_type" in data:
         _refuse_adapter_config(path, data)
     model_type = data.get("model_type")
+    ensure_registered(model_type)
     if model_type not in CONFIG_MAPPING:
         raise ModelError(f"{path}: model_type {model_type!r} unknown to this transformers; upgrade transformers")
     return CONFIG_MAPPING[model_type].from_json_file(str(path))
@@ -195,6 +197,7 @@ def tiny_config_for(model_type: str, **overrides: Any) -> Any:
     family = family_for(model_type)
     if family is None:
         raise ModelError(f"no family entry for model_type {model_type!r}")
+    ensure_registered(model_type)
     base = text_config(AutoConfig.for_model(model_type))
     data = base.to_dict()
     data.update(copy.deepcopy(family.tiny))

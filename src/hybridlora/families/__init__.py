@@ -16,6 +16,7 @@ A family entry is declarative:
 * ``tiny`` — config overrides giving a small same-family model for CPU liveness checks and tests;
 * ``study_presets`` — the placements of the published study, where the family was in it;
 * ``ablation_modules`` — where a component's output is not one module's output (ablation hooks).
+* ``topology`` may also be ``by-layer``: sequential or parallel as the model's layers hold one or more mixers.
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ class Family:
     layers_path: str = "model.layers"
     # GPU fast path (hybridlora.fast): the kernels this family's mixers need, and how its LM head scales logits
     # for the chunked cross-entropy (None: unknown, so no chunked loss; 1.0: plain; a str: a decoder attribute).
-    fast_kernels: tuple[str, ...] = ()
+    fast_kernels: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()  # or per config (the lab)
     logit_multiplier: float | str | None = None
     notes: str = ""
     # (path inside layer, layer index, config) -> reason when a module exists but is never called at that layer
@@ -90,6 +91,8 @@ class Family:
     # Ablation (hybridlora.ablation): component -> the module path(s) inside a decoder layer whose output is that
     # component's contribution, where it is not simply the common parent of the component's modules.
     ablation_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # for families whose classes transformers does not ship (the lab): makes the Auto classes know them
+    register: Callable[[], None] | None = None
 
     def classify(self, path: str, layer_kind: str | None, config: Any) -> tuple[str, str] | None:
         for rule in self.rules:
@@ -160,6 +163,7 @@ _FAMILY_MODULES = (
     "olmo_hybrid",
     "kimi_linear",
     "transformer",
+    "lab",
 )
 
 
@@ -174,6 +178,13 @@ _BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}
 def family_for(model_type: str) -> Family | None:
     """The family entry covering ``model_type``, or None (→ the structural classifier)."""
     return _BY_MODEL_TYPE.get(model_type)
+
+
+def ensure_registered(model_type: str) -> None:
+    """Let transformers' Auto classes know ``model_type`` where a family brings its own classes (the lab)."""
+    family = family_for(model_type or "")
+    if family is not None and family.register is not None:
+        family.register()
 
 
 def family_named(name: str) -> Family:

@@ -283,26 +283,32 @@ def _module_boundary_aware(module_name: str, attrs: dict[str, str]) -> bool:
                                 for a in needed if hasattr(module, a))
 
 
-def _model_module(model: Any) -> str:
-    """The modeling module (the key of :data:`BINDINGS`) of ``model``, PEFT wrapper or not."""
-    return type(causal_lm(model)).__module__
+def _model_modules(model: Any) -> list[str]:
+    """The modeling modules (keys of :data:`BINDINGS`) whose functions ``model``'s mixers call, PEFT wrapper or
+    not: the model's own module, or, for a model built from several transformers models' mixers (the lab), the
+    modules its ``mixer_modules()`` names."""
+    lm = causal_lm(model)
+    own = getattr(lm, "mixer_modules", None)
+    return sorted(own()) if callable(own) else [type(lm).__module__]
 
 
 def host_read_boundaries(model: Any) -> list[str]:
     """Functions bound now for ``model``'s mixers that read packed-row boundaries on the host (a per-example loop:
     correct, but no CUDA graph can hold it), as ``module.attribute`` names."""
-    module_name = _model_module(model)
-    if module_name not in BINDINGS:
-        return []
-    module = importlib.import_module(module_name)
-    return [f"{module_name.rsplit('.', 1)[-1]}.{attr}" for attr in BINDINGS[module_name]
-            if getattr(getattr(module, attr, None), "__hybridlora_host_boundaries__", False)]
+    found = []
+    for module_name in _model_modules(model):
+        if module_name not in BINDINGS:
+            continue
+        module = importlib.import_module(module_name)
+        found += [f"{module_name.rsplit('.', 1)[-1]}.{attr}" for attr in BINDINGS[module_name]
+                  if getattr(getattr(module, attr, None), "__hybridlora_host_boundaries__", False)]
+    return found
 
 
 def boundary_aware(model: Any) -> bool:
     """Whether the functions bound now keep the examples of a packed row apart in ``model``'s mixers."""
-    module_name = _model_module(model)
-    return module_name in BINDINGS and _module_boundary_aware(module_name, BINDINGS[module_name])
+    names = _model_modules(model)
+    return bool(names) and all(n in BINDINGS and _module_boundary_aware(n, BINDINGS[n]) for n in names)
 
 
 def _owner(module: Any, attr: str) -> tuple[Any, str]:
@@ -404,7 +410,10 @@ def required_kernels(model: Any) -> tuple[str, ...]:
     from ..families import family_for  # the kernels a family needs are declared in its family file
 
     family = family_for(getattr(config, "model_type", None) or "")
-    return family.fast_kernels if family is not None else ()
+    if family is None:
+        return ()
+    # a family whose models differ in their mixers (the lab) declares the kernels per config
+    return family.fast_kernels(config) if callable(family.fast_kernels) else family.fast_kernels
 
 
 def _device_type(model: Any) -> str | None:

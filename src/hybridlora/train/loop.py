@@ -51,6 +51,9 @@ ADAPTER_DIR = "adapter"
 CKPT_DIR = "checkpoints"
 
 
+FULL_PARAMETER = "full-parameter"  # the run name when train() gets no placement: every weight trains
+
+
 class TrainingError(RuntimeError):
     """Training could not run or stopped (bad configuration, non-finite loss, nothing to resume)."""
 
@@ -339,7 +342,7 @@ def run_fingerprint(examples: list[TokenizedExample], resolved, config: "TrainCo
     recipe = {k: v for k, v in asdict(config).items()
               if k not in ("save_every", "keep_checkpoints", "log_every", "norm_every", "eval_every", "progress",
                            "gradient_checkpointing", "precision", "cuda_graphs")}
-    hosts = sorted((h.name, h.rank, h.alpha) for h in resolved.hosts)
+    hosts = sorted((h.name, h.rank, h.alpha) for h in resolved.hosts) if resolved is not None else FULL_PARAMETER
     digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
     out = {"data": data.hexdigest()[:16], "placement": digest(hosts)}
     out.update({f"config.{k}": json.dumps(v) for k, v in sorted(recipe.items())})
@@ -403,8 +406,12 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
           config: TrainConfig | None = None, *, pad_id: int,
           val_set: TokenizedSet | list[TokenizedExample] | None = None,
           data_manifest: dict | None = None, run_info: dict | None = None, resume: bool = False,
-          stop_after_steps: int | None = None, component_of: dict[str, str] | None = None) -> TrainResult:
+          stop_after_steps: int | None = None, component_of: dict[str, str] | None = None,
+          final_dir: str = ADAPTER_DIR) -> TrainResult:
     """Fine-tune LoRA on ``resolved``'s hosts of ``model`` (a plain transformers causal LM, not yet wrapped).
+
+    ``resolved=None`` trains every parameter instead (pretraining, :mod:`hybridlora.lab.pretrain`): no PEFT, the
+    checkpoints hold all weights, and the model itself is saved under ``final_dir`` at the end.
 
     ``resume=True`` continues from the newest checkpoint in ``output_dir`` (the model must be the same base
     model, freshly built/loaded). ``stop_after_steps`` stops after that many optimizer steps in total, saving a
@@ -420,8 +427,8 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
     if not examples:
         raise TrainingError("no training examples left after formatting (all skipped?)")
     output_dir = Path(output_dir)
-    if (output_dir / ADAPTER_DIR).exists():
-        raise TrainingError(f"{output_dir} already holds a finished run (adapter in {output_dir / ADAPTER_DIR}); "
+    if (output_dir / final_dir).exists():
+        raise TrainingError(f"{output_dir} already holds a finished run ({output_dir / final_dir}); "
                             "choose another --output")
     ckpts = checkpoints(output_dir)
     if resume and not ckpts:
@@ -433,9 +440,11 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
     if not resume:
         ckpts = []
     output_dir.mkdir(parents=True, exist_ok=True)
-    for junk in [*output_dir.glob(".checkpoint-step-*"), *output_dir.glob(f".{ADAPTER_DIR}.*")]:
+    for junk in [*output_dir.glob(".checkpoint-step-*"), *output_dir.glob(f".{final_dir}.*")]:
         shutil.rmtree(junk, ignore_errors=True)  # half-written by a killed run
-    component_of = component_of or {h.name: h.component for h in resolved.hosts}
+    component_of = component_of or {h.name: h.component for h in (resolved.hosts if resolved is not None else [])}
+    run_name = resolved.name if resolved is not None else FULL_PARAMETER
+
     fingerprint = run_fingerprint(examples, resolved, config)
 
     if config.gradient_checkpointing:
@@ -443,7 +452,7 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             raise TrainingError(f"{type(model).__name__} does not support gradient checkpointing; drop the option")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # PEFT: frozen embeddings, so checkpointed blocks need grad inputs
-    peft_model = attach_lora(model, resolved, config.lora_dropout)
+    peft_model = attach_lora(model, resolved, config.lora_dropout) if resolved is not None else model
     device = _device_of(peft_model)
     kernels = _bind_kernels(peft_model, device)
     packing, batching = batching_line(peft_model, config)
@@ -492,7 +501,7 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
     log.write(event="start" if not ckpts else "resume", step=step, total_steps=total_steps,
               trainable_params=trainable, num_train=n, num_val=len(val_examples),
               effective_batch=config.effective_batch, precision=precision, packing=packing, batching=batching,
-              gradient_checkpointing=config.gradient_checkpointing, loss_on=config.loss_on, placement=resolved.name,
+              gradient_checkpointing=config.gradient_checkpointing, loss_on=config.loss_on, placement=run_name,
               kernels=kernels, cuda_graphs=graphs_line,
               **_skip_counts(data_manifest))
 
@@ -500,7 +509,7 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
     if config.progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=total_steps, initial=step, desc=f"train {resolved.name}", unit="step", leave=False)
+        progress = tqdm(total=total_steps, initial=step, desc=f"train {run_name}", unit="step", leave=False)
     peft_model.train()
     last_loss = None
     if precision == "bf16":
@@ -556,7 +565,7 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
                 log.write(event="step", step=step, epoch=epoch, loss=total, lr=lr, grad_norm=grad_norm,
                           tokens=seen_tokens, loss_tokens=n_tokens, forwards=len(batches), computed_tokens=computed,
                           tokens_per_s=round(tps, 1), **({"graphs_captured": captured} if captured else {}))
-            if config.norm_every and (step % config.norm_every == 0 or step == 1):
+            if config.norm_every and resolved is not None and (step % config.norm_every == 0 or step == 1):
                 log.write(event="lora_norms", step=step, norms=lora_norms(peft_model, component_of))
             if config.eval_every and step % config.eval_every == 0 and val_examples:
                 with validation():
@@ -572,18 +581,18 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             _save_checkpoint(output_dir, step, peft_model, optimizer, scheduler, config.keep_checkpoints,
                              fingerprint)
             log.write(event="stopped", step=step, reason=f"stop_after_steps={stop_after_steps}")
-            return TrainResult(output_dir, output_dir / ADAPTER_DIR, step, last_loss, None, trainable, peft_model,
+            return TrainResult(output_dir, output_dir / final_dir, step, last_loss, None, trainable, peft_model,
                                graphs.describe() if graphs is not None else graphs_line)
         with validation():
             val_loss = evaluate_loss(peft_model, val_examples, pad_id, config.micro_batch_size, config.precision)
         if val_examples:
             log.write(event="eval", step=step, val_loss=val_loss)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.", dir=output_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir}.", dir=output_dir))
         peft_model.save_pretrained(str(tmp))
-        _replace_dir(tmp, output_dir / ADAPTER_DIR)
+        _replace_dir(tmp, output_dir / final_dir)
         log.write(event="end", step=step, final_loss=last_loss, val_loss=val_loss,
                   cuda_graphs=graphs.describe() if graphs is not None else graphs_line,
-                  lora_norms=lora_norms(peft_model, component_of))
+                  **({"lora_norms": lora_norms(peft_model, component_of)} if resolved is not None else {}))
     except TrainingError as exc:
         log.write(event="error", step=step, message=str(exc))
         raise
@@ -608,7 +617,7 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             from ..fast import skip_input_upcast
 
             skip_input_upcast(peft_model, enabled=False)
-    return TrainResult(output_dir, output_dir / ADAPTER_DIR, step, last_loss, val_loss, trainable, peft_model,
+    return TrainResult(output_dir, output_dir / final_dir, step, last_loss, val_loss, trainable, peft_model,
                        graphs.describe() if graphs is not None else graphs_line)
 
 
@@ -648,6 +657,11 @@ def _run_yaml(resolved, config: TrainConfig, run_info: dict | None, precision: s
               batching: str) -> str:
     import yaml
 
+    if resolved is None:
+        return yaml.safe_dump({"run": dict(run_info or {}), "placement": {"name": FULL_PARAMETER,
+                               "trainable_params": trainable},
+                               "training": {**asdict(config), "effective_batch": config.effective_batch,
+                                            "precision_used": precision, "batching": batching}}, sort_keys=False)
     doc = {
         "run": dict(run_info or {}),
         "placement": {

@@ -1,0 +1,92 @@
+"""Efficiency of a lab spec's matched architectures: training tokens/s, MFU and memory; prefill and decode
+against sequence length (hybridlora.lab.efficiency).
+
+Every variant of the spec is built (sequential, parallel, all-attention, all-recurrent; matched to the spec's
+parameter target), randomly initialised (seed 0), run in bf16 on CUDA with the fast kernels bound. Writes
+``OUT/efficiency.json`` (read by ``hybridlora lab report``) and prints one table.
+
+GPU (the issue's target: ~120M matched pair at >= 35% MFU of 790 TFLOP/s, batch 16 x 2,048)::
+
+    python bench/bench_lab.py --spec gpu-120m-gdn --out bench/results/lab-gdn
+    python bench/bench_lab.py --spec gpu-120m-mamba2 --out bench/results/lab-mamba2
+
+CPU smoke run (tiny spec, short sequences; checks the script, says nothing about speed)::
+
+    python bench/bench_lab.py --tiny --out /tmp/lab-bench
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default="gpu-120m-gdn", help="spec file or shipped name (default gpu-120m-gdn)")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke sizes: tiny-gdn, batch 2 x 64, lengths 64,128")
+    parser.add_argument("--archs", default="sequential,parallel,all_attention,all_recurrent")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--peak-tflops", type=float, default=790.0)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if args.tiny:
+        args.spec, args.batch, args.seq_len, args.steps, args.lengths, args.decode_tokens = \
+            "tiny-gdn", 2, 64, 2, "64,128", 4
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+    from hybridlora.lab.efficiency import inference_profile, training_profile
+    from hybridlora.lab.solve import build
+    from hybridlora.lab.spec import load_spec, variants
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    found = variants(load_spec(args.spec))
+    lengths = [int(x) for x in args.lengths.split(",")]
+    results = {"spec": args.spec, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "torch": torch.__version__, "archs": {}}
+    for key in args.archs.split(","):
+        spec = found[key]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, match = build(spec, seed=0)
+        model.to(device)
+        train = training_profile(model, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
+                                 peak_tflops=args.peak_tflops)
+        model.zero_grad(set_to_none=True)
+        infer = inference_profile(model, lengths, decode_tokens=args.decode_tokens)
+        results["archs"][spec.name] = {"variant": key, "schedule": model.config.mixer_schedule,
+                                       "params": match.achieved, "target": match.target,
+                                       "training": train, "inference": infer}
+        print(f"{spec.name:<30} {match.achieved:>12,} params  {train['tokens_per_s']:>12,.0f} tok/s  "
+              f"MFU {100 * train['mfu']:5.1f}%  peak {train['peak_mem_gib'] or 0:.1f} GiB", flush=True)
+        for row in infer:
+            if "error" in row:
+                print(f"    L={row['length']:>6}: {row['error']}")
+            else:
+                print(f"    L={row['length']:>6}: prefill {row['prefill_tokens_per_s']:>12,.0f} tok/s  decode "
+                      f"{row['decode_tokens_per_s']:>8,.1f} tok/s  peak {row['decode_peak_mem_gib'] or 0:.2f} GiB")
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".efficiency.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out / "efficiency.json")
+    print(f"written: {out / 'efficiency.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

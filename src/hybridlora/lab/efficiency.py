@@ -1,0 +1,126 @@
+"""Efficiency profile of a lab architecture: training tokens/s, MFU and memory; prefill and decode throughput
+and memory against sequence length.
+
+Training: full-parameter steps of ``batch × seq_len`` random tokens in bf16 autocast (fp32 on CPU), AdamW
+(fused on CUDA), the loss through hybridlora.fast's chunked cross-entropy, the fast kernels bound
+(``fast.use("fast")``) and missing ones warned about. MFU counts 6 × parameters FLOPs per token (the issue's
+convention: attention's quadratic term is left out, so long sequences read low) against ``peak_tflops``.
+Prefill: one forward of ``[1, L]`` that fills the cache. Decode: greedy steps after a prefill of ``L`` tokens,
+reading the cache (tokens/s of the steps alone). Memory: the CUDA allocator's peak for each measurement.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+H200_BF16_TFLOPS = 790.0  # the issue's ceiling for MFU (dense bf16, H200)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def training_profile(model, *, batch: int, seq_len: int, steps: int = 10, warmup: int = 3,
+                     peak_tflops: float = H200_BF16_TFLOPS) -> dict[str, Any]:
+    from ..fast import causal_lm_loss_sum
+    from ..train.loop import _autocast, bind_kernels
+
+    device = next(model.parameters()).device
+    kernels = bind_kernels(model)
+    ctx, precision = _autocast(device, "auto")
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
+    mask = torch.ones_like(ids)
+    model.train()
+
+    def step():
+        with ctx:
+            loss, n = causal_lm_loss_sum(model, ids, ids, attention_mask=mask)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    _reset_peak(device)
+    seconds = _timed(step, device, steps, warmup)
+    tokens_per_s = batch * seq_len / seconds
+    return {"batch": batch, "seq_len": seq_len, "params": params, "precision": precision, "kernels": kernels,
+            "step_s": seconds, "tokens_per_s": tokens_per_s,
+            "mfu": 6 * params * tokens_per_s / (peak_tflops * 1e12), "peak_tflops": peak_tflops,
+            "peak_mem_gib": _peak_gib(device)}
+
+
+@torch.no_grad()
+def inference_profile(model, lengths: list[int], *, decode_tokens: int = 64, repeats: int = 3,
+                      warmup: int = 1) -> list[dict[str, Any]]:
+    """Prefill and decode at each context length (batch 1); a length that runs out of memory is recorded so."""
+    from ..train.loop import _autocast
+
+    device = next(model.parameters()).device
+    ctx, _ = _autocast(device, "auto")
+    model.eval()
+    rows = []
+    for length in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+        try:
+            rows.append({"length": length, **_prefill(model, ids, ctx, device, repeats, warmup),
+                         **_decode(model, ids, ctx, device, decode_tokens)})
+        except torch.OutOfMemoryError:
+            rows.append({"length": length, "error": "out of memory"})
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _prefill(model, ids, ctx, device, repeats, warmup) -> dict[str, Any]:
+    def run():
+        with ctx:
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+    _reset_peak(device)
+    seconds = _timed(run, device, repeats, warmup)
+    return {"prefill_s": seconds, "prefill_tokens_per_s": ids.shape[1] / seconds, "prefill_peak_mem_gib": _peak_gib(device)}
+
+
+def _decode(model, ids, ctx, device, steps: int) -> dict[str, Any]:
+    _reset_peak(device)
+    with ctx:
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        position = ids.shape[1]
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            pos = torch.tensor([[position]], device=device)
+            out = model(input_ids=token, cache=cache, use_cache=True, position_ids=pos)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+            position += 1
+        _sync(device)
+    seconds = time.perf_counter() - start
+    return {"decode_tokens": steps, "decode_tokens_per_s": steps / seconds, "decode_peak_mem_gib": _peak_gib(device)}

@@ -1,0 +1,88 @@
+"""``hybridlora lab probe``: the probe suite for one spec (or its matched set of architectures)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ...errors import CliError
+
+
+def register(sub) -> None:
+    from . import PROBE_MODULES
+
+    p = sub.add_parser("probe", help="MAD synthetic probes + MQAR + long-context retrieval, trained from scratch")
+    p.add_argument("spec", help="architecture spec YAML or shipped spec name")
+    p.add_argument("--archs", default="as-written",
+                   help="as-written, or a comma list of the spec's variants: sequential, parallel, all_attention, "
+                        "all_recurrent (default: as written)")
+    p.add_argument("--probes", default="all", help=f"comma list or all ({', '.join(PROBE_MODULES)})")
+    p.add_argument("--seeds", default="0,1", help="comma list of seeds (default 0,1)")
+    p.add_argument("--settings", choices=["tiny", "mad"], default="tiny",
+                   help="tiny: CPU-sized tasks and models; mad: MAD's baseline task settings (GPU)")
+    p.add_argument("--output", required=True, help="results directory (probes.jsonl, probes_summary.json)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_probe)
+
+
+def _list(text: str, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise CliError(f"--{what} is empty")
+    return items
+
+
+def cmd_probe(args) -> int:
+    from ..cli import load_spec_or_fail, solve_or_fail
+    from ..spec import variants
+    from . import PROBE_MODULES, Settings, probe_spec, run_suite, summarize
+
+    spec = load_spec_or_fail(args.spec)
+    probes = list(PROBE_MODULES) if args.probes == "all" else _list(args.probes, "probes")
+    unknown = sorted(set(probes) - set(PROBE_MODULES))
+    if unknown:
+        raise CliError(f"unknown probe(s) {', '.join(unknown)}; known: {', '.join(PROBE_MODULES)}")
+    try:
+        seeds = [int(s) for s in _list(args.seeds, "seeds")]
+    except ValueError:
+        raise CliError(f"--seeds {args.seeds!r}: give integers, e.g. 0,1,2") from None
+    found = variants(spec)
+    names = _list(args.archs, "archs")
+    if names == ["as-written"]:
+        specs = {spec.name: spec}
+    else:
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise CliError(f"--archs: {', '.join(missing)} not among this spec's variants ({', '.join(found)})")
+        specs = {found[n].name: found[n] for n in names}
+    settings = Settings.tiny() if args.settings == "tiny" else Settings.mad()
+    for arch in specs.values():  # every probe architecture must solve before anything runs
+        for probe in probes:
+            solve_or_fail(probe_spec(arch, probe, settings))
+    out = Path(args.output)
+    if out.is_file():
+        raise CliError(f"--output {out} is a file; give a directory")
+    records = [r for r in run_suite(specs, probes, seeds, settings, out, progress=not args.no_progress)
+               if r["arch"] in specs and r["probe"] in probes and r["seed"] in seeds]
+    rows = summarize(records)
+    from ...train.loop import write_atomic
+
+    write_atomic(out / "probes_summary.json", json.dumps(rows, indent=1))
+    print(_table(rows))
+    print(f"records: {out / 'probes.jsonl'}; summary: {out / 'probes_summary.json'}")
+    return 0
+
+
+def _fmt(x: float) -> str:
+    return "  -  " if x is None or math.isnan(x) else f"{x:.3f}"
+
+
+def _table(rows: list[dict]) -> str:
+    lines = [f"{'architecture':<28} {'probe':<18} {'test':<5} {'acc':>6}  {'Wilson 95%':<15} {'seeds':>5}  "
+             f"{'seed mean [t 95%]'}"]
+    for r in rows:
+        lo, hi = r["wilson95"]
+        slo, shi = r["seed_t95"]
+        lines.append(f"{r['arch']:<28} {r['probe']:<18} {r['test']:<5} {r['accuracy']:>6.3f}  "
+                     f"[{lo:.3f}, {hi:.3f}] {len(r['seeds']):>5}  {r['seed_mean']:.3f} [{_fmt(slo)}, {_fmt(shi)}]")
+    return "\n".join(lines)

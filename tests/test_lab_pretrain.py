@@ -1,0 +1,105 @@
+"""The architecture lab, stage 2: full-parameter pretraining on WikiText-2 (CPU, tiny), exact resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridlora.cli import main
+
+WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+SPEC = ("name: pt\nvocab_size: 300\ndepth: 2\ntarget_params: 150000\nhead_dim: 16\nmixers: [attention, gdn]\n"
+        "topology: parallel\nfusion: normalized\n")
+ARGS = ["--corpus", str(WIKITEXT), "--tokens", "6000", "--seq-len", "64", "--micro-batch-size", "4",
+        "--max-docs", "300", "--lr", "3e-3", "--save-every", "4", "--no-progress"]
+
+pytestmark = pytest.mark.skipif(not WIKITEXT.is_file(), reason="needs ../shared/data/wikitext-2")
+
+
+def _losses(run: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if x["event"] == "step"]
+
+
+def test_pretraining_lowers_the_loss_and_resumes_exactly(tmp_path, capsys):
+    spec = tmp_path / "pt.yaml"
+    spec.write_text(SPEC)
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["lab", "pretrain", str(spec), *ARGS, "--output", str(full)]) == 0
+    losses = _losses(full)
+    assert len(losses) >= 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3  # it learned something
+    assert main(["lab", "pretrain", str(spec), *ARGS, "--output", str(split), "--stop-after-steps", "9"]) == 0
+    assert not (split / "model").exists() and "resume with --resume" in capsys.readouterr().out
+    assert main(["lab", "pretrain", str(spec), *ARGS, "--output", str(split), "--resume"]) == 0
+    assert _losses(split) == pytest.approx(losses, abs=1e-6)
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(full / "model").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(split / "model").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    run = json.loads((full / "lab_run.json").read_text())
+    assert abs(run["match"]["relative_error"]) <= 0.01
+    # the saved directory is one every command accepts: tokenizer beside the weights, component map
+    assert (full / "model" / "tokenizer.json").is_file()
+    assert main(["inspect", str(full / "model")]) == 0
+    assert "parallel" in capsys.readouterr().out
+    # a finished run is not overwritten
+    assert main(["lab", "pretrain", str(spec), *ARGS, "--output", str(full)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_pretrain_bad_inputs_are_one_error_line(tmp_path, capsys):
+    spec = tmp_path / "pt.yaml"
+    spec.write_text(SPEC)
+    bad_jsonl = tmp_path / "c.jsonl"
+    bad_jsonl.write_text('{"body": "x"}\n')
+    for extra in (["--corpus", str(bad_jsonl), "--tokens", "10"], ["--corpus", str(WIKITEXT), "--tokens", "0"],
+                  ["--corpus", str(tmp_path / "nope"), "--tokens", "10"]):
+        assert main(["lab", "pretrain", str(spec), *extra, "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+    assert not (tmp_path / "o" / "model").exists()
+
+
+@pytest.mark.usefixtures("fast_bindings")
+@pytest.mark.parametrize("mixers,parallel", [(["attention", "gdn"], False), (["attention", "gdn"], True),
+                                             (["attention", "mamba2"], False), (["attention", "mamba2"], True)])
+def test_packed_row_of_a_lab_model_equals_separate_rows(mixers, parallel):
+    """Pretraining packs documents into rows: every lab mixer (transformers' modules with hybridlora's bound
+    packing-aware functions) restarts its state at each example."""
+    from hybridlora import fast
+    from hybridlora.lab.model import LabConfig, LabForCausalLM
+
+    layers = [mixers] * 2 if parallel else [[mixers[1]], ["attention"]]
+    model = LabForCausalLM(LabConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     layer_mixers=layers, fusion="normalized", num_attention_heads=2,
+                                     num_key_value_heads=1, linear_num_key_heads=2, linear_num_value_heads=2,
+                                     mamba_n_heads=4, mamba_chunk_size=16)).eval()
+    ok, why = fast.packing_supported(model)
+    assert ok, why
+    torch.manual_seed(0)
+    exs = [{"input_ids": torch.randint(0, 100, (n,)).tolist(), "labels": [0] * n} for n in (7, 40, 3, 21)]
+    row = fast.pack(exs)
+    with torch.no_grad(), fast.packed_attention(model):
+        packed = model(**{k: v for k, v in row.items() if k != "labels"}, use_cache=False).logits
+    with torch.no_grad():
+        separate = torch.cat([model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits for e in exs], 1)
+    torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-4)
+
+
+def test_short_conv_lab_models_say_why_they_are_not_packed():
+    from hybridlora import fast
+    from hybridlora.lab.model import LabConfig, LabForCausalLM
+
+    model = LabForCausalLM(LabConfig(layer_mixers=[["short_conv"], ["attention"]]))
+    fast.use("fast")
+    try:
+        ok, why = fast.packing_supported(model)
+    finally:
+        from hybridlora.fast import kernels
+
+        kernels.restore()
+    assert not ok and "boundaries" in why

@@ -1,0 +1,159 @@
+"""The architecture lab, stage 3: probe generators (answers right by construction, seeds reproducible), the
+probe runner, summaries and the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hybridlora.cli import main
+from hybridlora.lab.probes import (PROBE_MODULES, Settings, generate, probe_spec, run_probe, run_suite, summarize,
+                                   task_args)
+from hybridlora.lab.probes.base import IGNORE
+from hybridlora.lab.spec import spec_from_dict
+
+SMALL = Settings(name="test", train_examples=48, test_examples=16, epochs=1, batch_size=16, depth=2,
+                 target_params=30_000, scale=0.25)
+
+
+@pytest.mark.parametrize("name", PROBE_MODULES)
+def test_generators_are_reproducible_per_seed_and_split(name):
+    a = generate(name, 7, "train", 20, SMALL)
+    b = generate(name, 7, "train", 20, SMALL)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.inputs, generate(name, 8, "train", 20, SMALL).inputs)
+    assert not torch.equal(a.inputs, generate(name, 7, "test", 20, SMALL).inputs)
+    assert a.answers > 0 and int(a.inputs.max()) < a.vocab_size and int(a.inputs.min()) >= 0
+
+
+def _pairs_consistent(tokens, labels, is_key):
+    """Every labelled token is the value that its (single-token) key got at its first showing."""
+    first_value = {}
+    for t in range(1, len(tokens)):
+        if is_key(tokens[t - 1]) and not is_key(tokens[t]):
+            key, value = tokens[t - 1], tokens[t]
+            if labels[t] != IGNORE:
+                assert key in first_value and first_value[key] == value == labels[t]
+            else:
+                assert key not in first_value  # only a first showing is left unlabelled
+            first_value.setdefault(key, value)
+
+
+@pytest.mark.parametrize("name", ["in_context_recall", "noisy_recall"])
+def test_recall_answers_are_the_values_shown_before(name):
+    data = generate(name, 1, "train", 30, SMALL)
+    args = task_args(name, SMALL)
+    content = args["vocab_size"] - args.get("noise_vocab_size", 0)
+    for tokens, labels in zip(data.inputs.tolist(), data.labels.tolist()):
+        _pairs_consistent(tokens, labels, lambda tok: tok < content // 2)
+        if name == "noisy_recall":
+            assert all(lab == IGNORE for tok, lab in zip(tokens, labels) if tok >= content)
+
+
+def test_fuzzy_recall_answers_are_whole_value_motifs_of_repeated_keys():
+    data = generate("fuzzy_recall", 2, "train", 30, SMALL)
+    half = (task_args("fuzzy_recall", SMALL)["vocab_size"] - 1) // 2
+    for tokens, labels in zip(data.inputs.tolist(), data.labels.tolist()):
+        runs, current = [], []
+        for t, tok in enumerate(tokens):  # split into alternating key / value runs by token range (0 pads)
+            kind = "pad" if tok == 0 else ("key" if tok <= half else "value")
+            if current and current[0][0] != kind:
+                runs.append(current)
+                current = []
+            current.append((kind, t, tok))
+        runs.append(current)
+        seen = {}
+        for key_run, value_run in zip(runs[::2], runs[1::2]):
+            if key_run[0][0] == "pad" or value_run[0][0] == "pad":
+                break
+            key, value = tuple(x[2] for x in key_run), tuple(x[2] for x in value_run)
+            labelled = [labels[x[1]] for x in value_run]
+            if key in seen:
+                assert seen[key] == value and labelled == list(value)
+            else:
+                assert all(lab == IGNORE for lab in labelled)
+            seen.setdefault(key, value)
+
+
+def test_selective_copying_answers_are_the_content_tokens_in_order():
+    data = generate("selective_copying", 3, "train", 20, SMALL)
+    n = task_args("selective_copying", SMALL)["num_tokens_to_copy"]
+    for tokens, labels in zip(data.inputs.tolist(), data.labels.tolist()):
+        context = tokens[:-n - 1]
+        assert tokens[-n - 1] == 1  # the copy marker
+        assert [x for x in context if x != 0] == labels[-n:] == tokens[-n:]
+        assert all(lab == IGNORE for lab in labels[:-n])
+
+
+def test_compression_labels_are_the_sequence_to_rebuild():
+    data = generate("compression", 0, "train", 10, SMALL)
+    assert torch.equal(data.labels[:, :-1], data.inputs[:, :-1]) and (data.inputs[:, -1] == 0).all()
+    assert (data.inputs[:, :-1] > 0).all()
+
+
+def test_memorization_train_and_test_share_one_table():
+    table = {}
+    for split in ("train", "test"):
+        data = generate("memorization", 5, split, 40, SMALL)
+        for tokens, labels in zip(data.inputs.tolist(), data.labels.tolist()):
+            for t in range(1, len(tokens), 2):
+                assert labels[t] == tokens[t]
+                assert table.setdefault(tokens[t - 1], tokens[t]) == tokens[t]
+    other = generate("memorization", 6, "train", 40, SMALL)
+    assert any(table.get(k) not in (None, v) for k, v in zip(other.inputs[:, 0::2].flatten().tolist(),
+                                                              other.inputs[:, 1::2].flatten().tolist()))
+
+
+@pytest.mark.parametrize("factor", [1, 2, 8])
+def test_mqar_and_long_context_queries_answer_with_the_pairs_values(factor):
+    data = generate("long_context", 4, "test", 10, SMALL, factor=factor)
+    args = task_args("long_context", SMALL)
+    assert data.inputs.shape[1] == factor * args["seq_len"]  # the same pairs and queries, stretched by filler
+    pairs = args["num_pairs"]
+    for tokens, labels in zip(data.inputs.tolist(), data.labels.tolist()):
+        mapping = dict(zip(tokens[0:2 * pairs:2], tokens[1:2 * pairs:2]))
+        answered = [(tokens[t - 1], labels[t]) for t in range(len(tokens)) if labels[t] != IGNORE]
+        assert len(answered) == pairs and all(mapping[k] == v for k, v in answered)
+    mq = generate("mqar", 4, "train", 10, SMALL)
+    assert mq.answers == 10 * task_args("mqar", SMALL)["seq_len"] // 4
+
+
+def test_probe_architectures_stay_matched():
+    spec = spec_from_dict({"name": "p", "mixers": ["attention", "gdn"], "ratio": "1:1"})
+    from hybridlora.lab.solve import solve
+    from hybridlora.lab.spec import variants
+
+    for name in PROBE_MODULES:
+        sizes = [solve(probe_spec(v, name, SMALL))[1] for v in variants(spec).values()]
+        assert all(abs(m.relative_error) <= 0.01 for m in sizes), name
+
+
+def test_suite_runs_resumes_and_summarises(tmp_path):
+    spec = spec_from_dict({"name": "p", "mixers": ["attention", "mamba2"], "ratio": "1:1"})
+    specs = {"p": spec}
+    records = run_suite(specs, ["memorization", "compression"], [0, 1], SMALL, tmp_path, progress=False)
+    assert len(records) == 4 and all(r["params"] for r in records)
+    again = run_suite(specs, ["memorization", "compression"], [0, 1], SMALL, tmp_path, progress=False)
+    assert len(again) == 4 and len((tmp_path / "probes.jsonl").read_text().splitlines()) == 4  # nothing re-run
+    rows = summarize(records)
+    assert {r["probe"] for r in rows} == {"memorization", "compression"}
+    for r in rows:
+        lo, hi = r["wilson95"]
+        assert 0 <= lo <= r["accuracy"] <= hi <= 1 and r["seeds"] == [0, 1]
+
+
+def test_a_probe_learns_memorization_on_cpu():
+    spec = spec_from_dict({"name": "m", "mixers": ["attention"]})
+    record = run_probe(spec, "memorization", 0, Settings(name="t", epochs=6, train_examples=256, test_examples=64,
+                                                         target_params=60_000, scale=0.25, lr=5e-3))
+    assert record["loss_last"] < record["loss_first"] - 1.0
+    assert record["scores"]["test"]["accuracy"] > 0.5  # chance is 1/128
+
+
+def test_probe_cli_bad_inputs(tmp_path, capsys):
+    for extra in (["--probes", "nope"], ["--seeds", "a,b"], ["--archs", "sideways"]):
+        assert main(["lab", "probe", "tiny-gdn", "--output", str(tmp_path / "o"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,40 @@
+"""The architecture lab, stage 5: the report over models, runs, probe results and efficiency profiles."""
+from __future__ import annotations
+
+import json
+
+from hybridlora.cli import main
+from hybridlora.lab.probes import Settings, run_suite
+from hybridlora.lab.spec import spec_from_dict
+
+
+def test_report_puts_architectures_probes_and_efficiency_side_by_side(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\nvocab_size: 300\ndepth: 2\ntarget_params: 150000\nmixers: [attention, gdn]\n"
+                    "ratio: '1:1'\n")
+    assert main(["lab", "build", str(spec), "--variants", "--output", str(tmp_path / "lab" / "models")]) == 0
+    small = Settings(name="test", train_examples=32, test_examples=16, epochs=1, batch_size=16, target_params=30_000)
+    run_suite({"s": spec_from_dict({"name": "s", "mixers": ["attention", "gdn"], "ratio": "1:1"})},
+              ["long_context"], [0, 1], small, tmp_path / "lab" / "probes", progress=False)
+    (tmp_path / "lab" / "eff").mkdir()
+    (tmp_path / "lab" / "eff" / "efficiency.json").write_text(json.dumps({"device": "cpu", "archs": {"s-sequential": {
+        "params": 150000, "training": {"batch": 2, "seq_len": 64, "tokens_per_s": 600.0, "mfu": 0.0},
+        "inference": [{"length": 64, "prefill_tokens_per_s": 1000.0, "decode_tokens_per_s": 30.0}]}}}))
+    capsys.readouterr()
+    assert main(["lab", "report", str(tmp_path / "lab")]) == 0
+    md = (tmp_path / "lab" / "report" / "report.md").read_text()
+    for needle in ("s-parallel", "s-all-attention", "AG AG", "long_context", "x8", "Wilson", "600",
+                   "long-context-retrieval-against-length.png"):
+        assert needle in md, needle
+    assert (tmp_path / "lab" / "report" / "long-context-retrieval-against-length.png").stat().st_size > 1000
+    assert "No pretraining runs" in md
+    # a rebuild replaces the report in place
+    assert main(["lab", "report", str(tmp_path / "lab")]) == 0
+
+
+def test_report_of_an_empty_or_missing_folder_is_one_error_line(tmp_path, capsys):
+    for target in (tmp_path, tmp_path / "missing"):
+        assert main(["lab", "report", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+    assert not (tmp_path / "report").exists()
