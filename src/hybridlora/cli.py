@@ -271,6 +271,7 @@ SUBCOMMAND_MODULES = (
     ".train.cli",
     ".evaluate.cli",
     ".analysis.cli",
+    ".advise.cli",
 )
 
 
