@@ -82,17 +82,26 @@ def advice_examples(source: str, tokenizer, *, data_dir=None, examples: int = DE
 
 def measure(signal: str, model, candidates, train_examples, held_out, pad_id: int, *, seed: int,
             batch_size: int = 8) -> HostSignals:
+    from ..train.loop import bind_kernels
+
     torch.manual_seed(seed)
+    kernels = bind_kernels(model)  # the fast mixer kernels on CUDA, as training binds them (warns about missing)
     if signal == "grad":
-        return gradient_signals(model, candidates, train_examples, pad_id, batch_size=batch_size)
+        measured = gradient_signals(model, candidates, train_examples, pad_id, batch_size=batch_size)
+        measured.extra["kernels"] = kernels
+        return measured
     if signal == "probe":
         probe = probe_signals(model, candidates, train_examples, held_out, pad_id, seed=seed, batch_size=batch_size)
         probe.peft_model.unload()  # give the caller its base model back, without LoRA layers
+        probe.signals.extra["kernels"] = kernels
         return probe.signals
     raise ValueError(f"unknown signal {signal!r}")
 
 
-def propose(model, cmap, train_examples, held_out, pad_id: int, budget: int, *, signal: str = "grad",
+DEFAULT_SIGNAL = "probe"  # chosen by measurement: docs/ADVISE.md
+
+
+def propose(model, cmap, train_examples, held_out, pad_id: int, budget: int, *, signal: str = DEFAULT_SIGNAL,
             unit: str = "host", seed: int = 3407, name: str = ADVISOR_NAME, budget_source: str = "--budget",
             batch_size: int = 8) -> Proposal:
     start = time.perf_counter()

@@ -203,7 +203,7 @@ def compare_group(scores: dict[str, dict[str, float]], accuracy: dict[str, float
 
 
 def track_record(study_dir, *, signals=SIGNAL_NAMES, examples: int = 256, seed: int = 3407, max_length: int = 512,
-                 chosen: str = "grad") -> dict:
+                 chosen: str = "probe") -> dict:
     study_dir = Path(study_dir)
     overall, per_seed = measured_accuracy(study_dir)
     groups = study_groups(study_dir)
@@ -290,17 +290,16 @@ def _verdict(mine: dict | None, baseline: dict, chosen: str, paired: dict) -> st
     if baseline["mean_regret_pp"] is None:
         return (f"{chosen}: mean regret {mine['mean_regret_pp']:.2f} pp over {mine['groups']} group(s); the grid has "
                 "no attention-only placement to compare with")
-    better = mine["mean_regret_pp"] < baseline["mean_regret_pp"]
-    word = "better than" if better else "NO BETTER than"
-    text = (f"the advisor ({chosen} signal) does {word} always choosing attention only: mean regret "
+    holds_zero = paired["ci_low"] is None or paired["ci_low"] <= 0 <= paired["ci_high"]
+    better = mine["mean_regret_pp"] < baseline["mean_regret_pp"] and not holds_zero
+    word = "better than" if better else "NOT shown better than"
+    interval = ("no interval" if paired["ci_low"] is None
+                else f"[{paired['ci_low']:+.2f}, {paired['ci_high']:+.2f}]")
+    return (f"the advisor ({chosen} signal) is {word} always choosing attention only: mean regret "
             f"{mine['mean_regret_pp']:.2f} pp vs {baseline['mean_regret_pp']:.2f} pp, best pick in "
-            f"{mine['picked_best']}/{mine['groups']} vs {baseline['picked_best']}/{baseline['groups']} group(s)")
-    if paired["ci_low"] is None:
-        return text + f"; paired difference over {paired['n']} group×seed pair(s) has no interval: NOT established"
-    holds_zero = paired["ci_low"] <= 0 <= paired["ci_high"]
-    return text + (f"; paired difference {paired['mean_pp']:+.2f} pp [{paired['ci_low']:+.2f}, {paired['ci_high']:+.2f}]"
-                   f" over {paired['n']} group×seed pairs" + (": NOT distinguishable from attention only"
-                                                              if holds_zero else ""))
+            f"{mine['picked_best']}/{mine['groups']} vs {baseline['picked_best']}/{baseline['groups']} group(s); "
+            f"paired regret difference {_fmt(paired['mean_pp'], '+.2f')} pp {interval} over {paired['n']} "
+            "group×seed pair(s)" + (" (the interval holds 0)" if paired["ci_low"] is not None and holds_zero else ""))
 
 
 # --- output --------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ class ModelEntry(_Strict):
 class AdvisorSettings(_Strict):
     """``placements: [advisor]``: the advisor's proposal for each model × domain, resolved when the grid is built
     (``hybridlora.advise.study``) so every job spec holds the concrete hosts and ranks it trains."""
-    signal: Literal["grad", "probe"] = "grad"
+    signal: Literal["grad", "probe"] = "probe"
     unit: Literal["host", "component"] = "host"
     examples: int = Field(default=256, ge=1)
     max_length: int = Field(default=512, ge=16)

@@ -76,7 +76,7 @@ def placements_for(config: StudyConfig, entry) -> list[dict]:
     for item in config.placements:
         if item.advisor is not None:  # made concrete per training domain in expand_grid
             settings = item.advisor.model_dump(mode="json")
-            name = "advisor" + "".join(f"_{settings[k]}" for k, default in (("signal", "grad"), ("unit", "host"))
+            name = "advisor" + "".join(f"_{settings[k]}" for k, default in (("signal", "probe"), ("unit", "host"))
                                        if settings[k] != default)
             name += f"@budget_of_{item.match_budget}" if item.match_budget else ""
             out.append({"name": name, "advisor": settings,
