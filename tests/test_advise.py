@@ -247,6 +247,6 @@ def test_study_advisor_entry_resolves_to_a_concrete_cached_placement(tmp_path, m
 def test_study_config_rejects_an_advisor_entry_mixed_with_a_preset():
     from hybridlora.study.config import StudyConfigError, study_config_from_dict
 
-    with pytest.raises(StudyConfigError, match="exactly one of preset, group, file or advisor"):
+    with pytest.raises(StudyConfigError, match="exactly one of preset, group or file, or advisor"):
         study_config_from_dict({"name": "x", "models": ["qwen3.5-0.8b"], "domains": ["gsm8k"],
                                 "placements": [{"advisor": {}, "preset": "all"}]})

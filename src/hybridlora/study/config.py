@@ -79,7 +79,7 @@ class PlacementEntry(_Strict):
     def _one_source(self) -> "PlacementEntry":
         given = [k for k in ("preset", "group", "file", "advisor") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("each placement entry needs exactly one of preset, group, file or advisor")
+            raise ValueError("each placement entry needs exactly one of preset, group or file, or advisor")
         if self.group and (self.match_budget or self.rank):
             raise ValueError("rank/match_budget apply to one placement, not to a whole group")
         return self
