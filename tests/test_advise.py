@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +251,31 @@ def test_study_config_rejects_an_advisor_entry_mixed_with_a_preset():
     with pytest.raises(StudyConfigError, match="exactly one of preset, group or file, or advisor"):
         study_config_from_dict({"name": "x", "models": ["qwen3.5-0.8b"], "domains": ["gsm8k"],
                                 "placements": [{"advisor": {}, "preset": "all"}]})
+
+
+def test_validate_end_to_end_on_a_tiny_finished_study(tmp_path):
+    from hybridlora.advise.validate import track_record, write_track_record
+    from hybridlora.study.config import study_config_from_dict
+    from hybridlora.study.runner import run_study
+
+    config = study_config_from_dict({
+        "name": "val", "output": str(tmp_path / "study"), "data_dir": "builtin:demo",
+        "models": [{"model": "qwen3.5-0.8b", "tiny": True}], "placements": ["attention_only", "recurrent_only", "all"],
+        "domains": [{"name": "gsm8k", "max_examples": 8, "val_examples": 2}],
+        "train": {"epochs": 1, "micro_batch_size": 8, "grad_accum": 1, "max_length": 192, "save_every": 0},
+        "eval": {"benchmarks": {"mmlu": 6}, "batch_size": 8, "max_length": 256}})
+    run = run_study(config, progress=False, report=False)
+    assert not run.failed
+    record = track_record(tmp_path / "study", signals=["grad", "probe_loss"], examples=8, max_length=192,
+                          chosen="grad")
+    (row,) = record["groups"]
+    assert set(row["placements"]) == {"attention_only", "recurrent_only", "all"}
+    grad = row["signals"]["grad"]
+    assert grad["n_placements"] == 3 and 1 <= grad["select"]["rank"] <= 3
+    assert grad["scores"]["all"] >= max(grad["scores"]["attention_only"], grad["scores"]["recurrent_only"])
+    assert row["attention_only"]["placement"] == "attention_only"
+    assert row["cost"]["grad"]["fraction_of_grid"] > 0 and row["grid_cells"] == 3
+    assert not row["unscored_hosts"]["grad"]  # every host of every grid placement carries a signal
+    paths = write_track_record(record, tmp_path / "study")
+    assert "verdict: the advisor (grad signal)" in Path(paths["markdown"]).read_text()
+    assert json.loads(Path(paths["json"]).read_text())["summary"]["verdict"] == record["summary"]["verdict"]
