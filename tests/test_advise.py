@@ -165,6 +165,8 @@ def test_budget_below_one_rank_is_a_one_line_error(tmp_path, capsys, demo_dir):
     (["advise", "--data", "gsm8k"], "MODEL"),
     (["advise", "--validate", "/nonexistent/study"], "no study.db"),
     (["advise", "qwen3.5-0.8b", "--tiny", "--data", "gsm8k", "--rank", "0"], "--rank must be a positive"),
+    (["advise", "qwen3.5-0.8b", "--validate", "somewhere"], "takes no MODEL"),
+    (["advise", "--validate", "somewhere", "--signals", "magic"], "--signals"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
@@ -243,6 +245,17 @@ def test_study_advisor_entry_resolves_to_a_concrete_cached_placement(tmp_path, m
     assert len(calls) == 2
     again = expand_grid(config)  # cached: same ids, no new measurement
     assert [j.id for j in again] == [j.id for j in jobs] and len(calls) == 2
+
+
+def test_study_config_accepts_the_advisor_spellings():
+    from hybridlora.study.config import study_config_from_dict
+
+    base = {"name": "x", "models": ["qwen3.5-0.8b"], "domains": ["gsm8k"]}
+    for entry in ("advisor", {"advisor": True}, {"advisor": {"signal": "grad", "examples": 64}, "rank": 8}):
+        (placement,) = study_config_from_dict({**base, "placements": [entry]}).placements
+        assert placement.advisor is not None and placement.preset is None
+    with pytest.raises(Exception, match="signal"):
+        study_config_from_dict({**base, "placements": [{"advisor": {"signal": "magic"}}]})
 
 
 def test_study_config_rejects_an_advisor_entry_mixed_with_a_preset():

@@ -169,6 +169,9 @@ def _validate(args) -> int:
     from ..errors import CliError
     from .validate import track_record, write_track_record
 
+    if args.model or args.data or args.output or args.budget or args.rank:
+        raise CliError("--validate STUDY_DIR takes no MODEL, --data, --output, --budget or --rank: the study's "
+                       "cells give the models, data and placements")
     wanted = [s.strip() for s in args.signals.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in ("grad", "probe", "probe_loss")]
     if unknown or not wanted:

@@ -116,11 +116,10 @@ def gradient_signals(model: nn.Module, candidates, examples, pad_id: int, *, max
     config = lora_config(candidates)
     config.lora_ga_config = LoraGAConfig()
     modules = dict(model.named_modules())
-    pad = pad_id
     stats = {}
 
-    def train_step() -> None:
-        stats["loss"], stats["tokens"] = _mean_loss_backward(model, examples, pad, batch_size)
+    def train_step() -> None:  # PEFT calls it with gradients enabled on the candidate weights only
+        stats["loss"], stats["tokens"] = _mean_loss_backward(model, examples, pad_id, batch_size)
 
     was_training = model.training
     with warnings.catch_warnings():  # PEFT counts backward calls with full hooks; torch notes frozen inputs

@@ -90,13 +90,12 @@ def advisor_scores(study_dir, group: dict, *, signals, examples: int, seed: int,
     """Scores of every grid placement of one group under each signal, and what each signal cost."""
     import torch
 
+    from ..components import build_component_map
     from ..data import pad_id_of
     from ..study.jobs import data_dir_of, load_base, resolve_placement
 
-    any_spec = next(iter(group["specs"].values()))
+    any_spec = next(iter(group["specs"].values()))  # every cell of a group shares base model, data and domain
     model, tokenizer = load_base(any_spec["model"])
-    from ..components import build_component_map
-
     cmap = build_component_map(model)
     resolved = {name: resolve_placement(spec, model) for name, spec in group["specs"].items()}
     pad = pad_id_of(tokenizer)
