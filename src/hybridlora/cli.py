@@ -300,6 +300,7 @@ SUBCOMMAND_MODULES = (
     ".placement.cli",
     ".ablation.cli",
     ".lab.cli",
+    ".advise.cli",
 )
 
 

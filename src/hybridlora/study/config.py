@@ -7,7 +7,8 @@
       - model: Qwen/Qwen3.5-0.8B-Base  # catalog name, hub id or local directory
       - {model: falcon-h1-0.5b, tiny: true}   # tiny random-weight same-family model (pipeline checks)
     placements: [study]                # preset groups (study, generic), preset names, {file: x.yaml},
-                                       # {preset: NAME, rank: 8}, {preset: NAME, match_budget: OTHER}
+                                       # {preset: NAME, rank: 8}, {preset: NAME, match_budget: OTHER},
+                                       # advisor, {advisor: {signal: probe}, match_budget: OTHER}
     domains:
       - {name: gsm8k, max_examples: 2000}
       - codealpaca
@@ -55,7 +56,18 @@ class ModelEntry(_Strict):
         return self.label or (f"{self.model} [tiny random]" if self.tiny else self.model)
 
 
+class AdvisorSettings(_Strict):
+    """``placements: [advisor]``: the advisor's proposal for each model × domain, resolved when the grid is built
+    (``hybridlora.advise.study``) so every job spec holds the concrete hosts and ranks it trains."""
+    signal: Literal["grad", "probe"] = "probe"
+    unit: Literal["host", "component"] = "host"
+    examples: int = Field(default=256, ge=1)
+    max_length: int = Field(default=512, ge=16)
+    seed: int = 3407
+
+
 class PlacementEntry(_Strict):
+    advisor: Optional[AdvisorSettings] = None  # budget: match_budget's placement, else `all` at rank (train.rank)
     preset: Optional[str] = None
     group: Optional[str] = None
     file: Optional[str] = None
@@ -65,9 +77,9 @@ class PlacementEntry(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "PlacementEntry":
-        given = [k for k in ("preset", "group", "file") if getattr(self, k)]
+        given = [k for k in ("preset", "group", "file", "advisor") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("each placement entry needs exactly one of preset, group or file")
+            raise ValueError("each placement entry needs exactly one of preset, group or file, or advisor")
         if self.group and (self.match_budget or self.rank):
             raise ValueError("rank/match_budget apply to one placement, not to a whole group")
         return self
@@ -184,6 +196,10 @@ class StudyConfig(_Strict):
         from ..placement.presets import PRESET_GROUPS
 
         def entry(v: Any) -> Any:
+            if v == "advisor":
+                return {"advisor": {}}
+            if isinstance(v, dict) and v.get("advisor") is True:
+                return {**v, "advisor": {}}
             if isinstance(v, str):
                 if v in PRESET_GROUPS:
                     return {"group": v}

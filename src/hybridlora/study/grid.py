@@ -76,6 +76,14 @@ def placements_for(config: StudyConfig, entry) -> list[dict]:
     rank, alpha = config.train.rank, config.train.alpha
     out: list[dict] = []
     for item in config.placements:
+        if item.advisor is not None:  # made concrete per training domain in expand_grid
+            settings = item.advisor.model_dump(mode="json")
+            name = "advisor" + "".join(f"_{settings[k]}" for k, default in (("signal", "probe"), ("unit", "host"))
+                                       if settings[k] != default)
+            name += f"@budget_of_{item.match_budget}" if item.match_budget else ""
+            out.append({"name": name, "advisor": settings,
+                        "rank": item.rank or rank, "match_budget": item.match_budget})
+            continue
         if item.group:
             chosen = [(p.with_defaults(rank, alpha), None) for p in preset_group(item.group, family)]
         elif item.file:
@@ -117,7 +125,7 @@ def expand_grid(config: StudyConfig) -> list[Job]:
         for domain in config.domains:
             dom = {"name": domain.name, "train_domain": domain.train_domain, "max_examples": domain.max_examples,
                    "val_examples": domain.val_examples}
-            for placement in placements:
+            for placement in _concrete(placements, config, model, data, dom):
                 for seed in config.seeds:
                     spec = {"version": SPEC_VERSION, "kind": "train", "model": model, "data": data,
                             "placement": placement, "domain": dom, "seed": seed, "train": training,
@@ -125,6 +133,17 @@ def expand_grid(config: StudyConfig) -> list[Job]:
                     train_jobs.append(Job(job_id("train", spec), "train", entry.name, placement["name"],
                                           domain.train_domain, seed, spec))
     return base_jobs + train_jobs
+
+
+def _concrete(placements: list[dict], config: StudyConfig, model: dict, data: dict, domain: dict) -> list[dict]:
+    """Advisor entries replaced by the advisor's proposal for this model and domain (hosts and ranks written
+    out, so the job id hashes exactly what it trains)."""
+    if not any("advisor" in p and "placement" not in p for p in placements):
+        return placements
+    from ..advise.study import advisor_placement
+
+    return [advisor_placement(p, config.output_dir(), model, data, domain, demo_seed=config.model_seed)
+            if "advisor" in p and "placement" not in p else p for p in placements]
 
 
 _FILTER_KEYS = ("model", "placement", "domain", "seed", "kind")
