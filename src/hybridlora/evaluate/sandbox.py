@@ -988,7 +988,9 @@ class _UidPool:
             self._problem = (f"uids {base}..{last} are not mapped in this user namespace "
                              "(set HYBRIDLORA_SANDBOX_UID_BASE)")
             return
-        self._lockdir = os.path.join(tempfile.gettempdir(), "hybridlora-sandbox-uids")
+        # One place for every evaluation process on the machine, whatever its TMPDIR: two processes
+        # locking uids in different folders could share a uid and kill each other's sandboxes in the sweep.
+        self._lockdir = "/tmp/hybridlora-sandbox-uids"
         try:
             os.mkdir(self._lockdir, 0o700)
         except FileExistsError:
