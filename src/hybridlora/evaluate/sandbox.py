@@ -1697,7 +1697,8 @@ def _humaneval_result(verdict: dict | None, sandbox: SandboxResult, checker_prob
     reason = verdict["detail"] if verdict is not None else "the trusted checker gave no verdict" + (
         f" ({checker_problem})" if checker_problem else "")
     extra = ("sandbox: " + sandbox.detail) if sandbox.detail and sandbox.detail not in reason else ""
-    detail = (reason + ("\n" + extra if extra else ""))[:2 * _DETAIL_CHARS]
+    parts = [extra, reason] if sandbox.status == "timeout" else [reason, extra]  # the cause first
+    detail = "\n".join(part for part in parts if part)[:2 * _DETAIL_CHARS]
     status = sandbox.status if sandbox.status in ("timeout", "error") else "failed"
     if verdict is not None and verdict["status"] == "error":
         status = "error"
