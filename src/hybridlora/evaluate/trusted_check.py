@@ -9,6 +9,7 @@ sandboxed worker (which holds the only copy of the completion's code) and turns 
 into plain values, an exception of a built-in type, or a failure. The verdict (``passed`` only
 when ``check`` returned and every call crossed the channel cleanly) is written as JSON to
 VERDICT_FD, which the sandboxed worker never holds.
+No ``from __future__`` imports here: the text is run after another file's text.
 """
 
 
