@@ -137,6 +137,14 @@ def test_mutated_arguments_exceptions_and_floats_reach_the_test():
     assert not run_humaneval(problem, completion.replace("0.2", "0.2000001")).passed
 
 
+def test_stop_iteration_cannot_end_a_tests_loop_early():
+    problem = {"task_id": "Channel/1", "prompt": "def f(x):\n", "entry_point": "f",
+               "test": "def check(candidate):\n    assert all(map(candidate, [1, 2, 3]))\n"}
+    assert run_humaneval(problem, "    return x > 0\n").passed
+    res = run_humaneval(problem, "    raise StopIteration\n")
+    assert not res.passed and "the candidate raised StopIteration" in res.detail
+
+
 def test_a_generator_is_not_plain_data(problems):
     res = run_humaneval(problems["HumanEval/29"], "    return (s for s in strings if s.startswith(prefix))\n")
     assert not res.passed and "generator object is not plain data" in res.detail

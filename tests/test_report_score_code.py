@@ -90,3 +90,31 @@ def test_score_code_errors(small_published, data_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == EXIT_USAGE and "no unscored HumanEval completions" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_score_code_on_the_generic_layout(data_dir, tmp_path, capsys):
+    """Generic results: rows with task_id + completion and no correct are executed; scored rows are left alone."""
+    with gzip.open(data_dir / "humaneval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as handle:
+        problems = [json.loads(line) for line in handle][:3]
+    root = tmp_path / "generic"
+    root.mkdir()
+    good = [{"example_id": p["task_id"], "task_id": p["task_id"], "completion": p["canonical_solution"]} for p in problems]
+    bad = [dict(row, completion="    return None\n") for row in good]
+    for name, rows in (("a_he.jsonl", good), ("b_he.jsonl", bad)):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "a_mmlu.jsonl").write_text("".join(json.dumps({"example_id": str(i), "correct": i % 2}) + "\n"
+                                               for i in range(4)))
+    runs = [{"model": "org/M", "placement": "attention_only", "train_domain": "codealpaca", "seed": 1,
+             "files": {"humaneval": "a_he.jsonl", "mmlu": "a_mmlu.jsonl"}},
+            {"model": "org/M", "placement": "all", "train_domain": "codealpaca", "seed": 1,
+             "files": {"humaneval": "b_he.jsonl", "mmlu": "a_mmlu.jsonl"}}]
+    (root / "manifest.json").write_text(json.dumps({"runs": runs}))
+    out = tmp_path / "report"
+    code = main(["report", "--import", str(root), "--output", str(out), "--score-code", "--data-dir", str(data_dir),
+                 "--resamples", "100", "--no-progress", "--full-placement", "org/M=all"])
+    assert code == 0, capsys.readouterr().err
+    with open(out / "tables" / "accuracy.csv", newline="") as handle:
+        acc = {(r["placement"], r["benchmark"]): (r["correct"], r["n"]) for r in csv.DictReader(handle)}
+    assert acc[("attention_only", SCORED_BENCHMARK)] == ("3", "3")
+    assert acc[("all", SCORED_BENCHMARK)] == ("0", "3")
+    assert acc[("all", "mmlu")] == ("2", "4")  # other benchmarks untouched

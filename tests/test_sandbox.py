@@ -181,7 +181,8 @@ def test_run_many_preserves_order():
     assert run_many([]) == []
 
 
-def test_fresh_private_workdir_and_home_are_removed():
+def test_fresh_private_workdir_and_home_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # only this test's runs, not concurrent evaluations
     tmp = tempfile.gettempdir()
     before = {n for n in os.listdir(tmp) if n.startswith("hybridlora-sbx-")}
     program = textwrap.dedent("""

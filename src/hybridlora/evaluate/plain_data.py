@@ -9,6 +9,7 @@ process.
 
 This file is self-contained (standard library only, no package imports): its source text is
 also executed inside the sandboxed worker and the trusted checker process.
+No ``from __future__`` imports here: the text is run after another file's text.
 """
 import json
 

@@ -988,7 +988,9 @@ class _UidPool:
             self._problem = (f"uids {base}..{last} are not mapped in this user namespace "
                              "(set HYBRIDLORA_SANDBOX_UID_BASE)")
             return
-        self._lockdir = os.path.join(tempfile.gettempdir(), "hybridlora-sandbox-uids")
+        # One place for every evaluation process on the machine, whatever its TMPDIR: two processes
+        # locking uids in different folders could share a uid and kill each other's sandboxes in the sweep.
+        self._lockdir = "/tmp/hybridlora-sandbox-uids"
         try:
             os.mkdir(self._lockdir, 0o700)
         except FileExistsError:
@@ -1695,7 +1697,8 @@ def _humaneval_result(verdict: dict | None, sandbox: SandboxResult, checker_prob
     reason = verdict["detail"] if verdict is not None else "the trusted checker gave no verdict" + (
         f" ({checker_problem})" if checker_problem else "")
     extra = ("sandbox: " + sandbox.detail) if sandbox.detail and sandbox.detail not in reason else ""
-    detail = (reason + ("\n" + extra if extra else ""))[:2 * _DETAIL_CHARS]
+    parts = [extra, reason] if sandbox.status == "timeout" else [reason, extra]  # the cause first
+    detail = "\n".join(part for part in parts if part)[:2 * _DETAIL_CHARS]
     status = sandbox.status if sandbox.status in ("timeout", "error") else "failed"
     if verdict is not None and verdict["status"] == "error":
         status = "error"
