@@ -44,7 +44,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runner_module, "run_study", interrupted)
     assert main(["study", "--output", str(tmp_path / "s"), "--quiet"]) == 130
     err = capsys.readouterr().err
-    assert "interrupted: finished cells are kept" in err
+    assert "interrupted: the cells finished so far are kept" in err
     assert f"hybridlora study --output {tmp_path / 's'}" in err and "Traceback" not in err
 
 
