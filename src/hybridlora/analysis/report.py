@@ -83,8 +83,8 @@ DEFINITIONS: List[Tuple[str, str]] = [
                        "(holm_family): every base/full comparison of the same model, or every placement pair of "
                        "the same model, train domain, seed and benchmark."),
     ("Over seeds", "With several seeds: mean and Student-t 95% interval of the per-seed values; the seed "
-                   "comparison table adds a one-sample t-test of the per-seed differences, Holm-adjusted per "
-                   "model."),
+                   "comparison table adds a one-sample t-test of the per-seed differences, Holm-adjusted within "
+                   "the same families (holm_family)."),
 ]
 
 
