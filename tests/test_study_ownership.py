@@ -3,7 +3,6 @@ runners finish in."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import yaml
@@ -103,14 +102,28 @@ def test_partial_report_says_so_and_a_late_partial_build_never_overwrites_the_co
             assert release.wait(30)
         return real_build(results, out, **kw)
 
+    from hybridlora.study import results as results_module
+
+    real_load, loads, second_load = results_module.load_study_results, [], threading.Event()
+
+    def counted_load(study_dir):
+        loads.append(study_dir)
+        if len(loads) == 2:
+            second_load.set()
+        return real_load(study_dir)
+
     monkeypatch.setattr(report_module, "build_report", slow_first_build)
+    monkeypatch.setattr(results_module, "load_study_results", counted_load)
     runner_a = threading.Thread(target=runner_module.build_study_report, args=(study,))
     runner_a.start()
     assert first_call.wait(30)
     _complete(study, "job1")  # runner B finishes the grid and builds its report while A is still writing
     runner_b = threading.Thread(target=runner_module.build_study_report, args=(study,))
     runner_b.start()
-    time.sleep(1.0)
+    # Unguarded, B reads the complete state now and writes its report before A writes its older one; guarded,
+    # B waits for A. Either way A is released only once B has done all it can do before A finishes.
+    if second_load.wait(5):
+        runner_b.join(120)
     release.set()
     runner_a.join(60)
     runner_b.join(60)

@@ -5,6 +5,8 @@ import csv
 import socket
 from pathlib import Path
 
+import pytest
+
 from hybridlora.cli import main
 from hybridlora.study import Job, Store, load_study_config
 from hybridlora.study import runner as runner_module
@@ -42,7 +44,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runner_module, "run_study", interrupted)
     assert main(["study", "--output", str(tmp_path / "s"), "--quiet"]) == 130
     err = capsys.readouterr().err
-    assert "interrupted: finished cells are kept" in err
+    assert "interrupted: the cells finished so far are kept" in err
     assert f"hybridlora study --output {tmp_path / 's'}" in err and "Traceback" not in err
 
 
@@ -70,3 +72,19 @@ def test_dry_run_of_the_demo_claims_cpu_minutes_not_gpu_hours(capsys):
     runner_module.dry_run(load_study_config("demo"))
     out = capsys.readouterr().out
     assert "CPU-minutes" in out and "GPU-hours" not in out and "H100" not in out
+
+
+@pytest.mark.parametrize("progress", [[], ["--no-progress"]])
+def test_eval_prints_each_note_once_and_no_python_warning(tmp_path, capsys, progress):
+    import warnings
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["eval", "qwen3.5-0.8b", "--tiny", "--data-dir", str(data), "--benchmarks", "mmlu",
+                     "--limit", "2", "--max-length", "256", "--output", str(tmp_path / "e"), *progress])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert (out + err).count("prompts kept") == 1 and "note: mmlu: prompts kept" in err
+    assert not [w for w in caught if "few-shot" in str(w.message)]
+    assert "fewshot_note" in (tmp_path / "e" / "mmlu.summary.json").read_text()  # the run log keeps it

@@ -117,6 +117,49 @@ def heatmap(matrix: Matrix) -> Figure:
 # --------------------------------------------------------------------------- parameters and Pareto
 
 
+def _short(value: float) -> str:
+    """7296 -> "7.3k", 10822656 -> "10.8M": bar labels short enough to stay inside the frame."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+_LABEL_GAP_PX = 11.0  # vertical room one 7-pt label needs at DPI 110
+
+
+def _spread(ys: Sequence[float], gap: float) -> List[float]:
+    """Label heights for points at pixel heights ``ys`` (any order): each at its point when there is room,
+    else pushed up just enough to keep ``gap`` px from the label below it."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    out = [0.0] * len(ys)
+    floor = -math.inf
+    for i in order:
+        out[i] = max(ys[i], floor + gap)
+        floor = out[i]
+    return out
+
+
+def _label_points(ax, points: Sequence[Tuple[float, float, str]]) -> None:
+    """Name each point without labels overlapping each other or leaving the frame: points at the same spot share
+    one label; labels of the right half sit left of their point; crowded labels are moved apart vertically and
+    tied to their point by a thin line."""
+    merged: Dict[Tuple[float, float], List[str]] = {}
+    for x, y, name in points:
+        merged.setdefault((x, y), []).append(name)
+    ax.autoscale_view()
+    pixels = ax.transData.transform([key for key in merged])
+    middle = sum(ax.transAxes.transform([(0.0, 0.0), (1.0, 0.0)])[:, 0]) / 2
+    for right_side in (False, True):
+        keys = [k for k, px in zip(merged, pixels) if (px[0] > middle) == right_side]
+        ys = [ax.transData.transform([k])[0][1] for k in keys]
+        for key, y, label_y in zip(keys, ys, _spread(ys, _LABEL_GAP_PX)):
+            dy = (label_y - y) * 72.0 / DPI + 3  # pixels -> points
+            ax.annotate(", ".join(merged[key]), key, fontsize=7, xytext=(-5 if right_side else 5, dy),
+                        textcoords="offset points", ha="right" if right_side else "left", va="bottom",
+                        arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.6} if dy > 6 else None)
+
+
 def pareto_scatter(means: Sequence[dict]) -> Figure:
     """Trainable params (log x) vs mean accuracy, one panel per train domain of ONE model.
 
@@ -124,7 +167,7 @@ def pareto_scatter(means: Sequence[dict]) -> Figure:
     points (``pareto`` True) are filled and joined by a step line.
     """
     domains = list(dict.fromkeys(r["train_domain"] for r in means))
-    fig = Figure(figsize=(4.2 * len(domains), 3.6), layout="constrained")
+    fig = Figure(figsize=(4.6 * len(domains), 3.8), layout="constrained")
     axes = fig.subplots(1, len(domains), squeeze=False)[0]
     for ax, domain in zip(axes, domains):
         rows = [r for r in means if r["train_domain"] == domain]
@@ -134,9 +177,8 @@ def pareto_scatter(means: Sequence[dict]) -> Figure:
         for r in rows:
             ax.scatter(r["trainable_params"], 100 * r["mean_accuracy"], s=36,
                        facecolor="tab:red" if r["pareto"] else "white", edgecolor="tab:red", zorder=3)
-            ax.annotate(r["placement"], (r["trainable_params"], 100 * r["mean_accuracy"]),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        ax.margins(x=0.12, y=0.25)  # room for the labels inside the frame
         # engineering labels (10k, 2M) on major ticks only: minor log labels collide on narrow ranges
         ax.xaxis.set_major_formatter(EngFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -144,6 +186,7 @@ def pareto_scatter(means: Sequence[dict]) -> Figure:
         ax.set_ylabel("mean accuracy (%)")
         ax.set_title(f"train domain: {domain}", fontsize=9)
         ax.grid(alpha=0.3)
+        _label_points(ax, [(r["trainable_params"], 100 * r["mean_accuracy"], r["placement"]) for r in rows])
     fig.suptitle(f"Params vs mean accuracy — {means[0]['model']}", fontsize=10)
     return fig
 
@@ -157,7 +200,9 @@ def params_bars(rows: Sequence[dict]) -> Figure:
     values = [r["trainable_params"] for r in rows]
     ax.barh(range(len(rows)), values, color="tab:blue")
     for i, v in enumerate(values):
-        ax.text(v, i, f" {v / 1e6:.2f}M", va="center", fontsize=7)
+        ax.text(v, i, f" {_short(v)}", va="center", fontsize=7)
+    ax.set_xlim(0, max(values) * 1.15)  # the value labels stay inside the frame
+    ax.xaxis.set_major_formatter(EngFormatter())
     ax.set_yticks(range(len(rows)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("trainable parameters")
@@ -181,7 +226,9 @@ def component_params_bars(rows: Sequence[dict]) -> Figure:
     ax.set_yticks(range(len(placements)), placements, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("trainable parameters")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    # beside the axes, never over a bar
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title(f"Trainable parameters per component type — {rows[0]['model']}", fontsize=9)
     return fig
 
@@ -190,8 +237,15 @@ def component_params_bars(rows: Sequence[dict]) -> Figure:
 
 
 def _lines(ax, series: Sequence[Series]) -> None:
+    """One line per series; a "<label> (val)" series is dashed with markers (often a single point, at the end of
+    training) in the colour of its run's training line."""
+    colours: Dict[str, str] = {}
     for s in series:
-        ax.plot(s.x, s.y, label=s.label, linewidth=1, linestyle="--" if s.label.endswith("(val)") else "-")
+        run = s.label.removesuffix(" (val)")
+        colour = colours.setdefault(run, f"C{len(colours) % 10}")
+        val = s.label.endswith("(val)")
+        ax.plot(s.x, s.y, label=s.label, linewidth=1, color=colour, linestyle="--" if val else "-",
+                marker="o" if val else None, markersize=3.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
 
@@ -287,8 +341,10 @@ def render_figures(tables: StudyTables) -> FigureSet:
         else:
             out.skipped.append((name, "no per-component parameter breakdown"))
     if tables.loss_curves:
-        _add(out, "loss_curves", "Training loss", "Training loss per step (dashed: validation loss).",
-             loss_curves_figure(tables.loss_curves))
+        has_val = any(s.label.endswith("(val)") for series in tables.loss_curves.values() for s in series)
+        caption = ("Training loss per step (solid); validation loss on the held-out slice (dashed, a dot where measured)." if has_val
+                   else "Training loss per step; no validation loss was logged.")
+        _add(out, "loss_curves", "Training loss", caption, loss_curves_figure(tables.loss_curves))
     else:
         out.skipped.append(("loss_curves", "no training curves"))
     if tables.norm_curves:

@@ -8,6 +8,7 @@
     OUT/tables/*.csv       every table, machine-readable (accuracies 0..1, differences in pp)
     OUT/tables/*.tex       the same tables as LaTeX tabulars (no package needed)
     OUT/figures/*.png      the figures, also embedded in report.html
+    OUT/metadata.json      the study's metadata (config, versions) and how the report was generated
 
 The report is built in a temporary sibling directory and renamed into place at the end, so
 OUT is either the complete new report or untouched (an older report is replaced only after
@@ -82,8 +83,8 @@ DEFINITIONS: List[Tuple[str, str]] = [
                        "(holm_family): every base/full comparison of the same model, or every placement pair of "
                        "the same model, train domain, seed and benchmark."),
     ("Over seeds", "With several seeds: mean and Student-t 95% interval of the per-seed values; the seed "
-                   "comparison table adds a one-sample t-test of the per-seed differences, Holm-adjusted per "
-                   "model."),
+                   "comparison table adds a one-sample t-test of the per-seed differences, Holm-adjusted within "
+                   "the same families (holm_family)."),
 ]
 
 
@@ -276,7 +277,8 @@ def _md_table(columns: Sequence[Tuple[str, str]], rows: Sequence[dict]) -> str:
 
 
 def _html_table(columns: Sequence[Tuple[str, str]], rows: Sequence[dict]) -> str:
-    head = "".join(f"<th>{html.escape(k)}</th>" for k, _ in columns)
+    # headers may break after an underscore, and a table wider than the page scrolls inside its own box
+    head = "".join(f"<th>{html.escape(k).replace('_', '_<wbr>')}</th>" for k, _ in columns)
     body = []
     for r in rows:
         cells = []
@@ -287,8 +289,8 @@ def _html_table(columns: Sequence[Tuple[str, str]], rows: Sequence[dict]) -> str
             cls = ' class="num"' if sort else ""
             cells.append(f"<td{cls}{sort}>{html.escape(_display(v, kind))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table class="sortable"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>')
+    return (f'<div class="tablewrap"><table class="sortable"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 # --------------------------------------------------------------------------- narrative
@@ -382,9 +384,11 @@ def _answer_lines(t: StudyTables) -> Dict[str, List[str]]:
     return out
 
 
-def _key_deltas(t: StudyTables) -> List[dict]:
+def _key_deltas(t: StudyTables) -> Tuple[List[dict], List[dict]]:
     """Rows of the summary's key-delta table: each placement's effect on its target benchmarks
-    vs base, with the bootstrap interval (the not-scored ones say so)."""
+    vs base, with the bootstrap interval (the not-scored ones say so); and, apart, the rows where
+    no example changed its answer (b01 = b10 = 0: delta exactly 0, nothing to test), which the
+    table leaves out and the report only counts."""
     out = []
     for row in t.deltas:
         if not row["target"]:
@@ -396,8 +400,21 @@ def _key_deltas(t: StudyTables) -> List[dict]:
         out.append({"model": row["model"], "train_domain": row["train_domain"], "benchmark": row["benchmark"],
                     "placement": row["placement"], "seed": row["seed"], "n_shared": p.get("n_shared"),
                     "delta_pp": row["delta_pp"] if row["delta_pp"] is not None else row["status"],
-                    "ci_low": p.get("ci_low"), "ci_high": p.get("ci_high"), "p_holm": p.get("p_holm")})
-    return out
+                    "ci_low": p.get("ci_low"), "ci_high": p.get("ci_high"), "p_holm": p.get("p_holm"),
+                    "_unchanged": bool(p) and p.get("b01") == 0 and p.get("b10") == 0})
+    kept = [r for r in out if not r["_unchanged"]]
+    return kept, [r for r in out if r["_unchanged"]]
+
+
+def _unchanged_sentence(unchanged: Sequence[dict]) -> str:
+    """One line for the key-delta rows left out because no example changed its answer."""
+    if not unchanged:
+        return ""
+    cells = ", ".join(f"{r['model']} / {r['train_domain']} / {r['placement']} on {r['benchmark']}"
+                      for r in unchanged[:6])
+    more = f" and {len(unchanged) - 6} more" if len(unchanged) > 6 else ""
+    return (f"{len(unchanged)} cell(s) left out: no target example changed its answer from the base model "
+            f"(delta exactly 0, nothing to test): {cells}{more}.")
 
 
 _KEY_DELTA_COLUMNS = [("model", "text"), ("train_domain", "text"), ("benchmark", "text"), ("placement", "text"),
@@ -467,8 +484,11 @@ def _markdown(results: StudyResults, t: StudyTables, figs: FigureSet, gen: dict)
             _md_table(TABLE_COLUMNS["recipe"][:-2] + [("note", "text")], t.recipe), ""]
     out += ["## Key deltas vs base (target benchmarks)", "",
             "Percentage points on shared example ids; 95% paired-bootstrap interval; Holm-adjusted McNemar p.", ""]
-    key = _key_deltas(t)
-    out += [_md_table(_KEY_DELTA_COLUMNS, key) if key else "_No target benchmarks in these results._", ""]
+    key, unchanged = _key_deltas(t)
+    if key or not unchanged:
+        out += [_md_table(_KEY_DELTA_COLUMNS, key) if key else "_No target benchmarks in these results._", ""]
+    if unchanged:
+        out += [_unchanged_sentence(unchanged), ""]
     pairs = _target_pairs(t)
     if pairs:
         out += ["## Placement vs placement (target benchmarks)", "", _PAIR_INTRO, "", _md_table(_PAIR_COLUMNS, pairs), ""]
@@ -479,7 +499,8 @@ def _markdown(results: StudyResults, t: StudyTables, figs: FigureSet, gen: dict)
     out += ["## Data", ""] + [f"- {line}" for line in _overview(results, t)] + [""]
     out += ["## Definitions", ""] + [f"- **{term}**: {text}" for term, text in DEFINITIONS] + [""]
     out += ["## Files", "", "- `report.html`: the full report (all tables and figures, self-contained)",
-            "- `tables/*.csv`, `tables/*.tex`: every table", "- `figures/*.png`: "
+            "- `tables/*.csv`, `tables/*.tex`: every table", "- `metadata.json`: study config, versions, generation",
+            "- `figures/*.png`: "
             + (", ".join(f.name for f in figs.figures) or "none"), ""]
     if figs.skipped:
         out += ["Figures skipped: " + "; ".join(f"{n} ({why})" for n, why in figs.skipped), ""]
@@ -496,8 +517,10 @@ padding:0 1em;color:#222;line-height:1.45}
 h1{margin-bottom:.2em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 .notes{background:#fff3cd;border:2px solid #e0a800;padding:.6em 1em;border-radius:6px;font-weight:600}
 .caveats{background:#eef4fb;border-left:4px solid #4a7ab5;padding:.4em 1em}
-table{border-collapse:collapse;font-size:12px;margin:.6em 0}
-th,td{border:1px solid #ccc;padding:2px 6px;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.tablewrap{max-width:100%;overflow-x:auto;margin:.6em 0}
+table{border-collapse:collapse;font-size:12px}
+th,td{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}
+td{max-width:24em;overflow-wrap:anywhere}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 th{background:#f2f2f2;cursor:pointer;position:sticky;top:0}
 figure{margin:1em 0}figcaption{font-size:13px;color:#555}img{max-width:100%}
 details{margin:.5em 0}summary{cursor:pointer;font-weight:600}pre{background:#f7f7f7;padding:.6em;overflow:auto}
@@ -552,10 +575,12 @@ def _html(results: StudyResults, t: StudyTables, figs: FigureSet, tables: List[_
         p.append(f"<h3>{_h(model)}</h3><ul>" + "".join(f"<li>{_md_inline(x)}</li>" for x in lines) + "</ul>")
     p.append(f"<h2>Practitioner recipe</h2><p>Smallest placement whose mean accuracy is at least "
              f"{RECIPE_FRACTION:.0%} of the full placement's.</p>" + _html_table(TABLE_COLUMNS["recipe"], t.recipe))
-    key = _key_deltas(t)
+    key, unchanged = _key_deltas(t)
     p.append("<h2>Key deltas vs base (target benchmarks)</h2><p>Percentage points on shared example ids; 95% "
              "paired-bootstrap interval; Holm-adjusted McNemar p.</p>"
-             + (_html_table(_KEY_DELTA_COLUMNS, key) if key else "<p>No target benchmarks in these results.</p>"))
+             + (_html_table(_KEY_DELTA_COLUMNS, key) if key else
+                "" if unchanged else "<p>No target benchmarks in these results.</p>")
+             + (f"<p>{_h(_unchanged_sentence(unchanged))}</p>" if unchanged else ""))
     pairs = _target_pairs(t)
     if pairs:
         p.append(f"<h2>Placement vs placement (target benchmarks)</h2><p>{_h(_PAIR_INTRO)}</p>"
@@ -577,14 +602,17 @@ def _html(results: StudyResults, t: StudyTables, figs: FigureSet, tables: List[_
                                                   for a, b in DEFINITIONS) + "</dl>")
     p.append("<h2>Appendix: data and provenance</h2><ul>" + "".join(f"<li>{_h(x)}</li>"
                                                                     for x in _overview(results, t)) + "</ul>")
-    p.append("<h3>Study metadata</h3><pre>" + _h(json.dumps(results.metadata, indent=2, default=str,
-                                                              sort_keys=True)) + "</pre>")
-    p.append("<h3>Report generation</h3><pre>" + _h(json.dumps(gen, indent=2)) + "</pre>")
+    p.append("<details><summary>Study metadata and report generation (also in <code>metadata.json</code>)"
+             "</summary><pre>" + _h(_metadata_json(results, gen)) + "</pre></details>")
     p.append(f"<script>{_JS}</script></body></html>")
     return "\n".join(p)
 
 
 # --------------------------------------------------------------------------- build
+
+
+def _metadata_json(results: StudyResults, gen: dict) -> str:
+    return json.dumps({"study": results.metadata, "report": gen}, indent=2, default=str, sort_keys=True)
 
 
 def _generation_info(resamples: int, seed: int) -> dict:
@@ -655,9 +683,10 @@ def _write_all(tmp: Path, results: StudyResults, t: StudyTables, figs: FigureSet
         rel = f"figures/{fig.name}.png"
         (tmp / rel).write_bytes(fig.png)
         written.append(rel)
+    (tmp / "metadata.json").write_text(_metadata_json(results, gen) + "\n", encoding="utf-8")
     (tmp / "report.md").write_text(_markdown(results, t, figs, gen), encoding="utf-8")
     (tmp / "report.html").write_text(_html(results, t, figs, tables, gen), encoding="utf-8")
-    return ["report.html", "report.md"] + written
+    return ["report.html", "report.md", "metadata.json"] + written
 
 
 def build_report(results: StudyResults, output_dir: PathLike, *, resamples: int = 10_000, seed: int = 0,

@@ -41,7 +41,7 @@ class StudyResults:
       report says so.
     * ``target_benchmarks`` — ``{train_domain: [benchmark, ...]}``: the benchmarks of each
       training domain's own domain; every other benchmark is "non-target" for that domain.
-    * ``curves`` — ``{RunKey: [{"step": int, "loss": float, ...}, ...]}`` training log rows
+    * ``curves`` — ``{RunKey: [{"step": int, "loss": float, ...} or {"step": int, "val_loss": float}, ...]}`` training log rows
       (a row may also carry ``"val_loss"``).
     * ``norms`` — ``{RunKey: [{"step": int, "norms": {component_type: float}}, ...]}``:
       ``‖B·A‖`` summed per component type over training.

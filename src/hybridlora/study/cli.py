@@ -108,10 +108,15 @@ def _status(args) -> int:
 
     if args.output:
         study_dir = Path(args.output)
-    elif args.config and (Path(args.config) / DB_NAME).is_file():
-        study_dir = Path(args.config)
+    elif args.config and (Path(args.config).is_dir() or not Path(args.config).suffix and "/" in args.config):
+        study_dir = Path(args.config)  # a study directory (or what was meant to be one)
     else:
         study_dir = _config(args).output_dir()
+    if not (study_dir / DB_NAME).is_file():
+        from ..errors import CliError
+
+        raise CliError(f"{study_dir}: no study here yet (no {DB_NAME}); start it with `hybridlora study CONFIG "
+                       f"--output {study_dir}`")
     for line in status_lines(study_dir):
         print(line)
     return 0
@@ -128,7 +133,7 @@ def _code_execution_notice(args, config) -> None:
 def _interrupted(args, config) -> int:
     from .summary import resume_command
 
-    print(f"\ninterrupted: finished cells are kept in {config.output_dir()}; resume with:\n  "
+    print(f"\ninterrupted: the cells finished so far are kept in {config.output_dir()}; resume with:\n  "
           f"{resume_command(args.config, config.output_dir(), args.only)}", file=sys.stderr)
     return 130
 

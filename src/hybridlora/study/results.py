@@ -49,8 +49,10 @@ def load_study_results(study_dir: str | Path):
                 records.append(InstanceRecord(*identity, bench, eid, None if correct is None else bool(correct)))
             if job["kind"] == "train":
                 log = store.train_log(job["id"])
-                curves[identity] = [{"step": r["step"], "loss": r["loss"], "lr": r.get("lr")}
-                                    for r in log if r["event"] == "step"]
+                curves[identity] = ([{"step": r["step"], "loss": r["loss"], "lr": r.get("lr")}
+                                     for r in log if r["event"] == "step"]
+                                    + [{"step": r["step"], "val_loss": r["val_loss"]}
+                                       for r in log if r["event"] == "eval" and r.get("val_loss") is not None])
                 norms[identity] = [{"step": r["step"], "norms": r["norms"]} for r in log if r["event"] == "lora_norms"]
                 by_component[(job["model"], job["placement"])] = json.loads(job["params_by_component"] or "{}")
         incomplete = [j for j in jobs if j["status"] != "complete"]

@@ -113,6 +113,8 @@ def status_lines(study_dir: Path) -> list[str]:
     if report.is_file():
         partial = "PARTIAL report" in report.read_text(encoding="utf-8", errors="replace")[:4000]
         lines.append(f"report: {report}" + (" (partial: written before every cell was complete)" if partial else ""))
-    if counts["stopped"] or counts["pending"] or counts["failed"]:
+    if counts["running"]:
+        lines.append("in progress: the same `hybridlora study` command run again joins the running runner(s)")
+    elif counts["stopped"] or counts["pending"] or counts["failed"]:
         lines.append("to continue: run the same `hybridlora study` command again (finished cells are kept)")
     return lines

@@ -4,7 +4,6 @@ See docs/TRAINING.md for the command, its defaults and its outputs.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
