@@ -196,3 +196,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys() and len(plain) > 10
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_all_recurrent_controls_generate_like_uncached_greedy(mixer):
+    """A stack without attention has no KV cache layer to count tokens: cached decoding must still work."""
+    model = LabForCausalLM(LabConfig(layer_mixers=[[mixer]], num_hidden_layers=2, mamba_chunk_size=8)).eval()
+    x = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=4, do_sample=False)
+        ids = x
+        for _ in range(4):
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ids)
