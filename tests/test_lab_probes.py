@@ -2,8 +2,6 @@
 probe runner, summaries and the CLI."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
