@@ -103,3 +103,25 @@ def test_short_conv_lab_models_say_why_they_are_not_packed():
 
         kernels.restore()
     assert not ok and "boundaries" in why
+
+
+def test_corpus_reading_and_chunking(tmp_path):
+    from hybridlora.data import build_tiny_tokenizer
+    from hybridlora.lab.pretrain import read_documents, split_documents, take_tokens, tokenize_documents
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jsonl").write_text('{"text": "first doc"}\n\n{"text": "second doc"}\n')
+    (tmp_path / "c" / "b.txt").write_text("para one\nstill one\n\npara two\n")
+    docs = read_documents(str(tmp_path / "c"))
+    assert docs == ["first doc", "second doc", "para one\nstill one", "para two"]
+    train, val = split_documents(docs, 0.25, seed=0)
+    assert len(val) == 1 and sorted(train + val) == sorted(docs)
+    tok = build_tiny_tokenizer(["first doc second doc para one still two"] * 5, vocab_size=120)
+    examples = tokenize_documents(["a long document " * 20, "short"], tok, seq_len=16)
+    assert all(2 <= len(e.input_ids) <= 16 and e.labels == e.input_ids for e in examples)
+    ends = [e for e in examples if e.input_ids[-1] == tok.eos_token_id]
+    assert len(ends) == 2  # every document's last example ends with EOS, none in between
+    kept, epochs = take_tokens(examples, 20)
+    assert epochs == 1 and sum(len(e.input_ids) for e in kept) >= 20 > sum(len(e.input_ids) for e in kept[:-1])
+    _, epochs = take_tokens(examples, 10 * sum(len(e.input_ids) for e in examples))
+    assert epochs == 10
