@@ -15,7 +15,7 @@ SPEC = ("name: pt\nvocab_size: 300\ndepth: 2\ntarget_params: 150000\nhead_dim: 1
 ARGS = ["--corpus", str(WIKITEXT), "--tokens", "6000", "--seq-len", "64", "--micro-batch-size", "4",
         "--max-docs", "300", "--lr", "3e-3", "--save-every", "4", "--no-progress"]
 
-pytestmark = pytest.mark.skipif(not WIKITEXT.is_file(), reason="needs ../shared/data/wikitext-2")
+needs_wikitext = pytest.mark.skipif(not WIKITEXT.is_file(), reason="needs ../shared/data/wikitext-2")
 
 
 def _losses(run: Path) -> list[float]:
@@ -23,6 +23,7 @@ def _losses(run: Path) -> list[float]:
     return [x["loss"] for x in lines if x["event"] == "step"]
 
 
+@needs_wikitext
 def test_pretraining_lowers_the_loss_and_resumes_exactly(tmp_path, capsys):
     spec = tmp_path / "pt.yaml"
     spec.write_text(SPEC)
@@ -51,6 +52,7 @@ def test_pretraining_lowers_the_loss_and_resumes_exactly(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
+@needs_wikitext
 def test_pretrain_bad_inputs_are_one_error_line(tmp_path, capsys):
     spec = tmp_path / "pt.yaml"
     spec.write_text(SPEC)
