@@ -9,6 +9,10 @@ GPU (the issue's target: ~120M matched pair at >= 35% MFU of 790 TFLOP/s, batch 
 
     python bench/bench_lab.py --spec gpu-120m-gdn --out bench/results/lab-gdn
     python bench/bench_lab.py --spec gpu-120m-mamba2 --out bench/results/lab-mamba2
+    python bench/bench_lab.py --spec gpu-120m-gdn --loop trainer --compile layers --out bench/results/lab-gdn-compile
+
+Both loops are timed by default: ``plain`` (hand-written bf16 steps, fused AdamW, no packing / graphs / compile:
+the issue's reference setting) and ``trainer`` (hybridlora's trainer as ``lab pretrain`` runs it).
 
 CPU smoke run (tiny spec, short sequences; checks the script, says nothing about speed)::
 
@@ -26,6 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+# fla's Gated DeltaNet backward is guarded off on Hopper with Triton < 3.7.1 (fla #640); the documented opt-in
+# (docs/PERFORMANCE.md) narrows the guard to key head dim <= 64, and the GPU specs use 128-dim heads
+os.environ.setdefault("HYBRIDLORA_LIFT_FLA_HOPPER_GUARD", "1")
 
 
 def main() -> int:
@@ -39,6 +46,11 @@ def main() -> int:
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--peak-tflops", type=float, default=790.0)
+    parser.add_argument("--loop", choices=["plain", "trainer", "both"], default="both",
+                        help="plain: hand-written bf16 steps (no packing/graphs/compile, as the issue's reference); "
+                             "trainer: hybridlora's trainer as lab pretrain runs it (packed rows, CUDA graphs)")
+    parser.add_argument("--compile", choices=["off", "layers"], default="off",
+                        help="torch.compile regions in the trainer loop (layers: decoder layers between kernels)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.tiny:
@@ -46,7 +58,7 @@ def main() -> int:
             "tiny-gdn", 2, 64, 2, "64,128", 4
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-    from hybridlora.lab.efficiency import inference_profile, training_profile
+    from hybridlora.lab.efficiency import inference_profile, trainer_profile, training_profile
     from hybridlora.lab.solve import build
     from hybridlora.lab.spec import load_spec, variants
 
@@ -61,15 +73,29 @@ def main() -> int:
             warnings.simplefilter("ignore")
             model, match = build(spec, seed=0)
         model.to(device)
-        train = training_profile(model, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
-                                 peak_tflops=args.peak_tflops)
-        model.zero_grad(set_to_none=True)
-        infer = inference_profile(model, lengths, decode_tokens=args.decode_tokens)
-        results["archs"][spec.name] = {"variant": key, "schedule": model.config.mixer_schedule,
-                                       "params": match.achieved, "target": match.target,
-                                       "training": train, "inference": infer}
-        print(f"{spec.name:<30} {match.achieved:>12,} params  {train['tokens_per_s']:>12,.0f} tok/s  "
-              f"MFU {100 * train['mfu']:5.1f}%  peak {train['peak_mem_gib'] or 0:.1f} GiB", flush=True)
+        entry = {"variant": key, "schedule": model.config.mixer_schedule, "params": match.achieved,
+                 "target": match.target}
+        if args.loop in ("plain", "both"):
+            entry["training"] = training_profile(model, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
+                                                 peak_tflops=args.peak_tflops)
+            model.zero_grad(set_to_none=True)
+        if args.loop in ("trainer", "both"):
+            entry["training_trainer"] = trainer_profile(model, batch=args.batch, seq_len=args.seq_len,
+                                                        steps=args.steps, compile=args.compile,
+                                                        peak_tflops=args.peak_tflops)
+            model.zero_grad(set_to_none=True)
+        entry["training"] = entry.get("training") or entry["training_trainer"]
+        entry["inference"] = inference_profile(model, lengths, decode_tokens=args.decode_tokens)
+        infer = entry["inference"]
+        results["archs"][spec.name] = entry
+        for label in ("training", "training_trainer"):
+            if label in entry and (label != "training" or args.loop != "trainer"):
+                t = entry[label]
+                print(f"{spec.name:<30} {match.achieved:>12,} params  {label:<16} {t['tokens_per_s']:>12,.0f} tok/s"
+                      f"  MFU {100 * t['mfu']:5.1f}%  peak {t['peak_mem_gib'] or 0:.1f} GiB", flush=True)
+        if "training_trainer" in entry:
+            print(f"    trainer: {entry['training_trainer']['batching']}; cuda graphs: "
+                  f"{entry['training_trainer']['cuda_graphs']}")
         for row in infer:
             if "error" in row:
                 print(f"    L={row['length']:>6}: {row['error']}")

@@ -15,7 +15,7 @@ SPEC = ("name: pt\nvocab_size: 300\ndepth: 2\ntarget_params: 150000\nhead_dim: 1
 ARGS = ["--corpus", str(WIKITEXT), "--tokens", "6000", "--seq-len", "64", "--micro-batch-size", "4",
         "--max-docs", "300", "--lr", "3e-3", "--save-every", "4", "--no-progress"]
 
-pytestmark = pytest.mark.skipif(not WIKITEXT.is_file(), reason="needs ../shared/data/wikitext-2")
+needs_wikitext = pytest.mark.skipif(not WIKITEXT.is_file(), reason="needs ../shared/data/wikitext-2")
 
 
 def _losses(run: Path) -> list[float]:
@@ -23,6 +23,7 @@ def _losses(run: Path) -> list[float]:
     return [x["loss"] for x in lines if x["event"] == "step"]
 
 
+@needs_wikitext
 def test_pretraining_lowers_the_loss_and_resumes_exactly(tmp_path, capsys):
     spec = tmp_path / "pt.yaml"
     spec.write_text(SPEC)
@@ -51,6 +52,7 @@ def test_pretraining_lowers_the_loss_and_resumes_exactly(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
+@needs_wikitext
 def test_pretrain_bad_inputs_are_one_error_line(tmp_path, capsys):
     spec = tmp_path / "pt.yaml"
     spec.write_text(SPEC)
@@ -103,3 +105,25 @@ def test_short_conv_lab_models_say_why_they_are_not_packed():
 
         kernels.restore()
     assert not ok and "boundaries" in why
+
+
+def test_corpus_reading_and_chunking(tmp_path):
+    from hybridlora.data import build_tiny_tokenizer
+    from hybridlora.lab.pretrain import read_documents, split_documents, take_tokens, tokenize_documents
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jsonl").write_text('{"text": "first doc"}\n\n{"text": "second doc"}\n')
+    (tmp_path / "c" / "b.txt").write_text("para one\nstill one\n\npara two\n")
+    docs = read_documents(str(tmp_path / "c"))
+    assert docs == ["first doc", "second doc", "para one\nstill one", "para two"]
+    train, val = split_documents(docs, 0.25, seed=0)
+    assert len(val) == 1 and sorted(train + val) == sorted(docs)
+    tok = build_tiny_tokenizer(["first doc second doc para one still two"] * 5, vocab_size=120)
+    examples = tokenize_documents(["a long document " * 20, "short"], tok, seq_len=16)
+    assert all(2 <= len(e.input_ids) <= 16 and e.labels == e.input_ids for e in examples)
+    ends = [e for e in examples if e.input_ids[-1] == tok.eos_token_id]
+    assert len(ends) == 2  # every document's last example ends with EOS, none in between
+    kept, epochs = take_tokens(examples, 20)
+    assert epochs == 1 and sum(len(e.input_ids) for e in kept) >= 20 > sum(len(e.input_ids) for e in kept[:-1])
+    _, epochs = take_tokens(examples, 10 * sum(len(e.input_ids) for e in examples))
+    assert epochs == 10

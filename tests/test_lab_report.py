@@ -38,3 +38,19 @@ def test_report_of_an_empty_or_missing_folder_is_one_error_line(tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err
     assert not (tmp_path / "report").exists()
+
+
+def test_efficiency_profiles_run_on_a_tiny_model():
+    """Smoke check of the measurement code bench/bench_lab.py runs (rates on CPU mean nothing)."""
+    from hybridlora.lab.efficiency import inference_profile, trainer_profile, training_profile
+    from hybridlora.lab.solve import build
+
+    model, _ = build(spec_from_dict({"name": "e", "mixers": ["attention", "mamba2"], "topology": "parallel",
+                                     "width": 32, "depth": 2, "vocab_size": 64}))
+    plain = training_profile(model, batch=1, seq_len=16, steps=1, warmup=1)
+    looped = trainer_profile(model, batch=2, seq_len=16, steps=1, warmup=1)
+    assert plain["tokens_per_s"] > 0 and plain["precision"] == "fp32" and 0 <= plain["mfu"] < 1
+    assert looped["tokens_per_s"] > 0 and looped["batching"].startswith("packing on")
+    rows = inference_profile(model, [8, 16], decode_tokens=2, repeats=1, warmup=0)
+    assert [r["length"] for r in rows] == [8, 16]
+    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)

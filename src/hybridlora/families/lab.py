@@ -43,7 +43,8 @@ FAMILY = Family(
     + (Rule(r"fusion\.proj", "other", "fuse"), Rule(r"fusion\.norms\.(\w+)", "norm", r"fuse_norm_\1")),
     bypassed={r"mamba\.out_proj": MAMBA2_OUT_PROJ_BYPASS, r"mamba\.conv1d": CONV_BYPASS,
               r"conv\.conv": CONV_BYPASS},
-    tiny=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # the depth stays the model's own: cutting it could drop the only attention layer of a sequential stack
+    tiny=dict(vocab_size=256, hidden_size=64, intermediate_size=128,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
               mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16, max_position_embeddings=512),

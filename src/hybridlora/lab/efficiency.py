@@ -77,6 +77,40 @@ def training_profile(model, *, batch: int, seq_len: int, steps: int = 10, warmup
             "peak_mem_gib": _peak_gib(device)}
 
 
+def trainer_profile(model, *, batch: int, seq_len: int, steps: int = 10, warmup: int = 3, compile: str = "off",
+                    peak_tflops: float = H200_BF16_TFLOPS) -> dict[str, Any]:
+    """The same measurement through the project's trainer (``train.loop.train`` with every weight training, as
+    ``lab pretrain`` runs it): each step's ``batch`` examples of ``seq_len`` random tokens packed into one row,
+    CUDA graphs on CUDA, optional ``torch.compile`` regions. Rates come from the trainer's own JSONL log; the
+    first ``warmup`` steps (graph capture, compilation, autotuning) are left out."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from ..data.formatting import TokenizedExample
+    from ..train.loop import LOG_NAME, TrainConfig, train
+
+    gen = torch.Generator().manual_seed(0)
+    n = batch * (steps + warmup)
+    ids = torch.randint(1, model.config.vocab_size, (n, seq_len), generator=gen).tolist()
+    examples = [TokenizedExample(id=str(i), input_ids=row, labels=row) for i, row in enumerate(ids)]
+    config = TrainConfig(epochs=1, micro_batch_size=batch, grad_accum=1, max_length=seq_len, learning_rate=1e-4,
+                         warmup_ratio=0.0, save_every=0, norm_every=0, loss_on="full", progress=False,
+                         lora_dropout=0.0, pack_tokens=batch * seq_len, compile=compile)
+    params = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(model, None, examples, Path(tmp), config, pad_id=0)
+        log = [json.loads(line) for line in (Path(tmp) / LOG_NAME).read_text().splitlines()]
+    start = next(r for r in log if r["event"] == "start")
+    rates = sorted(r["tokens_per_s"] for r in log if r["event"] == "step" and r["step"] > warmup)
+    tokens_per_s = rates[len(rates) // 2] if rates else float("nan")
+    return {"batch": batch, "seq_len": seq_len, "params": params, "precision": start["precision"],
+            "kernels": start["kernels"], "batching": start["batching"], "cuda_graphs": result.cuda_graphs,
+            "compile": compile, "tokens_per_s": tokens_per_s,
+            "mfu": 6 * params * tokens_per_s / (peak_tflops * 1e12), "peak_tflops": peak_tflops,
+            "peak_mem_gib": _peak_gib(next(model.parameters()).device)}
+
+
 @torch.no_grad()
 def inference_profile(model, lengths: list[int], *, decode_tokens: int = 64, repeats: int = 3,
                       warmup: int = 1) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ The spec is validated on load; every problem is a :class:`SpecError` with one li
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

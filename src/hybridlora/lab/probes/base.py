@@ -95,7 +95,11 @@ def train_and_score(model, train: ProbeData, test: ProbeData, settings: Settings
     steps_per_epoch = math.ceil(n / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     warmup = int(settings.warmup_ratio * total)
-    schedule = lambda s: (s + 1) / max(warmup, 1) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1)))  # noqa: E731
+    def schedule(s: int) -> float:  # linear warmup, then cosine to zero
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(total - warmup, 1)))
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(seed)
     curve = []
