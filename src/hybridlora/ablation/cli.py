@@ -5,7 +5,6 @@ through the study runner's one dispatch loop, so a re-run resumes and every cond
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re

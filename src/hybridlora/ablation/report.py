@@ -12,7 +12,6 @@ import base64
 import csv
 import datetime as _dt
 import html
-import io
 import os
 import shutil
 import tempfile
