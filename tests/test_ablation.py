@@ -410,3 +410,13 @@ def test_adapter_is_merged_so_units_keep_the_base_names(tmp_path):
     assert mu.by_key()["softmax_attention@3"].modules == ("model.layers.3.self_attn",)
     with Ablation(model, mu.of("softmax_attention"), "skip", mu.layers_path):
         assert not torch.allclose(_logits(model, ids), expected, atol=1e-4)
+
+
+def test_kimi_linear_units_hook_self_attn_as_either_mixer():
+    mu = _meta_units("kimi-linear-48b-a3b")  # both mixers live under `self_attn`; the layer kind tells them apart
+    kinds = {u.component for u in mu.units if u.component in SEQUENCE_MIXERS}
+    assert kinds == {"linear_attention", "softmax_attention"}
+    for unit in mu.units:
+        if unit.component in SEQUENCE_MIXERS:
+            assert unit.modules == (f"model.layers.{unit.layer}.self_attn",)
+    assert len([u for u in mu.units if u.component in SEQUENCE_MIXERS]) == mu.num_layers
