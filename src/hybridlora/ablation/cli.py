@@ -83,7 +83,14 @@ def _units(args):
     from ..models import build_meta_model, resolve_model, text_config, tiny_config
     from .methods import model_units
 
-    config = text_config(resolve_model(args.model).config)
+    source = resolve_model(args.model)
+    config = text_config(source.config)
+    if not args.tiny and not args.dry_run and source.kind == "catalog":  # a dry run needs no weights
+        from ..models import hub_reachable
+
+        if not hub_reachable():
+            raise CliError(f"{args.model}: the weights are not here and the hub is unreachable; give the "
+                           "checkpoint's local directory as MODEL (or --tiny for a pipeline check)")
     if args.tiny:
         family = family_for(config.model_type)
         if family is None:
