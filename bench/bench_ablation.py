@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from hybridlora.ablation.methods import Ablation, model_units  # noqa: E402
+from hybridlora.ablation.methods import Ablation, collect_means, model_units  # noqa: E402
 from hybridlora.ablation.perplexity import plan_windows, strided_nll  # noqa: E402
 from hybridlora.ablation.plans import (Condition, group_conditions, layer_conditions, mixer_units,  # noqa: E402
                                        progressive_pool, random_controls)
@@ -60,7 +60,7 @@ def sync(device: str) -> None:
 def reference_conditions(mu) -> list[Condition]:
     """The reference's set on our units (its methods: whole-layer skip for sequential, zero for parallel)."""
     method = "zero" if mu.topology == "parallel" else "skip_layer"
-    groups = group_conditions(mu, [method])
+    groups = [c for c in group_conditions(mu, [method]) if c.detail["component"] not in ("mlp", "moe")]
     layers = [c for c in layer_conditions(mu, ["zero" if mu.topology == "parallel" else "skip"])
               if c.detail["component"] in {u.component for u in mixer_units(mu)}]
     label, pool = progressive_pool(mu)
@@ -158,6 +158,12 @@ def measure(model, mu, args) -> dict:
         out[label] = rates
     out["ablated_decode_differs_from_intact"] = not torch.equal(out["intact"].pop("_tokens"),
                                                                 out["ablated"].pop("_tokens"))
+    # mean ablation inside the decode graph: stored vectors (here from random tokens) replayed like zeros
+    rows = torch.randint(1, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3)).tolist()
+    means = collect_means(model, attention, mu.layers_path, rows)
+    with Ablation(model, attention, "mean", mu.layers_path, means=means):
+        small = decode(model, args, min(8, args.gen_batch), min(16, args.gen_new))
+    out["mean_ablation_decode"] = {"path": small["path"], "graph_equals_eager": small["graph_equals_eager"]}
     return out
 
 

@@ -388,3 +388,35 @@ def test_study_link_rank_correlates_importance_with_adaptation_gain(tmp_path):
     assert link["spearman"]["rho"] == pytest.approx(1.0) and link["spearman"]["n"] == 3
     rows[0]["dlogppl"] = 0.0  # attention now the least important: the ranks disagree
     assert study_link(rows, tmp_path)["spearman"]["rho"] < 1.0
+
+
+def test_adapter_is_merged_so_units_keep_the_base_names(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from hybridlora.ablation import jobs
+    from hybridlora.study.jobs import load_base
+
+    model_spec = {"model": "qwen3.5-0.8b", "name": "q", "tiny": True, "dtype": "float32", "model_seed": 0}
+    base, _ = load_base(model_spec)
+    names = [n for n, _ in base.named_modules() if n.endswith(("self_attn.q_proj", "linear_attn.out_proj"))]
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=names, init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = _ids(256)
+    expected = _logits(peft_model, ids)
+    jobs._MODEL_CACHE.clear()
+    model, _, cmap, mu = jobs.base_model({"model": model_spec, "adapter": str(tmp_path / "adapter")})
+    jobs._MODEL_CACHE.clear()
+    assert torch.allclose(_logits(model, ids), expected, atol=1e-4)
+    assert mu.by_key()["softmax_attention@3"].modules == ("model.layers.3.self_attn",)
+    with Ablation(model, mu.of("softmax_attention"), "skip", mu.layers_path):
+        assert not torch.allclose(_logits(model, ids), expected, atol=1e-4)
+
+
+def test_kimi_linear_units_hook_self_attn_as_either_mixer():
+    mu = _meta_units("kimi-linear-48b-a3b")  # both mixers live under `self_attn`; the layer kind tells them apart
+    kinds = {u.component for u in mu.units if u.component in SEQUENCE_MIXERS}
+    assert kinds == {"linear_attention", "softmax_attention"}
+    for unit in mu.units:
+        if unit.component in SEQUENCE_MIXERS:
+            assert unit.modules == (f"model.layers.{unit.layer}.self_attn",)
+    assert len([u for u in mu.units if u.component in SEQUENCE_MIXERS]) == mu.num_layers

@@ -5,7 +5,6 @@ through the study runner's one dispatch loop, so a re-run resumes and every cond
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -84,7 +83,14 @@ def _units(args):
     from ..models import build_meta_model, resolve_model, text_config, tiny_config
     from .methods import model_units
 
-    config = text_config(resolve_model(args.model).config)
+    source = resolve_model(args.model)
+    config = text_config(source.config)
+    if not args.tiny and not args.dry_run and source.kind == "catalog":  # a dry run needs no weights
+        from ..models import hub_reachable
+
+        if not hub_reachable():
+            raise CliError(f"{args.model}: the weights are not here and the hub is unreachable; give the "
+                           "checkpoint's local directory as MODEL (or --tiny for a pipeline check)")
     if args.tiny:
         family = family_for(config.model_type)
         if family is None:
@@ -153,6 +159,7 @@ def build_jobs(args) -> tuple[Path, list, Any, list]:
                                                               ) else source
     if reference is None:
         reference = text_source("wikitext-2:valid", data_dir)
+    _check_data(benchmarks, data_dir, [s for s in (source, reference) if s])
     model = _model_spec(args)
     common = {
         "version": SPEC_VERSION, "kind": "ablation", "model": model,
@@ -179,6 +186,19 @@ def build_jobs(args) -> tuple[Path, list, Any, list]:
         rows.append({**c.as_dict(), "job": jobs[c.removal].id, "removed": jobs[c.removal].spec["removed"]})
     output = Path(args.output) if args.output else Path("ablations") / _slug(model["name"])
     return output, list(jobs.values()), mu, rows
+
+
+def _check_data(benchmarks: dict, data_dir: str | None, texts: list[dict]) -> None:
+    """Missing data fails here, in one line, before a model is built or a job registered."""
+    from ..errors import CliError
+    from ..evaluate.lmeval_bridge import data_source
+    from ..models import hub_reachable
+
+    for name in benchmarks:
+        data_source(name, data_dir)
+    if any(t["kind"] == "hub" for t in texts) and not hub_reachable():
+        raise CliError("the perplexity text needs the hub, which is unreachable; give --data-dir (a folder laid out "
+                       "like shared/data) or --text FILE")
 
 
 def _slug(text: str) -> str:

@@ -48,9 +48,20 @@ def base_model(spec: dict):
         if spec.get("adapter"):
             model = _merge_adapter(model, spec["adapter"])
         model.eval()
+        _bind_kernels(model)
         cmap = build_component_map(model)
         _MODEL_CACHE[key] = (model, tokenizer, cmap, model_units(cmap))
     return _MODEL_CACHE[key]
+
+
+def _bind_kernels(model) -> None:
+    """On CUDA the fast mixer kernels, as ``eval`` binds them (missing ones warned about), before the first
+    forward — perplexity runs before the evaluator would bind them."""
+    from .. import fast
+
+    if next(model.parameters()).device.type == "cuda":
+        fast.use("fast")
+        fast.warn_missing_kernels(model)
 
 
 def _merge_adapter(model, adapter: str):
@@ -157,10 +168,17 @@ def _perplexity(spec: dict, model, tokenizer, out: Path, progress: bool) -> tupl
     summary = summarize(rows, len(ids))
     summary.update(n=summary["tokens"], accuracy=None, correct=None, protocol="strided",
                    source=p["source"]["label"], window=p["window"], stride=p["stride"], wall_s=wall,
+                   kernels=_describe_kernels(model),
                    tokens_per_s=summary["tokens"] / wall if wall > 0 else None)
     records = [{"benchmark": "perplexity", "example_id": f"window-{r['window']:06d}", "correct": None,
                 "prediction": {"nll_sum": r["nll_sum"], "tokens": r["tokens"]}} for r in rows]
     return summary, records
+
+
+def _describe_kernels(model) -> str:
+    from .. import fast
+
+    return fast.describe(model)
 
 
 def _benchmarks(spec: dict, model, tokenizer, out: Path, ablation_dir: Path, progress: bool):

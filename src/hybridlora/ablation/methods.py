@@ -175,7 +175,11 @@ class Ablation:
                     except (KeyError, TypeError):
                         raise AblationError(f"no stored mean for {unit.key} ({name}); compute the means first") from None
                 wanted.setdefault(name, {})[unit.layer] = value
+        param = next(model.parameters())
         for name, per_layer in wanted.items():
+            # means moved to the model's device now: no host-to-device copy may happen inside a CUDA-graph capture
+            per_layer = {layer: None if v is None else v.to(device=param.device, dtype=param.dtype)
+                         for layer, v in per_layer.items()}
             self.handles.append(model.get_submodule(name).register_forward_hook(self._hook(per_layer)))
 
     def _hook(self, per_layer: dict[int, torch.Tensor | None]):
@@ -189,10 +193,12 @@ class Ablation:
             mean = per_layer[tracker.current]
             if mean is None:
                 return _replace(output, torch.zeros_like(hidden))
-            key = (tracker.current, hidden.device, hidden.dtype)
-            if key not in cache:  # moved once, so the hook stays a pure on-device op (graph-capturable)
-                cache[key] = mean.to(device=hidden.device, dtype=hidden.dtype)
-            return _replace(output, cache[key].expand_as(hidden).clone())
+            if mean.dtype != hidden.dtype or mean.device != hidden.device:  # e.g. fp32 outputs of a bf16 model
+                key = (tracker.current, hidden.device, hidden.dtype)
+                if key not in cache:
+                    cache[key] = mean.to(device=hidden.device, dtype=hidden.dtype)
+                mean = cache[key]
+            return _replace(output, mean.expand_as(hidden).clone())
         return hook
 
     def remove(self) -> None:

@@ -9,7 +9,7 @@ Protocol (the sliding-window evaluation of transformers' perplexity guide, state
 3. A window scores only the tokens no earlier window scored: ``x_t`` for ``t`` in ``[max(prev_end, b + 1), end)``,
    each conditioned on the window's tokens before it (so every token but the first window's has at least
    ``window - stride`` tokens of context). Every token ``x_1 … x_{N-1}`` is scored exactly once.
-4. ``nll_sum = Σ −log p(x_t | context)`` (float32 log-softmax), ``tokens = N − 1``, ``ppl = exp(nll_sum / tokens)``.
+4. ``nll_sum = Σ −log p(x_t | context)`` (float32 log-softmax, summed in float64), ``tokens = N − 1``, ``ppl = exp(nll_sum / tokens)``.
 
 Each window is one per-instance record (``nll_sum``, ``tokens``), so conditions can be compared window by window
 (paired bootstrap of the log-perplexity difference). ``max_windows`` keeps the first windows only (quick looks);
@@ -111,7 +111,9 @@ def strided_nll(model: torch.nn.Module, ids: Sequence[int], windows: Sequence[Wi
                 n = w.end - w.first_target
                 pred = logits[row, -(n + 1):-1].float()
                 target = rows[row, -n:]
-                nll = torch.nn.functional.cross_entropy(pred, target, reduction="sum")
+                # per-token NLL in float32, summed in float64: a condition's change can be far below a float32
+                # sum's rounding over thousands of tokens
+                nll = torch.nn.functional.cross_entropy(pred, target, reduction="none").double().sum()
                 records.append({"window": w.index, "begin": w.begin, "end": w.end, "tokens": n,
                                 "nll_sum": float(nll)})
             if progress is not None:

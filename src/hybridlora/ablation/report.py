@@ -1,4 +1,4 @@
-"""The ablation report: ``report.html`` (self-contained), ``report.md``, ``tables/*.csv`` and ``figures/*.png``.
+"""The ablation report: ``report.html`` (self-contained), ``report.md``, ``tables/*.csv|.tex``, ``figures/*.png``.
 
 Sections: the group table (each mixer type removed, with perplexity change and accuracy drops and their
 intervals), the layer × component heatmap of Δ log-perplexity (single-unit conditions), progressive-removal
@@ -12,7 +12,6 @@ import base64
 import csv
 import datetime as _dt
 import html
-import io
 import os
 import shutil
 import tempfile
@@ -51,6 +50,7 @@ def build_ablation_report(ablation_dir: str | Path, output: str | Path | None = 
         (tmp / "tables").mkdir()
         for name, (columns, data) in tables.items():
             _write_csv(tmp / "tables" / f"{name}.csv", columns, data)
+            _write_tex(tmp / "tables" / f"{name}.tex", [c for c in columns if c != "units"], data)
         (tmp / "figures").mkdir()
         for name, (_, png) in figures.items():
             (tmp / "figures" / f"{name}.png").write_bytes(png)
@@ -143,6 +143,22 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None
         writer.writerow(columns)
         for row in rows:
             writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+
+
+_TEX = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_", "{": "\\{",
+        "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}"}
+
+
+def tex_escape(text: str) -> str:
+    return "".join(_TEX.get(c, c) for c in text)
+
+
+def _write_tex(path: Path, columns: Sequence[str], rows: Sequence[dict]) -> None:
+    lines = ["\\begin{tabular}{" + "l" * len(columns) + "}", "\\hline",
+             " & ".join(tex_escape(c) for c in columns) + " \\\\", "\\hline"]
+    lines += [" & ".join(tex_escape(_fmt(r.get(c))).replace("—", "--") for c in columns) + " \\\\" for r in rows]
+    lines += ["\\hline", "\\end{tabular}"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- figures
