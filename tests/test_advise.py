@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from hybridlora.advise.allocate import allocate, check_resolves_exactly, placement_of
 from hybridlora.advise.propose import advice_examples, budget_of_rank, propose, write_outputs
