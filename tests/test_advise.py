@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from hybridlora.advise.allocate import allocate, check_resolves_exactly, placement_of
 from hybridlora.advise.propose import advice_examples, budget_of_rank, propose, write_outputs
@@ -292,3 +291,15 @@ def test_validate_end_to_end_on_a_tiny_finished_study(tmp_path):
     paths = write_track_record(record, tmp_path / "study")
     assert "verdict: the advisor (grad signal)" in Path(paths["markdown"]).read_text()
     assert json.loads(Path(paths["json"]).read_text())["summary"]["verdict"] == record["summary"]["verdict"]
+
+
+def test_a_preset_cannot_match_the_budget_of_an_advisor_entry(tmp_path):
+    from hybridlora.study.config import StudyConfigError, study_config_from_dict
+    from hybridlora.study.grid import expand_grid
+
+    config = study_config_from_dict({"name": "x", "output": str(tmp_path), "models": [{"model": "qwen3.5-0.8b",
+                                     "tiny": True}], "domains": ["gsm8k"],
+                                     "placements": ["advisor", {"preset": "all", "match_budget": "advisor"}]})
+    with pytest.raises(StudyConfigError, match="cannot name an advisor entry"):
+        expand_grid(config)
+    assert not list(tmp_path.iterdir())  # refused before measuring anything

@@ -25,8 +25,8 @@ def register(subparsers) -> None:
     size.add_argument("--rank", type=int, metavar="R",
                       help="budget = every eligible attention/recurrent/MLP host at rank R (default 16)")
     p.add_argument("--signal", choices=SIGNALS, default="probe",
-                   help="probe: spectra of a short all-host LoRA run (default: it ranked the demo grid best, see "
-                        "docs/ADVISE.md); grad: LoRA-GA gradient spectra (one backward pass, no training)")
+                   help="probe: spectra of a short all-host LoRA run (default; the demo does not settle the choice, "
+                        "see docs/ADVISE.md); grad: LoRA-GA gradient spectra (one backward pass, no training)")
     p.add_argument("--unit", choices=UNITS, default="host",
                    help="host: a rank per module (layers chosen by the signal); component: one rank per component.role")
     p.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES, help="examples the signal is measured on")

@@ -98,7 +98,9 @@ def measure(signal: str, model, candidates, train_examples, held_out, pad_id: in
     raise ValueError(f"unknown signal {signal!r}")
 
 
-DEFAULT_SIGNAL = "probe"  # chosen by measurement: docs/ADVISE.md
+# Not settled by measurement (the demo grids disagree, docs/ADVISE.md): the probe sees what Adam-trained LoRA does,
+# while the raw gradient's scale follows the model's multipliers.
+DEFAULT_SIGNAL = "probe"
 
 
 def propose(model, cmap, train_examples, held_out, pad_id: int, budget: int, *, signal: str = DEFAULT_SIGNAL,

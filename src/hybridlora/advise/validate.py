@@ -11,6 +11,8 @@ what the study measured (mean accuracy over the benchmarks, ``analysis.metrics.p
 * the same for the "attention only" baseline (the grid's placement whose hosts are all softmax attention), so an
   advisor no better than it says so;
 * cost: the advisor's wall time as a fraction of the grid's recorded training+evaluation time of that group.
+
+Written to ``<study>/advisor/track_record.{json,md}``.
 """
 from __future__ import annotations
 
@@ -357,9 +359,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_track_record(record: dict, study_dir) -> dict[str, str]:
-    """``<study>/report/advisor_track_record.json`` and ``.md`` (beside the study's report)."""
-    out = Path(study_dir) / "report"
-    paths = {"json": out / "advisor_track_record.json", "markdown": out / "advisor_track_record.md"}
+    """``<study>/advisor/track_record.json`` and ``.md`` (the advisor's own folder: a report rebuild replaces
+    ``<study>/report/`` as a whole)."""
+    out = Path(study_dir) / "advisor"
+    paths = {"json": out / "track_record.json", "markdown": out / "track_record.md"}
     _write_atomic(paths["json"], json.dumps(record, indent=2))
     _write_atomic(paths["markdown"], "# Advisor track record\n\n```\n" + track_record_text(record) + "\n```\n")
     return {k: str(v) for k, v in paths.items()}

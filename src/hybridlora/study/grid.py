@@ -103,6 +103,11 @@ def placements_for(config: StudyConfig, entry) -> list[dict]:
         if p["match_budget"] and p["match_budget"] not in names:
             raise StudyConfigError(f"placement {p['name']}: match_budget names {p['match_budget']!r}, which is "
                                    f"not in this study's placements ({', '.join(names)})")
+    advisors = {q["name"] for q in out if "advisor" in q}
+    for p in out:
+        if p["match_budget"] in advisors:  # its budget is known only per domain, after measuring
+            raise StudyConfigError(f"placement {p['name']}: match_budget cannot name an advisor entry; give the "
+                                   "advisor entry a match_budget instead")
     for p in out:  # a budget-matched job carries the definition of the placement it matches
         if p["match_budget"]:
             p["match_budget"] = next(q["placement"] for q in out if q["name"] == p["match_budget"])
