@@ -101,6 +101,7 @@ def test_unbound_kernels_count_as_missing_on_cuda(monkeypatch):
 
 
 # --- binding ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour (on a GPU machine the CUDA kernels are bound)")
 def test_use_binds_references_on_cpu_and_restore_undoes_it():
     mf = importlib.import_module("transformers.models.falcon_h1.modeling_falcon_h1")
     before = mf.mamba2_chunk_scan
@@ -192,7 +193,16 @@ def test_mamba_shim_imports_triton_ops(tmp_path, monkeypatch, init_body, how):
 
 
 def test_mamba_shim_reports_absence(monkeypatch):
+    # mamba-ssm made absent whether or not this machine has it: no spec, and every import of it fails
+    real_import = importlib.import_module
+
+    def without_mamba(name, *args, **kwargs):
+        if name.split(".")[0] == "mamba_ssm":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(importlib, "import_module", without_mamba)
     saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.startswith("mamba_ssm")}
     try:
         with pytest.raises(ImportError, match="mamba-ssm Triton ops not importable"):
@@ -502,9 +512,8 @@ def test_train_log_and_eval_summaries_name_the_kernels(tmp_path, data_dir):
                  "--micro-batch-size", "4", "--grad-accum", "1", "--no-progress", "--output", str(out)]) == 0
     start = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start"
-    if torch.cuda.is_available():
-        assert start["kernels"].startswith("kernels (") and "mode=fast" in start["kernels"]
-        assert "mamba_ssm.mamba_chunk_scan_combined=" in start["kernels"]
+    if torch.cuda.is_available():  # `train --tiny` keeps its random tiny model on the CPU: the torch path, said so
+        assert start["kernels"] == "kernels: reference (model on cpu, not CUDA)"
     else:
         assert start["kernels"] == "kernels: reference (no CUDA)"
     assert main(["eval", "falcon-h1-0.5b", "--tiny", "--adapter", str(out / "adapter"), "--data-dir", str(data_dir),

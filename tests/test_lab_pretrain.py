@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from hybridlora.cli import main
 
-WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = Path(os.environ.get("HYBRIDLORA_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")) / "wikitext-2" / "valid.txt"
 SPEC = ("name: pt\nvocab_size: 300\ndepth: 2\ntarget_params: 150000\nhead_dim: 16\nmixers: [attention, gdn]\n"
         "topology: parallel\nfusion: normalized\n")
 ARGS = ["--corpus", str(WIKITEXT), "--tokens", "6000", "--seq-len", "64", "--micro-batch-size", "4",

@@ -9,7 +9,9 @@ import pytest
 
 from hybridlora.cli import main
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import shared_data_dir
+
+DATA = shared_data_dir()
 
 
 def run(capsys, *argv):

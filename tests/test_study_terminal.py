@@ -78,7 +78,9 @@ def test_dry_run_of_the_demo_claims_cpu_minutes_not_gpu_hours(capsys):
 def test_eval_prints_each_note_once_and_no_python_warning(tmp_path, capsys, progress):
     import warnings
 
-    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    from conftest import shared_data_dir
+
+    data = shared_data_dir()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         code = main(["eval", "qwen3.5-0.8b", "--tiny", "--data-dir", str(data), "--benchmarks", "mmlu",

@@ -114,6 +114,7 @@ def _advise(args) -> int:
     else:
         rank = args.rank or 16
         budget, budget_source = budget_of_rank(cmap, rank), f"every eligible host at rank {rank} (--rank {rank})"
+    _check_budget_affords_one_rank(cmap, budget)  # before minutes of measuring, not after
     train_examples, held_out, manifest = advice_examples(
         args.data, tokenizer, data_dir=args.data_dir, examples=args.examples, seed=args.seed,
         max_length=args.max_length, fields=_fields(args.field))
@@ -126,6 +127,17 @@ def _advise(args) -> int:
         return 0
     _print_proposal(source.name, args, proposal, written)
     return 0
+
+
+def _check_budget_affords_one_rank(cmap, budget: int) -> None:
+    """A budget below one rank on every candidate host can buy nothing: say so before any signal is measured."""
+    from ..placement import PlacementError
+    from .signals import candidate_hosts
+
+    cheapest = min(h.lora_params // h.rank for h in candidate_hosts(cmap, rank=1).hosts)
+    if budget < cheapest:
+        raise PlacementError(f"budget {budget:,} is below one rank on the cheapest host ({cheapest:,} parameters); "
+                             "raise --budget or --rank")
 
 
 def _print_proposal(model_name: str, args, proposal, written: dict) -> None:

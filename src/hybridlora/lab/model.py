@@ -29,6 +29,21 @@ MODEL_TYPE = "hybridlora_lab"
 MIXER_ATTR = {"attention": "self_attn", "gdn": "linear_attn", "mamba2": "mamba", "short_conv": "conv"}
 
 
+def require_cache_api() -> None:
+    """The lab's models call transformers' mixers and masks with the names of transformers >= 5.24 (``cache``, not
+    ``past_key_values``); an older transformers gets one clear line instead of a TypeError deep in a forward."""
+    import inspect
+
+    import transformers
+    from transformers.masking_utils import create_causal_mask
+
+    if "cache" not in inspect.signature(create_causal_mask).parameters:
+        from ..models import ModelError
+
+        raise ModelError(f"lab models need transformers >= 5.24 (found {transformers.__version__}); "
+                         "pip install -U 'transformers>=5.24'")
+
+
 class LabConfig(PreTrainedConfig):
     """Every size of a lab model. ``layer_mixers`` lists each layer's mixers (``[["gdn"], ["attention"], ...]``
     or ``[["attention", "gdn"], ...]`` for a parallel stack); the attribute names the mixers read are those of
@@ -214,6 +229,7 @@ class LabPreTrainedModel(PreTrainedModel):
 
 class LabModel(LabPreTrainedModel):
     def __init__(self, config: LabConfig):
+        require_cache_api()
         super().__init__(config)
         from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
