@@ -122,6 +122,9 @@ CASES = [
     ("train-data-unreadable", lambda i, d: ["train", *TINY, "--placement", "softmax_only", "--no-progress",
                                             "--data", str(_unreadable(i / "d.jsonl")), "--output", "run"],
      "cannot be read"),
+    ("train-seed-1e23", lambda i, d: ["train", *TINY, "--placement", "softmax_only", "--no-progress", "--data",
+                                      "gsm8k", "--data-dir", str(d), "--seed", str(10 ** 23), "--output", "run"],
+     "--seed"),
     # --- eval ---
     ("eval-output-is-a-file", lambda i, d: ["eval", *TINY, "--no-progress", "--benchmarks", "mmlu", "--limit", "1",
                                             "--data-dir", str(d), "--output", str(_touch(i / "taken.txt"))],

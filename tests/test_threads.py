@@ -16,6 +16,7 @@ def registry(tmp_path, monkeypatch):
     monkeypatch.setenv(threads.REGISTRY_ENV, str(tmp_path / "processes"))
     for name in (threads.THREADS_ENV, "OMP_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "other_load", lambda: 0.0)  # an idle machine unless a test says otherwise
     threads.unregister_process()
     saved = torch.get_num_threads()
     yield tmp_path / "processes"
@@ -38,6 +39,19 @@ def other_runner(registry):
 @pytest.mark.parametrize("cores, processes, expected", [(2, 1, 2), (2, 2, 1), (2, 3, 1), (16, 3, 5), (1, 1, 1)])
 def test_an_equal_share_of_the_cores_and_never_zero(cores, processes, expected):
     assert threads.threads_for(cores, processes) == expected
+
+
+@pytest.mark.parametrize("cores, processes, load, expected", [(2, 1, 10.0, 1), (2, 1, 0.4, 2), (16, 2, 4.0, 8),
+                                                                (16, 1, 12.4, 4), (16, 1, 40.0, 1)])
+def test_cores_that_other_work_keeps_busy_are_left_alone(cores, processes, load, expected):
+    assert threads.threads_for(cores, processes, load) == expected
+
+
+def test_a_busy_machine_gets_one_thread(registry, monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "other_load", lambda: 9.6)
+    choice = threads.configure()
+    assert choice.threads == 1 and "other load 9.6" in choice.describe()
 
 
 def test_two_runners_on_two_cores_take_one_thread_each(registry, other_runner, monkeypatch):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_FAILED_CHECK = 1
+MAX_SEED = 2**32 - 1  # numpy's seeding accepts no more; torch and random take any seed numpy takes
 
 
 class CliError(Exception):
@@ -28,3 +29,9 @@ def check_output_folder(path: str | Path, option: str) -> None:
         raise CliError(f"{option} {path}: {existing} is a file, not a folder; give a folder path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CliError(f"{option} {path}: {existing} is not writable; choose a folder you can write to")
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise CliError(f"{option} {seed}: out of range; use an integer from 0 to {MAX_SEED:,}")
+    return seed

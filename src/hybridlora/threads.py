@@ -3,8 +3,8 @@
 Why: torch sizes its intra-op thread pool to every core of the machine. Two hybridlora processes on two cores then
 run four spinning threads that fight for two cores: two study runners took 575 s where one took 52 s, and with one
 thread each 41 s (issue 16). So each computing command registers itself in a per-user folder of live hybridlora
-processes and takes ``usable cores // live processes`` threads (at least one); a study runner re-balances between
-jobs as runners come and go.
+processes and takes ``usable cores // live processes`` threads, no more than the cores that other work (the load
+average) leaves idle, and at least one; a study runner re-balances between jobs as runners come and go.
 
 Order of precedence: ``--threads N``, then $HYBRIDLORA_THREADS, then $OMP_NUM_THREADS (an explicit choice of the
 standard variable, e.g. by Ray for its workers), then the automatic choice.
@@ -29,17 +29,23 @@ class ThreadChoice:
     cores: int
     processes: int
     source: str  # "--threads", "$HYBRIDLORA_THREADS", "$OMP_NUM_THREADS" or "auto"
+    other_load: float = 0.0
 
     def describe(self) -> str:
         if self.source == "auto":
+            busy = f", other load {self.other_load:.1f}" if self.other_load >= 0.5 else ""
             return (f"threads: {self.threads} ({self.cores} usable cores shared by {self.processes} hybridlora "
-                    f"process{'es' if self.processes != 1 else ''}; --threads N or ${THREADS_ENV} overrides)")
+                    f"process{'es' if self.processes != 1 else ''}{busy}; --threads N or ${THREADS_ENV} overrides)")
         return f"threads: {self.threads} (from {self.source}; {self.cores} usable cores)"
 
 
-def threads_for(cores: int, processes: int) -> int:
-    """An equal share of the cores, at least one thread."""
-    return max(1, cores // max(1, processes))
+def threads_for(cores: int, processes: int, other_load: float = 0.0) -> int:
+    """An equal share of the cores, no more than the cores other work leaves idle, at least one thread.
+
+    Why the load: on a machine whose cores other programs keep busy, a second spinning thread only waits for a
+    core (measured: one demo runner with 2 threads at load ~10 on 2 cores took 5x as long as with 1)."""
+    idle = cores - int(other_load + 0.5)
+    return max(1, min(cores // max(1, processes), idle))
 
 
 # --- cores ----------------------------------------------------------------------------------------
@@ -66,6 +72,18 @@ def _cgroup_quota() -> int | None:
         return None if quota <= 0 else max(1, math.ceil(quota / period))
     except (OSError, ValueError):
         return None
+
+
+def other_load() -> float:
+    """Runnable threads of other work on this process's cores: the 1-minute load average, scaled to the cores
+    this process may use, minus this process's own threads while it computes."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+    machine = os.cpu_count() or 1
+    own = _current.threads if _current is not None else 0
+    return max(0.0, load * min(1.0, usable_cores() / machine) - own)
 
 
 # --- live hybridlora processes -------------------------------------------------------------------------
@@ -187,8 +205,12 @@ def choose(requested: int | None = None) -> ThreadChoice:
                           (os.environ.get("OMP_NUM_THREADS"), "$OMP_NUM_THREADS")):
         if value not in (None, ""):
             return ThreadChoice(parse_threads(value, source), cores, 1, source)
-    processes = live_processes()
-    return ThreadChoice(threads_for(cores, processes), cores, processes, "auto")
+    return _automatic(cores)
+
+
+def _automatic(cores: int) -> ThreadChoice:
+    processes, busy = live_processes(), other_load()
+    return ThreadChoice(threads_for(cores, processes, busy), cores, processes, "auto", round(busy, 1))
 
 
 def apply(choice: ThreadChoice) -> ThreadChoice:
@@ -229,6 +251,5 @@ def rebalance() -> ThreadChoice | None:
 
     if _explicit or _current is None:
         return None
-    cores, processes = usable_cores(), live_processes()
-    choice = ThreadChoice(threads_for(cores, processes), cores, processes, "auto")
+    choice = _automatic(usable_cores())
     return None if torch.get_num_threads() == choice.threads else apply(choice)

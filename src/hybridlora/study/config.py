@@ -29,6 +29,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..errors import MAX_SEED
+
 BENCHMARK_SIZES = {"mmlu": 512, "arc_challenge": 299, "hellaswag": 512, "gsm8k": 256, "humaneval": 164}
 """The study's evaluation subset sizes (Where Should LoRA Go?, its evaluation section)."""
 
@@ -142,9 +144,6 @@ class EvalSettings(_Strict):
             if not value:
                 raise ValueError("name at least one benchmark")
         return value
-
-
-MAX_SEED = 2**32 - 1  # numpy's seeding accepts no more; torch and random take any seed numpy takes
 
 
 def check_seed(seed: int) -> int:

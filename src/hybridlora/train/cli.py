@@ -68,10 +68,11 @@ def register(subparsers) -> None:
 
 
 def cmd_train(args) -> int:
-    from ..errors import CliError
+    from ..errors import CliError, check_seed
     from ..data import DataError
     from .loop import TrainingError
 
+    check_seed(args.seed)  # before any work: torch refuses seeds beyond 64 bits only once training starts
     try:
         return _run(args)
     except (DataError, TrainingError) as exc:
