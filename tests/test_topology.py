@@ -145,3 +145,49 @@ def test_untagged_study_has_no_contrasts():
     study = _study(FLAT)
     study.model_tags = {}
     assert topology_contrasts(study, resamples=100) == []
+
+
+# --------------------------------------------------------------------------- the report section and the CLI
+
+
+def test_report_has_the_section_only_with_both_topologies(tmp_path):
+    from hybridlora.analysis.report import build_report
+
+    acc = dict(FLAT)
+    acc[(PAR, "recurrent_only")] = 0.8
+    paths = build_report(_study(acc), tmp_path / "tagged", resamples=200, progress=False)
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert "## Topology effect" in md and SUPPORTS in md
+    assert "## Topology effect" in paths["html"].read_text(encoding="utf-8").replace("<h2>", "## ").replace("</h2>", "")
+    rows = (tmp_path / "tagged" / "tables" / "topology_effect.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0].startswith("pair,train_domain,measure") and len(rows) == 3  # target + forgetting
+
+    untagged = _study(acc)
+    untagged.model_tags = {SEQ: TAGS[SEQ]}  # one topology only: no section
+    paths = build_report(untagged, tmp_path / "untagged", resamples=200, progress=False)
+    assert "Topology effect" not in paths["markdown"].read_text(encoding="utf-8")
+    assert not (tmp_path / "untagged" / "tables" / "topology_effect.csv").exists()
+
+
+@pytest.mark.parametrize("tag, message", [
+    ("m=sequential", "expected MODEL=TOPOLOGY:MIXER"),
+    ("m=diagonal:gdn", "topology must be one of"),
+    ("nope=sequential:gdn", "no model 'nope'"),
+    ("m=sequential:gdn,m2=sequential:gdn", "2 sequential models"),
+])
+def test_cli_model_tag_bad_input(tmp_path, capsys, tag, message):
+    import json
+
+    from hybridlora.cli import main
+
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "base.jsonl").write_text(json.dumps({"example_id": 1, "correct": 1}) + "\n", encoding="utf-8")
+    runs = [{"model": m, "placement": "base", "train_domain": "base", "seed": None, "files": {"b": "base.jsonl"}}
+            for m in ("m", "m2", "m3")]
+    (res / "manifest.json").write_text(json.dumps({"runs": runs}), encoding="utf-8")
+    tags = [arg for t in tag.split(",") + ["m3=parallel:gdn"] for arg in ("--model-tag", t)]
+    code = main(["report", "--import", str(res), "--output", str(tmp_path / "out"), "--no-progress"] + tags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert not (tmp_path / "out").exists()

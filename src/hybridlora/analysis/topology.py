@@ -46,8 +46,9 @@ import numpy as np
 from scipy import stats as _sps
 
 from .contract import BASE
-from .metrics import PP, StudyIndex, index_study
+from .metrics import PP, StudyIndex, _comparison_seed, index_study
 from .results import StudyResults
+from .sections import ReportSection
 from .stats import holm, seed_summary
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "has_both_topologies",
     "TOPOLOGY_COLUMNS",
     "caveats",
+    "topology_section",
 ]
 
 SEQUENTIAL = "sequential"
@@ -83,7 +85,6 @@ TOPOLOGY_COLUMNS: List[Tuple[str, str]] = [
     ("interaction_pp", "pp"), ("ci_low", "pp"), ("ci_high", "pp"), ("corrected_level", "acc"),
     ("corrected_ci_low", "pp"), ("corrected_ci_high", "pp"), ("p_boot", "p"), ("p_holm", "p"),
     ("seed_ci_low", "pp"), ("seed_ci_high", "pp"), ("seed_p_holm", "p"), ("verdict", "text"),
-    ("sentence", "text"),
 ]
 """Columns of the topology table (keys of every row of :func:`topology_contrasts`), with display kinds."""
 
@@ -267,7 +268,7 @@ def _row(pair: TopologyPair, domain: str, measure: str, bench: str, n_items: int
     return row
 
 
-def _target_rows(index, pair, runs, domain, targets, seeds, rng, resamples) -> List[dict]:
+def _target_rows(index, pair, runs, domain, targets, seeds, seed, resamples) -> List[dict]:
     rows = []
     cells = [(m, p, domain, s) for s in seeds for m, p in (runs[key] for key in _ORDER)]
     for bench in targets:
@@ -278,15 +279,24 @@ def _target_rows(index, pair, runs, domain, targets, seeds, rng, resamples) -> L
         per_seed = _target_estimates(matrix, k, None)
         acc = matrix.astype(np.float64).mean(axis=1).reshape(k, 4).mean(axis=0) * PP
         effects = (float(acc[0] - acc[1]), float(acc[2] - acc[3]))
+        rng = _contrast_rng(seed, pair, domain, "target", bench)
         reps = _target_estimates(matrix, k, _weights(rng, matrix.shape[1], resamples))
         rows.append(_row(pair, domain, "target", bench, matrix.shape[1], per_seed, effects, reps))
     return rows
 
 
-def _forgetting_row(index, pair, runs, domain, others, seeds, rng, resamples) -> Optional[dict]:
+def _contrast_rng(seed: int, pair: TopologyPair, domain: str, measure: str, bench: str) -> np.random.Generator:
+    """A bootstrap stream per contrast, from the report seed and the contrast's identity, so a result
+    does not depend on which other contrasts exist (as the report's paired tests)."""
+    key = ("topology", pair.sequential, pair.parallel, domain, measure, bench)
+    return np.random.default_rng(_comparison_seed(seed, key))
+
+
+def _forgetting_row(index, pair, runs, domain, others, seeds, seed, resamples) -> Optional[dict]:
     bases = [(pair.parallel, BASE, BASE, None), (pair.sequential, BASE, BASE, None)]
     cells = bases + [(m, p, domain, s) for s in seeds for m, p in (runs[key] for key in _ORDER)]
     k = len(seeds)
+    rng = _contrast_rng(seed, pair, domain, "forgetting", "")
     points, replicates, used, n_items = [], [], [], []
     for bench in others:
         matrix = _bench_matrix(index, cells, bench)
@@ -361,19 +371,20 @@ def topology_contrasts(results: StudyResults, *, tags: Optional[Mapping[str, Map
     """Every placement x topology interaction of ``results``, Holm-corrected together.
 
     Inputs: the :class:`StudyResults`; ``tags`` (default ``results.model_tags``) and ``pairs``
-    (default :func:`topology_pairs`); ``resamples`` and ``seed`` of the item bootstrap (one
-    ``numpy.random.default_rng(seed)`` stream, contrasts in a fixed order); ``alpha`` the family-wise
-    level. Output: one row per (pair, train domain, measure[, target benchmark]) with the keys of
-    :data:`TOPOLOGY_COLUMNS` plus ``sequential_model``, ``parallel_model``, ``seed_p`` (raw t-test p)
-    and ``caveat``; differences in pp; ``seed_*`` are ``None`` with fewer than 2 seeds. Contrasts
-    whose four runs (with a shared seed) or shared items do not exist are left out.
+    (default :func:`topology_pairs`); ``resamples`` and ``seed`` of the item bootstrap (each
+    contrast draws from its own stream, seeded by ``seed`` and the contrast's identity); ``alpha``
+    the family-wise level. Output: one row per (pair, train domain, measure[, target benchmark])
+    with the keys of :data:`TOPOLOGY_COLUMNS` plus ``sequential_model``, ``parallel_model``,
+    ``seed_p`` (raw t-test p), ``caveat`` and ``sentence`` (the plain-language verdict);
+    differences in pp; ``seed_*`` are ``None`` with fewer than 2 seeds; forgetting's ``n_items``
+    is the smallest over its benchmarks. Contrasts whose four runs (with a shared seed) or shared
+    items do not exist are left out.
     """
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
         raise ValueError(f"resamples must be a positive int, got {resamples!r}")
     index = index or index_study(results)
     tags = results.model_tags if tags is None else tags
     pairs = topology_pairs(tags, index.models) if pairs is None else pairs
-    rng = np.random.default_rng(seed)
     rows: List[dict] = []
     for pair in pairs:
         roles = {PARALLEL: placement_roles(index.placements.get(pair.parallel, [])),
@@ -388,8 +399,8 @@ def topology_contrasts(results: StudyResults, *, tags: Optional[Mapping[str, Map
                 continue
             targets = [b for b in index.benchmarks if b in results.target_benchmarks.get(domain, [])]
             others = [b for b in index.benchmarks if b not in targets]
-            rows += _target_rows(index, pair, runs, domain, targets, seeds, rng, resamples)
-            forgetting = _forgetting_row(index, pair, runs, domain, others, seeds, rng, resamples)
+            rows += _target_rows(index, pair, runs, domain, targets, seeds, seed, resamples)
+            forgetting = _forgetting_row(index, pair, runs, domain, others, seeds, seed, resamples)
             if forgetting is not None:
                 rows.append(forgetting)
     _apply_holm(rows, alpha)
@@ -400,3 +411,28 @@ def caveats(rows: Sequence[dict]) -> List[str]:
     """The distinct pair caveats among ``rows`` (first-seen order)."""
     return list(dict.fromkeys(r["caveat"] for r in rows if r["caveat"]))
 
+
+
+# --------------------------------------------------------------------------- report section
+
+_INTRO = ("Placement x topology interaction per pair of a sequential and a parallel model: (recurrent-only minus "
+          "attention-only) in the parallel model minus the same in the sequential model, in pp, on each training "
+          "domain's own benchmark and for forgetting (mean over the other benchmarks of max(0, base - tuned); "
+          "positive = recurrent-only forgets more, relative to attention-only, in the parallel model). Intervals: "
+          "joint paired bootstrap over the example ids scored in every cell (ci: 95 %; corrected: at the level "
+          "Holm tests the contrast at) and, with 2+ seeds, a Student-t interval over seeds. Holm over all "
+          "contrasts shown. 'supports topology matters' only where the corrected interval excludes 0 and the "
+          "Holm-adjusted p is below 0.05 (and, with 2+ seeds, the same over seeds).")
+
+
+def topology_section(results: StudyResults, *, resamples: int = 10_000, seed: int = 0) -> Optional[ReportSection]:
+    """The report's "Topology effect" section, or ``None`` unless ``results.model_tags`` holds both a
+    sequential and a parallel model with an attention-only and a recurrent-only run each."""
+    if not has_both_topologies(results.model_tags):
+        return None
+    rows = topology_contrasts(results, resamples=resamples, seed=seed)
+    if not rows:
+        return None
+    return ReportSection(name="topology_effect", title="Topology effect", intro=_INTRO, columns=TOPOLOGY_COLUMNS,
+                         rows=rows, findings=[f"{r['pair']}: {r['sentence']}" for r in rows],
+                         caveats=caveats(rows))
