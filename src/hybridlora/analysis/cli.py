@@ -38,6 +38,10 @@ def register(subparsers) -> None:
     p.add_argument("--plan-params", type=int, metavar="RANK",
                    help="fill missing parameter counts by planning each placement (a preset name of the model's "
                         "family) at this LoRA rank on the model's exact architecture, e.g. 16 for the published study")
+    p.add_argument("--model-tag", action="append", default=[], metavar="MODEL=TOPOLOGY:MIXER",
+                   help="what kind of hybrid MODEL is (topology sequential|parallel|all_attention|all_recurrent, "
+                        "mixer e.g. gdn, mamba2); with a sequential and a parallel model the report adds the "
+                        "topology-effect section (docs/REPORT.md); repeatable")
     p.add_argument("--score-code", action="store_true",
                    help="with --import: execute the HumanEval completions the results left unscored (in the "
                         "sandbox, cut at the standard stop sequences) and report their pass@1, labelled as scored "
@@ -115,6 +119,29 @@ def _full_placements(items) -> Dict[str, str]:
     return out
 
 
+_TOPOLOGIES = ("sequential", "parallel", "all_attention", "all_recurrent")
+
+
+def _model_tags(items, models) -> Dict[str, Dict[str, str]]:
+    """``--model-tag MODEL=TOPOLOGY:MIXER`` items as ``{model: {"topology": ..., "mixer": ...}}``."""
+    from hybridlora.errors import CliError
+
+    out: Dict[str, Dict[str, str]] = {}
+    for item in items:
+        model, sep, tag = item.rpartition("=")
+        topology, colon, mixer = tag.partition(":")
+        if not sep or not model or not colon or not mixer:
+            raise CliError(f"--model-tag {item!r}: expected MODEL=TOPOLOGY:MIXER, e.g. "
+                           "'tiiuae/Falcon-H1-0.5B-Base=parallel:mamba2'")
+        if topology not in _TOPOLOGIES:
+            raise CliError(f"--model-tag {item!r}: topology must be one of {', '.join(_TOPOLOGIES)}")
+        if model not in models:
+            raise CliError(f"--model-tag {item!r}: no model {model!r} in these results "
+                           f"(models: {', '.join(sorted(models))})")
+        out[model] = {"topology": topology, "mixer": mixer}
+    return out
+
+
 def _read_params(path: str) -> Dict[tuple, int]:
     from hybridlora.errors import CliError
 
@@ -142,6 +169,8 @@ def _apply_options(results, args):
         results.title = args.title
     results.notes = list(results.notes) + list(args.note)
     results.full_placement = {**results.full_placement, **_full_placements(args.full_placement)}
+    results.model_tags = {**results.model_tags,
+                          **_model_tags(args.model_tag, {r.model for r in results.runs})}
     if args.params:
         params = _read_params(args.params)
         results.runs = [dataclasses.replace(r, trainable_params=params[(r.model, r.placement)])

@@ -37,6 +37,8 @@ from .contract import BASE
 from .figures import FigureSet, render_figures
 from .metrics import NOT_SCORED, RECIPE_FRACTION, StudyTables, compute_tables
 from .results import StudyResults
+from .sections import ReportSection
+from .topology import topology_section
 
 __all__ = ["ReportError", "build_report", "DEFINITIONS", "TABLE_COLUMNS", "tex_escape"]
 
@@ -469,7 +471,8 @@ def _overview(results: StudyResults, t: StudyTables) -> List[str]:
 # --------------------------------------------------------------------------- Markdown
 
 
-def _markdown(results: StudyResults, t: StudyTables, figs: FigureSet, gen: dict) -> str:
+def _markdown(results: StudyResults, t: StudyTables, figs: FigureSet, gen: dict,
+              sections: Sequence[ReportSection] = ()) -> str:
     out = [f"# {results.title}", ""]
     for note in results.notes:
         out += [f"> **Note:** {note}", ""]
@@ -493,6 +496,9 @@ def _markdown(results: StudyResults, t: StudyTables, figs: FigureSet, gen: dict)
     if pairs:
         out += ["## Placement vs placement (target benchmarks)", "", _PAIR_INTRO, "", _md_table(_PAIR_COLUMNS, pairs), ""]
     out += ["## Target vs non-target effect and forgetting", "", _md_table(_EFFECT_COLUMNS, t.domain_effects), ""]
+    for sec in sections:
+        out += [f"## {sec.title}", "", sec.intro, ""] + [f"> **Caveat:** {c}" for c in sec.caveats]
+        out += [""] * bool(sec.caveats) + [f"- {f}" for f in sec.findings] + ["", _md_table(sec.columns, sec.rows), ""]
     sig = _significant(t)
     out += [f"## Largest significant differences (Holm p < 0.05, top {_SIGNIFICANT_LIMIT})", "",
             _md_table(_SIG_COLUMNS, sig) if sig else "_None._", ""]
@@ -561,7 +567,8 @@ def _figure_html(fig) -> str:
             f"<figcaption><strong>{_h(fig.title)}.</strong> {_h(fig.caption)}</figcaption></figure>")
 
 
-def _html(results: StudyResults, t: StudyTables, figs: FigureSet, tables: List[_Table], gen: dict) -> str:
+def _html(results: StudyResults, t: StudyTables, figs: FigureSet, tables: List[_Table], gen: dict,
+          sections: Sequence[ReportSection] = ()) -> str:
     p = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_h(results.title)}</title>",
          f"<style>{_CSS}</style></head><body>", f"<h1>{_h(results.title)}</h1>"]
     if results.notes:
@@ -586,6 +593,11 @@ def _html(results: StudyResults, t: StudyTables, figs: FigureSet, tables: List[_
         p.append(f"<h2>Placement vs placement (target benchmarks)</h2><p>{_h(_PAIR_INTRO)}</p>"
                  f"<details><summary>{len(pairs)} comparisons</summary>{_html_table(_PAIR_COLUMNS, pairs)}</details>")
     p.append("<h2>Target vs non-target effect and forgetting</h2>" + _html_table(_EFFECT_COLUMNS, t.domain_effects))
+    for sec in sections:
+        p.append(f"<h2>{_h(sec.title)}</h2><p>{_h(sec.intro)}</p>"
+                 + "".join(f'<div class="caveats"><p><strong>Caveat:</strong> {_h(c)}</p></div>' for c in sec.caveats)
+                 + "<ul>" + "".join(f"<li>{_h(f)}</li>" for f in sec.findings) + "</ul>"
+                 + _html_table(sec.columns, sec.rows))
     sig = _significant(t)
     p.append(f"<h2>Largest significant differences (Holm p &lt; 0.05, top {_SIGNIFICANT_LIMIT})</h2>"
              + (_html_table(_SIG_COLUMNS, sig) if sig else "<p>None.</p>"))
@@ -609,6 +621,22 @@ def _html(results: StudyResults, t: StudyTables, figs: FigureSet, tables: List[_
 
 
 # --------------------------------------------------------------------------- build
+
+SECTION_BUILDERS: List[Callable[..., Optional[ReportSection]]] = [topology_section]
+"""Optional sections (see :mod:`.sections`): each ``(results, *, resamples, seed) -> ReportSection | None``."""
+
+
+def _build_sections(results: StudyResults, resamples: int, seed: int) -> List[ReportSection]:
+    """Every applicable section; a builder's ``ValueError`` (e.g. ambiguous model tags) is a ReportError."""
+    out = []
+    for builder in SECTION_BUILDERS:
+        try:
+            section = builder(results, resamples=resamples, seed=seed)
+        except ValueError as exc:
+            raise ReportError(str(exc)) from None
+        if section is not None:
+            out.append(section)
+    return out
 
 
 def _metadata_json(results: StudyResults, gen: dict) -> str:
@@ -668,12 +696,13 @@ def _progress_wrapper(progress: bool) -> Optional[Callable[[Iterable], Iterable]
     return lambda items: tqdm(items, desc="paired tests", unit="cmp", file=sys.stderr, leave=False)
 
 
-def _write_all(tmp: Path, results: StudyResults, t: StudyTables, figs: FigureSet, gen: dict) -> List[str]:
+def _write_all(tmp: Path, results: StudyResults, t: StudyTables, figs: FigureSet, gen: dict,
+               sections: Sequence[ReportSection] = ()) -> List[str]:
     """Write every file under ``tmp``; return their paths relative to it."""
     written = []
     (tmp / "tables").mkdir()
     (tmp / "figures").mkdir()
-    tables = _tables(t)
+    tables = _tables(t) + [_Table(s.name, s.title, s.intro, s.columns, s.rows) for s in sections]
     for table in tables:
         for ext, writer in (("csv", _write_csv), ("tex", _write_tex)):
             rel = f"tables/{table.name}.{ext}"
@@ -684,8 +713,8 @@ def _write_all(tmp: Path, results: StudyResults, t: StudyTables, figs: FigureSet
         (tmp / rel).write_bytes(fig.png)
         written.append(rel)
     (tmp / "metadata.json").write_text(_metadata_json(results, gen) + "\n", encoding="utf-8")
-    (tmp / "report.md").write_text(_markdown(results, t, figs, gen), encoding="utf-8")
-    (tmp / "report.html").write_text(_html(results, t, figs, tables, gen), encoding="utf-8")
+    (tmp / "report.md").write_text(_markdown(results, t, figs, gen, sections), encoding="utf-8")
+    (tmp / "report.html").write_text(_html(results, t, figs, tables, gen, sections), encoding="utf-8")
     return ["report.html", "report.md", "metadata.json"] + written
 
 
@@ -709,12 +738,13 @@ def build_report(results: StudyResults, output_dir: PathLike, *, resamples: int 
     _check_output(out)
     tables = compute_tables(results, resamples=resamples, seed=seed, progress=_progress_wrapper(progress))
     figs = render_figures(tables)
+    sections = _build_sections(results, resamples, seed)
     gen = _generation_info(resamples, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _normal_permissions(tmp)
-        written = _write_all(tmp, results, tables, figs, gen)
+        written = _write_all(tmp, results, tables, figs, gen, sections)
         for rel, data in (extra_files or {}).items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)

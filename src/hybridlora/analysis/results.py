@@ -46,6 +46,9 @@ class StudyResults:
     * ``norms`` — ``{RunKey: [{"step": int, "norms": {component_type: float}}, ...]}``:
       ``‖B·A‖`` summed per component type over training.
     * ``params_by_component`` — ``{(model, placement): {component_type: trainable_params}}``.
+    * ``model_tags`` — ``{model: {"topology": "sequential"|"parallel"|..., "mixer": str}}``: what
+      kind of hybrid each model is, for the topology-effect section (:mod:`.topology`); empty =
+      no such section.
     * ``metadata`` — free-form facts (config, versions, dates) shown in the report appendix.
     """
 
@@ -59,6 +62,7 @@ class StudyResults:
     norms: Dict[RunKey, List[dict]] = field(default_factory=dict)
     params_by_component: Dict[Tuple[str, str], Dict[str, int]] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    model_tags: Dict[str, Dict[str, str]] = field(default_factory=dict)
 
 
 def from_result_set(result_set, **fields) -> StudyResults:

@@ -51,6 +51,11 @@ class ModelEntry(_Strict):
     tiny: bool = False  # random-weight tiny same-family model + byte tokenizer (no weights needed)
     label: Optional[str] = None  # name in results and the report (default: the model spec)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # what kind of hybrid it is: with a sequential and a parallel model the report adds the topology-effect section
+    topology: Optional[Literal["sequential", "parallel", "all_attention", "all_recurrent"]] = None
+    mixer: Optional[str] = Field(default=None, min_length=1)  # its recurrent mixer (gdn, mamba2, ...), pairs models
+    made_by: Optional[str] = Field(default=None, min_length=1)  # command that makes this local model directory
+    placements: Optional[list[str]] = Field(default=None, min_length=1)  # the study's placements it takes (default all)
 
     @property
     def name(self) -> str:

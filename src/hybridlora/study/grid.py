@@ -126,7 +126,8 @@ def expand_grid(config: StudyConfig) -> list[Job]:
         model = _model_spec(config, entry)
         spec = {"version": SPEC_VERSION, "kind": "base", "model": model, "data": data, "eval": evaluation}
         base_jobs.append(Job(job_id("base", spec), "base", entry.name, BASE, BASE, None, spec))
-        placements = placements_for(config, entry)
+        _check_made(entry)
+        placements = _taken_by(entry, placements_for(config, entry))
         for domain in config.domains:
             dom = {"name": domain.name, "train_domain": domain.train_domain, "max_examples": domain.max_examples,
                    "val_examples": domain.val_examples}
@@ -138,6 +139,26 @@ def expand_grid(config: StudyConfig) -> list[Job]:
                     train_jobs.append(Job(job_id("train", spec), "train", entry.name, placement["name"],
                                           domain.train_domain, seed, spec))
     return base_jobs + train_jobs
+
+
+def _check_made(entry) -> None:
+    """A model made by a documented command (``made_by``) whose directory is missing: say which command makes it."""
+    if entry.made_by and not Path(entry.model).is_dir():
+        raise StudyConfigError(f"model {entry.model}: no such directory (relative paths are relative to the current "
+                               f"directory); it is made by: {entry.made_by}")
+
+
+def _taken_by(entry, placements: list[dict]) -> list[dict]:
+    """The placements a model entry takes: all, or those its ``placements`` list names (e.g. no recurrent-only
+    placement for an all-attention control, where it would match no module)."""
+    if entry.placements is None:
+        return placements
+    names = [p["name"] for p in placements]
+    unknown = [n for n in entry.placements if n not in names]
+    if unknown:
+        raise StudyConfigError(f"model {entry.name}: placements {unknown} are not among this study's placements "
+                               f"({', '.join(names)})")
+    return [p for p in placements if p["name"] in entry.placements]
 
 
 def _concrete(placements: list[dict], config: StudyConfig, model: dict, data: dict, domain: dict) -> list[dict]:
