@@ -66,6 +66,11 @@ def register(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the conditions; run nothing")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from ..study.backends import add_backend_options
+    from ..threads import add_option as add_threads_option
+
+    add_threads_option(p)
+    add_backend_options(p)  # the conditions are jobs: the same backends as `study` (docs/RAY.md)
     p.set_defaults(func=cmd_ablate)
 
 
@@ -225,9 +230,14 @@ def cmd_ablate(args) -> int:
     from ..study.store import Store, StoreError
     from .methods import AblationError
 
+    from ..study.backends import BackendError, backend_from_args, check_backend
+
     try:
         output, jobs, mu, conditions = build_jobs(args)
-    except (AblationError, BenchmarkError, StoreError) as exc:
+        backend = None if args.dry_run else backend_from_args(args, None)
+        if backend is not None:
+            check_backend(backend)  # Ray missing or the cluster unreachable: say so before any work
+    except (AblationError, BenchmarkError, StoreError, BackendError) as exc:
         raise CliError(str(exc)) from None
     if args.dry_run:
         for c in conditions:
@@ -245,7 +255,7 @@ def cmd_ablate(args) -> int:
         store.close()
     except StoreError as exc:
         raise CliError(str(exc)) from None
-    run = run_jobs(output, jobs, progress=not args.quiet and args.format != "json", desc="ablate")
+    run = run_jobs(output, jobs, progress=not args.quiet and args.format != "json", desc="ablate", backend=backend)
     report_path = None
     if not args.no_report and run.counts.get("complete"):
         from .report import build_ablation_report
