@@ -47,7 +47,9 @@ def _env(**extra) -> dict:
     src = str(REPO / "src")
     path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "TRANSFORMERS_VERBOSITY": "error", "RAY_USAGE_STATS_ENABLED": "0", **extra}
+            "TRANSFORMERS_VERBOSITY": "error", "RAY_USAGE_STATS_ENABLED": "0",
+            # Token auth (Ray >= 2.5x) would make these throw-away loopback clusters depend on ~/.ray/auth_token
+            "RAY_AUTH_MODE": "disabled", **extra}
 
 
 class Cluster:
@@ -89,7 +91,11 @@ class Cluster:
             for proc, _, name in self.nodes:
                 if proc.poll() is not None:
                     raise RuntimeError(f"ray {name} exited: {(self.root / f'{name}.log').read_text()[-2000:]}")
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+            try:
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(),
+                                     timeout=max(5.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                break
             if out.returncode == 0 and out.stdout.strip().isdigit() and int(out.stdout.strip()) >= n:
                 return
             time.sleep(1)
@@ -171,7 +177,8 @@ class Driver:
         raise AssertionError(f"no line matching {pattern!r} in {timeout} s: {''.join(self.lines)[-3000:]}")
 
     def finish(self, timeout: float = 400) -> tuple[int, str, str]:
-        out, _ = self.proc.communicate(timeout=timeout)
+        out = self.proc.stdout.read()  # not communicate(): that would also read stderr, which the reader owns
+        self.proc.wait(timeout=timeout)
         self._reader.join(timeout=10)
         return self.proc.returncode, out, "".join(self.lines)
 
