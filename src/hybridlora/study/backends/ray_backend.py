@@ -202,7 +202,7 @@ class _Driver:
         prior = pack(out, keep=lambda rel: not rel.parts[0].startswith(".")) if out.is_dir() else None
         resumed_from = _resume_point(out) if prior else None
         task = {"job_id": job.id, "token": token, "spec": job.spec, "kind_path": JOB_KINDS[job.kind],
-                "study_dir": str(self.study_dir), "data": "builtin" if job.spec["data"]["source"] == BUILTIN_DATA
+                "study_dir": str(self.study_dir), "data": "builtin" if _data_source(job.spec) == BUILTIN_DATA
                 else "folder", "resumed_from": resumed_from}
         gpus, cpus = self._needs(job.kind)
         options = dict(num_gpus=gpus, num_cpus=cpus, max_retries=0, retry_exceptions=False,
@@ -214,7 +214,7 @@ class _Driver:
 
     def _data_ref(self, spec: dict):
         """The job's data folder as one shared object: packed and put once per study run, fetched once per node."""
-        source = spec["data"]["source"]
+        source = _data_source(spec)
         folder = self.study_dir / "data" if source == BUILTIN_DATA else (Path(source) if source else None)
         if folder is None or not folder.is_dir():
             return None  # the hub: each worker downloads what it needs
@@ -312,6 +312,11 @@ class _Driver:
         tqdm.write(line, file=sys.stderr)
 
 
+def _data_source(spec: dict) -> str | None:
+    """The data folder a job reads (``builtin:demo``, a path, or None for the hub or a kind that reads none)."""
+    return (spec.get("data") or {}).get("source")
+
+
 def _resume_point(out: Path) -> str | None:
     """What a rerun of the job starts from: its finished adapter, its newest checkpoint, or nothing."""
     if (out / "train" / "adapter" / "adapter_config.json").is_file():
@@ -330,9 +335,13 @@ def _with_driver_paths(result: dict, paths: dict[str, str]) -> dict:
 
 
 def run_on_ray(run, backend: Backend, *, progress: bool = True, desc: str = "study") -> None:
-    """Run ``run.jobs`` (already registered in the store) on a Ray cluster; fills ``run`` like the local loop."""
-    connect(backend)
+    """Run ``run.jobs`` (already registered in the store) on a Ray cluster; fills ``run`` like the local loop.
+    A caller that already called ``ray.init`` keeps its connection (and ``backend.address`` is not used)."""
+    owned = not ray.is_initialized()
+    if owned:
+        connect(backend)
     try:
         _Driver(run, backend, progress, desc).loop()
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()

@@ -190,5 +190,6 @@ def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | Non
 def _write_worker_info(out: Path, where: dict, timing: dict, caches: dict) -> None:
     import json
 
+    out.mkdir(parents=True, exist_ok=True)  # a job kind may write no artifact at all
     (out / WORKER_INFO).write_text(json.dumps({"where": where, "timing": timing, "kernel_caches": caches},
                                               indent=1, default=str))
