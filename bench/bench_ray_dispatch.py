@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import shutil
 import sys
 import tempfile
 import time
@@ -74,16 +74,18 @@ def bench_empty(root: Path, n: int, ray_backend: Backend) -> dict:
 
 def _worker_timings(study: Path) -> list[dict]:
     """Per job, in the order the jobs started: what the fresh worker paid before and around its job."""
-    infos = [json.loads(p.read_text()) for p in (study / "runs").glob("*/worker.json")]
-    infos.sort(key=lambda i: i["timing"]["task_start"])
-    return [{k: round(v, 3) for k, v in i["timing"].items() if k not in ("task_start", "task_end") and v is not None}
-            for i in infos]
+    infos = [(p.parent.name, json.loads(p.read_text())) for p in (study / "runs").glob("*/worker.json")]
+    infos.sort(key=lambda i: i[1]["timing"]["task_start"])
+    return [{"job": job, **{k: round(v, 3) for k, v in i["timing"].items()
+                            if k not in ("task_start", "task_end") and v is not None}} for job, i in infos]
 
 
-def bench_demo(root: Path, only: str | None, ray_backend: Backend) -> dict:
+def bench_demo(root: Path, only: str | None, ray_backend: Backend, compile_scope: str = "off") -> dict:
     out = {}
     for name, backend in (("local", Backend()), ("ray", ray_backend)):
-        config = load_study_config("demo").model_copy(update={"output": str(root / f"demo-{name}")})
+        config = load_study_config("demo")
+        config = config.model_copy(update={"output": str(root / f"demo-{name}"),
+                                           "train": config.train.model_copy(update={"compile": compile_scope})})
         study_dir, jobs = prepare(config, only=only)
         store = Store(study_dir)
         store.register(jobs, config.model_dump(mode="json"))
@@ -109,8 +111,14 @@ def main() -> None:
     parser.add_argument("--no-demo", action="store_true", help="only the empty jobs")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the in-process Ray cluster")
     parser.add_argument("--output", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument("--compile", choices=("off", "lora", "layers"), default="off",
+                        help="the demo's train.compile: with lora/layers the first Ray job of the node compiles "
+                             "(Inductor) into the node's kernel cache, later jobs load it")
     args = parser.parse_args()
     import ray
+
+    cache = Path(tempfile.mkdtemp(prefix="bench-ray-kernels-"))  # cold: the first job compiles from nothing
+    os.environ["HYBRIDLORA_KERNEL_CACHE"] = str(cache)
 
     # One job at a time: each asks for all the cluster's CPUs, so wall minus job time is overhead.
     # run_jobs uses this connection (and leaves it up) when ray is already initialised.
@@ -124,7 +132,8 @@ def main() -> None:
         if args.empty:
             figures["empty_jobs"] = bench_empty(Path(tmp), args.empty, backend)
         if not args.no_demo:
-            figures["demo"] = bench_demo(Path(tmp), args.only, backend)
+            figures["demo"] = bench_demo(Path(tmp), args.only, backend, args.compile)
+    shutil.rmtree(cache, ignore_errors=True)
     ray.shutdown()
     text = json.dumps(figures, indent=1, default=str)
     print(text)

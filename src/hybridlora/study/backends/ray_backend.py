@@ -119,6 +119,7 @@ class _Heartbeat:
 class _Driver:
     def __init__(self, run, backend: Backend, progress: bool, desc: str):
         self.run, self.backend = run, backend
+        self.gpus_per_job = self._gpus_per_job()  # first: an impossible request stops here, before any claim
         self.study_dir = Path(run.study_dir)
         self.store = Store(self.study_dir)
         self.owner = make_owner()
@@ -130,7 +131,6 @@ class _Driver:
         self.events = ray.remote(num_cpus=0)(JobEvents).remote()
         self.task = ray.remote(max_calls=1)(run_remote_job)  # a fresh process per job: GPU memory returned
         self.inputs: dict[str, object] = {}  # data source -> ObjectRef of its tar, put once, shared by all jobs
-        self.gpus_per_job = self._gpus_per_job()
         self.beat = _Heartbeat(self.study_dir, self.owner)
         done = self.store.counts(self.ids)["complete"]
         self.bar = tqdm(total=len(run.jobs), initial=done, desc=desc, unit="job", disable=not progress, position=0)
@@ -171,11 +171,10 @@ class _Driver:
                 self._fill()
                 if not self.inflight:
                     break
-                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=WAIT_S)
-                if ready:
-                    more, _ = ray.wait([r for r in self.inflight if r not in ready], num_returns=len(self.inflight)
-                                       - len(ready), timeout=0) if len(self.inflight) > len(ready) else ([], None)
-                    ready += more
+                refs = list(self.inflight)
+                ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_S)
+                if ready:  # and every other result that is in already
+                    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 self._drain_events()  # before results: a late checkpoint must never overwrite final artifacts
                 for ref in ready:
                     self._finish(ref, self.inflight.pop(ref))
@@ -201,7 +200,7 @@ class _Driver:
         out = self.study_dir / "runs" / job.id
         prior = pack(out, keep=lambda rel: not rel.parts[0].startswith(".")) if out.is_dir() else None
         resumed_from = _resume_point(out) if prior else None
-        task = {"job_id": job.id, "token": token, "spec": job.spec, "kind_path": JOB_KINDS[job.kind],
+        task = {"job_id": job.id, "token": token, "spec": job.spec, "kind_path": JOB_KINDS.get(job.kind),
                 "study_dir": str(self.study_dir), "data": "builtin" if _data_source(job.spec) == BUILTIN_DATA
                 else "folder", "resumed_from": resumed_from}
         gpus, cpus = self._needs(job.kind)

@@ -139,6 +139,16 @@ def _localise_inputs(task: dict, root: Path, study: Path, data_blob: bytes | Non
     return spec, back
 
 
+def _job_function(kind_path: str | None, kind: str):
+    """The function of a job kind, as the driver's ``JOB_KINDS`` named it ("module:function")."""
+    if not kind_path:
+        from ..jobs import JobError
+
+        raise JobError(f"unknown job kind {kind!r} (not in the driver's JOB_KINDS)")
+    module, function = kind_path.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | None, prior_blob: bytes | None,
                    events) -> dict[str, Any]:
     """The Ray task of one job. Returns {"result" | "error", "artifacts" (tar of the job's folder), "where",
@@ -163,13 +173,11 @@ def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | Non
         import torch  # noqa: F401 — timed apart: part of every fresh process's start cost
 
         timing["import_torch_s"] = time.time() - t
-        module, function = task["kind_path"].split(":")
-        run = getattr(importlib.import_module(module), function)
         streamer = _CheckpointStreamer(
             out, lambda name, blob: ray.get(events.checkpoint.remote(task["token"], name, blob)))
         t = time.time()
         try:
-            result, error = run(spec, study, out, progress=False), None
+            result, error = _job_function(task["kind_path"], spec["kind"])(spec, study, out, progress=False), None
         except Exception as exc:  # noqa: BLE001 — the job failed; its message goes to the store
             result, error = None, {"message": f"{type(exc).__name__}: {exc}",
                                    "traceback": traceback.format_exc(limit=8)}
