@@ -80,9 +80,13 @@ def _worker_timings(study: Path) -> list[dict]:
                             if k not in ("task_start", "task_end") and v is not None}} for job, i in infos]
 
 
-def bench_demo(root: Path, only: str | None, ray_backend: Backend, compile_scope: str = "off") -> dict:
+def bench_demo(root: Path, only: str | None, ray_backend: Backend, compile_scope: str = "off",
+               ray_passes: int = 1) -> dict:
+    """The demo cells on both backends; with ``ray_passes`` 2 the Ray run is repeated into a fresh study (same
+    jobs, fresh processes, the node's kernel cache now warm): job time cold vs warm cache."""
     out = {}
-    for name, backend in (("local", Backend()), ("ray", ray_backend)):
+    runs = [("local", Backend())] + [("ray" if n == 0 else f"ray_pass{n + 1}", ray_backend) for n in range(ray_passes)]
+    for name, backend in runs:
         config = load_study_config("demo")
         config = config.model_copy(update={"output": str(root / f"demo-{name}"),
                                            "train": config.train.model_copy(update={"compile": compile_scope})})
@@ -98,9 +102,10 @@ def bench_demo(root: Path, only: str | None, ray_backend: Backend, compile_scope
         job_s = sum(r["wall_s"] for r in rows)
         out[name] = {"jobs": len(jobs), "wall_s": wall, "sum_job_s": job_s,
                      "overhead_per_job_s": (wall - job_s) / len(jobs), "accuracy": accuracy}
-        if name == "ray":
+        if name.startswith("ray"):
             out[name]["worker"] = _worker_timings(study_dir)
-    out["same_accuracy"] = out["local"].pop("accuracy") == out["ray"].pop("accuracy")
+    local = out["local"].pop("accuracy")
+    out["same_accuracy"] = all(out[name].pop("accuracy") == local for name, _ in runs[1:])
     return out
 
 
@@ -114,6 +119,8 @@ def main() -> None:
     parser.add_argument("--compile", choices=("off", "lora", "layers"), default="off",
                         help="the demo's train.compile: with lora/layers the first Ray job of the node compiles "
                              "(Inductor) into the node's kernel cache, later jobs load it")
+    parser.add_argument("--ray-passes", type=int, default=1,
+                        help="run the demo cells this many times on Ray (2: kernel cache cold, then warm)")
     args = parser.parse_args()
     import ray
 
@@ -132,7 +139,7 @@ def main() -> None:
         if args.empty:
             figures["empty_jobs"] = bench_empty(Path(tmp), args.empty, backend)
         if not args.no_demo:
-            figures["demo"] = bench_demo(Path(tmp), args.only, backend, args.compile)
+            figures["demo"] = bench_demo(Path(tmp), args.only, backend, args.compile, args.ray_passes)
     shutil.rmtree(cache, ignore_errors=True)
     ray.shutdown()
     text = json.dumps(figures, indent=1, default=str)

@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
