@@ -156,7 +156,7 @@ def _write(tmp_path: Path, data: dict, name: str = "c.yaml") -> Path:
 class Driver:
     """``hybridlora study`` as a child process; its stderr lines collected as they come."""
 
-    def __init__(self, tmp_path: Path, cfg: Path, *args: str, env: dict | None = None):
+    def __init__(self, tmp_path: Path, cfg: Path | str, *args: str, env: dict | None = None):
         self.proc = subprocess.Popen([sys.executable, "-m", "hybridlora.cli", "study", str(cfg), "--quiet",
                                       "--no-report", *args], cwd=tmp_path, env=env or _env(),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -362,15 +362,17 @@ def test_driver_killed_at_several_points_then_rerun_finishes_every_cell_once(tmp
 
 
 # ------------------------------------------------------------------ two nodes, no shared study directory
-def test_two_node_cluster_runs_jobs_on_a_node_that_cannot_see_the_study(tmp_path):
+def test_two_node_cluster_runs_the_demo_on_a_node_that_cannot_see_the_study(tmp_path):
     hide = can_hide_folders()
     c = Cluster(tmp_path / "cluster")
     (tmp_path / "cluster").mkdir()
     try:
         c.head(cpus=0, gpus=0)  # the driver's node runs no task: every job goes to the second node
         c.add_node(cpus=2, gpus=1, cwd=Path(f"/tmp/hlnode-{uuid.uuid4().hex[:8]}"), hide=tmp_path if hide else None)
-        data = mini(tmp_path)
-        rc, out, err = Driver(tmp_path, _write(tmp_path, data), "--backend", "ray", "--address", c.address).finish()
+        # The demo preset, trimmed to one model's base job and one fine-tune, to keep the test's time down.
+        rc, out, err = Driver(tmp_path, "demo", "--output", str(tmp_path / "study"), "--only",
+                              "model=tiny-qwen*,placement=attention_only,domain=gsm8k", "--backend", "ray",
+                              "--address", c.address).finish()
     finally:
         c.stop()
     assert rc == 0, err
