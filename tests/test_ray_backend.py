@@ -302,7 +302,10 @@ def test_local_backend_retries_a_job_that_raises(tmp_path, monkeypatch):
 
 
 def _longer_training(tmp_path: Path) -> dict:
+    """48 optimizer steps, a checkpoint after each: on a quiet machine several seconds of training remain after
+    the first checkpoint reached the driver (the worker streams them every second), so a kill lands mid-job."""
     return mini(tmp_path, placements=["all"], domains=[{"name": "gsm8k", "max_examples": 96, "val_examples": 4}],
+                train={"epochs": 4, "micro_batch_size": 4, "grad_accum": 2, "max_length": 128, "save_every": 1},
                 eval={"benchmarks": {"mmlu": 2, "gsm8k": 2}, "batch_size": 4, "max_new_tokens": 4})
 
 
