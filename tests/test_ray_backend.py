@@ -279,6 +279,7 @@ def test_job_that_raises_is_retried_then_recorded_failed(tmp_path, cluster):
     facts = _db(tmp_path / "study")
     train = next(j for j in facts["jobs"].values() if j["kind"] == "train")
     assert train["status"] == "failed" and train["attempts"] == 2 and train["error"]
+    assert "No such file" not in train["error"]  # the file reached the worker; its content is what failed
     assert facts["integrity"] == "ok"
 
 
@@ -369,15 +370,19 @@ def test_two_node_cluster_runs_the_demo_on_a_node_that_cannot_see_the_study(tmp_
     hide = can_hide_folders()
     c = Cluster(tmp_path / "cluster")
     (tmp_path / "cluster").mkdir()
+    node_cwd = Path(f"/tmp/hlnode-{uuid.uuid4().hex[:8]}")  # outside the test's folder, which it cannot see
     try:
         c.head(cpus=0, gpus=0)  # the driver's node runs no task: every job goes to the second node
-        c.add_node(cpus=2, gpus=1, cwd=Path(f"/tmp/hlnode-{uuid.uuid4().hex[:8]}"), hide=tmp_path if hide else None)
+        c.add_node(cpus=2, gpus=1, cwd=node_cwd, hide=tmp_path if hide else None)
         # The demo preset, trimmed to one model's base job and one fine-tune, to keep the test's time down.
         rc, out, err = Driver(tmp_path, "demo", "--output", str(tmp_path / "study"), "--only",
                               "model=tiny-qwen*,placement=attention_only,domain=gsm8k", "--backend", "ray",
                               "--address", c.address).finish()
     finally:
         c.stop()
+        import shutil
+
+        shutil.rmtree(node_cwd, ignore_errors=True)
     assert rc == 0, err
     assert "2/2 jobs complete" in out
     facts = _db(tmp_path / "study")

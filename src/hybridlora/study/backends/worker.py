@@ -139,6 +139,19 @@ def _localise_inputs(task: dict, root: Path, study: Path, data_blob: bytes | Non
     return spec, back
 
 
+def _new_work_dir(job_id: str) -> Path:
+    """A private folder for one job under the node's temp dir, named after this process; folders left by workers
+    that were killed (their process is gone) are removed first, so lost jobs do not fill the node's disk."""
+    root = Path(tempfile.gettempdir()) / "hybridlora-ray-jobs"
+    root.mkdir(parents=True, exist_ok=True)
+    if Path("/proc").is_dir():
+        for old in root.iterdir():
+            pid = old.name.split("-", 1)[0]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{job_id}-", dir=root))
+
+
 def _job_function(kind_path: str | None, kind: str):
     """The function of a job kind, as the driver's ``JOB_KINDS`` named it ("module:function")."""
     if not kind_path:
@@ -162,7 +175,7 @@ def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | Non
     import ray
 
     ray.get(events.started.remote(task["token"], where))  # waited for: the driver hears it before the result
-    root = Path(tempfile.mkdtemp(prefix=f"hybridlora-{task['job_id']}-"))
+    root = _new_work_dir(task["job_id"])
     study = root / "study"
     out = study / "runs" / task["job_id"]
     try:
