@@ -66,7 +66,9 @@ def backend_from_args(args, settings: Any = None) -> Backend:
         value = getattr(backend, key)
         if value is not None and value < 0:
             raise CliError(f"--{key.replace('_', '-')} {value}: give a number >= 0")
-    if backend.name == "local" and (backend.address or backend.gpus_per_job is not None):
+    # Only the command line's own options are refused: a config may keep its ray settings while `--backend
+    # local` runs it here for once.
+    if backend.name == "local" and (getattr(args, "address", None) or getattr(args, "gpus_per_job", None) is not None):
         raise CliError("--address/--gpus-per-job apply to --backend ray; add --backend ray (or backend: ray in the "
                        "config)")
     return backend

@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +118,7 @@ class _Heartbeat:
 class _Driver:
     def __init__(self, run, backend: Backend, progress: bool, desc: str):
         self.run, self.backend = run, backend
+        self.gpus_per_job = self._gpus_per_job()  # first: an impossible request stops here, before any claim
         self.study_dir = Path(run.study_dir)
         self.store = Store(self.study_dir)
         self.owner = make_owner()
@@ -130,7 +130,6 @@ class _Driver:
         self.events = ray.remote(num_cpus=0)(JobEvents).remote()
         self.task = ray.remote(max_calls=1)(run_remote_job)  # a fresh process per job: GPU memory returned
         self.inputs: dict[str, object] = {}  # data source -> ObjectRef of its tar, put once, shared by all jobs
-        self.gpus_per_job = self._gpus_per_job()
         self.beat = _Heartbeat(self.study_dir, self.owner)
         done = self.store.counts(self.ids)["complete"]
         self.bar = tqdm(total=len(run.jobs), initial=done, desc=desc, unit="job", disable=not progress, position=0)
@@ -171,11 +170,10 @@ class _Driver:
                 self._fill()
                 if not self.inflight:
                     break
-                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=WAIT_S)
-                if ready:
-                    more, _ = ray.wait([r for r in self.inflight if r not in ready], num_returns=len(self.inflight)
-                                       - len(ready), timeout=0) if len(self.inflight) > len(ready) else ([], None)
-                    ready += more
+                refs = list(self.inflight)
+                ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_S)
+                if ready:  # and every other result that is in already
+                    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 self._drain_events()  # before results: a late checkpoint must never overwrite final artifacts
                 for ref in ready:
                     self._finish(ref, self.inflight.pop(ref))
@@ -201,8 +199,8 @@ class _Driver:
         out = self.study_dir / "runs" / job.id
         prior = pack(out, keep=lambda rel: not rel.parts[0].startswith(".")) if out.is_dir() else None
         resumed_from = _resume_point(out) if prior else None
-        task = {"job_id": job.id, "token": token, "spec": job.spec, "kind_path": JOB_KINDS[job.kind],
-                "study_dir": str(self.study_dir), "data": "builtin" if job.spec["data"]["source"] == BUILTIN_DATA
+        task = {"job_id": job.id, "token": token, "spec": job.spec, "kind_path": JOB_KINDS.get(job.kind),
+                "study_dir": str(self.study_dir), "data": "builtin" if _data_source(job.spec) == BUILTIN_DATA
                 else "folder", "resumed_from": resumed_from}
         gpus, cpus = self._needs(job.kind)
         options = dict(num_gpus=gpus, num_cpus=cpus, max_retries=0, retry_exceptions=False,
@@ -214,7 +212,7 @@ class _Driver:
 
     def _data_ref(self, spec: dict):
         """The job's data folder as one shared object: packed and put once per study run, fetched once per node."""
-        source = spec["data"]["source"]
+        source = _data_source(spec)
         folder = self.study_dir / "data" if source == BUILTIN_DATA else (Path(source) if source else None)
         if folder is None or not folder.is_dir():
             return None  # the hub: each worker downloads what it needs
@@ -312,6 +310,11 @@ class _Driver:
         tqdm.write(line, file=sys.stderr)
 
 
+def _data_source(spec: dict) -> str | None:
+    """The data folder a job reads (``builtin:demo``, a path, or None for the hub or a kind that reads none)."""
+    return (spec.get("data") or {}).get("source")
+
+
 def _resume_point(out: Path) -> str | None:
     """What a rerun of the job starts from: its finished adapter, its newest checkpoint, or nothing."""
     if (out / "train" / "adapter" / "adapter_config.json").is_file():
@@ -330,9 +333,13 @@ def _with_driver_paths(result: dict, paths: dict[str, str]) -> dict:
 
 
 def run_on_ray(run, backend: Backend, *, progress: bool = True, desc: str = "study") -> None:
-    """Run ``run.jobs`` (already registered in the store) on a Ray cluster; fills ``run`` like the local loop."""
-    connect(backend)
+    """Run ``run.jobs`` (already registered in the store) on a Ray cluster; fills ``run`` like the local loop.
+    A caller that already called ``ray.init`` keeps its connection (and ``backend.address`` is not used)."""
+    owned = not ray.is_initialized()
+    if owned:
+        connect(backend)
     try:
         _Driver(run, backend, progress, desc).loop()
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()

@@ -139,6 +139,29 @@ def _localise_inputs(task: dict, root: Path, study: Path, data_blob: bytes | Non
     return spec, back
 
 
+def _new_work_dir(job_id: str) -> Path:
+    """A private folder for one job under the node's temp dir, named after this process; folders left by workers
+    that were killed (their process is gone) are removed first, so lost jobs do not fill the node's disk."""
+    root = Path(tempfile.gettempdir()) / "hybridlora-ray-jobs"
+    root.mkdir(parents=True, exist_ok=True)
+    if Path("/proc").is_dir():
+        for old in root.iterdir():
+            pid = old.name.split("-", 1)[0]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{job_id}-", dir=root))
+
+
+def _job_function(kind_path: str | None, kind: str):
+    """The function of a job kind, as the driver's ``JOB_KINDS`` named it ("module:function")."""
+    if not kind_path:
+        from ..jobs import JobError
+
+        raise JobError(f"unknown job kind {kind!r} (not in the driver's JOB_KINDS)")
+    module, function = kind_path.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | None, prior_blob: bytes | None,
                    events) -> dict[str, Any]:
     """The Ray task of one job. Returns {"result" | "error", "artifacts" (tar of the job's folder), "where",
@@ -152,7 +175,7 @@ def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | Non
     import ray
 
     ray.get(events.started.remote(task["token"], where))  # waited for: the driver hears it before the result
-    root = Path(tempfile.mkdtemp(prefix=f"hybridlora-{task['job_id']}-"))
+    root = _new_work_dir(task["job_id"])
     study = root / "study"
     out = study / "runs" / task["job_id"]
     try:
@@ -163,13 +186,11 @@ def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | Non
         import torch  # noqa: F401 — timed apart: part of every fresh process's start cost
 
         timing["import_torch_s"] = time.time() - t
-        module, function = task["kind_path"].split(":")
-        run = getattr(importlib.import_module(module), function)
         streamer = _CheckpointStreamer(
             out, lambda name, blob: ray.get(events.checkpoint.remote(task["token"], name, blob)))
         t = time.time()
         try:
-            result, error = run(spec, study, out, progress=False), None
+            result, error = _job_function(task["kind_path"], spec["kind"])(spec, study, out, progress=False), None
         except Exception as exc:  # noqa: BLE001 — the job failed; its message goes to the store
             result, error = None, {"message": f"{type(exc).__name__}: {exc}",
                                    "traceback": traceback.format_exc(limit=8)}
@@ -190,5 +211,6 @@ def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | Non
 def _write_worker_info(out: Path, where: dict, timing: dict, caches: dict) -> None:
     import json
 
+    out.mkdir(parents=True, exist_ok=True)  # a job kind may write no artifact at all
     (out / WORKER_INFO).write_text(json.dumps({"where": where, "timing": timing, "kernel_caches": caches},
                                               indent=1, default=str))
