@@ -56,6 +56,19 @@ _FRESH_PROCESS = textwrap.dedent("""
 
     from hybridlora.models import build_model, tiny_config_for
     result = {"bound_stand_in": bound_stand_in}
+    # lab models first (no other model has touched the modeling modules yet): they borrow Qwen3.5's Gated DeltaNet
+    # and Falcon-H1's Mamba-2 mixer, and must get the same guard as those models
+    from hybridlora.lab.solve import build
+    from hybridlora.lab.spec import load_spec, variants
+    for name in ("tiny-gdn", "tiny-mamba2"):
+        model, _ = build(variants(load_spec(name))["parallel"], seed=0)
+        ids = torch.randint(0, 200, (2, 12))
+        try:
+            with torch.no_grad():
+                model(input_ids=ids)
+            result[name] = "ok"
+        except Exception as exc:
+            result[name] = f"{type(exc).__name__}: {exc}"
     for model_type in ("qwen3_5_text", "falcon_h1"):
         model = build_model(tiny_config_for(model_type), seed=0)
         ids = torch.randint(0, 200, (2, 12))
@@ -81,6 +94,7 @@ def test_cpu_model_ignores_kernels_transformers_bound_at_import():
     assert result["bound_stand_in"], "transformers did not bind the stand-in fla: the test simulates nothing"
     assert result["qwen3_5_text"] == "ok"
     assert result["falcon_h1"] == "ok"
+    assert result["tiny-gdn"] == "ok" and result["tiny-mamba2"] == "ok"
     assert result["kernel_calls"] == []
 
 

@@ -382,8 +382,9 @@ def guard_cpu_path(module_or_model: Any) -> list[str]:
     """Make calls on CPU tensors take the torch path in a modeling module (given by name, or a model of it,
     PEFT-wrapped or not), whatever transformers bound there at import time. Idempotent; the CUDA path is
     unchanged. Returns the ``module.function`` names guarded now."""
-    module_name = (module_or_model if isinstance(module_or_model, str)
-                   else type(causal_lm(module_or_model)).__module__)
+    if not isinstance(module_or_model, str):  # every modeling module the model's mixers call (the lab borrows several)
+        return [g for name in _model_modules(module_or_model) for g in guard_cpu_path(name)]
+    module_name = module_or_model
     try:
         module = importlib.import_module(module_name)
     except Exception:

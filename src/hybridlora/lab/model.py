@@ -290,6 +290,9 @@ class LabForCausalLM(LabPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        from ..fast.kernels import guard_cpu_path
+
+        guard_cpu_path(self)  # on a GPU machine, a lab model on the CPU must not reach the borrowed mixers' Triton kernels
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
