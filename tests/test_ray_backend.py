@@ -43,10 +43,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Kernel-cache variables that an earlier test in this pytest process may have set (TorchInductor exports its
+# default cache dir when it first compiles): the clusters here must start as a fresh node would, without them.
+_PROCESS_CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH")
+
+
 def _env(**extra) -> dict:
     src = str(REPO / "src")
     path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    inherited = {k: v for k, v in os.environ.items() if k not in _PROCESS_CACHE_VARS}
+    return {**inherited, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "TRANSFORMERS_VERBOSITY": "error", "RAY_USAGE_STATS_ENABLED": "0",
             # Token auth (Ray >= 2.5x) would make these throw-away loopback clusters depend on ~/.ray/auth_token
             "RAY_AUTH_MODE": "disabled", **extra}
