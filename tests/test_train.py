@@ -212,7 +212,8 @@ def test_cli_sigkill_then_resume_gives_the_uninterrupted_adapter(data_dir, tmp_p
     args = lambda out: ["train", "qwen3.5-0.8b", "--tiny", "--placement", "all", "--data", "gsm8k", "--data-dir",
                         str(data_dir), "--max-examples", "8", "--val-examples", "2", "--epochs", "2",
                         "--micro-batch-size", "2", "--grad-accum", "1", "--max-length", "512", "--lr", "5e-3",
-                        "--save-every", "2", "--no-progress", "--output", str(tmp_path / out)]
+                        "--save-every", "2", "--no-progress", "--threads", "1", "--output", str(tmp_path / out)]
+    # one thread in every run (the killed child, the resume, the reference): the same float summation order
     marker = tmp_path / "ready"
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(marker), *args("run")], env=env,

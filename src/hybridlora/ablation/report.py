@@ -15,13 +15,13 @@ import html
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..atomic import replace_dir
 from ..analysis.figures import to_png
 from .stats import (AblationResults, condition_rows, control_tests, diagnostic_correlations, load_results,
                     study_link)
@@ -56,7 +56,7 @@ def build_ablation_report(ablation_dir: str | Path, output: str | Path | None = 
             (tmp / "figures" / f"{name}.png").write_bytes(png)
         (tmp / "report.md").write_text(_markdown(res, tables, figures, link), encoding="utf-8")
         (tmp / "report.html").write_text(_html(res, tables, figures, link), encoding="utf-8")
-        _swap(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -80,21 +80,6 @@ def is_ablation_dir(path: str | Path) -> bool:
     except sqlite3.DatabaseError:
         return False
     return bool(row) and json.loads(row[0]).get("tool") == "ablate"
-
-
-def _swap(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- tables

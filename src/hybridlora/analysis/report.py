@@ -27,7 +27,6 @@ import re
 import shutil
 import sys
 import tempfile
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 from .contract import BASE
 from .figures import FigureSet, render_figures
 from .metrics import NOT_SCORED, RECIPE_FRACTION, StudyTables, compute_tables
+from ..atomic import replace_dir
 from .results import StudyResults
 from .sections import ReportSection
 from .topology import topology_section
@@ -664,23 +664,6 @@ def _check_output(out: Path) -> None:
                           "refusing to replace it (choose another --output)")
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed only
-    after the new report is in place (restored if the rename fails)."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _normal_permissions(path: Path) -> None:
     """mkdtemp makes a private (0700) directory; the report should get the usual mode."""
     mask = os.umask(0)
@@ -749,7 +732,7 @@ def build_report(results: StudyResults, output_dir: PathLike, *, resamples: int 
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)
             written.append(rel)
-        _swap_into_place(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

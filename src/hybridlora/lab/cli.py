@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
+from ..atomic import replace_dir
 from ..errors import CliError
 
 
@@ -126,12 +125,5 @@ def save_model_dir(model, directory: Path, tokenizer=None) -> Path:
     model.save_pretrained(str(tmp))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
+    replace_dir(tmp, directory)
     return directory

@@ -14,11 +14,11 @@ import html
 import json
 import math
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..atomic import replace_dir
 from ..errors import CliError
 
 REPORT_DIR = "report"
@@ -255,14 +255,7 @@ def build_report(root: str | Path) -> Path:
     (tmp / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style>"
                                      f"</head><body>{''.join(body)}</body></html>", encoding="utf-8")
     out = root / REPORT_DIR
-    if out.exists():
-        old = root / f".{REPORT_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_dir(tmp, out)
     os.chmod(out, 0o755)
     return out
 

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import replace_dir
 from ..data.formatting import TokenizedExample, TokenizedSet, collate
 from .packing import batching_line, pack_tokens_for
 
@@ -132,17 +133,6 @@ def write_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 # --- LoRA bookkeeping -------------------------------------------------------------------------------
@@ -368,7 +358,7 @@ def _save_checkpoint(output_dir: Path, step: int, peft_model, optimizer, schedul
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(), "fingerprint": fingerprint}, tmp / "trainer_state.pt")
     final = root / f"step-{step}"
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -589,7 +579,7 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
             log.write(event="eval", step=step, val_loss=val_loss)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir}.", dir=output_dir))
         peft_model.save_pretrained(str(tmp))
-        _replace_dir(tmp, output_dir / final_dir)
+        replace_dir(tmp, output_dir / final_dir)
         log.write(event="end", step=step, final_loss=last_loss, val_loss=val_loss,
                   cuda_graphs=graphs.describe() if graphs is not None else graphs_line,
                   **({"lora_norms": lora_norms(peft_model, component_of)} if resolved is not None else {}))
