@@ -360,6 +360,17 @@ def test_bad_input_is_one_error_line(capsys, tmp_path, data_dir, extra, message)
     assert not (tmp_path / "abl").exists()  # nothing written
 
 
+def test_a_plan_file_that_is_not_utf8_is_one_error_line(capsys, tmp_path, data_dir):
+    from hybridlora.cli import main
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_bytes(b"conditions:\n  - remove: \xff\xfe\n")
+    code = main(_args(tmp_path, data_dir, "--plan", str(plan)))
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1 and "not UTF-8" in err, err
+    assert not (tmp_path / "abl").exists()
+
+
 def test_study_link_rank_correlates_importance_with_adaptation_gain(tmp_path):
     from hybridlora.ablation.stats import study_link
     from hybridlora.study.grid import Job

@@ -79,7 +79,12 @@ def text_source(text: str | None, data_dir: str | Path | None) -> dict[str, Any]
 
 def read_text(source: dict[str, Any]) -> str:
     if source["kind"] == "file":
-        return Path(source["path"]).read_text(encoding="utf-8")
+        try:
+            return Path(source["path"]).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise AblationError(f"{source['path']}: not UTF-8 text (at byte {exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise AblationError(f"{source['path']}: cannot be read ({exc.strerror or exc})") from None
     try:
         import datasets
     except ImportError:

@@ -290,6 +290,8 @@ def load_plan_file(path: Path, mu: ModelUnits, *, trials: int, seed: int) -> lis
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise AblationError(f"--plan {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError as exc:
+        raise AblationError(f"--plan {path}: not UTF-8 text (at byte {exc.start}); save the YAML as UTF-8") from None
     items = data.get("conditions") if isinstance(data, dict) else None
     if not isinstance(items, list) or not items:
         raise AblationError(f"--plan {path}: expected `conditions:` with a list of {{remove: SPEC, ...}} entries")

@@ -71,30 +71,12 @@ def _check_args(args) -> None:
 
 
 def _load(args):
-    """(model source, model, tokenizer) on the GPU when there is one."""
+    """(model source, model, tokenizer) as `train` loads them, then on the GPU when there is one (tiny too)."""
     import torch
 
-    from ..errors import CliError
-    from ..families import family_for
-    from ..models import build_model, load_pretrained, resolve_model, text_config, tiny_config
+    from ..train.cli import load_model_and_tokenizer
 
-    source = resolve_model(args.model)
-    if args.tiny:
-        family = family_for(text_config(source.config).model_type)
-        if family is None:
-            raise CliError(f"{args.model}: no family entry, so no tiny model; drop --tiny and give real weights")
-        from ..evaluate.tokenizer import byte_tokenizer
-
-        model, tokenizer = build_model(tiny_config(source.config, family), seed=0), byte_tokenizer()
-    else:
-        if source.path is None and source.kind != "hub":
-            raise CliError(f"{args.model}: no weights available (catalog config only); pass a local model "
-                           "directory, connect to the hub, or use --tiny")
-        from transformers import AutoTokenizer
-
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        model = load_pretrained(source, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(source.path) if source.path else source.name)
+    source, model, tokenizer = load_model_and_tokenizer(args.model, tiny=args.tiny)
     if torch.cuda.is_available():
         model = model.cuda()
     return source, model, tokenizer

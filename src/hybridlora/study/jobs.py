@@ -198,10 +198,15 @@ JOB_USES_GPU: dict[str, bool] = {"base": True, "train": True}
 
 def execute(spec: dict, study_dir: str | Path, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Run one job of any registered kind."""
-    import importlib
-
     kind = spec.get("kind")
     if kind not in JOB_KINDS:
         raise JobError(f"unknown job kind {kind!r}; known: {', '.join(sorted(JOB_KINDS))}")
-    module, function = JOB_KINDS[kind].split(":")
-    return getattr(importlib.import_module(module), function)(spec, study_dir, out, progress=progress)
+    return job_function(JOB_KINDS[kind])(spec, study_dir, out, progress=progress)
+
+
+def job_function(path: str):
+    """The function a ``JOB_KINDS`` entry names ("module:function"), imported on first use."""
+    import importlib
+
+    module, function = path.split(":")
+    return getattr(importlib.import_module(module), function)

@@ -91,41 +91,47 @@ def _fields(items: list[str]) -> dict[str, str] | None:
     return out or None
 
 
-def _run(args) -> int:
+def load_model_and_tokenizer(spec: str, *, tiny: bool):
+    """(model source, model, tokenizer) for fine-tuning commands. ``tiny``: the family's tiny model with random
+    weights seeded 0 and the byte tokenizer, left on the CPU; else the real weights, on the GPU when there is one."""
     import torch
 
     from ..errors import CliError
+    from ..families import family_for
+    from ..models import build_model, load_pretrained, resolve_model, text_config, tiny_config
+
+    source = resolve_model(spec)
+    if tiny:
+        family = family_for(text_config(source.config).model_type)
+        if family is None:
+            raise CliError(f"{spec}: no family entry, so no tiny model; drop --tiny and give real weights")
+        # The same tiny base model and byte tokenizer as `hybridlora eval --tiny` and the study (weights seeded
+        # with 0, not the training seed), so an adapter trained here is evaluated on the base it was trained on.
+        from ..evaluate.tokenizer import byte_tokenizer
+
+        return source, build_model(tiny_config(source.config, family), seed=0), byte_tokenizer()
+    if source.path is None and source.kind != "hub":
+        raise CliError(f"{spec}: no weights available (catalog config only); pass a local model "
+                       "directory, connect to the hub, or use --tiny for a smoke run")
+    from transformers import AutoTokenizer
+
+    model = load_pretrained(source, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return source, model, AutoTokenizer.from_pretrained(str(source.path) if source.path else source.name)
+
+
+def _run(args) -> int:
+    from ..errors import CliError
     from ..components import build_component_map
     from ..data import pad_id_of
-    from ..families import family_for, family_named
-    from ..models import build_model, load_pretrained, resolve_model, text_config, tiny_config
+    from ..families import family_named
     from ..placement import load_placement_file, looks_like_placement_file, named_preset, resolve
     from .loop import TrainConfig, bind_kernels, prepare_data, train
     from .packing import batching_line
 
     fields = _fields(args.field)
-    source = resolve_model(args.model)
-    if args.tiny:
-        family = family_for(text_config(source.config).model_type)
-        if family is None:
-            raise CliError(f"{args.model}: no family entry, so no tiny model; drop --tiny and give real weights")
-        # The same tiny base model and byte tokenizer as `hybridlora eval --tiny` and the study (weights seeded
-        # with 0, not the training seed), so an adapter trained here is evaluated on the base it was trained on.
-        model = build_model(tiny_config(source.config, family), seed=0)
-        from ..evaluate.tokenizer import byte_tokenizer
-
-        tokenizer = byte_tokenizer()
-    else:
-        if source.path is None and source.kind != "hub":
-            raise CliError(f"{args.model}: no weights available (catalog config only); pass a local model "
-                           "directory, connect to the hub, or use --tiny for a smoke run")
-        from transformers import AutoTokenizer
-
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        model = load_pretrained(source, dtype=dtype)
-        if torch.cuda.is_available():
-            model = model.cuda()
-        tokenizer = AutoTokenizer.from_pretrained(str(source.path) if source.path else source.name)
+    source, model, tokenizer = load_model_and_tokenizer(args.model, tiny=args.tiny)
     cmap = build_component_map(model)
     item = args.placement
     if args.rank is not None and args.rank < 1:

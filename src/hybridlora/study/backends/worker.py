@@ -8,7 +8,6 @@ before torch or Triton first reads them.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import socket
@@ -158,8 +157,9 @@ def _job_function(kind_path: str | None, kind: str):
         from ..jobs import JobError
 
         raise JobError(f"unknown job kind {kind!r} (not in the driver's JOB_KINDS)")
-    module, function = kind_path.split(":")
-    return getattr(importlib.import_module(module), function)
+    from ..jobs import job_function
+
+    return job_function(kind_path)
 
 
 def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | None, prior_blob: bytes | None,
