@@ -92,7 +92,7 @@ def _registry() -> Path:
     return Path(base)
 
 
-def _start_time(pid: int) -> str | None:
+def process_start_time(pid: int) -> str | None:
     """The process's start time (tells a reused pid from the original), None if there is no such process."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
@@ -102,7 +102,8 @@ def _start_time(pid: int) -> str | None:
 
 def _alive(pid: int, start: str | None) -> bool:
     if Path("/proc").is_dir():
-        return _start_time(pid) is not None and _start_time(pid) == start
+        now = process_start_time(pid)
+        return now is not None and now == start
     try:  # no /proc (macOS): the pid alone
         os.kill(pid, 0)
         return True
@@ -133,7 +134,7 @@ def register_process() -> None:
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(f".{pid}.tmp")
-        tmp.write_text(json.dumps({"start": _start_time(pid), "cores": _cores_set()}))
+        tmp.write_text(json.dumps({"start": process_start_time(pid), "cores": _cores_set()}))
         os.replace(tmp, entry)
     except OSError:
         return

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..threads import process_start_time
 from .grid import Job
 
 DB_NAME = "study.db"
@@ -59,20 +60,12 @@ class StoreError(RuntimeError):
     """The study database cannot be used (not a study, corrupt, written by a newer version)."""
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[19]  # starttime: tells a reused pid from the original process
-    except (OSError, IndexError):
-        return None
-
-
 _LIVE_OWNERS: set[str] = set()  # runners alive in this process (two runners may share one process)
 
 
 def make_owner() -> str:
     pid = os.getpid()
-    owner = f"{socket.gethostname()}|{pid}|{_start_time(pid) or '-'}|{uuid.uuid4().hex[:8]}"
+    owner = f"{socket.gethostname()}|{pid}|{process_start_time(pid) or '-'}|{uuid.uuid4().hex[:8]}"
     _LIVE_OWNERS.add(owner)
     return owner
 
@@ -95,7 +88,7 @@ def owner_alive(owner: str, me: str) -> bool:
         return True  # cannot see it: rely on the heartbeat
     if pid == os.getpid():
         return owner in _LIVE_OWNERS  # another runner of this process, or a dead runner whose pid we reused
-    now_start = _start_time(pid)
+    now_start = process_start_time(pid)
     if now_start is None:
         if Path("/proc").is_dir():
             return False

@@ -49,11 +49,13 @@ def use_node_kernel_caches() -> dict[str, str]:
 
 def _process_age_s() -> float | None:
     """Seconds since this process started (Linux); the share of a job's start cost spent before the task ran."""
+    from ...threads import process_start_time
+
+    start_ticks = process_start_time(os.getpid())
     try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+        return uptime - int(start_ticks) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, TypeError, IndexError):
         return None
 
 
