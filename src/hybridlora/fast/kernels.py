@@ -211,6 +211,28 @@ def _boundary_aware_reference(key: str, original: Callable) -> Callable | None:
 LIFT_GUARD_ENV = "HYBRIDLORA_LIFT_FLA_HOPPER_GUARD"
 
 
+def _route_small_heads_to_reference(kernel: Callable, reference: Callable) -> Callable:
+    """``kernel`` for every call fla accepts; the packing-aware torch reference for calls that need a gradient
+    through key heads of dim <= 64, whose backward fla refuses mid-training on Hopper (fla #640) even with the
+    guard narrowed. Said once per process, loudly: such a model trains on the slow path."""
+    @functools.wraps(kernel)
+    def gdn_chunk(query, key, value, g, beta, *args, **kwargs):
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, g, beta))
+        if needs_grad and key.shape[-1] <= 64:
+            msg = (f"hybridlora.fast: Gated DeltaNet with key head dim {key.shape[-1]} (<= 64) trains on the slow "
+                   f"torch reference here: {_gdn_backward_blocked(key.shape[-1])}")
+            if msg not in _state.setdefault("warned", set()):
+                _state["warned"].add(msg)
+                logger.warning(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return reference(query, key, value, g, beta, *args, **kwargs)
+        return kernel(query, key, value, g, beta, *args, **kwargs)
+    gdn_chunk.__hybridlora_kernel__ = getattr(kernel, "__hybridlora_kernel__", "fla.chunk_gated_delta_rule")
+    gdn_chunk.__hybridlora_kernel__ += " (torch reference for trained key heads <= 64, fla #640)"
+    gdn_chunk.__hybridlora_boundaries__ = True
+    return gdn_chunk
+
+
 def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dict[str, str]:
     """Bind mode ``"fast"`` (kernels where usable, references elsewhere) or ``"reference"`` (transformers'
     pure-PyTorch functions everywhere) into every importable studied modeling module. Returns
@@ -250,6 +272,9 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
                     logger.warning(msg)
                     warnings.warn(msg, stacklevel=2)
                 impl = None
+            if impl is not None and key == "fla.chunk_gated_delta_rule" and _gdn_backward_blocked(64):
+                # the guard is narrowed: heads > 64 run fla, heads <= 64 (which fla still refuses) need the reference
+                impl = _route_small_heads_to_reference(impl, _boundary_aware_reference(key, original))
             if impl is None and mode == "fast":
                 impl = _boundary_aware_reference(key, original)
                 what = getattr(impl, "__hybridlora_kernel__", "")
