@@ -12,6 +12,9 @@ Usage::
     python bench/bench_advise.py                     # GPU, full size, both models, grad and probe signals
     python bench/bench_advise.py --tiny              # CPU check of the same code path on tiny configs
     python bench/bench_advise.py --out results.json  # also write the figures as JSON
+
+Each timed call is preceded by a short warm-up call on a fresh copy of the model (``--no-warmup`` times the
+cold call instead); the warm-up's wall time is printed and recorded as ``warmup_s``.
 """
 from __future__ import annotations
 
@@ -68,6 +71,16 @@ def advise_once(model, data_dir: str, signal: str, examples: int, max_length: in
             "fingerprint": d["fingerprint"], "within_target": wall <= TARGET_S}
 
 
+def warm_up(model, data_dir: str, signal: str, args) -> float:
+    """One short advise call first, so the timed one excludes Triton's autotuning and compilation (a one-time
+    cost per machine and kernel shape, kept in Triton's on-disk cache); returns its wall time, printed."""
+    start = time.perf_counter()
+    advise_once(model, data_dir, signal, min(16, args.examples), args.max_length, args.seed)
+    wall = round(time.perf_counter() - start, 2)
+    print(f"  warm-up ({signal}, 16 examples): {wall:.1f} s", flush=True)
+    return wall
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (checks the code path)")
@@ -77,7 +90,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=3407)
     parser.add_argument("--data-dir", help="shared/data layout; default: the generated demo data")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", help="write the results as JSON here (rewritten after every run)")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="time the first call too (it includes Triton's one-time autotuning on a fresh machine)")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         print("error: no CUDA device; run with --tiny on the CPU", file=sys.stderr)
@@ -96,13 +111,19 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             model = build(name, args.tiny)  # fresh weights per signal: the probe trains adapters on the model
             built = time.perf_counter() - t
-            row = {"model": name, "build_s": round(built, 2),
+            warmup = None if args.no_warmup else warm_up(model, data_dir, signal, args)
+            if warmup is not None:
+                del model  # the warm-up trained adapters on it
+                model = build(name, args.tiny)
+            row = {"model": name, "build_s": round(built, 2), "warmup_s": warmup,
                    **advise_once(model, data_dir, signal, args.examples, args.max_length, args.seed)}
             results["runs"].append(row)
             print(f"{name:<16} {signal:<6} {row['wall_s']:7.1f} s (signal {row['signal_wall_s']:.1f} s; build "
                   f"{built:.1f} s) on {row['examples']} examples / {row['tokens']:,} tokens, {row['hosts_measured']} "
                   f"hosts; budget {row['budget']['requested']:,} -> {row['budget']['achieved']:,}; "
                   f"{'within' if row['within_target'] else 'OVER'} the {TARGET_S:.0f} s target", flush=True)
+            if args.out:  # a time-limited run still leaves every finished row
+                Path(args.out).write_text(json.dumps(results, indent=2))
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
