@@ -69,6 +69,7 @@ def main() -> int:
                "torch": torch.__version__, "archs": {}}
     for key in args.archs.split(","):
         spec = found[key]
+        print(f"-- {spec.name}: building and timing", flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, match = build(spec, seed=0)
@@ -105,13 +106,16 @@ def main() -> int:
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
-    out = Path(args.out)
+        write_results(results, Path(args.out))  # after every architecture: a time-limited run keeps what finished
+    print(f"written: {Path(args.out) / 'efficiency.json'}")
+    return 0
+
+
+def write_results(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".efficiency.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, out / "efficiency.json")
-    print(f"written: {out / 'efficiency.json'}")
-    return 0
 
 
 if __name__ == "__main__":
