@@ -333,3 +333,18 @@ def test_fingerprint_accepts_recipe_fields_added_later_at_their_defaults():
     assert _fingerprint_mismatch(older, current) == []
     assert _fingerprint_mismatch(older, {**current, "config.packing": '"off"'}) == ["config.packing"]
     assert _fingerprint_mismatch({**older, "data": "b"}, current) == ["data"]
+
+
+def test_step_plan_is_a_function_of_the_step_alone():
+    """Each epoch visits every example once, in randperm(n, seed + epoch) order, and a step's examples do not
+    depend on the steps before it (what lets a resumed run pick up exactly where it stopped)."""
+    from hybridlora.train.loop import _StepPlan
+
+    plan = _StepPlan.for_data(13, _cfg(epochs=2, micro_batch_size=2, grad_accum=2, seed=5))
+    assert (plan.micro_per_epoch, plan.steps_per_epoch, plan.total_steps) == (7, 4, 8)
+    steps = [plan.micro_batches(s) for s in range(plan.total_steps)]
+    assert [len(micro) for _, micro in steps] == [2, 2, 2, 1] * 2  # an epoch's last step takes what is left
+    for epoch in (0, 1):
+        visited = [i for e, micro in steps if e == epoch for batch in micro for i in batch]
+        assert visited == torch.randperm(13, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
+    assert [plan.micro_batches(s) for s in reversed(range(plan.total_steps))] == steps[::-1]
