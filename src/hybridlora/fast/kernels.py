@@ -421,7 +421,10 @@ def guard_cpu_path(module_or_model: Any) -> list[str]:
             continue  # absent, guarded already, or bound by use() (which keeps CPU tensors on the torch path)
         if inspect.unwrap(bound) is bound:
             continue  # a plain function: no package kernel behind it
-        setattr(module, name, _device_dispatch(bound, _torch_path(bound)))
+        guards = _state.setdefault("cpu_guards", {})  # one guard per function: restore() then use() keeps identity
+        if bound not in guards:
+            guards[bound] = _device_dispatch(bound, _torch_path(bound))
+        setattr(module, name, guards[bound])
         guarded.append(f"{module_name.rsplit('.', 1)[-1]}.{name}")
     return guarded
 
