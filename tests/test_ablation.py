@@ -252,6 +252,26 @@ def test_max_windows_keeps_the_first_windows_and_says_so():
     assert not summary["whole_set"]
 
 
+def test_diagnostics_reuse_the_intact_outputs_they_were_given():
+    """The job keeps the intact model's layer outputs across conditions: a kept copy must be the intact model's
+    (not the first condition's ablated outputs) and give exactly what a fresh intact forward gives."""
+    from hybridlora.ablation.diagnostics import layer_diagnostics
+
+    model = tiny_model("qwen3_5_text")
+    cmap = build_component_map(model)
+    mu = model_units(cmap)
+    rows = _ids(model.config.vocab_size, n=16).tolist()
+    attach = lambda component: Ablation(model, mu.of(component), "skip", mu.layers_path)  # noqa: E731
+    kept: dict = {}
+    first = layer_diagnostics(model, cmap, mu, rows, attach("softmax_attention"), intact=kept)
+    assert kept and first["final_kl"] > 0
+    fresh = layer_diagnostics(model, cmap, mu, rows, attach("linear_attention"))
+    reused = layer_diagnostics(model, cmap, mu, rows, attach("linear_attention"), intact=kept)
+    assert json.dumps(reused) == json.dumps(fresh) and reused["final_kl"] > 0
+    intact = layer_diagnostics(model, cmap, mu, rows, None, intact=kept)
+    assert intact["final_kl"] == 0 and intact["mean_cka"] == pytest.approx(1.0)
+
+
 # ------------------------------------------------------------------------------------------ decode
 def test_static_decode_loop_replays_the_hooks_like_generate():
     from hybridlora.fast.decode import greedy_generate
@@ -415,7 +435,8 @@ def test_adapter_is_merged_so_units_keep_the_base_names(tmp_path):
     ids = _ids(256)
     expected = _logits(peft_model, ids)
     jobs._MODEL_CACHE.clear()
-    model, _, cmap, mu = jobs.base_model({"model": model_spec, "adapter": str(tmp_path / "adapter")})
+    loaded = jobs.base_model({"model": model_spec, "adapter": str(tmp_path / "adapter")})
+    model, mu = loaded.model, loaded.units
     jobs._MODEL_CACHE.clear()
     assert torch.allclose(_logits(model, ids), expected, atol=1e-4)
     assert mu.by_key()["softmax_attention@3"].modules == ("model.layers.3.self_attn",)
