@@ -331,6 +331,29 @@ def test_ablate_json_contract_and_report_rebuild(capsys, tmp_path, data_dir):
     assert "softmax_attention" in groups
 
 
+def test_two_runner_processes_split_the_conditions_and_match_one_runner(tmp_path, data_dir, capsys, monkeypatch):
+    """--workers-per-gpu 2 on a machine without a GPU: two runner processes on one store; every condition runs
+    once, both runners take some, and the results are those of one runner."""
+    from hybridlora.cli import main
+
+    monkeypatch.setenv("HYBRIDLORA_TEST_JOB_DELAY", "3")  # each claim waits: the second runner surely gets work
+    extra = ["--remove", "softmax_attention", "--remove", "linear_attention@0-1", "--remove", "mlp@0",
+             "--benchmarks", "mmlu,gsm8k", "--limit", "2", "--max-new-tokens", "4", "--format", "json", "--no-report"]
+    outputs = {}
+    for name, workers in (("one", []), ("two", ["--workers-per-gpu", "2"])):
+        (tmp_path / name).mkdir()
+        assert main(_args(tmp_path / name, data_dir, *extra, *workers)) == 0
+        outputs[name] = capsys.readouterr()
+    objects = {name: [{k: v for k, v in json.loads(line).items() if k != "job"}  # job ids hash the text's path
+                      for line in o.out.splitlines()] for name, o in outputs.items()}
+    assert objects["two"] == objects["one"] and len(objects["one"]) == 4
+    assert "2 runners: CPU, CPU" in outputs["two"].err
+    db = sqlite3.connect(tmp_path / "two" / "abl" / "study.db")
+    rows = db.execute("SELECT status, attempts, owner FROM jobs").fetchall()
+    assert [(s, a) for s, a, _ in rows] == [("complete", 1)] * 4
+    assert len({owner.split("|")[1] for _, _, owner in rows}) == 2  # two processes did the work
+
+
 class _Killed(BaseException):
     """Stands for kill -9 inside one process (as in test_study)."""
 
@@ -369,6 +392,9 @@ def test_resume_after_crash_runs_every_condition_once(tmp_path, data_dir, monkey
     (["--plan", "everything"], "--plan everything"),
     (["--method", "delete"], "--method delete"),
     (["--benchmarks", "trivia"], "unknown benchmark"),
+    (["--workers-per-gpu", "0"], "--workers-per-gpu 0"),
+    (["--backend", "ray", "--workers-per-gpu", "2"], "--gpus-per-job 1/N"),
+    (["--gen-batch-size", "0"], "--gen-batch-size must be at least 1"),
 ])
 def test_bad_input_is_one_error_line(capsys, tmp_path, data_dir, extra, message):
     from hybridlora.cli import main

@@ -134,6 +134,22 @@ def test_prepared_cache_keys_data_folder_subset_and_seed(lm, data_dir, monkeypat
     assert key(data_dir=None) != first
 
 
+def test_generation_batches_change_the_batching_not_the_completions(lm, data_dir):
+    items, shots = load_items("gsm8k", data_dir, limit=5)
+    prompts = [p for p, _ in build_prompts(lm, gsm8k, items, shots, reserve=6)]
+    calls = []
+    handle = lm.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0])
+                                                if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    try:
+        whole = CausalLM(lm.model, lm.tokenizer, batch_size=2, max_length=512, generate_batch_size=5)
+        assert whole.generate_until(prompts, gsm8k.STOP, 6) == lm.generate_until(prompts, gsm8k.STOP, 6)
+    finally:
+        handle.remove()
+    assert calls == [5, 4, 1]  # prefills: the five prompts in one batch, then in batches of batch_size 4
+    summary = evaluate_benchmark(whole, "gsm8k", data_dir=data_dir, limit=2, max_new_tokens=4, progress=False)
+    assert summary["settings"]["generate_batch_size"] == 5 and summary["settings"]["batch_size"] == 2
+
+
 def test_subsets_are_fixed_and_limits_are_prefixes(data_dir):
     full, _ = load_items("gsm8k", data_dir)
     again, _ = load_items("gsm8k", data_dir)

@@ -221,7 +221,8 @@ def _benchmarks(spec: dict, base: Base, out: Path, progress: bool):
     if not e["benchmarks"]:
         return {}, []
     lm = CausalLM(base.model, base.tokenizer, batch_size=e["batch_size"], max_length=e["max_length"],
-                  name=spec["model"]["name"], adapter=spec.get("adapter"), decode=e["decode"])
+                  name=spec["model"]["name"], adapter=spec.get("adapter"), decode=e["decode"],
+                  generate_batch_size=e.get("generate_batch_size"))
     summaries, records = {}, []
     for bench, size in e["benchmarks"].items():
         with warnings.catch_warnings():

@@ -47,7 +47,7 @@ class PromptRows:
 class CausalLM:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int | str = 8, max_length: int | None = None,
                  name: str = "model", adapter: str | None = None, device: str | torch.device | None = None,
-                 decode: str = "auto") -> None:
+                 decode: str = "auto", generate_batch_size: int | None = None) -> None:
         if decode not in DECODE_MODES:
             raise ValueError(f"decode={decode!r}: use one of {', '.join(DECODE_MODES)}")
         self.model = model.eval()
@@ -63,6 +63,9 @@ class CausalLM:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.kernels = self._bind_kernels()
         self.batch_size = self.auto_batch_size() if batch_size == "auto" else max(1, int(batch_size))
+        # prompts per greedy-decoding batch (default: batch_size): a decode step of a small model costs about the
+        # same at 8 or 256 rows on a GPU, so a whole benchmark in one batch takes a fraction of the steps
+        self.generate_batch_size = max(1, int(generate_batch_size or self.batch_size))
 
     def _bind_kernels(self) -> str:
         """On CUDA, the fast mixer kernels are bound and missing ones warned about; the line goes in summaries."""
@@ -206,7 +209,8 @@ class CausalLM:
         return PromptRows([self.encode(p)[-budget:] for p in prompts], order, max_new_tokens)
 
     def generate_rows(self, inputs: PromptRows, stop: Sequence[str] = (), *, progress: Any = None) -> list[str]:
-        """Greedy completions of rows made by :meth:`prompt_rows`, each cut at its earliest stop string."""
+        """Greedy completions of rows made by :meth:`prompt_rows` (``generate_batch_size`` rows a batch), each cut
+        at its earliest stop string."""
         from transformers import StoppingCriteriaList
 
         tok = self.tokenizer
@@ -216,8 +220,8 @@ class CausalLM:
         static, why_not = self._static_decoding()
         paths: list[str] = []
         with torch.inference_mode():
-            for start in range(0, len(inputs.order), self.batch_size):
-                batch = inputs.order[start: start + self.batch_size]
+            for start in range(0, len(inputs.order), self.generate_batch_size):
+                batch = inputs.order[start: start + self.generate_batch_size]
                 ids, mask = left_pad([inputs.rows[i] for i in batch], tok.pad_token_id)
                 width = ids.shape[1]
                 ids, mask = ids.to(self.device), mask.to(self.device)

@@ -227,6 +227,8 @@ def evaluate_benchmark(lm: CausalLM, name: str, *, data_dir: str | Path | None =
                      "data_dir": str(data_dir) if data_dir is not None else None},
         "wall_s": wall, "examples_per_s": len(records) / wall if wall > 0 else None,
     }
+    if generative and lm.generate_batch_size != lm.batch_size:  # said only when generation batched otherwise
+        summary["settings"]["generate_batch_size"] = lm.generate_batch_size
     kept = summary["mean_fewshot_kept"]
     if kept is not None and kept < module.NUM_FEWSHOT:
         # Trimmed shots change what is measured: say so, never silently.
