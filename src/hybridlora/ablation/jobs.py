@@ -37,6 +37,12 @@ _TEXT_CACHE: dict[str, list[int]] = {}
 _NOTES_SAID: set[str] = set()
 
 
+def _prepared_cache():
+    from ..evaluate.runner import PreparedCache
+
+    return PreparedCache()
+
+
 @dataclass
 class Base:
     """A base model and what every condition of it shares within one process."""
@@ -44,14 +50,8 @@ class Base:
     tokenizer: Any
     cmap: Any
     units: ModelUnits
-    prepared: Any = field(default_factory=lambda: _prepared_cache())  # benchmark items, prompts, token rows
+    prepared: Any = field(default_factory=_prepared_cache)  # benchmark items, prompts, token rows
     intact: dict = field(default_factory=dict)  # diagnostics: the intact layer outputs, by reference-rows key
-
-
-def _prepared_cache():
-    from ..evaluate.runner import PreparedCache
-
-    return PreparedCache()
 
 
 def _key(value: Any) -> str:
