@@ -341,7 +341,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--stride", type=int, default=1024)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--ppl-batch", type=int, default=4, help="windows a forward (ablate: --batch-size / 2)")
-    ap.add_argument("--ppl-batch-large", type=int, default=16)
+    ap.add_argument("--ppl-batch-large", type=int, default=32, help="ablate --batch-size 64")
     ap.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS)
     ap.add_argument("--mc-len", type=int, default=896)
     ap.add_argument("--mc-batch", type=int, default=64)
