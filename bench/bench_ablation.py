@@ -138,7 +138,8 @@ def mc_seconds(model, args, questions: int | None = None) -> float:
 
     lm = CausalLM(model, _Tok(), batch_size=args.mc_batch, device=args.device)
     g = torch.Generator().manual_seed(1)
-    rows = torch.randint(1, model.config.vocab_size, (questions or args.mc_questions, args.mc_len), generator=g).tolist()
+    shape = (questions or args.mc_questions, args.mc_len)
+    rows = torch.randint(1, model.config.vocab_size, shape, generator=g).tolist()
     with torch.inference_mode():
         lm._forward_positions(rows[:args.mc_batch], [[len(r) - 1] for r in rows[:args.mc_batch]])
         sync(args.device)

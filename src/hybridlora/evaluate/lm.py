@@ -141,7 +141,8 @@ class CausalLM:
 
     def choice_inputs(self, contexts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[ChoiceRow]:
         """The token rows :meth:`score_choices` scores (tokenization only, no model call): per context the row
-        (context + the choices' shared prefix, cut to ``max_length``), the shared prefix and each choice's last token."""
+        (context + the choices' shared prefix, cut to ``max_length``), the shared prefix and each choice's last
+        token."""
         prepared = []
         for context, options in zip(contexts, choices, strict=True):
             conts = [self.continuation_ids(context, c) for c in options]
