@@ -9,21 +9,37 @@ the script, measures nothing meaningful) it
 2. measures, intact and with a representative ablation attached (every attention unit removed), the rates of the
    three kinds of work one condition does: strided perplexity (tokens/s, windows of ``--window``), one-forward
    multiple choice (s per question at ``--mc-len`` prompt tokens, batch ``--mc-batch``) and greedy decoding on
-   the static cache with the CUDA-graph decode step (s per step at each generation shape of the study);
+   the static cache with the CUDA-graph decode step (s per step at batch ``--gen-batch``);
 3. checks that the hooks survive graph capture: the graph-replayed decode of the ablated model gives the same
    tokens as the eager static loop, and differs from the intact model's;
-4. projects one condition (perplexity over ``--ppl-tokens`` tokens + MMLU 512 + ARC 299 + HellaSwag 512 questions +
-   GSM8K 256 × 256 and HumanEval 164 × 512 new tokens, decoded to the budget: an upper bound) and the whole set.
+4. measures the levers ``hybridlora ablate`` has for the GPU: decoding at ``--small-gen-batch`` (8, the
+   ``--batch-size`` default, what ``--gen-batch-size 256`` replaces), perplexity at ``--ppl-batch-large``
+   windows a forward, and ``--workers`` runner processes sharing the GPU (``--workers-per-gpu N``): each builds
+   the model, attaches the ablation and warms up, then all run the same scaled-down condition (``--unit-scale``
+   of one condition's perplexity, multiple-choice and generation work, two decode batches) at once; the
+   throughput gain is N × (one runner's time) / (the wall time of N at once);
+5. projects one condition (perplexity over ``--ppl-tokens`` tokens + MMLU 512 + ARC 299 + HellaSwag 512 questions +
+   GSM8K 256 × 256 and HumanEval 164 × 512 new tokens, each benchmark one decode batch, decoded to the budget) and
+   the whole set, with and without the measured runner gain.
+
+Decoding to the budget is the worst case, and the measured one: the decode loop stops a batch once every row has
+ended (end-of-sequence or stop string, checked every 16 steps), but rows of a random-weight model never end. A
+trained model's GSM8K and HumanEval answers end well before 256 / 512 tokens, so real runs decode less.
+
+Progress lines go to stdout as each measurement ends, and ``OUT/bench_ablation.json`` is rewritten after each, so a
+run stopped by a time limit keeps what it measured.
 
 Usage::
 
-    python bench/bench_ablation.py --out OUT              # GPU: both models, ~5 min
-    python bench/bench_ablation.py --tiny --out /tmp/abl  # CPU check of the script
+    python bench/bench_ablation.py --models qwen,falcon --out OUT      # GPU: both models, about 5 min
+    python bench/bench_ablation.py --tiny --out /tmp/abl               # CPU check of the script
 """
 from __future__ import annotations
 
 import argparse
+import warnings
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -42,6 +58,8 @@ MODELS = {"qwen": "qwen3.5-0.8b", "falcon": "falcon-h1-0.5b"}
 REFERENCE_N = (1, 2, 4, 6, 8, 12, 18)
 STUDY_MC = 512 + 299 + 512  # MMLU, ARC-Challenge, HellaSwag at the study's sizes
 STUDY_GEN = {"gsm8k": (256, 256), "humaneval": (164, 512)}  # questions, new tokens
+START = time.perf_counter()
+warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamings, once per runner process
 # WikiText-2 test with a GPT-2-style BPE is 287,644 tokens (transformers' perplexity guide); the models' own
 # tokenizers are not on this offline machine, so the projection uses this order of magnitude unless told.
 PPL_TOKENS = 290_000
@@ -91,25 +109,37 @@ def build(name: str, args):
     return model, cmap, model_units(cmap)
 
 
-def ppl_rate(model, args) -> float:
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - START:6.1f} s] {message}", flush=True)
+
+
+def ablation_of(model, mu):
+    """The representative removal: every attention unit (every mixer of an attention-free model)."""
+    attention = mu.of("softmax_attention") or mixer_units(mu)
+    return Ablation(model, attention, "zero" if mu.topology == "parallel" else "skip", mu.layers_path)
+
+
+def ppl_rate(model, args, batch: int | None = None) -> float:
     vocab = model.config.vocab_size
     n = args.window + args.stride * (args.windows - 1)
     ids = torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
     windows = plan_windows(len(ids), args.window, args.stride)
-    strided_nll(model, ids, windows[:2], batch_size=args.ppl_batch)  # warm-up
+    batch = batch or args.ppl_batch
+    strided_nll(model, ids, windows[:batch], batch_size=batch)  # warm-up at the measured shape
     sync(args.device)
     t = time.perf_counter()
-    records = strided_nll(model, ids, windows, batch_size=args.ppl_batch)
+    records = strided_nll(model, ids, windows, batch_size=batch)
     sync(args.device)
     return sum(r["tokens"] for r in records) / (time.perf_counter() - t)
 
 
-def mc_seconds(model, args) -> float:
+def mc_seconds(model, args, questions: int | None = None) -> float:
     from hybridlora.evaluate.lm import CausalLM
 
     lm = CausalLM(model, _Tok(), batch_size=args.mc_batch, device=args.device)
     g = torch.Generator().manual_seed(1)
-    rows = torch.randint(1, model.config.vocab_size, (args.mc_questions, args.mc_len), generator=g).tolist()
+    shape = (questions or args.mc_questions, args.mc_len)
+    rows = torch.randint(1, model.config.vocab_size, shape, generator=g).tolist()
     with torch.inference_mode():
         lm._forward_positions(rows[:args.mc_batch], [[len(r) - 1] for r in rows[:args.mc_batch]])
         sync(args.device)
@@ -121,7 +151,7 @@ def mc_seconds(model, args) -> float:
     return (time.perf_counter() - t) / len(rows)
 
 
-def decode(model, args, batch: int, new: int):
+def decode(model, args, batch: int, new: int, *, check: bool = True):
     from hybridlora.fast.decode import greedy_generate
 
     g = torch.Generator().manual_seed(2)
@@ -135,56 +165,175 @@ def decode(model, args, batch: int, new: int):
         result = greedy_generate(model, ids, mask, max_new_tokens=new, pad_token_id=0, graphs=graphs)
         sync(args.device)
         wall = time.perf_counter() - t
-        eager = greedy_generate(model, ids, mask, max_new_tokens=new, pad_token_id=0, graphs=False).tokens
-    return {"s_per_step": wall / new, "path": result.graph, "tokens": result.tokens.cpu(),
-            "graph_equals_eager": bool(torch.equal(result.tokens.cpu(), eager.cpu()))}
+        out = {"s_per_step": wall / new, "path": result.graph, "tokens": result.tokens.cpu()}
+        if check:
+            eager = greedy_generate(model, ids, mask, max_new_tokens=new, pad_token_id=0, graphs=False).tokens
+            out["graph_equals_eager"] = bool(torch.equal(result.tokens.cpu(), eager.cpu()))
+    return out
 
 
-def measure(model, mu, args) -> dict:
-    out = {}
-    attention = mu.of("softmax_attention") or mixer_units(mu)
-    method = "zero" if mu.topology == "parallel" else "skip"
-    for label in ("intact", "ablated"):
-        ablation = Ablation(model, attention, method, mu.layers_path) if label == "ablated" else None
-        try:
-            rates = {"ppl_tokens_per_s": ppl_rate(model, args), "mc_s_per_question": mc_seconds(model, args)}
-            gen = decode(model, args, args.gen_batch, args.gen_new)
-            rates.update(gen_s_per_step=gen["s_per_step"], decode_path=gen["path"],
-                         graph_equals_eager=gen["graph_equals_eager"])
-            rates["_tokens"] = gen["tokens"]
-        finally:
-            if ablation is not None:
-                ablation.remove()
-        out[label] = rates
-    out["ablated_decode_differs_from_intact"] = not torch.equal(out["intact"].pop("_tokens"),
-                                                                out["ablated"].pop("_tokens"))
+def rates(model, args, label: str, note) -> dict:
+    out = {"ppl_tokens_per_s": ppl_rate(model, args)}
+    note(f"{label}: perplexity {out['ppl_tokens_per_s'] / 1e3:.1f}k tokens/s (batch {args.ppl_batch})")
+    out["mc_s_per_question"] = mc_seconds(model, args)
+    note(f"{label}: multiple choice {out['mc_s_per_question'] * 1e3:.2f} ms/question (batch {args.mc_batch})")
+    gen = decode(model, args, args.gen_batch, args.gen_new)
+    out.update(gen_s_per_step=gen["s_per_step"], decode_path=gen["path"], graph_equals_eager=gen["graph_equals_eager"],
+               _tokens=gen["tokens"])
+    note(f"{label}: decode {gen['s_per_step'] * 1e3:.2f} ms/step (batch {args.gen_batch}, {gen['path']}, "
+         f"equal to eager: {gen['graph_equals_eager']})")
+    return out
+
+
+def measure(model, mu, args, entry: dict, note) -> None:
+    """Rates intact and ablated, the graph checks and the single-process levers, into ``entry["rates"]``."""
+    out = entry.setdefault("rates", {})
+    out["intact"] = rates(model, args, "intact", note)
+    with ablation_of(model, mu):
+        out["ablated"] = rates(model, args, "ablated", note)
+        out["ablated_decode_differs_from_intact"] = not torch.equal(out["intact"].pop("_tokens"),
+                                                                    out["ablated"].pop("_tokens"))
+        small = decode(model, args, args.small_gen_batch, args.gen_new, check=False)
+        out["ablated"]["gen_s_per_step_small_batch"] = small["s_per_step"]
+        note(f"ablated: decode {small['s_per_step'] * 1e3:.2f} ms/step at batch {args.small_gen_batch}")
+        out["ablated"]["ppl_tokens_per_s_large_batch"] = ppl_rate(model, args, args.ppl_batch_large)
+        note(f"ablated: perplexity {out['ablated']['ppl_tokens_per_s_large_batch'] / 1e3:.1f}k tokens/s at batch "
+             f"{args.ppl_batch_large}")
     # mean ablation inside the decode graph: stored vectors (here from random tokens) replayed like zeros
+    attention = mu.of("softmax_attention") or mixer_units(mu)
     rows = torch.randint(1, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3)).tolist()
     means = collect_means(model, attention, mu.layers_path, rows)
     with Ablation(model, attention, "mean", mu.layers_path, means=means):
         small = decode(model, args, min(8, args.gen_batch), min(16, args.gen_new))
     out["mean_ablation_decode"] = {"path": small["path"], "graph_equals_eager": small["graph_equals_eager"]}
-    return out
+    note(f"mean ablation: decode {small['path']}, equal to eager: {small['graph_equals_eager']}")
 
 
-def project(rates: dict, conditions: list[Condition], args) -> dict:
+def generation_s(step_s: float, batch: int) -> float:
+    """Seconds of one condition's generation: each benchmark's prompts in batches of ``batch``, decoded to the
+    budget (every batch runs its benchmark's whole budget: random weights never stop)."""
+    return sum(-(-questions // batch) * new * step_s for questions, new in STUDY_GEN.values())
+
+
+def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -> dict:
     r = rates["ablated"]
     ppl = args.ppl_tokens / r["ppl_tokens_per_s"]
     mc = STUDY_MC * r["mc_s_per_question"]
     # decode steps cost about the same at batch 164-256 on the GPU (memory-bound): one batch per benchmark
-    gen = sum(new * r["gen_s_per_step"] for _, new in STUDY_GEN.values())
+    gen = generation_s(r["gen_s_per_step"], args.gen_batch)
     per = ppl + mc + gen
     n_removals = len({c.removal for c in conditions}) + 1  # + intact
     # Lighter split: perplexity for every removal, benchmarks only for groups, progressive and the intact model
     benched = len({c.removal for c in conditions if c.plan in ("group", "progressive")}) + 1
-    light = (n_removals * ppl + benched * (mc + gen)) / 60
-    return {"per_condition_s": {"perplexity": ppl, "mc": mc, "generation": gen, "total": per},
-            "removals": n_removals, "total_min": n_removals * per / 60,
-            "perplexity_everywhere_benchmarks_on_groups_progressive_min": light, "benchmarked_removals": benched,
-            "target_min": 20, "target_met": n_removals * per / 60 <= 20}
+    light = (n_removals * ppl + benched * (mc + gen)) / 60 / gain
+    total = n_removals * per / 60 / gain
+    out = {"per_condition_s": {"perplexity": ppl, "mc": mc, "generation": gen, "total": per},
+           "removals": n_removals, "runner_gain": gain, "total_min": total,
+           "perplexity_everywhere_benchmarks_on_groups_progressive_min": light, "benchmarked_removals": benched,
+           "target_min": 20, "target_met": total <= 20, "decoded_to_budget": True}
+    if "gen_s_per_step_small_batch" in r:
+        out["generation_s_in_batches_of_small"] = generation_s(r["gen_s_per_step_small_batch"], args.small_gen_batch)
+    if "ppl_tokens_per_s_large_batch" in r:
+        out["perplexity_s_at_large_batch"] = args.ppl_tokens / r["ppl_tokens_per_s_large_batch"]
+    return out
 
 
-def main() -> None:
+# ------------------------------------------------------------------------------------------ several runners
+def unit_work(args) -> dict:
+    """One condition's work mix scaled by ``--unit-scale``: perplexity windows, MC questions, two decode batches."""
+    scale = args.unit_scale
+    batches = max(1, round(args.ppl_tokens / args.stride * scale / args.ppl_batch))  # whole batches: measured shapes
+    return {"windows": batches * args.ppl_batch,
+            "mc_questions": max(args.mc_batch, round(STUDY_MC * scale)),
+            "decode": [(min(q, args.gen_batch), max(4, round(new * scale))) for q, new in STUDY_GEN.values()]}
+
+
+def run_unit(model, args, work: dict) -> None:
+    from hybridlora.fast.decode import greedy_generate
+
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, vocab, (args.window + args.stride * work["windows"],), generator=g).tolist()
+    windows = plan_windows(len(ids), args.window, args.stride)[:work["windows"]]
+    strided_nll(model, ids, windows, batch_size=args.ppl_batch)
+    mc_seconds(model, args, work["mc_questions"])
+    for batch, new in work["decode"]:
+        prompt = torch.randint(1, vocab, (batch, args.gen_len), generator=g).to(args.device)
+        greedy_generate(model, prompt, torch.ones_like(prompt), max_new_tokens=new, pad_token_id=0,
+                        graphs=args.device == "cuda")
+    sync(args.device)
+
+
+def runner_process(name: str, settings: dict, barrier, results) -> None:
+    """One of N concurrent runners: build, ablate and warm up, wait for the others, run the unit, report."""
+    args = argparse.Namespace(**settings)
+    args.dtype = getattr(torch, args.dtype_name)
+    # one share of the cores for every runner of every round (as ablate's runners share them), so that the rounds
+    # differ only in how many run at once
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(args.workers)))
+    if not args.tiny:
+        from hybridlora import fast
+
+        fast.use("fast")
+    model, _, mu = build(name, args)
+    work = unit_work(args)
+    with ablation_of(model, mu):
+        run_unit(model, args, work)  # warm-up: kernels, graph capture paths, allocator
+        barrier.wait()
+        t = time.perf_counter()
+        run_unit(model, args, work)
+        results.put(time.perf_counter() - t)
+
+
+def concurrent_wall(name: str, args, n: int) -> dict:
+    """Wall time of ``n`` runner processes running the unit at once (after all warmed up)."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(n + 1), context.Queue()
+    settings = {k: v for k, v in vars(args).items() if k != "dtype"} | {"dtype_name": str(args.dtype).split(".")[-1]}
+    procs = [context.Process(target=runner_process, args=(name, settings, barrier, results)) for _ in range(n)]
+    for proc in procs:
+        proc.start()
+    try:
+        barrier.wait(timeout=args.runner_timeout)
+        t = time.perf_counter()
+        walls = [results.get(timeout=args.runner_timeout) for _ in range(n)]
+        return {"wall_s": time.perf_counter() - t, "runner_s": walls}
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+
+
+def measure_runners(name: str, args, entry: dict, conditions, note) -> None:
+    out = entry.setdefault("runners", {"work": unit_work(args), "mps": mps_status()})
+    for n in args.workers:
+        try:
+            out[str(n)] = concurrent_wall(name, args, n)
+        except Exception as exc:  # noqa: BLE001 - a timed-out round keeps the rounds before it
+            out[str(n)] = {"error": f"{type(exc).__name__}: {exc}"}
+            note(f"{n} runners: {out[str(n)]['error']}")
+            break
+        one = out.get("1", {}).get("wall_s")
+        if one:
+            out[str(n)]["gain"] = n * one / out[str(n)]["wall_s"]
+        note(f"{n} runner(s) at once: {out[str(n)]['wall_s']:.2f} s for {n} units" +
+             (f", throughput gain {out[str(n)]['gain']:.2f}x" if one else ""))
+    gains = [v["gain"] for v in out.values() if isinstance(v, dict) and "gain" in v]
+    if gains and "rates" in entry:
+        best = max(gains)
+        entry["projection_with_runners"] = project(entry["rates"], conditions, args, gain=best)
+        note(f"projection with the best runner count (gain {best:.2f}x): "
+             f"{entry['projection_with_runners']['total_min']:.1f} min")
+
+
+def mps_status() -> str:
+    pipe = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"))
+    return "on" if (pipe / "control").exists() else "off: kernels of different processes take turns on the GPU"
+
+
+# ------------------------------------------------------------------------------------------ driver
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--models", default="qwen,falcon")
@@ -192,48 +341,90 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=2048)
     ap.add_argument("--stride", type=int, default=1024)
     ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--ppl-batch", type=int, default=4)
+    ap.add_argument("--ppl-batch", type=int, default=4, help="windows a forward (ablate: --batch-size / 2)")
+    ap.add_argument("--ppl-batch-large", type=int, default=32, help="ablate --batch-size 64")
     ap.add_argument("--ppl-tokens", type=int, default=PPL_TOKENS)
     ap.add_argument("--mc-len", type=int, default=896)
     ap.add_argument("--mc-batch", type=int, default=64)
     ap.add_argument("--mc-questions", type=int, default=256)
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--gen-batch", type=int, default=256)
+    ap.add_argument("--small-gen-batch", type=int, default=8)
     ap.add_argument("--gen-new", type=int, default=64)
+    ap.add_argument("--workers", default="1,2,4", help="runner processes at once, measured in turn ('' skips)")
+    ap.add_argument("--unit-scale", type=float, default=0.125, help="share of one condition each runner does")
+    ap.add_argument("--runner-timeout", type=float, default=240.0, help="seconds a round of runners may take")
     args = ap.parse_args()
+    args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
     args.device = "cpu" if args.tiny else "cuda"
     args.dtype = torch.float32 if args.tiny else torch.bfloat16
     if args.tiny:
-        args.window, args.stride, args.windows, args.ppl_batch = 128, 64, 4, 2
+        args.window, args.stride, args.windows, args.ppl_batch, args.ppl_batch_large = 128, 64, 4, 2, 4
         args.mc_len, args.mc_batch, args.mc_questions = 64, 4, 8
-        args.gen_len, args.gen_batch, args.gen_new = 16, 4, 8
-    elif not torch.cuda.is_available():
-        sys.exit("error: no CUDA device; run with --tiny to check the script on CPU")
-    if args.device == "cuda":
+        args.gen_len, args.gen_batch, args.small_gen_batch, args.gen_new = 16, 4, 2, 8
+        args.ppl_tokens, args.unit_scale = 2048, 0.01
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if not args.tiny:
+        from hybridlora.study.backends.worker import use_node_kernel_caches
+
+        use_node_kernel_caches()  # before the first kernel: the runner processes reuse what this one autotunes
+        if not torch.cuda.is_available():
+            sys.exit("error: no CUDA device; run with --tiny to check the script on CPU")
         from hybridlora import fast
 
         fast.use("fast")
     results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if args.device == "cuda"
                else "cpu (tiny: not a measurement)", "args": {k: str(v) for k, v in vars(args).items()}, "models": {}}
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        model, cmap, mu = build(name, args)
-        if args.device == "cuda":
-            from hybridlora import fast
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    conditions = {}
+    for name in names:  # single-process rates of every model first: the part a short run must not miss
+        conditions[name] = measure_model(name, args, results)
+    for name in names:
+        if args.workers:
+            measure_runners(name, args, results["models"][name], conditions[name], _noter(name, results, args))
+    log("done")
 
-            fast.warn_missing_kernels(model)
-            results.setdefault("kernels", {})[name] = fast.describe(model)
-        conditions = reference_conditions(mu)
-        rates = measure(model, mu, args)
-        entry = {"model": MODELS[name], "units": len(mu.units), "conditions": len(conditions), "rates": rates,
-                 "projection": project(rates, conditions, args)}
-        results["models"][name] = entry
-        print(json.dumps({name: entry}, indent=1, default=str), flush=True)
-        del model
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench_ablation.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+def measure_model(name: str, args, results: dict) -> list[Condition]:
+    note = _noter(name, results, args)
+    model, cmap, mu = build(name, args)
+    entry = results["models"].setdefault(name, {"model": MODELS[name], "units": len(mu.units)})
+    if args.device == "cuda":
+        from hybridlora import fast
+
+        fast.warn_missing_kernels(model)
+        results.setdefault("kernels", {})[name] = fast.describe(model)
+    conditions = reference_conditions(mu)
+    entry["conditions"] = len(conditions)
+    note(f"built {MODELS[name]}: {len(mu.units)} units, {len(conditions)} reference conditions")
+    measure(model, mu, args, entry, note)
+    entry["projection"] = project(entry["rates"], conditions, args)
+    pr = entry["projection"]
+    note(f"projection: {pr['per_condition_s']['total']:.1f} s per condition (perplexity "
+         f"{pr['per_condition_s']['perplexity']:.1f}, MC {pr['per_condition_s']['mc']:.1f}, generation "
+         f"{pr['per_condition_s']['generation']:.1f}; in batches of {args.small_gen_batch}: "
+         f"{pr['generation_s_in_batches_of_small']:.1f}) x {pr['removals']} removals = {pr['total_min']:.1f} min")
+    del model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return conditions
+
+
+def _noter(name: str, results: dict, args):
+    """Log a line and rewrite the results file (partial results survive a time limit)."""
+    def note(message: str) -> None:
+        log(f"{name}: {message}")
+        if args.out:
+            out = Path(args.out) / "bench_ablation.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
+            os.replace(tmp, out)
+    return note
 
 
 if __name__ == "__main__":

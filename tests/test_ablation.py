@@ -252,6 +252,26 @@ def test_max_windows_keeps_the_first_windows_and_says_so():
     assert not summary["whole_set"]
 
 
+def test_diagnostics_reuse_the_intact_outputs_they_were_given():
+    """The job keeps the intact model's layer outputs across conditions: a kept copy must be the intact model's
+    (not the first condition's ablated outputs) and give exactly what a fresh intact forward gives."""
+    from hybridlora.ablation.diagnostics import layer_diagnostics
+
+    model = tiny_model("qwen3_5_text")
+    cmap = build_component_map(model)
+    mu = model_units(cmap)
+    rows = _ids(model.config.vocab_size, n=16).tolist()
+    attach = lambda component: Ablation(model, mu.of(component), "skip", mu.layers_path)  # noqa: E731
+    kept: dict = {}
+    first = layer_diagnostics(model, cmap, mu, rows, attach("softmax_attention"), intact=kept)
+    assert kept and first["final_kl"] > 0
+    fresh = layer_diagnostics(model, cmap, mu, rows, attach("linear_attention"))
+    reused = layer_diagnostics(model, cmap, mu, rows, attach("linear_attention"), intact=kept)
+    assert json.dumps(reused) == json.dumps(fresh) and reused["final_kl"] > 0
+    intact = layer_diagnostics(model, cmap, mu, rows, None, intact=kept)
+    assert intact["final_kl"] == 0 and intact["mean_cka"] == pytest.approx(1.0)
+
+
 # ------------------------------------------------------------------------------------------ decode
 def test_static_decode_loop_replays_the_hooks_like_generate():
     from hybridlora.fast.decode import greedy_generate
@@ -311,6 +331,29 @@ def test_ablate_json_contract_and_report_rebuild(capsys, tmp_path, data_dir):
     assert "softmax_attention" in groups
 
 
+def test_two_runner_processes_split_the_conditions_and_match_one_runner(tmp_path, data_dir, capsys, monkeypatch):
+    """--workers-per-gpu 2 on a machine without a GPU: two runner processes on one store; every condition runs
+    once, both runners take some, and the results are those of one runner."""
+    from hybridlora.cli import main
+
+    monkeypatch.setenv("HYBRIDLORA_TEST_JOB_DELAY", "3")  # each claim waits: the second runner surely gets work
+    extra = ["--remove", "softmax_attention", "--remove", "linear_attention@0-1", "--remove", "mlp@0",
+             "--benchmarks", "mmlu,gsm8k", "--limit", "2", "--max-new-tokens", "4", "--format", "json", "--no-report"]
+    outputs = {}
+    for name, workers in (("one", []), ("two", ["--workers-per-gpu", "2"])):
+        (tmp_path / name).mkdir()
+        assert main(_args(tmp_path / name, data_dir, *extra, *workers)) == 0
+        outputs[name] = capsys.readouterr()
+    objects = {name: [{k: v for k, v in json.loads(line).items() if k != "job"}  # job ids hash the text's path
+                      for line in o.out.splitlines()] for name, o in outputs.items()}
+    assert objects["two"] == objects["one"] and len(objects["one"]) == 4
+    assert "2 runners: CPU, CPU" in outputs["two"].err
+    db = sqlite3.connect(tmp_path / "two" / "abl" / "study.db")
+    rows = db.execute("SELECT status, attempts, owner FROM jobs").fetchall()
+    assert [(s, a) for s, a, _ in rows] == [("complete", 1)] * 4
+    assert len({owner.split("|")[1] for _, _, owner in rows}) == 2  # two processes did the work
+
+
 class _Killed(BaseException):
     """Stands for kill -9 inside one process (as in test_study)."""
 
@@ -349,6 +392,9 @@ def test_resume_after_crash_runs_every_condition_once(tmp_path, data_dir, monkey
     (["--plan", "everything"], "--plan everything"),
     (["--method", "delete"], "--method delete"),
     (["--benchmarks", "trivia"], "unknown benchmark"),
+    (["--workers-per-gpu", "0"], "--workers-per-gpu 0"),
+    (["--backend", "ray", "--workers-per-gpu", "2"], "--gpus-per-job 1/N"),
+    (["--gen-batch-size", "0"], "--gen-batch-size must be at least 1"),
 ])
 def test_bad_input_is_one_error_line(capsys, tmp_path, data_dir, extra, message):
     from hybridlora.cli import main
@@ -415,7 +461,8 @@ def test_adapter_is_merged_so_units_keep_the_base_names(tmp_path):
     ids = _ids(256)
     expected = _logits(peft_model, ids)
     jobs._MODEL_CACHE.clear()
-    model, _, cmap, mu = jobs.base_model({"model": model_spec, "adapter": str(tmp_path / "adapter")})
+    loaded = jobs.base_model({"model": model_spec, "adapter": str(tmp_path / "adapter")})
+    model, mu = loaded.model, loaded.units
     jobs._MODEL_CACHE.clear()
     assert torch.allclose(_logits(model, ids), expected, atol=1e-4)
     assert mu.by_key()["softmax_attention@3"].modules == ("model.layers.3.self_attn",)

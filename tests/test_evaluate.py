@@ -1,6 +1,7 @@
 """Evaluation: the five study benchmarks end to end on real data with a tiny random model (CPU, offline)."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -10,8 +11,8 @@ import torch
 from hybridlora.evaluate import gsm8k, humaneval, mmlu
 from hybridlora.evaluate.data import BenchmarkError, fit_prompt, seeded_subset
 from hybridlora.evaluate.lm import CausalLM, stop_window, trim_at_stop
-from hybridlora.evaluate.runner import (BENCHMARKS, NOT_RUN, build_prompts, evaluate, evaluate_benchmark, load_items,
-                                        parse_benchmarks, perplexity)
+from hybridlora.evaluate.runner import (BENCHMARKS, NOT_RUN, PreparedCache, build_prompts, evaluate,
+                                        evaluate_benchmark, load_items, parse_benchmarks, perplexity)
 from hybridlora.evaluate.tokenizer import byte_tokenizer
 from hybridlora.models import build_model, tiny_config_for
 
@@ -91,6 +92,62 @@ def test_benchmark_end_to_end(lm, data_dir, tmp_path, name):
         assert 0.0 <= written["accuracy"] <= 1.0
         assert all(r["prediction"] in "ABCDE" and len(r["scores"]) >= 3 for r in records)
         assert all(r["correct"] == int(r["prediction"] == r["gold"]) for r in records)
+
+
+def _evaluated(lm, name, data_dir, tmp_path, cache, **settings):
+    summary = evaluate_benchmark(lm, name, data_dir=data_dir, output_dir=tmp_path, progress=False, cache=cache,
+                                 **settings)
+    return [{k: v for k, v in r.items()} for r in summary["records"]]
+
+
+@pytest.mark.parametrize("name", ["arc_challenge", "gsm8k"])
+def test_prepared_cache_gives_what_preparing_afresh_gives(lm, data_dir, tmp_path, name):
+    """The cache must never hand one setting's items or prompts to another: every setting that shapes them is
+    in its key (limit, max length, generation budget, tokenizer), and a hit returns what a fresh run returns."""
+    cache = PreparedCache()
+    settings = [{"limit": 3, "max_new_tokens": 8}, {"limit": 4, "max_new_tokens": 8},
+                {"limit": 3, "max_new_tokens": 16}, {"limit": 3, "max_new_tokens": 8}]
+    cached = [_evaluated(lm, name, data_dir, tmp_path, cache, **s) for s in settings]
+    fresh = [_evaluated(lm, name, data_dir, tmp_path, None, **s) for s in settings]
+    assert cached == fresh
+    assert [len(r) for r in cached] == [3, 4, 3, 3]
+    assert cache.hits == 1 if name == "gsm8k" else cache.hits == 2  # MC prompts do not depend on the budget
+
+    wide = CausalLM(lm.model, lm.tokenizer, batch_size=4, max_length=3072, name="tiny-llama")
+    more = _evaluated(wide, name, data_dir, tmp_path, cache, limit=3, max_new_tokens=8)
+    assert more == _evaluated(wide, name, data_dir, tmp_path, None, limit=3, max_new_tokens=8)
+    assert sum(r["num_fewshot"] for r in more) > sum(r["num_fewshot"] for r in cached[0])  # more shots fit
+
+    other = CausalLM(lm.model, copy.deepcopy(lm.tokenizer), batch_size=4, max_length=512, name="tiny-llama")
+    before = cache.misses
+    _evaluated(other, name, data_dir, tmp_path, cache, limit=3, max_new_tokens=8)
+    assert cache.misses == before + 1  # another tokenizer object: prepared again
+
+
+def test_prepared_cache_keys_data_folder_subset_and_seed(lm, data_dir, monkeypatch):
+    key = lambda **kw: PreparedCache.key(lm, "mmlu", **{"data_dir": data_dir, "n": None, "limit": 3,  # noqa: E731
+                                                        "seed": 1234, "reserve": 2, **kw})
+    assert len({key(), key(limit=4), key(n=100), key(seed=1), key(reserve=8), key(data_dir="/elsewhere")}) == 6
+    monkeypatch.setenv("HYBRIDLORA_DATA", "/a")
+    first = key(data_dir=None)
+    monkeypatch.setenv("HYBRIDLORA_DATA", "/b")
+    assert key(data_dir=None) != first
+
+
+def test_generation_batches_change_the_batching_not_the_completions(lm, data_dir):
+    items, shots = load_items("gsm8k", data_dir, limit=5)
+    prompts = [p for p, _ in build_prompts(lm, gsm8k, items, shots, reserve=6)]
+    calls = []
+    handle = lm.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0])
+                                                if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    try:
+        whole = CausalLM(lm.model, lm.tokenizer, batch_size=2, max_length=512, generate_batch_size=5)
+        assert whole.generate_until(prompts, gsm8k.STOP, 6) == lm.generate_until(prompts, gsm8k.STOP, 6)
+    finally:
+        handle.remove()
+    assert calls == [5, 4, 1]  # prefills: the five prompts in one batch, then in batches of batch_size 4
+    summary = evaluate_benchmark(whole, "gsm8k", data_dir=data_dir, limit=2, max_new_tokens=4, progress=False)
+    assert summary["settings"]["generate_batch_size"] == 5 and summary["settings"]["batch_size"] == 2
 
 
 def test_subsets_are_fixed_and_limits_are_prefixes(data_dir):

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,6 +238,24 @@ def configure(requested: int | None = None) -> ThreadChoice:
     choice = choose(requested)
     _explicit = choice.source != "auto"
     return apply(choice)
+
+
+def explicit_threads() -> int | None:
+    """The thread count the user fixed for this process (option or variable), to hand to the processes it starts;
+    None when the choice is automatic (each of them then makes its own)."""
+    return _current.threads if _explicit and _current is not None else None
+
+
+@contextmanager
+def standing_aside():
+    """While this process only waits for the processes it started: not counted among those sharing the cores."""
+    was_registered = _registered is not None
+    unregister_process()
+    try:
+        yield
+    finally:
+        if was_registered:
+            register_process()
 
 
 def current() -> str | None:

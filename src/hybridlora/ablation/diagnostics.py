@@ -10,7 +10,8 @@ include the ablation), over every token of the diagnostic windows:
   model's final norm, LM head and logit scale, averaged over tokens (nats);
 * ``cka`` — linear CKA between the intact and the ablated ``h_out`` (token × hidden matrices, centred).
 
-The intact model's states come from a second forward of the same model with the hooks detached.
+The intact model's states come from a second forward of the same model with the hooks detached (once per
+model and rows when the caller keeps them: ``intact``).
 """
 from __future__ import annotations
 
@@ -104,15 +105,22 @@ def _lens_kl(h_a: torch.Tensor, h_b: torch.Tensor, norm, head, scale: float, chu
     return total / n
 
 
-def layer_diagnostics(model, cmap, mu: ModelUnits, rows: Sequence[Sequence[int]], ablation) -> dict[str, Any]:
+def layer_diagnostics(model, cmap, mu: ModelUnits, rows: Sequence[Sequence[int]], ablation,
+                      intact: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
     """Diagnostics of ``model`` with ``ablation`` attached (``ablation.remove()`` is called here; the caller
-    must not rely on the hooks afterwards). ``ablation`` None: the intact model against itself."""
+    must not rely on the hooks afterwards). ``ablation`` None: the intact model against itself.
+
+    ``intact``: a dict the caller keeps for these rows of this model — the intact model's layer outputs; when
+    empty it is filled here, when filled it is used instead of a second forward of the intact model."""
     ablated = _capture(model, mu, rows)
     if ablation is not None:
         ablation.remove()
-        intact = _capture(model, mu, rows)
-    else:
-        intact = ablated
+    if not intact:
+        outputs = ablated["out"] if ablation is None else _capture(model, mu, rows)["out"]
+        if intact is None:
+            intact = outputs
+        else:
+            intact.update(outputs)
     norm, scale = final_norm_and_scale(model, cmap)
     head = model.get_output_embeddings()
     layers = []
@@ -128,8 +136,8 @@ def layer_diagnostics(model, cmap, mu: ModelUnits, rows: Sequence[Sequence[int]]
                 "rel_update": float((h_out - h_in).norm()) / in_norm if in_norm else math.nan,
                 "cosine": float(cos),
                 "unit_ratio": ratio,
-                "kl": max(0.0, _lens_kl(intact["out"][index], h_out, norm, head, scale)),
-                "cka": linear_cka(intact["out"][index], h_out),
+                "kl": max(0.0, _lens_kl(intact[index], h_out, norm, head, scale)),
+                "cka": linear_cka(intact[index], h_out),
             })
     tokens = sum(len(r) for r in rows)
     final = layers[-1] if layers else {}

@@ -2,7 +2,10 @@
 
 ``run_condition(spec, ablation_dir, out)`` builds (or reuses, within one process) the base model, attaches the
 condition's hooks, measures strided perplexity, the benchmarks through the evaluator and the per-layer
-diagnostics, detaches the hooks, and returns what ``Store.complete`` records: one metrics row per benchmark,
+diagnostics, detaches the hooks, and returns what ``Store.complete`` records. What does not depend on the
+condition is made once per process and base model and reused by every later condition: the model, the tokenized
+texts, the benchmarks' items, prompts and token rows (``evaluate.runner.PreparedCache``) and the intact model's
+layer outputs the diagnostics compare with. The job returns one metrics row per benchmark,
 ``perplexity`` (n = scored tokens) and ``diagnostics`` (n = diagnostic tokens), and per-instance records
 (benchmark items; perplexity windows with their ``nll_sum`` and ``tokens`` as the prediction).
 
@@ -19,26 +22,44 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from ..study.jobs import crash_point, load_base
-from .methods import Ablation, AblationError, collect_means, model_units
+from .methods import Ablation, AblationError, ModelUnits, collect_means, model_units
 from .perplexity import encode, plan_windows, read_text, strided_nll, summarize
 
-_MODEL_CACHE: dict[str, Any] = {}  # one entry: the last base model, reused by the next condition of that model
+_MODEL_CACHE: dict[str, "Base"] = {}  # one entry: the last base model, reused by the next condition of that model
 _TEXT_CACHE: dict[str, list[int]] = {}
 _NOTES_SAID: set[str] = set()
+
+
+def _prepared_cache():
+    from ..evaluate.runner import PreparedCache
+
+    return PreparedCache()
+
+
+@dataclass
+class Base:
+    """A base model and what every condition of it shares within one process."""
+    model: Any
+    tokenizer: Any
+    cmap: Any
+    units: ModelUnits
+    prepared: Any = field(default_factory=_prepared_cache)  # benchmark items, prompts, token rows
+    intact: dict = field(default_factory=dict)  # diagnostics: the intact layer outputs, by reference-rows key
 
 
 def _key(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def base_model(spec: dict):
-    """(model, tokenizer, component map, units) of the spec's model (+ merged adapter), cached per process."""
+def base_model(spec: dict) -> Base:
+    """The spec's model (+ merged adapter) with its tokenizer, component map and units, cached per process."""
     key = _key([spec["model"], spec.get("adapter")])
     if key not in _MODEL_CACHE:
         from ..components import build_component_map
@@ -50,7 +71,7 @@ def base_model(spec: dict):
         model.eval()
         _bind_kernels(model)
         cmap = build_component_map(model)
-        _MODEL_CACHE[key] = (model, tokenizer, cmap, model_units(cmap))
+        _MODEL_CACHE[key] = Base(model, tokenizer, cmap, model_units(cmap))
     return _MODEL_CACHE[key]
 
 
@@ -117,42 +138,53 @@ def run_condition(spec: dict, ablation_dir: str | Path, out: str | Path, *, prog
     start = time.perf_counter()
     ablation_dir, out = Path(ablation_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, cmap, mu = base_model(spec)
-    condition = spec["removal"]
-    by_key = mu.by_key()
-    missing = [k for k in condition["units"] if k not in by_key]
-    if missing:
-        raise AblationError(f"units {missing} are not in this model")
-    units = [by_key[k] for k in condition["units"]]
-    ablation = None
-    if condition["method"] != "none":
-        means = stored_means(spec, ablation_dir, model, tokenizer, mu) if condition["method"] == "mean" else None
-        ablation = Ablation(model, units, condition["method"], mu.layers_path, means=means)
+    base = base_model(spec)
+    ablation = _attach(spec, base, ablation_dir)
     try:
         summaries, records = {}, []
         if spec["perplexity"]["enabled"]:
-            summaries["perplexity"], ppl_records = _perplexity(spec, model, tokenizer, out, progress)
+            summaries["perplexity"], ppl_records = _perplexity(spec, base.model, base.tokenizer, out, progress)
             records += ppl_records
-        bench_summaries, bench_records = _benchmarks(spec, model, tokenizer, out, ablation_dir, progress)
+        bench_summaries, bench_records = _benchmarks(spec, base, out, progress)
         summaries.update(bench_summaries)
         records += bench_records
         crash_point("evaluated")
         if spec["diagnostics"]["windows"]:
-            from .diagnostics import layer_diagnostics
-
-            rows = reference_rows(spec, tokenizer)[: spec["diagnostics"]["windows"]]
-            diag_start = time.perf_counter()
-            diag = layer_diagnostics(model, cmap, mu, rows, ablation)
-            diag["wall_s"] = time.perf_counter() - diag_start
-            _write_json(out / "diagnostics.json", diag)
-            summaries["diagnostics"] = {"n": diag["tokens"], "accuracy": None, "correct": None, **diag}
+            summaries["diagnostics"] = _diagnostics(spec, base, ablation, out)
     finally:
         if ablation is not None:
             ablation.remove()
-    _write_json(out / "removal.json", {"removal": condition, "removed": spec["removed"]})
+    _write_json(out / "removal.json", {"removal": spec["removal"], "removed": spec["removed"]})
     return {"summaries": summaries, "records": records, "train_log": [], "trainable_params": 0,
             "params_by_component": {}, "artifact_dir": str(out.relative_to(ablation_dir)),
             "wall_s": time.perf_counter() - start}
+
+
+def _attach(spec: dict, base: Base, ablation_dir: Path) -> Ablation | None:
+    """The condition's hooks attached to the base model (None for the intact model)."""
+    condition, mu = spec["removal"], base.units
+    by_key = mu.by_key()
+    missing = [k for k in condition["units"] if k not in by_key]
+    if missing:
+        raise AblationError(f"units {missing} are not in this model")
+    if condition["method"] == "none":
+        return None
+    units = [by_key[k] for k in condition["units"]]
+    means = stored_means(spec, ablation_dir, base.model, base.tokenizer, mu) if condition["method"] == "mean" else None
+    return Ablation(base.model, units, condition["method"], mu.layers_path, means=means)
+
+
+def _diagnostics(spec: dict, base: Base, ablation: Ablation | None, out: Path) -> dict:
+    """Per-layer diagnostics (detaches ``ablation``); the intact outputs are computed once per base model."""
+    from .diagnostics import layer_diagnostics
+
+    rows = reference_rows(spec, base.tokenizer)[: spec["diagnostics"]["windows"]]
+    intact = base.intact.setdefault(_key([spec["reference"], spec["diagnostics"]]), {})
+    diag_start = time.perf_counter()
+    diag = layer_diagnostics(base.model, base.cmap, base.units, rows, ablation, intact=intact)
+    diag["wall_s"] = time.perf_counter() - diag_start
+    _write_json(out / "diagnostics.json", diag)
+    return {"n": diag["tokens"], "accuracy": None, "correct": None, **diag}
 
 
 def _perplexity(spec: dict, model, tokenizer, out: Path, progress: bool) -> tuple[dict, list[dict]]:
@@ -181,15 +213,16 @@ def _describe_kernels(model) -> str:
     return fast.describe(model)
 
 
-def _benchmarks(spec: dict, model, tokenizer, out: Path, ablation_dir: Path, progress: bool):
+def _benchmarks(spec: dict, base: Base, out: Path, progress: bool):
     from ..evaluate.lm import CausalLM
     from ..evaluate.runner import evaluate_benchmark
 
     e = spec["eval"]
     if not e["benchmarks"]:
         return {}, []
-    lm = CausalLM(model, tokenizer, batch_size=e["batch_size"], max_length=e["max_length"],
-                  name=spec["model"]["name"], adapter=spec.get("adapter"), decode=e["decode"])
+    lm = CausalLM(base.model, base.tokenizer, batch_size=e["batch_size"], max_length=e["max_length"],
+                  name=spec["model"]["name"], adapter=spec.get("adapter"), decode=e["decode"],
+                  generate_batch_size=e.get("generate_batch_size"))
     summaries, records = {}, []
     for bench, size in e["benchmarks"].items():
         with warnings.catch_warnings():
@@ -197,7 +230,8 @@ def _benchmarks(spec: dict, model, tokenizer, out: Path, ablation_dir: Path, pro
             summary = evaluate_benchmark(lm, bench, data_dir=e["data_dir"], n=size, limit=e["limit"],
                                          seed=e["subset_seed"], output_dir=out / "eval",
                                          max_new_tokens=e["max_new_tokens"],
-                                         allow_code_execution=e["allow_code_execution"], progress=False)
+                                         allow_code_execution=e["allow_code_execution"], progress=False,
+                                         cache=base.prepared)
         note = summary.get("fewshot_note")
         if note and note not in _NOTES_SAID:
             _NOTES_SAID.add(note)

@@ -48,10 +48,10 @@ def plan_windows(n_tokens: int, window: int, stride: int, max_windows: int | Non
         if end > first:
             out.append(Window(len(out), begin, end, first))
         prev_end = end
-        if end == n_tokens:
+        if end == n_tokens or len(out) == max_windows:
             break
         begin += stride
-    return out[:max_windows] if max_windows else out
+    return out
 
 
 def text_source(text: str | None, data_dir: str | Path | None) -> dict[str, Any]:

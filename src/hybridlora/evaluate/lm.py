@@ -13,6 +13,10 @@
   ``decode_path`` says what the last call ran, and evaluation summaries record it.
 * :meth:`CausalLM.mean_loglikelihood` — mean token log-likelihood / perplexity of held-out text.
 
+Both split into tokenization (:meth:`CausalLM.choice_inputs`, :meth:`CausalLM.prompt_rows`) and the model call
+(:meth:`CausalLM.score_choices`, :meth:`CausalLM.generate_rows`), so that a caller evaluating many variants of one
+model (``hybridlora ablate``) tokenizes each benchmark once (:class:`hybridlora.evaluate.runner.PreparedCache`).
+
 Contexts longer than ``max_length`` keep their last tokens (the benchmark modules first drop whole few-shot
 examples, oldest first, so this only bites when a single example is too long).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,11 +33,21 @@ import torch
 
 DECODE_MODES = ("auto", "static", "hf")
 
+ChoiceRow = tuple[list[int], list[int], list[int]]  # (row, shared prefix of the choices, last token of each choice)
+
+
+@dataclass(frozen=True)
+class PromptRows:
+    """Generation prompts tokenized for one budget (:meth:`CausalLM.prompt_rows`)."""
+    rows: list[list[int]]  # per prompt, in the prompts' order
+    order: list[int]  # the order batches take them in
+    max_new_tokens: int
+
 
 class CausalLM:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int | str = 8, max_length: int | None = None,
                  name: str = "model", adapter: str | None = None, device: str | torch.device | None = None,
-                 decode: str = "auto") -> None:
+                 decode: str = "auto", generate_batch_size: int | None = None) -> None:
         if decode not in DECODE_MODES:
             raise ValueError(f"decode={decode!r}: use one of {', '.join(DECODE_MODES)}")
         self.model = model.eval()
@@ -48,6 +63,9 @@ class CausalLM:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.kernels = self._bind_kernels()
         self.batch_size = self.auto_batch_size() if batch_size == "auto" else max(1, int(batch_size))
+        # prompts per greedy-decoding batch (default: batch_size): a decode step of a small model costs about the
+        # same at 8 or 256 rows on a GPU, so a whole benchmark in one batch takes a fraction of the steps
+        self.generate_batch_size = max(1, int(generate_batch_size or self.batch_size))
 
     def _bind_kernels(self) -> str:
         """On CUDA, the fast mixer kernels are bound and missing ones warned about; the line goes in summaries."""
@@ -119,6 +137,12 @@ class CausalLM:
     def choice_logprobs(self, contexts: Sequence[str], choices: Sequence[Sequence[str]], *,
                         progress: Any = None) -> list[list[float]]:
         """log p(choice | context) for every choice of every context; one forward per context, batched."""
+        return self.score_choices(self.choice_inputs(contexts, choices), progress=progress)
+
+    def choice_inputs(self, contexts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[ChoiceRow]:
+        """The token rows :meth:`score_choices` scores (tokenization only, no model call): per context the row
+        (context + the choices' shared prefix, cut to ``max_length``), the shared prefix and each choice's last
+        token."""
         prepared = []
         for context, options in zip(contexts, choices, strict=True):
             conts = [self.continuation_ids(context, c) for c in options]
@@ -128,6 +152,10 @@ class CausalLM:
                                  "token; one-forward scoring needs that (use letters as choices)")
             row = (self.encode(context) + conts[0][:-1])[-self.max_length:]
             prepared.append((row, conts[0][:-1], [c[-1] for c in conts]))
+        return prepared
+
+    def score_choices(self, prepared: Sequence[ChoiceRow], *, progress: Any = None) -> list[list[float]]:
+        """log p of each choice for rows made by :meth:`choice_inputs`; longest rows first, ``batch_size`` a forward."""
         order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
         out: list[list[float]] = [[] for _ in prepared]
         with torch.inference_mode():
@@ -172,20 +200,30 @@ class CausalLM:
     def generate_until(self, prompts: Sequence[str], stop: Sequence[str] = (), max_new_tokens: int = 256, *,
                        progress: Any = None) -> list[str]:
         """Greedy completions of ``prompts`` (batched, left padding), each cut at its earliest stop string."""
+        return self.generate_rows(self.prompt_rows(prompts, max_new_tokens), stop, progress=progress)
+
+    def prompt_rows(self, prompts: Sequence[str], max_new_tokens: int) -> PromptRows:
+        """The prompts' token rows for :meth:`generate_rows` (tokenization only, no model call): each keeps its
+        last ``max_length - max_new_tokens`` tokens; batches take the longest prompt texts first."""
+        budget = max(1, self.max_length - max_new_tokens)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        return PromptRows([self.encode(p)[-budget:] for p in prompts], order, max_new_tokens)
+
+    def generate_rows(self, inputs: PromptRows, stop: Sequence[str] = (), *, progress: Any = None) -> list[str]:
+        """Greedy completions of rows made by :meth:`prompt_rows` (``generate_batch_size`` rows a batch), each cut
+        at its earliest stop string."""
         from transformers import StoppingCriteriaList
 
         tok = self.tokenizer
-        budget = max(1, self.max_length - max_new_tokens)
+        max_new_tokens = inputs.max_new_tokens
         stop = tuple(s for s in stop if s)
-
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        out: list[str] = [""] * len(prompts)
+        out: list[str] = [""] * len(inputs.rows)
         static, why_not = self._static_decoding()
         paths: list[str] = []
         with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start: start + self.batch_size]
-                ids, mask = left_pad([self.encode(prompts[i])[-budget:] for i in batch], tok.pad_token_id)
+            for start in range(0, len(inputs.order), self.generate_batch_size):
+                batch = inputs.order[start: start + self.generate_batch_size]
+                ids, mask = left_pad([inputs.rows[i] for i in batch], tok.pad_token_id)
                 width = ids.shape[1]
                 ids, mask = ids.to(self.device), mask.to(self.device)
                 if static:

@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable, Sequence
@@ -25,7 +26,7 @@ from typing import Any, Iterable, Sequence
 from tqdm.auto import tqdm
 
 from . import arc, gsm8k, hellaswag, humaneval, mmlu
-from .data import SUBSET_SEED, BenchmarkError, fit_prompt, letters, seeded_subset
+from .data import DATA_ENV, SUBSET_SEED, BenchmarkError, fit_prompt, letters, seeded_subset
 from .lm import CausalLM
 
 BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (mmlu, arc, hellaswag, gsm8k, humaneval)}
@@ -89,11 +90,66 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _mc_records(lm: CausalLM, name: str, items: list[dict], prompts: list[tuple[str, int]], bar: Any) -> list[dict]:
-    choices = [[f" {c}" for c in letters(len(item["choices"]))] for item in items]
-    scores = lm.choice_logprobs([p for p, _ in prompts], choices, progress=bar)
+@dataclass(frozen=True)
+class Prepared:
+    """One benchmark's inputs at one model boundary: items, prompts (with the shots kept) and their token rows
+    (``lm.choice_inputs`` or ``lm.prompt_rows``). Shared by every evaluation that hits the cache: read only."""
+    items: list[dict]
+    prompts: list[tuple[str, int]]
+    inputs: Any
+
+
+def prepare_benchmark(lm: CausalLM, name: str, *, data_dir: str | Path | None = None, n: int | None = None,
+                      limit: int | None = None, seed: int = SUBSET_SEED, reserve: int = 2) -> Prepared:
+    """Load the subset, fit its prompts into ``lm.max_length - reserve`` tokens and tokenize them (no model call).
+    ``reserve``: the tokens kept free after a prompt — a generative benchmark's generation budget (its rows are
+    made for that budget), 2 for multiple choice."""
+    module = get_benchmark(name)
+    items, shots = load_items(name, data_dir, n=n, limit=limit, seed=seed)
+    prompts = build_prompts(lm, module, items, shots, reserve=reserve)
+    texts = [p for p, _ in prompts]
+    if module.KIND == "generate":
+        inputs = lm.prompt_rows(texts, reserve)
+    else:
+        inputs = lm.choice_inputs(texts, [[f" {c}" for c in letters(len(item["choices"]))] for item in items])
+    return Prepared(items, prompts, inputs)
+
+
+class PreparedCache:
+    """Prepared benchmarks of one process, for callers that evaluate many variants of a model with one tokenizer
+    (``hybridlora ablate``: every condition of a model sees the same items and prompts). Keyed by everything that
+    shapes them: benchmark, data folder (and $HYBRIDLORA_DATA when none is given), subset size, limit, seed, the
+    token budget (``max_length`` and the reserve: the generation budget) and the tokenizer object itself (held by
+    the entry, so that its id is never reused). The oldest entries go beyond ``size``."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self._entries: dict[tuple, tuple[Any, Prepared]] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(lm: CausalLM, name: str, *, data_dir: str | Path | None, n: int | None, limit: int | None, seed: int,
+            reserve: int) -> tuple:
+        where = str(data_dir) if data_dir is not None else ("$" + DATA_ENV, os.environ.get(DATA_ENV))
+        return (name, where, n, limit, seed, lm.max_length, reserve, id(lm.tokenizer))
+
+    def get(self, lm: CausalLM, name: str, **settings: Any) -> Prepared:
+        key = self.key(lm, name, **settings)
+        if key in self._entries:
+            self.hits += 1
+            return self._entries[key][1]
+        self.misses += 1
+        prepared = prepare_benchmark(lm, name, **settings)
+        while len(self._entries) >= self.size:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = (lm.tokenizer, prepared)
+        return prepared
+
+
+def _mc_records(lm: CausalLM, name: str, prepared: Prepared, bar: Any) -> list[dict]:
+    scores = lm.score_choices(prepared.inputs, progress=bar)
     records = []
-    for index, (item, (_, kept), vector) in enumerate(zip(items, prompts, scores)):
+    for index, (item, (_, kept), vector) in enumerate(zip(prepared.items, prepared.prompts, scores)):
         labels = letters(len(item["choices"]))
         pred = max(range(len(vector)), key=vector.__getitem__)
         records.append({"benchmark": name, "example_id": item["example_id"], "index": index,
@@ -103,11 +159,10 @@ def _mc_records(lm: CausalLM, name: str, items: list[dict], prompts: list[tuple[
     return records
 
 
-def _generate_records(lm: CausalLM, module: ModuleType, items: list[dict], prompts: list[tuple[str, int]],
-                      max_new_tokens: int, bar: Any) -> list[dict]:
-    completions = lm.generate_until([p for p, _ in prompts], module.STOP, max_new_tokens, progress=bar)
+def _generate_records(lm: CausalLM, module: ModuleType, prepared: Prepared, bar: Any) -> list[dict]:
+    completions = lm.generate_rows(prepared.inputs, module.STOP, progress=bar)
     records = []
-    for index, (item, (_, kept), completion) in enumerate(zip(items, prompts, completions)):
+    for index, (item, (_, kept), completion) in enumerate(zip(prepared.items, prepared.prompts, completions)):
         record = {"benchmark": module.NAME, "example_id": item["example_id"], "index": index}
         if module is humaneval:
             record.update(task_id=item["task_id"], correct=None, status=NOT_RUN)
@@ -131,21 +186,24 @@ def evaluate_benchmark(lm: CausalLM, name: str, *, data_dir: str | Path | None =
                        limit: int | None = None, seed: int = SUBSET_SEED, output_dir: str | Path | None = None,
                        max_new_tokens: int | None = None, allow_code_execution: bool = False,
                        sandbox_workers: int | None = None, sandbox_timeout_s: float = 10.0,
-                       progress: bool = True) -> dict[str, Any]:
-    """Evaluate one benchmark; returns its summary (and writes JSONL + summary JSON under ``output_dir``)."""
+                       progress: bool = True, cache: PreparedCache | None = None) -> dict[str, Any]:
+    """Evaluate one benchmark; returns its summary (and writes JSONL + summary JSON under ``output_dir``).
+    ``cache``: reuse the items, prompts and token rows prepared earlier in this process (:class:`PreparedCache`)."""
     module = get_benchmark(name)
-    items, shots = load_items(name, data_dir, n=n, limit=limit, seed=seed)
     generative = module.KIND == "generate"
     if max_new_tokens is not None and max_new_tokens < 1:  # 0 must not silently become the default budget
         raise BenchmarkError(f"max_new_tokens must be at least 1 (got {max_new_tokens}); None = the benchmark's own")
     new_tokens = max_new_tokens if max_new_tokens is not None else getattr(module, "MAX_NEW_TOKENS", 0)
     start = time.perf_counter()
-    prompts = build_prompts(lm, module, items, shots, reserve=new_tokens if generative else 2)
+    prepare = cache.get if cache is not None else prepare_benchmark
+    prepared = prepare(lm, name, data_dir=data_dir, n=n, limit=limit, seed=seed,
+                       reserve=new_tokens if generative else 2)
+    items = prepared.items
     with tqdm(total=len(items), desc=name, unit="ex", disable=not progress) as bar:
         if generative:
-            records = _generate_records(lm, module, items, prompts, new_tokens, bar)
+            records = _generate_records(lm, module, prepared, bar)
         else:
-            records = _mc_records(lm, name, items, prompts, bar)
+            records = _mc_records(lm, name, prepared, bar)
     executed = False
     if module is humaneval and allow_code_execution and records:
         _execute_humaneval(items, records, sandbox_workers, sandbox_timeout_s)
@@ -169,6 +227,8 @@ def evaluate_benchmark(lm: CausalLM, name: str, *, data_dir: str | Path | None =
                      "data_dir": str(data_dir) if data_dir is not None else None},
         "wall_s": wall, "examples_per_s": len(records) / wall if wall > 0 else None,
     }
+    if generative and lm.generate_batch_size != lm.batch_size:  # said only when generation batched otherwise
+        summary["settings"]["generate_batch_size"] = lm.generate_batch_size
     kept = summary["mean_fewshot_kept"]
     if kept is not None and kept < module.NUM_FEWSHOT:
         # Trimmed shots change what is measured: say so, never silently.

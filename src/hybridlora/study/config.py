@@ -164,6 +164,7 @@ class BackendSettings(_Strict):
     gpus_per_job: Optional[float] = Field(default=None, ge=0)  # None: 1 when the cluster has GPUs, else 0
     cpus_per_job: float = Field(default=1.0, gt=0)
     retries: int = Field(default=0, ge=0)  # reruns of a job that raises, before it is recorded failed
+    workers_per_gpu: Optional[int] = Field(default=None, ge=1)  # local: runner processes per GPU; None: one
 
 
 class StudyConfig(_Strict):

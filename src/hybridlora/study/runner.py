@@ -106,12 +106,18 @@ def run_jobs(study_dir: Path, jobs: list[Job], *, progress: bool = True, desc: s
     The one dispatch loop for every kind of job (study cells, ablation conditions, …): each job runs through
     :func:`.jobs.execute`, which looks its kind up in ``JOB_KINDS``; the result is recorded complete atomically.
     ``backend`` says where jobs run (default: here); ``ray`` hands the same claim/record protocol to
-    :mod:`.backends.ray_backend`. A job that raises is rerun up to ``backend.retries`` times.
+    :mod:`.backends.ray_backend`, ``workers_per_gpu`` runs this loop in several processes at once
+    (:mod:`.backends.processes`). A job that raises is rerun up to ``backend.retries`` times.
     """
     backend = backend or LOCAL
     run = StudyRun(study_dir, jobs)
     if backend.name != "local":
         run_on_backend(run, backend, progress=progress, desc=desc)
+        return run
+    if backend.workers_per_gpu:
+        from .backends.processes import run_in_processes
+
+        run_in_processes(run, backend, run_jobs, progress=progress, desc=desc)
         return run
     store = Store(study_dir)
     owner = make_owner()

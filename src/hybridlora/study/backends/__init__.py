@@ -25,10 +25,11 @@ class Backend:
     gpus_per_job: float | None = None  # ray: None = 1 when the cluster has GPUs, else 0
     cpus_per_job: float = 1.0  # ray
     retries: int = 0  # a job that raises is run again up to this many times (both backends)
+    workers_per_gpu: int | None = None  # local: runner processes per GPU (in all without one); None: this process
 
     def describe(self) -> str:
         if self.name == "local":
-            return "local"
+            return f"local ({self.workers_per_gpu} runners per GPU)" if self.workers_per_gpu else "local"
         return f"ray ({self.address or 'new local cluster'})"
 
 
@@ -48,6 +49,9 @@ def add_backend_options(parser) -> None:
                        "(default 1)")
     group.add_argument("--retries", type=int, default=None, metavar="N",
                        help="run a job that raises up to N more times before recording it failed (default 0)")
+    group.add_argument("--workers-per-gpu", type=int, default=None, metavar="N",
+                       help="local: N runner processes per GPU (N in all without a GPU), each taking jobs from the "
+                            "same store; default: this process alone (ray: --gpus-per-job 1/N instead)")
 
 
 def backend_from_args(args, settings: Any = None) -> Backend:
@@ -57,7 +61,7 @@ def backend_from_args(args, settings: Any = None) -> Backend:
 
     base = settings.model_dump() if hasattr(settings, "model_dump") else dict(settings or {})
     fields = {k: v for k, v in base.items() if k in Backend.__dataclass_fields__ and v is not None}
-    for key in ("backend", "address", "gpus_per_job", "cpus_per_job", "retries"):
+    for key in ("backend", "address", "gpus_per_job", "cpus_per_job", "retries", "workers_per_gpu"):
         value = getattr(args, key, None)
         if value is not None:
             fields["name" if key == "backend" else key] = value
@@ -71,6 +75,9 @@ def backend_from_args(args, settings: Any = None) -> Backend:
     if backend.name == "local" and (getattr(args, "address", None) or getattr(args, "gpus_per_job", None) is not None):
         raise CliError("--address/--gpus-per-job apply to --backend ray; add --backend ray (or backend: ray in the "
                        "config)")
+    if backend.workers_per_gpu is not None and (backend.workers_per_gpu < 1 or backend.name != "local"):
+        raise CliError(f"--workers-per-gpu {backend.workers_per_gpu}: give N >= 1, with the local backend (on Ray, "
+                       "--gpus-per-job 1/N runs N jobs per GPU)")
     return backend
 
 
