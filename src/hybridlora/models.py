@@ -75,7 +75,7 @@ def text_config(config: Any) -> Any:
 
 
 def resolve_model(spec: str) -> ModelSource:
-    path = Path(spec).expanduser()
+    path = _builtin_dir(spec) or Path(spec).expanduser()
     if path.is_file() and path.suffix == ".json":
         return ModelSource(spec, "config", spec, _config_from_file(path))
     if path.is_dir():
@@ -95,6 +95,16 @@ def resolve_model(spec: str) -> ModelSource:
     if entry is not None:
         return _from_catalog(spec, entry)
     raise ModelError(f"unknown model {spec!r}; {_suggest(spec)}")
+
+
+def _builtin_dir(spec: str) -> Path | None:
+    """``builtin:demo-sequential`` / ``builtin:demo-parallel``: the demo's shipped pretrained lab models."""
+    from .lab.demo_models import builtin_model_dir
+
+    try:
+        return builtin_model_dir(spec)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def _from_catalog(spec: str, entry: dict[str, Any]) -> ModelSource:

@@ -261,12 +261,16 @@ def check_inputs(config: StudyConfig) -> None:
     if config.data_dir not in (None, BUILTIN_DATA) and not Path(config.data_dir).is_dir():
         raise StudyConfigError(f"data_dir {config.data_dir}: no such folder; point it at a folder laid out like "
                                "shared/data, or remove it to read the Hugging Face hub")
+    from ..synthetic import TASKS as SYNTHETIC
+
     for domain in config.domains:
         is_file_name = domain.name.endswith((".jsonl", ".json", ".csv"))
         hub_id = "/" in domain.name and not is_file_name
-        if domain.name not in DOMAINS and not hub_id and not Path(domain.name).is_file():
-            raise StudyConfigError(f"domains: {domain.name!r} is neither a known domain ({', '.join(DOMAINS)}), "
-                                   "an existing .jsonl/.json/.csv file, nor a hub dataset id (owner/name)")
+        known = domain.name in DOMAINS or domain.name in SYNTHETIC
+        if not known and not hub_id and not Path(domain.name).is_file():
+            raise StudyConfigError(f"domains: {domain.name!r} is neither a known domain ({', '.join(DOMAINS)}), a "
+                                   f"synthetic task ({', '.join(SYNTHETIC)}), an existing .jsonl/.json/.csv file, "
+                                   "nor a hub dataset id (owner/name)")
         if is_file_name and Path(domain.name).is_file():
             _check_readable(Path(domain.name))
         if domain.name in DOMAINS and config.data_dir not in (None, BUILTIN_DATA):
