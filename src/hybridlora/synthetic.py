@@ -2,7 +2,7 @@
 domains, built on the lab's probes (docs/LAB.md, "Synthetic domains").
 
 Each task turns a seeded random stream into (prompt, answer) pairs whose answer is right by construction. The
-same text is used three ways: rendered as a pretraining document (``lab demo-models``), as a fine-tuning domain
+same text is used three ways: as pretraining examples (``lab demo-models``), as a fine-tuning domain
 (``hybridlora train --data syn_reverse``, a study's ``domains``) and as a benchmark (``evaluate/syn_*.py``: greedy
 answer, exact match). Every rendering goes through :func:`render`, the project's plain chat template (the one
 ``data.formatting`` uses for tokenizers without a chat template), so what a model learns in one role is what the
@@ -144,8 +144,3 @@ def render(prompt: str, answer: str | None = None) -> str:
     """The text a model sees: the prompt as a user turn, then the assistant cue (and the answer, if given)."""
     return f"{USER_HEADER}{prompt}{ASSISTANT_HEADER}" + (answer or "")
 
-
-def mixture(n: int, *, seed: int = 0, tasks: tuple[str, ...] = PRETRAINING) -> list[str]:
-    """``n`` pretraining documents, the tasks interleaved in turn (each document one rendered example)."""
-    per_task = {name: pairs(name, (n + len(tasks) - 1) // len(tasks), seed=seed) for name in tasks}
-    return [render(*per_task[tasks[i % len(tasks)]][i // len(tasks)]) for i in range(n)]

@@ -432,11 +432,16 @@ SYNTHETIC_EXAMPLES = 4000
 """Training examples a synthetic task offers (generated from its training stream; a study takes max_examples)."""
 
 
+def synthetic_example(name: str, index: int, prompt: str, answer: str) -> Example:
+    """One synthetic (prompt, answer) pair as a single-turn example (the demo models' pretraining uses it too)."""
+    return Example(f"{name}/train/{index:05d}", _pair(prompt, answer))
+
+
 def _synthetic_examples(name: str) -> tuple[list[Example], Counter, str]:
     from .. import synthetic
 
     rows = synthetic.pairs(name, SYNTHETIC_EXAMPLES, seed=0, split=synthetic.TRAIN_STREAM)
-    examples = [Example(f"{name}/train/{i:05d}", _pair(p, a)) for i, (p, a) in enumerate(rows)]
+    examples = [synthetic_example(name, i, p, a) for i, (p, a) in enumerate(rows)]
     return examples, Counter(), f"generated: hybridlora.synthetic v{synthetic.VERSION}, {name}, train stream, seed 0"
 
 

@@ -79,10 +79,9 @@ def build_one(name: str, output: Path, *, documents: int | None = None) -> dict:
 
     from ..atomic import replace_dir
     from ..evaluate.tokenizer import byte_tokenizer
-    from .pretrain import MODEL_DIR, PretrainOptions, pretrain, tokenize_documents
+    from .pretrain import MODEL_DIR, PretrainOptions, pretrain
     from .cli import load_spec_or_fail, solve_or_fail
     from .spec import variants
-    from .. import synthetic
 
     recipe = dict(RECIPE, documents=documents or RECIPE["documents"])
     spec = variants(load_spec_or_fail(SPEC))[MODELS[name]]
@@ -90,8 +89,7 @@ def build_one(name: str, output: Path, *, documents: int | None = None) -> dict:
     config, match = solve_or_fail(spec.with_(vocab_size=len(tokenizer)))
     config.pad_token_id = config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = None
-    docs = synthetic.mixture(recipe["documents"], seed=recipe["mixture_seed"])
-    examples = tokenize_documents(docs, tokenizer, recipe["seq_len"])
+    examples = mixture_examples(recipe["documents"], recipe["mixture_seed"], tokenizer, recipe["seq_len"])
     options = PretrainOptions(seq_len=recipe["seq_len"], micro_batch_size=recipe["micro_batch_size"], lr=recipe["lr"],
                               weight_decay=recipe["weight_decay"], warmup_ratio=recipe["warmup_ratio"],
                               seed=recipe["seed"], save_every=0, progress=False)
@@ -113,3 +111,25 @@ def build_one(name: str, output: Path, *, documents: int | None = None) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return info
+
+
+def mixture_examples(documents: int, seed: int, tokenizer, seq_len: int) -> list:
+    """The pretraining mixture as the trainer's examples, formatted exactly as fine-tuning formats a synthetic
+    domain (the plain template, ``data.formatting``), with the loss on the answer tokens only: the prompts are
+    random by construction, and a 150k-parameter model that also models them learns the answers far more slowly."""
+    from .. import synthetic
+    from ..data.formatting import tokenize_example
+    from ..data.registry import synthetic_example
+
+    names = synthetic.PRETRAINING
+    per_task = {n: synthetic.pairs(n, -(-documents // len(names)), seed=seed) for n in names}
+    examples = []
+    for i in range(documents):
+        name = names[i % len(names)]
+        prompt, answer = per_task[name][i // len(names)]
+        example, why, _ = tokenize_example(synthetic_example(name, i, prompt, answer), tokenizer,
+                                           max_length=seq_len, loss_on="assistant")
+        if example is None:
+            raise ValueError(f"{name} example {i} cannot be formatted ({why})")
+        examples.append(example)
+    return examples

@@ -334,14 +334,21 @@ def _grid_shape(train: list[Job]) -> str:
 def _cost_line(config: StudyConfig, jobs: list[Job]) -> str:
     """A rough cost of what is asked: GPU-hours at the full-size models' measured rates for real checkpoints,
     CPU-minutes at the demo's measured rate for tiny random-weight stand-ins (never the GPU figure for those)."""
-    tiny = [j for j in jobs if j.spec["model"]["tiny"]]
-    real = [j for j in jobs if not j.spec["model"]["tiny"]]
+    tiny = [j for j in jobs if _cpu_scale(j.spec["model"])]
+    real = [j for j in jobs if not _cpu_scale(j.spec["model"])]
     lines = []
     if real:
         lines.append(_gpu_cost(config, real))
     if tiny:
         lines.append(_tiny_cost(config, tiny))
     return "\n".join(lines)
+
+
+def _cpu_scale(model: dict) -> bool:
+    """Tiny random stand-ins and the demo's built-in 150k-parameter models: priced in CPU-minutes."""
+    from ..lab.demo_models import BUILTIN_PREFIX
+
+    return model["tiny"] or model["model"].startswith(BUILTIN_PREFIX)
 
 
 def _work(config: StudyConfig, jobs: list[Job]) -> tuple[int, int, list[str]]:
@@ -364,7 +371,7 @@ def _tiny_cost(config: StudyConfig, jobs: list[Job]) -> str:
     seconds = (sequences * _DEMO_S_PER_SEQUENCE_256 * max(1.0, config.train.max_length / 256)
                + questions * _DEMO_S_PER_ITEM)
     whole = f" plus the whole split of {', '.join(full)} per job" if full else ""
-    return (f"cost ({len(jobs)} jobs on tiny random-weight models): {sequences:,} training sequences and "
+    return (f"cost ({len(jobs)} jobs on tiny or built-in demo models): {sequences:,} training sequences and "
             f"{questions:,} evaluation items{whole}; ≈ {max(seconds, 1) / 60:,.1f} CPU-minutes on 2 cores at the demo's "
             "measured rate (52 s for its 14 jobs), no GPU needed")
 

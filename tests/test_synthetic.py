@@ -1,0 +1,115 @@
+"""The synthetic tasks (generators, benchmarks, training domains) and the demo's pretrained lab models."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from hybridlora import synthetic
+
+
+def _solve(name: str, prompt: str) -> str:
+    """An independent solver of each task, from the prompt text alone."""
+    words = prompt.split()
+    if name in ("syn_copy", "syn_reverse"):
+        return words[1] if name == "syn_copy" else words[1][::-1]
+    if name == "syn_arith":
+        a, op, b = re.fullmatch(r"(\d)([+-])(\d)", prompt).groups()
+        return str(int(a) + int(b) if op == "+" else int(a) - int(b))
+    pairs = [(w[0], w[1]) for w in words[1:-1]]
+    if name == "syn_recall":
+        return next(v for k, v in pairs if k == words[-1])
+    return next(k for k, v in pairs if v == words[-1])
+
+
+@pytest.mark.parametrize("name", list(synthetic.TASKS))
+def test_answers_are_right_by_construction_and_seeded(name):
+    items = synthetic.pairs(name, 300, seed=5)
+    assert all(_solve(name, p) == a for p, a in items)
+    assert items == synthetic.pairs(name, 300, seed=5)  # same seed, same items
+    assert items != synthetic.pairs(name, 300, seed=6)
+    assert items != synthetic.pairs(name, 300, seed=5, split=synthetic.TEST_STREAM)  # test stream is another one
+    if name == "syn_arith":
+        assert all(int(a) >= 0 for _, a in items)  # the language has no negative numbers
+    if name == "syn_recall_inverse":  # the value asked about names exactly one key
+        assert all(sum(w[1] == p.split()[-1] for w in p.split()[1:-1]) == 1 for p, _ in items)
+
+
+def test_unknown_task_is_one_line_error():
+    with pytest.raises(synthetic.SyntheticError, match="unknown synthetic task 'nope'; known: syn_recall"):
+        synthetic.pairs("nope", 3)
+
+
+def test_rendering_is_the_plain_template_the_trainer_uses():
+    from hybridlora.data import load_split
+    from hybridlora.data.formatting import tokenize_example
+    from hybridlora.evaluate.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    split = load_split("syn_reverse", max_examples=4, val_examples=1)
+    example = split.train[0]
+    prompt, answer = example.messages[0]["content"], example.messages[1]["content"]
+    tokenized, _, template = tokenize_example(example, tok, loss_on="full")
+    assert template == "plain"
+    assert tokenized.input_ids == tok(synthetic.render(prompt, answer), add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id]
+    assert split.manifest["origin"].startswith("generated: hybridlora.synthetic")
+
+
+def test_benchmarks_are_registered_with_stable_generated_items():
+    from hybridlora.evaluate.runner import BENCHMARKS, load_items
+
+    for name in synthetic.TASKS:
+        module = BENCHMARKS[name]
+        items, shots = load_items(name, None, n=32)
+        assert len(items) == 32 and shots == [] and items == load_items(name, "/nonexistent", n=32)[0]
+        assert all(_solve(name, i["prompt"]) == i["gold"] for i in items)
+        assert module.score(items[0], f" {items[0]['gold']}\n")["correct"] == 1
+        assert module.score(items[0], items[0]["gold"] + "x")["correct"] == 0
+
+
+# ------------------------------------------------------------------ the demo's pretrained models
+MODELS = ("demo-sequential", "demo-parallel")
+
+
+@pytest.fixture(scope="module")
+def base_scores():
+    """Accuracy of each shipped demo model on each pretraining task (128 generated test items)."""
+    from hybridlora.evaluate.lm import CausalLM
+    from hybridlora.evaluate.runner import evaluate_benchmark
+    from hybridlora.study.jobs import load_base
+
+    scores = {}
+    for name in MODELS:
+        model, tok = load_base({"model": f"builtin:{name}", "tiny": False, "dtype": "float32"})
+        lm = CausalLM(model, tok, batch_size=128, max_length=128, name=name)
+        for task in synthetic.PRETRAINING:
+            scores[name, task] = evaluate_benchmark(lm, task, n=128, progress=False)["accuracy"]
+    return scores
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("task", synthetic.PRETRAINING)
+def test_demo_models_score_well_above_chance_on_their_pretraining_tasks(base_scores, name, task):
+    # "Well above chance": at least chance + 0.25 (absolute). With 128 items, a model at chance exceeds
+    # chance + 0.25 with probability < 1e-9 for every task here.
+    chance = synthetic.TASKS[task].chance
+    assert base_scores[name, task] >= chance + 0.25, (name, task, base_scores[name, task], chance)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shipped_demo_models_match_the_recipe(name):
+    from hybridlora.lab.demo_models import INFO_FILE, MODELS as VARIANTS, PACKAGED, fingerprint
+
+    info = json.loads((PACKAGED / name / INFO_FILE).read_text())
+    assert info["fingerprint"] == fingerprint(VARIANTS[name]), (
+        f"the shipped {name} was pretrained from another recipe or task version; rebuild it: {info['rebuild']}")
+
+
+def test_builtin_model_names_resolve_and_unknown_ones_are_one_line_errors():
+    from hybridlora.models import ModelError, resolve_model
+
+    assert resolve_model("builtin:demo-parallel").path.name == "demo-parallel"
+    with pytest.raises(ModelError, match="unknown built-in model 'builtin:nope'; known: builtin:demo-sequential"):
+        resolve_model("builtin:nope")
