@@ -113,3 +113,45 @@ def test_builtin_model_names_resolve_and_unknown_ones_are_one_line_errors():
     assert resolve_model("builtin:demo-parallel").path.name == "demo-parallel"
     with pytest.raises(ModelError, match="unknown built-in model 'builtin:nope'; known: builtin:demo-sequential"):
         resolve_model("builtin:nope")
+
+
+# ------------------------------------------------------------------ the demo preset
+def test_demo_preset_is_the_synthetic_world_on_the_pretrained_pair():
+    from hybridlora.study import expand_grid, load_study_config
+
+    config = load_study_config(None)
+    jobs = expand_grid(config)
+    train = [j for j in jobs if j.kind == "train"]
+    assert len(config.seeds) >= 2 and len({j.placement for j in train}) >= 3
+    assert {m.model for m in config.models} == {"builtin:demo-sequential", "builtin:demo-parallel"}
+    assert {m.topology for m in config.models} == {"sequential", "parallel"}
+    assert {d.name for d in config.domains} <= set(synthetic.DOMAINS)
+    assert set(config.eval.benchmarks) == set(synthetic.TASKS)  # own domain + the pretraining mixture
+    assert len(jobs) == 2 + 2 * 3 * len(config.domains) * len(config.seeds)
+    assert any("SMALL SYNTHETIC WORLD, NOT A CLAIM ABOUT LARGE MODELS" in n for n in config.notes)
+
+
+def test_a_trimmed_demo_runs_end_to_end_and_says_what_it_is(tmp_path, capsys):
+    from hybridlora.cli import main
+    from hybridlora.study import load_study_config
+
+    data = load_study_config("demo").model_dump(mode="json")
+    data.update(output=str(tmp_path / "study"), models=data["models"][1:], placements=[{"preset": "attention_only"}],
+                domains=[dict(data["domains"][0], max_examples=32)], seeds=[3407],
+                eval=dict(data["eval"], benchmarks={name: 16 for name in synthetic.TASKS}))
+    (tmp_path / "demo.yaml").write_text(json.dumps(data))
+    assert main(["study", str(tmp_path / "demo.yaml")]) == 0
+    out, err = capsys.readouterr()
+    assert "NOT A CLAIM ABOUT LARGE MODELS" in err and "2/2 jobs complete" in out
+    report = (tmp_path / "study" / "report" / "report.md").read_text()
+    assert "NOT A CLAIM ABOUT LARGE MODELS" in report and "syn_reverse" in report
+
+
+def test_demo_tokenizer_has_the_template_headers_as_single_tokens_and_leaves_the_byte_tokenizer_alone():
+    from hybridlora.evaluate.tokenizer import byte_tokenizer
+    from hybridlora.lab.demo_models import demo_tokenizer
+
+    tok = demo_tokenizer()
+    ids = tok(synthetic.render("copy ab", "ab"))["input_ids"]
+    assert ids == [256, *b"copy ab", 257, *b"ab"] and len(byte_tokenizer()) == 256
+    assert tok.decode(ids) == synthetic.render("copy ab", "ab")

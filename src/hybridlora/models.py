@@ -102,9 +102,13 @@ def _builtin_dir(spec: str) -> Path | None:
     from .lab.demo_models import builtin_model_dir
 
     try:
-        return builtin_model_dir(spec)
+        path = builtin_model_dir(spec)
     except ValueError as exc:
         raise ModelError(str(exc)) from None
+    if path is not None and not (path / "config.json").is_file():
+        raise ModelError(f"{spec}: the shipped model is missing ({path}); rebuild it with "
+                         f"`hybridlora lab demo-models --only {path.name}`")
+    return path
 
 
 def _from_catalog(spec: str, entry: dict[str, Any]) -> ModelSource:

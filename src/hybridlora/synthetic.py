@@ -67,7 +67,7 @@ def recall_inverse(rng: random.Random) -> tuple[str, str]:
 
 
 def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 5)))
+    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(2, 4)))
 
 
 def copy(rng: random.Random) -> tuple[str, str]:
@@ -92,9 +92,9 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("syn_recall", recall, 0.1, "pretraining",
          "in-context associative recall, the capability the MAD probes find hybrids differ in; the value is one "
          "of 10 digits (chance 1/10)"),
-    Task("syn_copy", copy, 1 / 26 ** 3, "pretraining",
+    Task("syn_copy", copy, 1 / 26 ** 2, "pretraining",
          "copying a span verbatim (attention's strength, hard for a fixed-size recurrent state); exact match of "
-         "3-5 letters (chance at most 26^-3)"),
+         "2-4 letters (chance at most 26^-2)"),
     Task("syn_arith", arith, 1 / 19, "pretraining",
          "a small arithmetic language: facts stored in the weights (MLP memorisation), not in the context; "
          "answers 0-18 (chance 1/19)"),
@@ -102,9 +102,9 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "a new recall variant (look a key up by its value): reuses the recall circuit the other way round, so "
          "training on it can transfer to or interfere with syn_recall; chance: a guess among the 3-5 keys shown "
          "(at most 1/3)"),
-    Task("syn_reverse", reverse, 1 / 26 ** 3, "domain",
+    Task("syn_reverse", reverse, 1 / 26 ** 2, "domain",
          "copying backwards: the same positions as syn_copy read in the other order, so training on it can "
-         "overwrite copying (forgetting); exact match of 3-5 letters (chance at most 26^-3)"),
+         "overwrite copying (forgetting); exact match of 2-4 letters (chance at most 26^-2)"),
 )}
 PRETRAINING = tuple(n for n, t in TASKS.items() if t.role == "pretraining")
 DOMAINS = tuple(n for n, t in TASKS.items() if t.role == "domain")

@@ -13,7 +13,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "study", help="run a placement study (model × placement × domain × seed) and write its report",
         description="Run every cell of a study config, resumably, then build the report. With no CONFIG: the "
-                    "demo preset (a small synthetic world: pretrained 150k-parameter lab hybrids, synthetic domains, CPU, "
+                    "demo preset (a small synthetic world: pretrained 250k-parameter lab hybrids, synthetic domains, CPU, "
                     "about two minutes on 2 cores). Ctrl-C stops "
                     "it; the same command resumes it.")
     p.add_argument("config", nargs="?", default=None,
