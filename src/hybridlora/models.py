@@ -99,7 +99,7 @@ def resolve_model(spec: str) -> ModelSource:
 
 def _builtin_dir(spec: str) -> Path | None:
     """``builtin:demo-sequential`` / ``builtin:demo-parallel``: the demo's shipped pretrained lab models."""
-    from .lab.demo_models import builtin_model_dir
+    from .builtin_models import builtin_model_dir
 
     try:
         path = builtin_model_dir(spec)

@@ -20,23 +20,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-BUILTIN_PREFIX = "builtin:"
-PACKAGED = Path(__file__).parent / "pretrained"
+from ..builtin_models import MODELS, PACKAGED
+
 SPEC = "demo-gdn"
-MODELS = {"demo-sequential": "sequential", "demo-parallel": "parallel"}  # name -> variant of the spec
 RECIPE = {"documents": 40000, "mixture_seed": 0, "seq_len": 128, "micro_batch_size": 16, "lr": 5e-3,
           "weight_decay": 0.0, "warmup_ratio": 0.05, "seed": 0}
 INFO_FILE = "demo_model.json"
-
-
-def builtin_model_dir(spec: str) -> Path | None:
-    """The shipped directory a ``builtin:NAME`` model argument names, or None for any other argument."""
-    if not spec.startswith(BUILTIN_PREFIX):
-        return None
-    name = spec[len(BUILTIN_PREFIX):]
-    if name not in MODELS:
-        raise ValueError(f"unknown built-in model {spec!r}; known: " + ", ".join(BUILTIN_PREFIX + n for n in MODELS))
-    return PACKAGED / name
 
 
 def fingerprint(variant: str) -> str:

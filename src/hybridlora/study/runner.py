@@ -346,7 +346,7 @@ def _cost_line(config: StudyConfig, jobs: list[Job]) -> str:
 
 def _cpu_scale(model: dict) -> bool:
     """Tiny random stand-ins and the demo's built-in 250k-parameter models: priced in CPU-minutes."""
-    from ..lab.demo_models import BUILTIN_PREFIX
+    from ..builtin_models import BUILTIN_PREFIX
 
     return model["tiny"] or model["model"].startswith(BUILTIN_PREFIX)
 
