@@ -75,7 +75,7 @@ MODELS = ("demo-sequential", "demo-parallel")
 
 @pytest.fixture(scope="module")
 def base_scores():
-    """Accuracy of each shipped demo model on each pretraining task (128 generated test items)."""
+    """Accuracy of each shipped demo model on each pretraining task (256 generated test items)."""
     from hybridlora.evaluate.lm import CausalLM
     from hybridlora.evaluate.runner import evaluate_benchmark
     from hybridlora.study.jobs import load_base
@@ -83,19 +83,20 @@ def base_scores():
     scores = {}
     for name in MODELS:
         model, tok = load_base({"model": f"builtin:{name}", "tiny": False, "dtype": "float32"})
-        lm = CausalLM(model, tok, batch_size=128, max_length=128, name=name)
+        lm = CausalLM(model, tok, batch_size=256, max_length=128, name=name)
         for task in synthetic.PRETRAINING:
-            scores[name, task] = evaluate_benchmark(lm, task, n=128, progress=False)["accuracy"]
+            scores[name, task] = evaluate_benchmark(lm, task, n=256, progress=False)["accuracy"]
     return scores
 
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("task", synthetic.PRETRAINING)
 def test_demo_models_score_well_above_chance_on_their_pretraining_tasks(base_scores, name, task):
-    # "Well above chance": at least chance + 0.25 (absolute). With 128 items, a model at chance exceeds
-    # chance + 0.25 with probability < 1e-9 for every task here.
+    # "Well above chance": at least twice chance and at least chance + 10 points. On 256 items a model guessing
+    # at chance reaches that with probability below 1e-6 for every task here (recall: 5 standard errors).
     chance = synthetic.TASKS[task].chance
-    assert base_scores[name, task] >= chance + 0.25, (name, task, base_scores[name, task], chance)
+    floor = max(2 * chance, chance + 0.10)
+    assert base_scores[name, task] >= floor, (name, task, base_scores[name, task], chance)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -351,7 +351,8 @@ def _guard(examples: list[Example], skipped: Counter, questions: dict[str, str])
 
 # --- sources ---------------------------------------------------------------------------------------
 def source_kind(source: str) -> str:
-    """"domain" | "synthetic" | "file" | "hub" for a --data value (an existing file wins over a hub-id-like name)."""
+    """"domain" | "synthetic" | "file" | "hub" for a --data value (an existing file wins over a hub-id-like
+    name)."""
     from .. import synthetic
 
     if source in DOMAINS:

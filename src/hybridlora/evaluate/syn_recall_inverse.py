@@ -1,4 +1,5 @@
-"""Synthetic benchmark ``syn_recall_inverse`` (task and why it is in the set: :mod:`hybridlora.synthetic`; role: domain).
+"""Synthetic benchmark ``syn_recall_inverse`` (task and why it is in the set: :mod:`hybridlora.synthetic`;
+role: domain).
 
 Protocol and scoring: :mod:`.synthetic_bench` (zero-shot, generated test items, greedy answer, exact match).
 """

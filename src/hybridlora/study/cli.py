@@ -13,9 +13,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "study", help="run a placement study (model × placement × domain × seed) and write its report",
         description="Run every cell of a study config, resumably, then build the report. With no CONFIG: the "
-                    "demo preset (a small synthetic world: pretrained 250k-parameter lab hybrids, synthetic domains, CPU, "
-                    "about two minutes on 2 cores). Ctrl-C stops "
-                    "it; the same command resumes it.")
+                    "demo preset (a small synthetic world: pretrained 250k-parameter lab hybrids, synthetic "
+                    "domains, CPU, no data or network needed). Ctrl-C stops it; the same command resumes it.")
     p.add_argument("config", nargs="?", default=None,
                    help=f"a study YAML file or a preset ({', '.join(preset_names())}); default: demo. With "
                         "--status: also a study directory")
