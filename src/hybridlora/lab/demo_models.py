@@ -23,7 +23,7 @@ from pathlib import Path
 from ..builtin_models import MODELS, PACKAGED
 
 SPEC = "demo-gdn"
-RECIPE = {"documents": 40000, "mixture_seed": 0, "seq_len": 128, "micro_batch_size": 16, "lr": 5e-3,
+RECIPE = {"documents": 80000, "mixture_seed": 0, "seq_len": 128, "micro_batch_size": 16, "lr": 5e-3,
           "weight_decay": 0.0, "warmup_ratio": 0.05, "seed": 0}
 INFO_FILE = "demo_model.json"
 
