@@ -360,8 +360,9 @@ def _work(config: StudyConfig, jobs: list[Job]) -> tuple[int, int, list[str]]:
     return sequences, per_job_q * len(jobs), full
 
 
-# The demo preset, measured (README): 14 jobs, 1,152 training sequences of <= 256 tokens and 2,240 evaluation
-# items in about 52 s on 2 CPU cores, report included; split evenly between training and evaluation.
+# The former demo preset (tiny random models), measured: 14 jobs, 1,152 training sequences of <= 256 tokens and
+# 2,240 evaluation items in about 52 s on 2 CPU cores, report included; split evenly between training and
+# evaluation. (The built-in demo's ~20-token synthetic examples run faster: 26 jobs in 111 s CPU.)
 _DEMO_S_PER_SEQUENCE_256 = 26.0 / 1152
 _DEMO_S_PER_ITEM = 26.0 / 2240
 
@@ -373,7 +374,8 @@ def _tiny_cost(config: StudyConfig, jobs: list[Job]) -> str:
     whole = f" plus the whole split of {', '.join(full)} per job" if full else ""
     return (f"cost ({len(jobs)} jobs on tiny or built-in demo models): {sequences:,} training sequences and "
             f"{questions:,} evaluation items{whole}; ≈ {max(seconds, 1) / 60:,.1f} CPU-minutes on 2 cores at the demo's "
-            "measured rate (52 s for its 14 jobs), no GPU needed")
+            "measured rate for sequences of up to 256 tokens (52 s for 14 tiny-model jobs; an upper bound for short "
+            "examples: the built-in demo's 26 jobs took 111 s), no GPU needed")
 
 
 def _gpu_cost(config: StudyConfig, jobs: list[Job]) -> str:
