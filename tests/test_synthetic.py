@@ -157,3 +157,17 @@ def test_demo_tokenizer_has_the_template_headers_as_single_tokens_and_leaves_the
     ids = tok(synthetic.render("copy ab", "ab"))["input_ids"]
     assert ids == [256, *b"copy ab", 257, *b"ab"] and len(byte_tokenizer()) == 256
     assert tok.decode(ids) == synthetic.render("copy ab", "ab")
+
+
+def test_eval_scores_a_built_in_model_on_synthetic_benchmarks_and_lm_eval_refuses_them(tmp_path, capsys):
+    from hybridlora.cli import main
+
+    out_dir = tmp_path / "e"
+    assert main(["eval", "builtin:demo-parallel", "--benchmarks", "syn_arith", "--limit", "8", "--no-progress",
+                 "--output", str(out_dir)]) == 0
+    records = [json.loads(line) for line in (out_dir / "syn_arith.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and {"example_id", "prediction", "gold", "correct"} <= set(records[0])
+    capsys.readouterr()
+    assert main(["eval", "builtin:demo-parallel", "--benchmarks", "syn_copy", "--protocol", "lm-eval"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --protocol lm-eval has no task for syn_copy") and err.count("\n") == 1
