@@ -171,3 +171,14 @@ def test_eval_scores_a_built_in_model_on_synthetic_benchmarks_and_lm_eval_refuse
     assert main(["eval", "builtin:demo-parallel", "--benchmarks", "syn_copy", "--protocol", "lm-eval"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --protocol lm-eval has no task for syn_copy") and err.count("\n") == 1
+
+
+def test_demo_models_command_builds_a_loadable_model_and_records_a_non_recipe_run(tmp_path, capsys):
+    from hybridlora.cli import main
+    from hybridlora.lab.demo_models import INFO_FILE
+
+    assert main(["lab", "demo-models", "--only", "demo-parallel", "--documents", "32", "--output", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / "demo-parallel" / INFO_FILE).read_text())
+    assert info["steps"] == 2 and info["fingerprint"] is None  # not the recipe: never mistaken for the shipped one
+    assert [p.name for p in tmp_path.iterdir()] == ["demo-parallel"]  # the build folder is gone
+    assert main(["inspect", str(tmp_path / "demo-parallel")]) == 0

@@ -2,13 +2,14 @@
 
 Two matched lab models of the ``demo-gdn`` spec — ``demo-sequential`` (G G G A) and ``demo-parallel`` (attention
 beside Gated DeltaNet in every layer), same parameter count — pretrained from scratch with ``lab pretrain``'s
-library entry (:func:`.pretrain.pretrain`: the project's trainer, packing, every weight trained) on documents of
-the pretraining mixture (:func:`hybridlora.synthetic.mixture`), with the byte tokenizer. The recipe below is
-fixed; this command rebuilds the shipped models (``src/hybridlora/lab/pretrained/``) from it. Training is
-deterministic on CPU for a given torch build.
+library entry (:func:`.pretrain.pretrain`: the project's trainer, packing, every weight trained) on examples of
+the pretraining mixture (:func:`mixture_examples`: the three pretraining tasks of :mod:`hybridlora.synthetic` in
+turn, loss on the answers) with :func:`demo_tokenizer`. The recipe below is fixed; this command rebuilds the
+shipped models (``src/hybridlora/lab/pretrained/``) from it (about 16 and 19 minutes on one shared CPU core).
+Training is deterministic on CPU for a given torch build.
 
 A study names them as ``model: builtin:demo-sequential`` / ``builtin:demo-parallel``
-(:func:`builtin_model_dir`). Each shipped directory holds the model (config, weights, tokenizer) and
+(:func:`hybridlora.builtin_models.builtin_model_dir`). Each shipped directory holds the model (config, weights, tokenizer) and
 ``demo_model.json``: the recipe, its fingerprint and the pretraining result. A test checks the fingerprint against
 this module's recipe, so a change of the recipe or of the task generators cannot leave stale models unnoticed.
 """
