@@ -86,7 +86,7 @@ def test_benchmark_end_to_end(lm, data_dir, tmp_path, name):
     if name == "humaneval":
         assert written["accuracy"] == NOT_RUN and all(r["correct"] is None for r in records)
         assert all("completion" in r for r in records)
-    elif name == "gsm8k":
+    elif name == "gsm8k" or name.startswith("syn_"):  # generative: GSM8K and the synthetic tasks (exact match)
         assert all(r["correct"] in (0, 1) and "completion" in r and r["gold"] for r in records)
     else:
         assert 0.0 <= written["accuracy"] <= 1.0
@@ -157,7 +157,8 @@ def test_subsets_are_fixed_and_limits_are_prefixes(data_dir):
     assert len(full) == 256 and [i["example_id"] for i in full] == [i["example_id"] for i in again]
     assert short == full[:5]
     sizes = {name: len(load_items(name, data_dir)[0]) for name in BENCHMARKS}
-    assert sizes == {"mmlu": 512, "arc_challenge": 299, "hellaswag": 512, "gsm8k": 256, "humaneval": 164}
+    synthetic = {name: 256 for name in ("syn_recall", "syn_copy", "syn_arith", "syn_recall_inverse", "syn_reverse")}
+    assert sizes == {"mmlu": 512, "arc_challenge": 299, "hellaswag": 512, "gsm8k": 256, "humaneval": 164, **synthetic}
 
 
 def test_fewshot_protocol(data_dir):

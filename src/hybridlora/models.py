@@ -75,7 +75,7 @@ def text_config(config: Any) -> Any:
 
 
 def resolve_model(spec: str) -> ModelSource:
-    path = Path(spec).expanduser()
+    path = _builtin_dir(spec) or Path(spec).expanduser()
     if path.is_file() and path.suffix == ".json":
         return ModelSource(spec, "config", spec, _config_from_file(path))
     if path.is_dir():
@@ -95,6 +95,20 @@ def resolve_model(spec: str) -> ModelSource:
     if entry is not None:
         return _from_catalog(spec, entry)
     raise ModelError(f"unknown model {spec!r}; {_suggest(spec)}")
+
+
+def _builtin_dir(spec: str) -> Path | None:
+    """``builtin:demo-sequential`` / ``builtin:demo-parallel``: the demo's shipped pretrained lab models."""
+    from .builtin_models import builtin_model_dir
+
+    try:
+        path = builtin_model_dir(spec)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
+    if path is not None and not (path / "config.json").is_file():
+        raise ModelError(f"{spec}: the shipped model is missing ({path}); rebuild it with "
+                         f"`hybridlora lab demo-models --only {path.name}`")
+    return path
 
 
 def _from_catalog(spec: str, entry: dict[str, Any]) -> ModelSource:

@@ -11,12 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
+from ..synthetic import TASKS as SYNTHETIC_TASKS
 from .contract import InstanceRecord, RunInfo, RunKey
 
 __all__ = ["StudyResults", "DEFAULT_TARGET_BENCHMARKS", "default_target_benchmarks", "from_result_set"]
 
-DEFAULT_TARGET_BENCHMARKS: Dict[str, List[str]] = {"gsm8k": ["gsm8k"], "codealpaca": ["humaneval"], "chat": []}
-"""train_domain -> benchmarks of its own domain (the study's three training sets)."""
+DEFAULT_TARGET_BENCHMARKS: Dict[str, List[str]] = {"gsm8k": ["gsm8k"], "codealpaca": ["humaneval"], "chat": [],
+                                                   **{name: [name] for name in SYNTHETIC_TASKS}}
+"""train_domain -> benchmarks of its own domain (the study's three training sets; each synthetic task is its own
+benchmark)."""
 
 
 def default_target_benchmarks() -> Dict[str, List[str]]:

@@ -351,9 +351,14 @@ def _guard(examples: list[Example], skipped: Counter, questions: dict[str, str])
 
 # --- sources ---------------------------------------------------------------------------------------
 def source_kind(source: str) -> str:
-    """"domain" | "file" | "hub" for a --data value (an existing file wins over a hub-id-like name)."""
+    """"domain" | "synthetic" | "file" | "hub" for a --data value (an existing file wins over a hub-id-like
+    name)."""
+    from .. import synthetic
+
     if source in DOMAINS:
         return "domain"
+    if source in synthetic.TASKS:
+        return "synthetic"
     path = Path(source).expanduser()
     if path.is_file():
         return "file"
@@ -361,8 +366,8 @@ def source_kind(source: str) -> str:
         return "hub"
     if path.suffix.lower() in FILE_TYPES:
         raise DataError(f"data file {source} not found")
-    raise DataError(f"unknown data {source!r}: use one of {', '.join(DOMAINS)}, a .jsonl/.json/.csv file, or a "
-                    "Hugging Face dataset id (owner/name)")
+    raise DataError(f"unknown data {source!r}: use one of {', '.join(DOMAINS)}, a synthetic task "
+                    f"({', '.join(synthetic.TASKS)}), a .jsonl/.json/.csv file, or a Hugging Face dataset id (owner/name)")
 
 
 def load_examples(source: str, *, data_dir: str | Path | None = None, fields: dict[str, str] | None = None,
@@ -372,7 +377,12 @@ def load_examples(source: str, *, data_dir: str | Path | None = None, fields: di
     ``split``/``config`` select a Hugging Face dataset's split (default ``train``) and configuration.
     """
     kind = source_kind(source)
-    if kind == "domain":
+    if kind == "synthetic":
+        if fields:
+            raise DataError(f"{source} is a synthetic task with fixed fields; a field mapping applies to files and "
+                            "hub datasets only")
+        examples, skipped, origin = _synthetic_examples(source)
+    elif kind == "domain":
         if fields:
             raise DataError(f"{source} is a built-in domain with fixed fields; a field mapping applies to files "
                             "and hub datasets only")
@@ -417,6 +427,23 @@ def load_examples(source: str, *, data_dir: str | Path | None = None, fields: di
     if not examples:
         raise DataError(f"{source}: no usable examples (skipped: {dict(skipped) or 'none'})")
     return examples, skipped, origin
+
+
+SYNTHETIC_EXAMPLES = 4000
+"""Training examples a synthetic task offers (generated from its training stream; a study takes max_examples)."""
+
+
+def synthetic_example(name: str, index: int, prompt: str, answer: str) -> Example:
+    """One synthetic (prompt, answer) pair as a single-turn example (the demo models' pretraining uses it too)."""
+    return Example(f"{name}/train/{index:05d}", _pair(prompt, answer))
+
+
+def _synthetic_examples(name: str) -> tuple[list[Example], Counter, str]:
+    from .. import synthetic
+
+    rows = synthetic.pairs(name, SYNTHETIC_EXAMPLES, seed=0, split=synthetic.TRAIN_STREAM)
+    examples = [synthetic_example(name, i, p, a) for i, (p, a) in enumerate(rows)]
+    return examples, Counter(), f"generated: hybridlora.synthetic v{synthetic.VERSION}, {name}, train stream, seed 0"
 
 
 def load_split(source: str, *, data_dir: str | Path | None = None, max_examples: int | None = None,

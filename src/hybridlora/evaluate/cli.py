@@ -94,6 +94,12 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.protocol == "lm-eval":
             from .lmeval_bridge import require_lm_eval
 
+            from ..synthetic import TASKS as SYNTHETIC
+
+            synthetic = [n for n in names if n in SYNTHETIC]
+            if synthetic:
+                raise BenchmarkError(f"--protocol lm-eval has no task for {', '.join(synthetic)} (hybridlora's "
+                                     "synthetic benchmarks); use --protocol study for them")
             require_lm_eval()
         if args.limit is not None and args.limit < 1:
             raise BenchmarkError("--limit must be at least 1 (omit it to evaluate the whole subset)")

@@ -165,8 +165,11 @@ def data_source(name: str, data_dir: str | Path | None) -> str:
     """Where benchmark ``name``'s items will come from ("local <path>" or "hub <id>"), checked without reading
     them; the loaders' own :class:`BenchmarkError` when neither is available. Used by both protocols' CLI to
     fail before a model is loaded."""
+    from .. import synthetic
     from . import arc, gsm8k, hellaswag, humaneval, mmlu
 
+    if name in synthetic.TASKS:  # generated in memory: the same items everywhere, no folder or hub needed
+        return f"generated: hybridlora.synthetic v{synthetic.VERSION}"
     relative = {"mmlu": "mmlu/test", "arc_challenge": "arc/ARC-Challenge", "hellaswag": hellaswag._FILE,
                 "gsm8k": "gsm8k/test.jsonl", "humaneval": humaneval._FILE}[name]
     hf_id = {m.NAME: m.HF_ID for m in (mmlu, arc, hellaswag, gsm8k, humaneval)}[name]

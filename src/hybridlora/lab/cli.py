@@ -26,10 +26,10 @@ def register(subparsers) -> None:
 
 
 def _register_more(sub) -> None:
-    """Sub-commands of the later stages (pretrain, probe, report) register here when importable."""
+    """Sub-commands of the later stages (pretrain, probe, report, demo-models) register here when importable."""
     import importlib
 
-    for name in ("pretrain", "probes", "report"):
+    for name in ("pretrain", "probes", "report", "demo_models"):
         try:
             module = importlib.import_module(f"{__package__}.{name}")
         except ModuleNotFoundError as exc:

@@ -13,8 +13,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "study", help="run a placement study (model × placement × domain × seed) and write its report",
         description="Run every cell of a study config, resumably, then build the report. With no CONFIG: the "
-                    "demo preset (tiny models, generated data, CPU, about one minute on 2 cores). Ctrl-C stops "
-                    "it; the same command resumes it.")
+                    "demo preset (a small synthetic world: pretrained 250k-parameter lab hybrids, synthetic "
+                    "domains, CPU, no data or network needed). Ctrl-C stops it; the same command resumes it.")
     p.add_argument("config", nargs="?", default=None,
                    help=f"a study YAML file or a preset ({', '.join(preset_names())}); default: demo. With "
                         "--status: also a study directory")
@@ -82,7 +82,7 @@ def cmd_study(args) -> int:
             return 0
         backend = backend_from_args(args, config.backend)
         check_backend(backend)  # Ray missing or the cluster unreachable: say so before any work
-        notice = None if args.quiet else (lambda: _code_execution_notice(args, config))
+        notice = None if args.quiet else (lambda: _start_notices(args, config))
         try:
             run = run_study(config, only=args.only, progress=not args.quiet, report=not args.no_report,
                             add_cells=args.add_cells, on_start=notice, backend=backend)
@@ -120,6 +120,14 @@ def _status(args) -> int:
     for line in status_lines(study_dir):
         print(line)
     return 0
+
+
+def _start_notices(args, config) -> None:
+    """The config's notes (the demo: a small synthetic world, not a claim about large models), then the
+    code-execution notice; printed once the inputs are known good, before any job runs."""
+    for note in config.notes:
+        print(f"NOTE: {note}", file=sys.stderr)
+    _code_execution_notice(args, config)
 
 
 def _code_execution_notice(args, config) -> None:

@@ -267,12 +267,16 @@ def check_inputs(config: StudyConfig) -> None:
     if config.data_dir not in (None, BUILTIN_DATA) and not Path(config.data_dir).is_dir():
         raise StudyConfigError(f"data_dir {config.data_dir}: no such folder; point it at a folder laid out like "
                                "shared/data, or remove it to read the Hugging Face hub")
+    from ..synthetic import TASKS as SYNTHETIC
+
     for domain in config.domains:
         is_file_name = domain.name.endswith((".jsonl", ".json", ".csv"))
         hub_id = "/" in domain.name and not is_file_name
-        if domain.name not in DOMAINS and not hub_id and not Path(domain.name).is_file():
-            raise StudyConfigError(f"domains: {domain.name!r} is neither a known domain ({', '.join(DOMAINS)}), "
-                                   "an existing .jsonl/.json/.csv file, nor a hub dataset id (owner/name)")
+        known = domain.name in DOMAINS or domain.name in SYNTHETIC
+        if not known and not hub_id and not Path(domain.name).is_file():
+            raise StudyConfigError(f"domains: {domain.name!r} is neither a known domain ({', '.join(DOMAINS)}), a "
+                                   f"synthetic task ({', '.join(SYNTHETIC)}), an existing .jsonl/.json/.csv file, "
+                                   "nor a hub dataset id (owner/name)")
         if is_file_name and Path(domain.name).is_file():
             _check_readable(Path(domain.name))
         if domain.name in DOMAINS and config.data_dir not in (None, BUILTIN_DATA):
@@ -336,14 +340,21 @@ def _grid_shape(train: list[Job]) -> str:
 def _cost_line(config: StudyConfig, jobs: list[Job]) -> str:
     """A rough cost of what is asked: GPU-hours at the full-size models' measured rates for real checkpoints,
     CPU-minutes at the demo's measured rate for tiny random-weight stand-ins (never the GPU figure for those)."""
-    tiny = [j for j in jobs if j.spec["model"]["tiny"]]
-    real = [j for j in jobs if not j.spec["model"]["tiny"]]
+    tiny = [j for j in jobs if _cpu_scale(j.spec["model"])]
+    real = [j for j in jobs if not _cpu_scale(j.spec["model"])]
     lines = []
     if real:
         lines.append(_gpu_cost(config, real))
     if tiny:
         lines.append(_tiny_cost(config, tiny))
     return "\n".join(lines)
+
+
+def _cpu_scale(model: dict) -> bool:
+    """Tiny random stand-ins and the demo's built-in 250k-parameter models: priced in CPU-minutes."""
+    from ..builtin_models import BUILTIN_PREFIX
+
+    return model["tiny"] or model["model"].startswith(BUILTIN_PREFIX)
 
 
 def _work(config: StudyConfig, jobs: list[Job]) -> tuple[int, int, list[str]]:
@@ -355,8 +366,9 @@ def _work(config: StudyConfig, jobs: list[Job]) -> tuple[int, int, list[str]]:
     return sequences, per_job_q * len(jobs), full
 
 
-# The demo preset, measured (README): 14 jobs, 1,152 training sequences of <= 256 tokens and 2,240 evaluation
-# items in about 52 s on 2 CPU cores, report included; split evenly between training and evaluation.
+# The former demo preset (tiny random models), measured: 14 jobs, 1,152 training sequences of <= 256 tokens and
+# 2,240 evaluation items in about 52 s on 2 CPU cores, report included; split evenly between training and
+# evaluation. (The built-in demo's ~20-token synthetic examples run faster: 26 jobs in 111 s CPU.)
 _DEMO_S_PER_SEQUENCE_256 = 26.0 / 1152
 _DEMO_S_PER_ITEM = 26.0 / 2240
 
@@ -366,9 +378,10 @@ def _tiny_cost(config: StudyConfig, jobs: list[Job]) -> str:
     seconds = (sequences * _DEMO_S_PER_SEQUENCE_256 * max(1.0, config.train.max_length / 256)
                + questions * _DEMO_S_PER_ITEM)
     whole = f" plus the whole split of {', '.join(full)} per job" if full else ""
-    return (f"cost ({len(jobs)} jobs on tiny random-weight models): {sequences:,} training sequences and "
+    return (f"cost ({len(jobs)} jobs on tiny or built-in demo models): {sequences:,} training sequences and "
             f"{questions:,} evaluation items{whole}; ≈ {max(seconds, 1) / 60:,.1f} CPU-minutes on 2 cores at the demo's "
-            "measured rate (52 s for its 14 jobs), no GPU needed")
+            "measured rate for sequences of up to 256 tokens (52 s for 14 tiny-model jobs; an upper bound for short "
+            "examples: the built-in demo's 26 jobs took 111 s), no GPU needed")
 
 
 def _gpu_cost(config: StudyConfig, jobs: list[Job]) -> str:
