@@ -90,3 +90,16 @@ def test_eval_prints_each_note_once_and_no_python_warning(tmp_path, capsys, prog
     assert (out + err).count("prompts kept") == 1 and "note: mmlu: prompts kept" in err
     assert not [w for w in caught if "few-shot" in str(w.message)]
     assert "fewshot_note" in (tmp_path / "e" / "mmlu.summary.json").read_text()  # the run log keeps it
+
+
+def test_loading_a_local_model_prints_no_weight_loading_bar(capfd):
+    """A study loads its model once per cell: transformers' "Loading weights" bar would print a line each time
+    between hybridlora's own progress lines. The bar is off for local folders and back on afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    from hybridlora.models import load_pretrained, resolve_model
+
+    assert hf_logging.is_progress_bar_enabled()
+    load_pretrained(resolve_model("builtin:demo-sequential"))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()

@@ -6,6 +6,8 @@ model on the ``meta`` device: exact shapes and counts, no weights, no memory.
 """
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import difflib
 import json
@@ -261,4 +263,22 @@ def load_pretrained(source: ModelSource, dtype: torch.dtype = torch.float32) -> 
     from transformers import AutoModelForCausalLM
 
     where = str(source.path) if source.path else source.name
-    return _cpu_safe(AutoModelForCausalLM.from_pretrained(where, dtype=dtype)).eval()
+    if not source.path:  # a hub download: its progress is worth showing
+        return _cpu_safe(AutoModelForCausalLM.from_pretrained(where, dtype=dtype)).eval()
+    with _no_loading_bar():  # a local folder loads in a blink; a study loads it once per cell
+        return _cpu_safe(AutoModelForCausalLM.from_pretrained(where, dtype=dtype)).eval()
+
+
+@contextlib.contextmanager
+def _no_loading_bar():
+    """transformers' "Loading weights" bar off for one local load (put back as it was): in a study or ablation
+    it would print one bar per job between hybridlora's own progress lines."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
