@@ -7,7 +7,6 @@ model on the ``meta`` device: exact shapes and counts, no weights, no memory.
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import difflib
 import json

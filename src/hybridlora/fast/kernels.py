@@ -227,8 +227,8 @@ def _route_small_heads_to_reference(kernel: Callable, reference: Callable) -> Ca
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
             return reference(query, key, value, g, beta, *args, **kwargs)
         return kernel(query, key, value, g, beta, *args, **kwargs)
-    gdn_chunk.__hybridlora_kernel__ = getattr(kernel, "__hybridlora_kernel__", "fla.chunk_gated_delta_rule")
-    gdn_chunk.__hybridlora_kernel__ += " (torch reference for trained key heads <= 64, fla #640)"
+    gdn_chunk.__hybridlora_kernel__ = (getattr(kernel, "__hybridlora_kernel__", "fla.chunk_gated_delta_rule")
+                                       + " (torch reference for trained key heads <= 64, fla #640)")
     gdn_chunk.__hybridlora_boundaries__ = True
     return gdn_chunk
 
