@@ -15,6 +15,7 @@ from hybridlora.ablation.perplexity import plan_windows, strided_nll, summarize
 from hybridlora.ablation.plans import build_plan, parse_remove, random_controls, group_conditions
 from hybridlora.components import build_component_map
 from hybridlora.families import SEQUENCE_MIXERS
+from hybridlora.study.backends.processes import worker_devices
 
 OUTPUT_ROLES = {"o", "out", "down", "shared_down", "shared_out_proj"}
 
@@ -347,7 +348,8 @@ def test_two_runner_processes_split_the_conditions_and_match_one_runner(tmp_path
     objects = {name: [{k: v for k, v in json.loads(line).items() if k != "job"}  # job ids hash the text's path
                       for line in o.out.splitlines()] for name, o in outputs.items()}
     assert objects["two"] == objects["one"] and len(objects["one"]) == 4
-    assert "2 runners: CPU, CPU" in outputs["two"].err
+    labels = ", ".join(f"GPU {d}" if d is not None else "CPU" for d in worker_devices(2))  # CPU, CPU without a GPU
+    assert f"2 runners: {labels}" in outputs["two"].err
     db = sqlite3.connect(tmp_path / "two" / "abl" / "study.db")
     rows = db.execute("SELECT status, attempts, owner FROM jobs").fetchall()
     assert [(s, a) for s, a, _ in rows] == [("complete", 1)] * 4
@@ -458,7 +460,7 @@ def test_adapter_is_merged_so_units_keep_the_base_names(tmp_path):
     names = [n for n, _ in base.named_modules() if n.endswith(("self_attn.q_proj", "linear_attn.out_proj"))]
     peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=names, init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
-    ids = _ids(256)
+    ids = _ids(256).to(next(base.parameters()).device)  # load_base puts the model on the GPU where there is one
     expected = _logits(peft_model, ids)
     jobs._MODEL_CACHE.clear()
     loaded = jobs.base_model({"model": model_spec, "adapter": str(tmp_path / "adapter")})
