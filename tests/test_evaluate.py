@@ -228,18 +228,23 @@ def test_stop_window_sees_every_stop_string_when_it_completes(tokenizer, data_di
     assert checked >= 12
 
 
-def test_stop_check_decodes_a_bounded_tail(lm, monkeypatch):
-    """Per step the stop check decodes at most stop_window tokens per row, however long the generation."""
+@pytest.mark.parametrize("decode, method", [("hf", "batch_decode"), ("static", "decode")])
+def test_stop_check_decodes_a_bounded_tail(lm, monkeypatch, decode, method):
+    """Per step the stop check decodes at most stop_window tokens per row, however long the generation — in
+    transformers' stopping criterion (batch_decode of every row) and in the static loop's (decode of one row)."""
     seen = []
-    real = type(lm.tokenizer).batch_decode
+    real = getattr(type(lm.tokenizer), method)
 
-    def spy(self, sequences, *args, **kwargs):
-        seen.append(max(len(s) for s in sequences))
-        return real(self, sequences, *args, **kwargs)
+    def spy(self, *args, **kwargs):
+        sequences = args[0] if args else kwargs.get("sequences", kwargs.get("token_ids"))
+        rows = sequences if method == "batch_decode" else [sequences]
+        seen.append(max(len(s) for s in rows))
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(lm.tokenizer), "batch_decode", spy)
+    monkeypatch.setattr(lm, "decode", decode)
+    monkeypatch.setattr(type(lm.tokenizer), method, spy)
     lm.generate_until(["x", "y"], stop=["never-generated-stop"], max_new_tokens=60)
-    checks = seen[:-1]  # the last call decodes the finished completions
+    checks = seen[:-1] if method == "batch_decode" else seen  # batch_decode's last call: the finished completions
     assert len(checks) >= 59 and max(checks) == stop_window(["never-generated-stop"]) < 60
 
 

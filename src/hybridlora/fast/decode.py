@@ -97,6 +97,15 @@ class GreedyResult:
     culprits: list[str] = field(default_factory=list)  # after a failed capture: where host values reach the step
 
 
+def cache_argument(model: Any) -> str:
+    """The forward's name for the cache: ``cache`` from transformers 5.24 (``past_key_values`` still works there but
+    warns that it will go), ``past_key_values`` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT's forward takes **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 class _Batch:
     """The fixed buffers and the one step function of a batch; the step reads and writes only these."""
 
@@ -123,6 +132,7 @@ class _Batch:
         self.column = torch.zeros(1, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.eos = torch.tensor(list(eos), dtype=torch.long, device=device)
+        self.cache_arg = {cache_argument(model): self.cache}
 
     def _pick(self, logits: torch.Tensor) -> None:
         """Greedy token, padding for ended rows, end flag, output column: all on the device."""
@@ -136,13 +146,13 @@ class _Batch:
 
     def prefill(self) -> None:
         logits = self.model(input_ids=self.prompt_ids, attention_mask=self.prompt_mask,
-                            position_ids=self.prompt_positions, past_key_values=self.cache, use_cache=True,
+                            position_ids=self.prompt_positions, use_cache=True, **self.cache_arg,
                             logits_to_keep=1).logits
         self._pick(logits)
 
     def step(self) -> None:
         logits = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.position,
-                            past_key_values=self.cache, use_cache=True).logits
+                            use_cache=True, **self.cache_arg).logits
         self._pick(logits)
         self.position += 1
 
