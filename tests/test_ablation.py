@@ -466,10 +466,13 @@ def test_adapter_is_merged_so_units_keep_the_base_names(tmp_path):
     loaded = jobs.base_model({"model": model_spec, "adapter": str(tmp_path / "adapter")})
     model, mu = loaded.model, loaded.units
     jobs._MODEL_CACHE.clear()
-    assert torch.allclose(_logits(model, ids), expected, atol=1e-4)
+    merge_error = (_logits(model, ids) - expected).abs().max().item()
+    # fp32 throughout; on CUDA fla's Triton kernels multiply in TF32 (measured on an H200: 2e-4 apart)
+    assert merge_error < (1e-4 if ids.device.type == "cpu" else 2e-3)
     assert mu.by_key()["softmax_attention@3"].modules == ("model.layers.3.self_attn",)
     with Ablation(model, mu.of("softmax_attention"), "skip", mu.layers_path):
-        assert not torch.allclose(_logits(model, ids), expected, atol=1e-4)
+        ablation_effect = (_logits(model, ids) - expected).abs().max().item()
+    assert ablation_effect > 10 * max(merge_error, 1e-5)  # the removal is seen through the merged model
 
 
 def test_kimi_linear_units_hook_self_attn_as_either_mixer():

@@ -240,6 +240,13 @@ def configure(requested: int | None = None) -> ThreadChoice:
     return apply(choice)
 
 
+def spare_cores() -> int:
+    """How many single-threaded runner processes this process could start without oversubscribing: its automatic
+    share of the usable cores (as for its own threads: other hybridlora processes and other load count), at least
+    one. Meant for work whose tiny tensors leave a multi-threaded process mostly single-core."""
+    return _automatic(usable_cores()).threads
+
+
 def explicit_threads() -> int | None:
     """The thread count the user fixed for this process (option or variable), to hand to the processes it starts;
     None when the choice is automatic (each of them then makes its own)."""

@@ -18,6 +18,12 @@ SPEC_VERSION = 1
 DEFAULT_BENCHMARKS = "mmlu,arc_challenge,hellaswag,gsm8k,humaneval"
 TINY_NEW_TOKENS = 32
 TRIALS = 5  # the reference's perplexity controls (5 trials; 3 for its benchmarks)
+# --tiny on a CPU-only machine: one runner process per spare core once a run has this many removals. A tiny model's
+# small tensors keep one process on about one core, and a runner's start (imports, model, texts) costs ~10 s of
+# wall time (measured on 2 cores, --plan all --limit 8: Qwen3.5's 37 removals 56.6 s with one runner, 42.0 s with
+# two; Falcon-H1's 17 cheaper removals 21.7 s with one, 27.0 s with two).
+TINY_RUNNERS_FROM = 24
+TINY_RUNNERS_MAX = 4
 
 
 def register(subparsers) -> None:
@@ -60,7 +66,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--decode", choices=["auto", "static", "hf"], default="auto",
-                   help="greedy decoding path (auto: static cache + CUDA graph on CUDA)")
+                   help="greedy decoding path (auto: the static-cache loop where it reproduces transformers' generate, its step a CUDA graph on CUDA; hf: transformers' generate)")
     p.add_argument("--confirm-run-unsafe-code", action="store_true", help="run HumanEval code in the sandbox")
     p.add_argument("--study", metavar="DIR", help="a placement study of the same model: rank-correlate component "
                                                   "importance with the benefit of adapting it")
@@ -229,6 +235,25 @@ def condition_object(condition: dict, metrics: dict[str, dict]) -> dict[str, Any
             "plan": c["plan"], "detail": c["detail"], "job": c["job"], "metrics": out}
 
 
+def _tiny_cpu_runners(args, backend, removals: int):
+    """--tiny without a GPU and without a choice of runners or threads: spread a long run over the spare cores."""
+    import dataclasses
+
+    import torch
+
+    from .. import threads
+
+    if (backend is None or backend.name != "local" or backend.workers_per_gpu is not None or not args.tiny
+            or removals < TINY_RUNNERS_FROM or torch.cuda.is_available() or threads.explicit_threads()):
+        return backend
+    runners = min(TINY_RUNNERS_MAX, threads.spare_cores(), removals // (TINY_RUNNERS_FROM // 2))  # ≥ 12 removals each
+    if runners < 2:
+        return backend
+    print(f"note: --tiny on CPU: {runners} runner processes of one thread each share the {removals} removals "
+          f"(--workers-per-gpu 1 keeps one)", file=sys.stderr)
+    return dataclasses.replace(backend, workers_per_gpu=runners)
+
+
 def cmd_ablate(args) -> int:
     from ..errors import CliError
     from ..evaluate.data import BenchmarkError
@@ -243,6 +268,7 @@ def cmd_ablate(args) -> int:
         if backend is not None:
             check_backend(backend)  # Ray missing or the cluster unreachable: say so before any work
         output, jobs, mu, conditions = build_jobs(args)
+        backend = _tiny_cpu_runners(args, backend, len(jobs))
     except (AblationError, BenchmarkError, StoreError, BackendError) as exc:
         raise CliError(str(exc)) from None
     if args.dry_run:
