@@ -157,7 +157,8 @@ def test_subsets_are_fixed_and_limits_are_prefixes(data_dir):
     assert len(full) == 256 and [i["example_id"] for i in full] == [i["example_id"] for i in again]
     assert short == full[:5]
     sizes = {name: len(load_items(name, data_dir)[0]) for name in BENCHMARKS}
-    synthetic = {name: 256 for name in ("syn_recall", "syn_copy", "syn_arith", "syn_recall_inverse", "syn_reverse")}
+    synthetic = {name: 256 for name in ("syn_recall", "syn_copy", "syn_arith", "syn_count", "syn_first", "syn_recall_inverse",
+                                        "syn_reverse")}
     assert sizes == {"mmlu": 512, "arc_challenge": 299, "hellaswag": 512, "gsm8k": 256, "humaneval": 164, **synthetic}
 
 

@@ -382,7 +382,7 @@ def test_two_node_cluster_runs_the_demo_on_a_node_that_cannot_see_the_study(tmp_
         c.add_node(cpus=2, gpus=1, cwd=node_cwd, hide=tmp_path if hide else None)
         # The demo preset, trimmed to one model's base job and one fine-tune, to keep the test's time down.
         rc, out, err = Driver(tmp_path, "demo", "--output", str(tmp_path / "study"), "--only",
-                              "model=demo-sequential,placement=attention_only,domain=syn_reverse,seed=3407",
+                              "model=demo-sequential,placement=attention_only,domain=syn_first,seed=3407",
                               "--backend", "ray", "--address", c.address).finish()
     finally:
         c.stop()

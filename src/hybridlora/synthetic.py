@@ -13,11 +13,16 @@ Tasks (why each is in the set: docs/LAB.md):
 * ``syn_recall`` — associative recall (MAD in-context recall): pairs ``a7 c2 k9``, then a key; answer its value.
 * ``syn_copy`` — copying (MAD selective copying without the blanks): repeat a short letter string.
 * ``syn_arith`` — a small arithmetic language: ``a+b`` or ``a-b`` on single digits (never negative).
+* ``syn_count`` — the length of a letter string (2-4): a question about the span copying reads, answered by
+  counting its positions.
+* ``syn_first`` — the first letter of a letter string: copying one position of the span.
 * ``syn_recall_inverse`` — a new recall variant: the pairs, then a *value*; answer its key (lookup the other way).
 * ``syn_reverse`` — a copying variant: the letter string backwards.
 
-The first three are the pretraining mixture (the demo's "general ability" benchmarks); the last two are the
-fine-tuning domains (each close to one pretraining task, so training on it can both help and interfere).
+The first three are the pretraining mixture (the demo's "general ability" benchmarks); the others are fine-tuning
+domains, each close to one pretraining task so that training on it can both help and interfere. The demo trains on
+``syn_count`` and ``syn_first``, which its ~250k-parameter models learn in 48 LoRA steps; inverse recall and
+reversing are harder domains they barely learn (docs/LAB.md has the measurements).
 
 Standard library only: the data registry, the benchmarks, the lab and the tests all import this module.
 """
@@ -80,6 +85,16 @@ def reverse(rng: random.Random) -> tuple[str, str]:
     return f"reverse {word}", word[::-1]
 
 
+def count(rng: random.Random) -> tuple[str, str]:
+    word = _word(rng)
+    return f"count {word}", str(len(word))
+
+
+def first(rng: random.Random) -> tuple[str, str]:
+    word = _word(rng)
+    return f"first {word}", word[0]
+
+
 def arith(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     if rng.random() < 0.5:
@@ -98,6 +113,12 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("syn_arith", arith, 1 / 19, "pretraining",
          "a small arithmetic language: facts stored in the weights (MLP memorisation), not in the context; "
          "answers 0-18 (chance 1/19)"),
+    Task("syn_count", count, 1 / 3, "domain",
+         "counting the letters of a span (2-4): reads the positions copying reads, but the answer is their number, "
+         "which a recurrent state can accumulate; chance 1/3"),
+    Task("syn_first", first, 1 / 26, "domain",
+         "copying one position (the first letter) of a span: a small change to the copying circuit, so training "
+         "on it can overwrite whole-span copying (forgetting); chance 1/26"),
     Task("syn_recall_inverse", recall_inverse, 1 / 3, "domain",
          "a new recall variant (look a key up by its value): reuses the recall circuit the other way round, so "
          "training on it can transfer to or interfere with syn_recall; chance: a guess among the 3-5 keys shown "

@@ -26,12 +26,13 @@ from typing import Any, Iterable, Sequence
 from tqdm.auto import tqdm
 
 from . import arc, gsm8k, hellaswag, humaneval, mmlu
-from . import syn_arith, syn_copy, syn_recall, syn_recall_inverse, syn_reverse
+from . import syn_arith, syn_copy, syn_count, syn_first, syn_recall, syn_recall_inverse, syn_reverse
 from .data import DATA_ENV, SUBSET_SEED, BenchmarkError, fit_prompt, letters, seeded_subset
 from .lm import CausalLM
 
 BENCHMARKS: dict[str, ModuleType] = {m.NAME: m for m in (mmlu, arc, hellaswag, gsm8k, humaneval, syn_recall, syn_copy,
-                                                          syn_arith, syn_recall_inverse, syn_reverse)}
+                                                          syn_arith, syn_count, syn_first, syn_recall_inverse,
+                                                          syn_reverse)}
 NOT_RUN = "not run"
 
 

@@ -1,5 +1,5 @@
-"""What the synthetic benchmarks share (``syn_recall``, ``syn_copy``, ``syn_arith``, ``syn_recall_inverse``,
-``syn_reverse``; one module each, tasks in :mod:`hybridlora.synthetic`).
+"""What the synthetic benchmarks share (``syn_recall``, ``syn_copy``, ``syn_arith``, ``syn_count``, ``syn_first``,
+``syn_recall_inverse``, ``syn_reverse``; one module each, tasks in :mod:`hybridlora.synthetic`).
 
 Protocol: zero-shot; a fixed pool of 512 test items generated from the task's *test* stream (seed 0, never the
 training stream), the study's seeded subset of it; the prompt is the task's plain-template rendering (the format
