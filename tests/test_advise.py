@@ -291,6 +291,17 @@ def test_validate_end_to_end_on_a_tiny_finished_study(tmp_path):
     paths = write_track_record(record, tmp_path / "study")
     assert "verdict: the advisor (grad signal)" in Path(paths["markdown"]).read_text()
     assert json.loads(Path(paths["json"]).read_text())["summary"]["verdict"] == record["summary"]["verdict"]
+    # the study's report carries the record as its own section (and has none without it)
+    from hybridlora.study.runner import build_study_report
+
+    build_study_report(tmp_path / "study")
+    report = (tmp_path / "study" / "report" / "report.md").read_text()
+    assert "## Advisor track record" in report and record["summary"]["verdict"] in report
+    table = (tmp_path / "study" / "report" / "tables" / "advisor_track_record.csv").read_text().splitlines()
+    assert len(table) == 1 + 3  # header + grad, probe_loss and the attention-only baseline for the one group
+    Path(paths["json"]).unlink()
+    build_study_report(tmp_path / "study")
+    assert "Advisor track record" not in (tmp_path / "study" / "report" / "report.md").read_text()
 
 
 def test_a_preset_cannot_match_the_budget_of_an_advisor_entry(tmp_path):

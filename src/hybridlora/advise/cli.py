@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from .allocate import UNITS
 from .propose import DEFAULT_EXAMPLES, DEFAULT_MAX_LENGTH
@@ -159,6 +160,16 @@ def _layers_text(layers: list[int]) -> str:
     return ",".join(spans)
 
 
+def _rebuild_study_report(study_dir) -> Path | None:
+    """The study's report again, now with its "Advisor track record" section (only where a report exists: a study
+    built with --no-report stays without one)."""
+    from ..study.runner import build_study_report
+
+    if not (Path(study_dir) / "report").is_dir():
+        return None
+    return build_study_report(Path(study_dir))
+
+
 def _validate(args) -> int:
     from ..errors import CliError
     from .validate import track_record, write_track_record
@@ -173,12 +184,14 @@ def _validate(args) -> int:
     record = track_record(args.validate, signals=wanted, examples=args.examples, seed=args.seed,
                           max_length=args.max_length, chosen=args.signal)
     paths = write_track_record(record, args.validate)
+    report = _rebuild_study_report(args.validate)
     if args.format == "json":
-        print(json.dumps({**record, "written": paths}, indent=2))
+        print(json.dumps({**record, "written": paths, "report": str(report) if report else None}, indent=2))
     else:
         from .validate import track_record_text
 
         print(track_record_text(record))
-        print(f"written: {paths['json']}, {paths['markdown']}")
+        print(f"written: {paths['json']}, {paths['markdown']}" + (f"; report (with the track record): {report}"
+                                                                   if report else ""))
     sys.stdout.flush()
     return 0

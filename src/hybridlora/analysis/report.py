@@ -38,6 +38,7 @@ from .metrics import NOT_SCORED, RECIPE_FRACTION, StudyTables, compute_tables
 from ..atomic import replace_dir
 from .results import StudyResults
 from .sections import ReportSection
+from .advisor import advisor_section
 from .topology import topology_section
 
 __all__ = ["ReportError", "build_report", "DEFINITIONS", "TABLE_COLUMNS", "tex_escape"]
@@ -622,7 +623,7 @@ def _html(results: StudyResults, t: StudyTables, figs: FigureSet, tables: List[_
 
 # --------------------------------------------------------------------------- build
 
-SECTION_BUILDERS: List[Callable[..., Optional[ReportSection]]] = [topology_section]
+SECTION_BUILDERS: List[Callable[..., Optional[ReportSection]]] = [topology_section, advisor_section]
 """Optional sections (see :mod:`.sections`): each ``(results, *, resamples, seed) -> ReportSection | None``."""
 
 

@@ -9,7 +9,7 @@ from imported per-instance results (:func:`from_result_set`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..synthetic import TASKS as SYNTHETIC_TASKS
 from .contract import InstanceRecord, RunInfo, RunKey
@@ -53,6 +53,9 @@ class StudyResults:
       kind of hybrid each model is, for the topology-effect section (:mod:`.topology`); empty =
       no such section.
     * ``metadata`` — free-form facts (config, versions, dates) shown in the report appendix.
+    * ``advisor_track_record`` — the record ``hybridlora advise --validate`` wrote for this study
+      (``<study>/advisor/track_record.json``), shown as the "Advisor track record" section
+      (:mod:`.advisor`); ``None`` = none.
     """
 
     records: List[InstanceRecord]
@@ -66,6 +69,7 @@ class StudyResults:
     params_by_component: Dict[Tuple[str, str], Dict[str, int]] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
     model_tags: Dict[str, Dict[str, str]] = field(default_factory=dict)
+    advisor_track_record: Optional[dict] = None
 
 
 def from_result_set(result_set, **fields) -> StudyResults:

@@ -94,6 +94,17 @@ def load_study_results(study_dir: str | Path):
     return StudyResults(
         records=records, runs=runs, title=title,
         notes=notes, full_placement=full, curves=curves, norms=norms, params_by_component=by_component, model_tags=tags,
+        advisor_track_record=_advisor_track_record(study_dir),
         metadata={"config": config, "versions": _versions(), "jobs": len(jobs), "complete": len(jobs) - len(incomplete),
                   "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     )
+
+
+def _advisor_track_record(study_dir) -> dict | None:
+    """The record ``hybridlora advise --validate`` left in the study (None if absent or unreadable: the report is
+    then built without that section, and says nothing it cannot back)."""
+    path = Path(study_dir) / "advisor" / "track_record.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
