@@ -66,7 +66,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--decode", choices=["auto", "static", "hf"], default="auto",
-                   help="greedy decoding path (auto: the static-cache loop where it reproduces transformers' generate, its step a CUDA graph on CUDA; hf: transformers' generate)")
+                   help="greedy decoding path (auto: the static-cache loop where it reproduces transformers' "
+                        "generate, its step a CUDA graph on CUDA; hf: transformers' generate)")
     p.add_argument("--confirm-run-unsafe-code", action="store_true", help="run HumanEval code in the sandbox")
     p.add_argument("--study", metavar="DIR", help="a placement study of the same model: rank-correlate component "
                                                   "importance with the benefit of adapting it")
