@@ -69,6 +69,42 @@ def test_packed_attention_per_example_with_empty_segments():
         attention.packed_attention_forward(None, q, k, v, None)
 
 
+def test_autocast_dtype_names_what_autocast_gives_attention():
+    assert attention.autocast_dtype("cpu") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention.autocast_dtype("cpu") == torch.bfloat16
+    q = torch.randn(9, 4, 8)  # off CUDA nothing is cast, autocast or not (the reference takes mixed dtypes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(t is u for t, u in zip(attention._as_autocast(q, q, q), (q, q, q)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or attention._varlen_kernel() is None,
+                    reason="needs CUDA and torch's varlen flash kernel")
+def test_float32_queries_under_cuda_autocast_take_the_flash_kernel(monkeypatch):
+    """A lab model with float32 master weights gives attention a float32 query and key (its norms compute in float32)
+    beside a bf16 value: under autocast they must reach the flash kernel, not the per-example host loop."""
+    torch.manual_seed(1)
+    q = torch.randn(1, 4, 9, 16, device="cuda")
+    k = torch.randn(1, 2, 9, 16, device="cuda")
+    v = torch.randn(1, 2, 9, 16, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device="cuda")
+
+    def host_loop(*args):
+        raise AssertionError("per-example host loop used under CUDA autocast")
+
+    monkeypatch.setattr(attention, "_causal_per_segment", host_loop)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, _ = attention.packed_attention_forward(None, q, k, v, None, scaling=0.25, cu_seq_lens_q=cu,
+                                                    max_length_q=5)
+    assert out.dtype == torch.bfloat16
+    for a, b in ((0, 4), (4, 9)):  # SDPA under autocast is the reference: it casts to bf16 the same way
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, a:b], k[:, :, a:b].repeat_interleave(2, 1), v[:, :, a:b].repeat_interleave(2, 1),
+                is_causal=True, scale=0.25)
+        torch.testing.assert_close(out[0, a:b].float(), ref[0].transpose(0, 1).float(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_packed_row_equals_separate_rows_with_bound_functions(model_type, monkeypatch):
     model = build_model(tiny_config_for(model_type), seed=0)

@@ -8,8 +8,9 @@ forwards to every layer:
 
 * on CUDA it calls PyTorch's flash-attention varlen kernel (``torch.nn.attention.varlen``), causal, with
   grouped key/value heads as they are;
-* elsewhere (CPU, or float32 rows: the flash kernel takes half precision only) it runs causal SDPA on each
-  example separately — the exact reference.
+* elsewhere (CPU, or float32 rows outside autocast: the flash kernel takes half precision only) it runs causal
+  SDPA on each example separately — the exact reference. Under CUDA autocast the inputs are first cast to the
+  autocast dtype, as SDPA would cast them, so float32 queries from float32 norms still reach the flash kernel.
 
 The implementation name is only in force inside :func:`packed_attention` (a context manager), because it
 ignores ``attention_mask``: right-padded batches must keep using SDPA with their mask. Zero-length segments
@@ -66,6 +67,23 @@ def _causal_per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: t
     return out
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast gives attention on ``device_type`` right now, None when autocast is off there."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _as_autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """On CUDA under autocast, the inputs in the autocast dtype — what SDPA does with them there (it is on
+    autocast's lower-precision list). Why: a model trained with float32 master weights (the lab's full-parameter
+    pretraining) hands attention a float32 query and key (its q/k norms compute in float32) beside a bf16 value;
+    left as they are, the flash kernel (half precision only) is skipped for the per-example host loop, which is
+    slow and cannot be captured in a CUDA graph."""
+    dtype = autocast_dtype("cuda") if q.is_cuda else None
+    if dtype is None:
+        return q, k, v
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
+
+
 def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask: torch.Tensor | None, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -80,6 +98,7 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if dropout:
         raise RuntimeError(f"{PACKED!r} has no attention dropout")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    q, k, v = _as_autocast(q, k, v)
     cu = cu.to(device=q.device, dtype=torch.int32)
     if q.is_cuda and _varlen_kernel() is not None and q.dtype in (torch.bfloat16, torch.float16):
         max_len = kwargs.get("max_length_q") or q.shape[0]
