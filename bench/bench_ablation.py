@@ -152,20 +152,31 @@ def mc_seconds(model, args, questions: int | None = None) -> float:
 
 
 def decode(model, args, batch: int, new: int, *, check: bool = True):
+    """Greedy decoding of ``batch`` random prompts: the marginal seconds per decode step and the fixed seconds of a
+    call (prefill, static cache, graph capture), from two timed calls of ``new // 4`` and ``new`` steps — one call
+    divided by its steps would charge the prefill and the capture to every step."""
     from hybridlora.fast.decode import greedy_generate
 
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(1, model.config.vocab_size, (batch, args.gen_len), generator=g).to(args.device)
     mask = torch.ones_like(ids)
     graphs = args.device == "cuda"
-    with torch.inference_mode():
-        greedy_generate(model, ids[:, :8], mask[:, :8], max_new_tokens=4, pad_token_id=0, graphs=graphs)
+
+    def timed(steps: int):
         sync(args.device)
         t = time.perf_counter()
-        result = greedy_generate(model, ids, mask, max_new_tokens=new, pad_token_id=0, graphs=graphs)
+        result = greedy_generate(model, ids, mask, max_new_tokens=steps, pad_token_id=0, graphs=graphs)
         sync(args.device)
-        wall = time.perf_counter() - t
-        out = {"s_per_step": wall / new, "path": result.graph, "tokens": result.tokens.cpu()}
+        return time.perf_counter() - t, result
+
+    with torch.inference_mode():
+        greedy_generate(model, ids[:, :8], mask[:, :8], max_new_tokens=4, pad_token_id=0, graphs=graphs)
+        short = max(2, new // 4)
+        t_short, _ = timed(short)
+        wall, result = timed(new)
+        step = max(0.0, (wall - t_short) / (new - short))
+        out = {"s_per_step": step, "fixed_s": max(0.0, wall - new * step), "s_per_step_whole_call": wall / new,
+               "path": result.graph, "tokens": result.tokens.cpu()}
         if check:
             eager = greedy_generate(model, ids, mask, max_new_tokens=new, pad_token_id=0, graphs=False).tokens
             out["graph_equals_eager"] = bool(torch.equal(result.tokens.cpu(), eager.cpu()))
@@ -178,10 +189,10 @@ def rates(model, args, label: str, note) -> dict:
     out["mc_s_per_question"] = mc_seconds(model, args)
     note(f"{label}: multiple choice {out['mc_s_per_question'] * 1e3:.2f} ms/question (batch {args.mc_batch})")
     gen = decode(model, args, args.gen_batch, args.gen_new)
-    out.update(gen_s_per_step=gen["s_per_step"], decode_path=gen["path"], graph_equals_eager=gen["graph_equals_eager"],
-               _tokens=gen["tokens"])
-    note(f"{label}: decode {gen['s_per_step'] * 1e3:.2f} ms/step (batch {args.gen_batch}, {gen['path']}, "
-         f"equal to eager: {gen['graph_equals_eager']})")
+    out.update(gen_s_per_step=gen["s_per_step"], gen_fixed_s=gen["fixed_s"], decode_path=gen["path"],
+               graph_equals_eager=gen["graph_equals_eager"], _tokens=gen["tokens"])
+    note(f"{label}: decode {gen['s_per_step'] * 1e3:.2f} ms/step + {gen['fixed_s']:.2f} s per call (prefill, "
+         f"capture; batch {args.gen_batch}, {gen['path']}, equal to eager: {gen['graph_equals_eager']})")
     return out
 
 
@@ -195,7 +206,9 @@ def measure(model, mu, args, entry: dict, note) -> None:
                                                                     out["ablated"].pop("_tokens"))
         small = decode(model, args, args.small_gen_batch, args.gen_new, check=False)
         out["ablated"]["gen_s_per_step_small_batch"] = small["s_per_step"]
-        note(f"ablated: decode {small['s_per_step'] * 1e3:.2f} ms/step at batch {args.small_gen_batch}")
+        out["ablated"]["gen_fixed_s_small_batch"] = small["fixed_s"]
+        note(f"ablated: decode {small['s_per_step'] * 1e3:.2f} ms/step + {small['fixed_s']:.2f} s per call at batch "
+             f"{args.small_gen_batch}")
         out["ablated"]["ppl_tokens_per_s_large_batch"] = ppl_rate(model, args, args.ppl_batch_large)
         note(f"ablated: perplexity {out['ablated']['ppl_tokens_per_s_large_batch'] / 1e3:.1f}k tokens/s at batch "
              f"{args.ppl_batch_large}")
@@ -209,10 +222,10 @@ def measure(model, mu, args, entry: dict, note) -> None:
     note(f"mean ablation: decode {small['path']}, equal to eager: {small['graph_equals_eager']}")
 
 
-def generation_s(step_s: float, batch: int) -> float:
-    """Seconds of one condition's generation: each benchmark's prompts in batches of ``batch``, decoded to the
-    budget (every batch runs its benchmark's whole budget: random weights never stop)."""
-    return sum(-(-questions // batch) * new * step_s for questions, new in STUDY_GEN.values())
+def generation_s(step_s: float, batch: int, fixed_s: float = 0.0) -> float:
+    """Seconds of one condition's generation: each benchmark's prompts in batches of ``batch``, each batch one call
+    (``fixed_s``: prefill, cache, capture) decoded to the budget (random weights never stop)."""
+    return sum(-(-questions // batch) * (fixed_s + new * step_s) for questions, new in STUDY_GEN.values())
 
 
 def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -> dict:
@@ -220,7 +233,7 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
     ppl = args.ppl_tokens / r["ppl_tokens_per_s"]
     mc = STUDY_MC * r["mc_s_per_question"]
     # decode steps cost about the same at batch 164-256 on the GPU (memory-bound): one batch per benchmark
-    gen = generation_s(r["gen_s_per_step"], args.gen_batch)
+    gen = generation_s(r["gen_s_per_step"], args.gen_batch, r.get("gen_fixed_s", 0.0))
     per = ppl + mc + gen
     n_removals = len({c.removal for c in conditions}) + 1  # + intact
     # Lighter split: perplexity for every removal, benchmarks only for groups, progressive and the intact model
@@ -232,7 +245,8 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
            "perplexity_everywhere_benchmarks_on_groups_progressive_min": light, "benchmarked_removals": benched,
            "target_min": 20, "target_met": total <= 20, "decoded_to_budget": True}
     if "gen_s_per_step_small_batch" in r:
-        out["generation_s_in_batches_of_small"] = generation_s(r["gen_s_per_step_small_batch"], args.small_gen_batch)
+        out["generation_s_in_batches_of_small"] = generation_s(r["gen_s_per_step_small_batch"], args.small_gen_batch,
+                                                               r.get("gen_fixed_s_small_batch", 0.0))
     if "ppl_tokens_per_s_large_batch" in r:
         out["perplexity_s_at_large_batch"] = args.ppl_tokens / r["ppl_tokens_per_s_large_batch"]
     return out
