@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,17 +16,10 @@ from . import __version__, threads
 
 from .errors import EXIT_FAILED_CHECK, EXIT_USAGE, CliError  # noqa: F401  (re-exported for callers)
 from .errors import check_output_folder
+from .quiet import quiet_libraries
 
 
 # --- shared steps -----------------------------------------------------------------------------------
-def _quiet_libraries() -> None:
-    # transformers' own fallback-kernel notices go to the log; hybridlora reports kernels itself.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 def _source_and_map(spec: str):
     from .components import build_component_map
     from .models import build_meta_model, resolve_model
@@ -320,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     from .placement import PlacementError
 
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         _configure_threads(args)
         return args.func(args)

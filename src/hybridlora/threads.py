@@ -37,7 +37,9 @@ class ThreadChoice:
             busy = f", other load {self.other_load:.1f}" if self.other_load >= 0.5 else ""
             return (f"threads: {self.threads} ({self.cores} usable cores shared by {self.processes} hybridlora "
                     f"process{'es' if self.processes != 1 else ''}{busy}; --threads N or ${THREADS_ENV} overrides)")
-        return f"threads: {self.threads} (from {self.source}; {self.cores} usable cores)"
+        if self.source.startswith(("--", "$")):
+            return f"threads: {self.threads} (from {self.source}; {self.cores} usable cores)"
+        return f"threads: {self.threads} ({self.source}; {self.cores} usable cores)"
 
 
 def threads_for(cores: int, processes: int, other_load: float = 0.0) -> int:
@@ -238,6 +240,16 @@ def configure(requested: int | None = None) -> ThreadChoice:
     choice = choose(requested)
     _explicit = choice.source != "auto"
     return apply(choice)
+
+
+def pin(threads: int, reason: str) -> ThreadChoice:
+    """Fix this process's threads for the rest of its work (no re-balancing between jobs), as an explicit choice
+    would, and hand the same number to the processes it starts. Why: a float sum split over another number of
+    threads rounds differently, so results that must not depend on the machine's load need a fixed count."""
+    global _explicit
+    register_process()
+    _explicit = True
+    return apply(ThreadChoice(threads, usable_cores(), 1, reason))
 
 
 def spare_cores() -> int:

@@ -18,12 +18,6 @@ SPEC_VERSION = 1
 DEFAULT_BENCHMARKS = "mmlu,arc_challenge,hellaswag,gsm8k,humaneval"
 TINY_NEW_TOKENS = 32
 TRIALS = 5  # the reference's perplexity controls (5 trials; 3 for its benchmarks)
-# --tiny on a CPU-only machine: one runner process per spare core once a run has this many removals. A tiny model's
-# small tensors keep one process on about one core, and a runner's start (imports, model, texts) costs ~10 s of
-# wall time (measured on 2 cores, --plan all --limit 8: Qwen3.5's 37 removals 56.6 s with one runner, 42.0 s with
-# two; Falcon-H1's 17 cheaper removals 21.7 s with one, 27.0 s with two).
-TINY_RUNNERS_FROM = 24
-TINY_RUNNERS_MAX = 4
 
 
 def register(subparsers) -> None:
@@ -236,25 +230,6 @@ def condition_object(condition: dict, metrics: dict[str, dict]) -> dict[str, Any
             "plan": c["plan"], "detail": c["detail"], "job": c["job"], "metrics": out}
 
 
-def _tiny_cpu_runners(args, backend, removals: int):
-    """--tiny without a GPU and without a choice of runners or threads: spread a long run over the spare cores."""
-    import dataclasses
-
-    import torch
-
-    from .. import threads
-
-    if (backend is None or backend.name != "local" or backend.workers_per_gpu is not None or not args.tiny
-            or removals < TINY_RUNNERS_FROM or torch.cuda.is_available() or threads.explicit_threads()):
-        return backend
-    runners = min(TINY_RUNNERS_MAX, threads.spare_cores(), removals // (TINY_RUNNERS_FROM // 2))  # ≥ 12 removals each
-    if runners < 2:
-        return backend
-    print(f"note: --tiny on CPU: {runners} runner processes of one thread each share the {removals} removals "
-          f"(--workers-per-gpu 1 keeps one)", file=sys.stderr)
-    return dataclasses.replace(backend, workers_per_gpu=runners)
-
-
 def cmd_ablate(args) -> int:
     from ..errors import CliError
     from ..evaluate.data import BenchmarkError
@@ -262,14 +237,15 @@ def cmd_ablate(args) -> int:
     from ..study.store import Store, StoreError
     from .methods import AblationError
 
-    from ..study.backends import BackendError, backend_from_args, check_backend
+    from ..study.backends import BackendError, backend_from_args, check_backend, jobs_left, small_cpu_runners
 
     try:
         backend = None if args.dry_run else backend_from_args(args, None)
         if backend is not None:
             check_backend(backend)  # Ray missing or the cluster unreachable: say so before any work
         output, jobs, mu, conditions = build_jobs(args)
-        backend = _tiny_cpu_runners(args, backend, len(jobs))
+        backend = small_cpu_runners(backend, jobs_left(output, [j.id for j in jobs]), small=args.tiny,
+                                    what="removals")
     except (AblationError, BenchmarkError, StoreError, BackendError) as exc:
         raise CliError(str(exc)) from None
     if args.dry_run:

@@ -64,6 +64,19 @@ def _config(args):
     return config
 
 
+def _small_model_runners(args, config, backend):
+    """Both cores for a study of small models (tiny configs, the demo's lab models) on a machine without a GPU."""
+    from .backends import jobs_left, small_cpu_runners
+    from .grid import expand_grid, filter_jobs, parse_only
+
+    small = all(m.tiny or m.model.startswith("builtin:") for m in config.models)
+    if not small:
+        return backend
+    ids = [j.id for j in filter_jobs(expand_grid(config), parse_only(args.only))]
+    return small_cpu_runners(backend, jobs_left(config.output_dir(), ids), small=True, what="cells",
+                             say=not args.quiet)
+
+
 def cmd_study(args) -> int:
     from ..errors import CliError
     from ..analysis.report import ReportError
@@ -82,6 +95,7 @@ def cmd_study(args) -> int:
             return 0
         backend = backend_from_args(args, config.backend)
         check_backend(backend)  # Ray missing or the cluster unreachable: say so before any work
+        backend = _small_model_runners(args, config, backend)
         notice = None if args.quiet else (lambda: _start_notices(args, config))
         try:
             run = run_study(config, only=args.only, progress=not args.quiet, report=not args.no_report,

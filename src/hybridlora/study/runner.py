@@ -88,7 +88,7 @@ def run_study(config: StudyConfig, *, only: str | None = None, progress: bool = 
     register_grid(study_dir, jobs, config)
     if not adding:
         _write_config_snapshot(study_dir, config)
-    if progress and current_threads():
+    if progress and current_threads() and not (backend and backend.workers_per_gpu):  # runners choose their own
         tqdm.write(current_threads(), file=sys.stderr)
     if on_start is not None:
         on_start()

@@ -200,6 +200,11 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
     resume_from = _prepare_output_dir(output_dir, final_dir, resume)
     fingerprint = run_fingerprint(examples, resolved, config)
 
+    if resume_from is None:
+        # LoRA's initial weights (PEFT draws them from torch's global generator) and a fresh run's random draws
+        # (dropout) come from the recipe's seed, whatever ran before in this process: a study runner that already
+        # ran other cells gives a cell the weights a fresh process would.
+        torch.manual_seed(config.seed)
     peft_model = _model_to_train(model, resolved, config)
     engine = _build_engine(peft_model, config, pad_id)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -210,7 +215,6 @@ def train(model: nn.Module, resolved, train_set: TokenizedSet | list[TokenizedEx
         step = _restore_checkpoint(resume_from, peft_model, optimizer, scheduler, fingerprint)
     else:
         step = 0
-        torch.manual_seed(config.seed)  # a fresh run's random draws (LoRA dropout) start from the recipe's seed
 
     run = _Run(name=resolved.name if resolved is not None else FULL_PARAMETER, model=peft_model, config=config,
                output_dir=output_dir, pad_id=pad_id, engine=engine, params=params, optimizer=optimizer,

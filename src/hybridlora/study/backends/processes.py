@@ -52,8 +52,9 @@ def run_in_processes(run, backend, loop: Callable, *, progress: bool, desc: str)
     children = [context.Process(target=_runner, args=(loop, str(run.study_dir), run.jobs, single, device,
                                                        explicit, desc, results), name=f"runner-{i}")
                 for i, device in enumerate(devices)]
-    tqdm.write(f"{len(children)} runners: " + ", ".join(f"GPU {d}" if d is not None else "CPU" for d in devices),
-               file=sys.stderr)
+    if progress:
+        tqdm.write(f"{len(children)} runners: " + ", ".join(f"GPU {d}" if d is not None else "CPU" for d in devices),
+                   file=sys.stderr)
     with threads.standing_aside():  # this process only waits: the runners share the cores
         try:
             for child in children:
@@ -111,8 +112,10 @@ def _runner(loop: Callable, study_dir: str, jobs: list, backend, device: str | N
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
     from ... import threads
+    from ...quiet import quiet_libraries
     from .worker import use_node_kernel_caches
 
+    quiet_libraries()  # a spawned process starts with no warning filters: the command line's apply here too
     use_node_kernel_caches()
     threads.configure(explicit)
     run = loop(Path(study_dir), jobs, progress=False, desc=desc, backend=backend)

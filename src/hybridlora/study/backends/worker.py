@@ -171,6 +171,9 @@ def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | Non
     that the driver tells a failed job (recorded, maybe retried) from a lost worker (rerun)."""
     task_start = time.time()
     timing: dict[str, Any] = {"process_age_at_task_s": _process_age_s(), "task_start": task_start}
+    from ...quiet import quiet_libraries
+
+    quiet_libraries()  # a Ray worker never passes through the command line: the same filters here
     caches = use_node_kernel_caches()
     where = where_am_i()
     where["saw_study_dir"] = os.path.exists(task["study_dir"])  # True only on a shared file system (never used)
