@@ -70,3 +70,22 @@ def test_pin_fixes_the_threads_until_the_next_configure():
     finally:
         threads.configure(None)
     assert threads.explicit_threads() == explicit_before and torch.get_num_threads() == before.threads
+
+
+def test_spare_cores_trust_a_fresh_idle_sample_over_a_lagging_load_average(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "live_processes", lambda: 1)
+    monkeypatch.setattr(threads, "other_load", lambda: 1.9)  # a run that just ended still weighs in the average
+    monkeypatch.setattr(threads, "busy_cores_now", lambda sample_s=0.2: 0.0)
+    assert threads.spare_cores() == 2
+    monkeypatch.setattr(threads, "busy_cores_now", lambda sample_s=0.2: 1.0)  # and really busy now
+    assert threads.spare_cores() == 1
+    monkeypatch.setattr(threads, "busy_cores_now", lambda sample_s=0.2: None)  # no /proc: the load average
+    assert threads.spare_cores() == 1
+
+
+def test_busy_cores_now_is_a_share_of_the_usable_cores():
+    busy = threads.busy_cores_now(0.05)
+    if busy is None:
+        pytest.skip("no /proc/stat here")
+    assert 0.0 <= busy <= threads.usable_cores() + 1e-9

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,11 +253,37 @@ def pin(threads: int, reason: str) -> ThreadChoice:
     return apply(ThreadChoice(threads, usable_cores(), 1, reason))
 
 
+def busy_cores_now(sample_s: float = 0.2) -> float | None:
+    """Cores busy with other work over the next ``sample_s`` seconds (``/proc/stat``, scaled to the cores this
+    process may use; this process sleeps meanwhile), None where that cannot be read."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # all jiffies, idle + iowait
+
+    try:
+        total0, idle0 = read()
+        time.sleep(sample_s)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    machine = os.cpu_count() or 1
+    return (1 - (idle1 - idle0) / (total1 - total0)) * machine * min(1.0, usable_cores() / machine)
+
+
 def spare_cores() -> int:
-    """How many single-threaded runner processes this process could start without oversubscribing: its automatic
-    share of the usable cores (as for its own threads: other hybridlora processes and other load count), at least
-    one. Meant for work whose tiny tensors leave a multi-threaded process mostly single-core."""
-    return _automatic(usable_cores()).threads
+    """How many single-threaded runner processes this process could start without oversubscribing: its share of
+    the usable cores among the live hybridlora processes, less the cores other work keeps busy, at least one.
+    Other work is the smaller of the load average and a short sample of the cores' idle time: the load average
+    lags by a minute, so right after a run it still counts that run's finished processes. Meant for work whose
+    tiny tensors leave a multi-threaded process mostly single-core."""
+    busy = other_load()
+    now = busy_cores_now()
+    if now is not None:
+        busy = min(busy, now)
+    return threads_for(usable_cores(), live_processes(), busy)
 
 
 def explicit_threads() -> int | None:
