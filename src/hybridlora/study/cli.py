@@ -66,10 +66,11 @@ def _config(args):
 
 def _small_model_runners(args, config, backend):
     """Both cores for a study of small models (tiny configs, the demo's lab models) on a machine without a GPU."""
+    from ..builtin_models import BUILTIN_PREFIX
     from .backends import jobs_left, small_cpu_runners
     from .grid import expand_grid, filter_jobs, parse_only
 
-    small = all(m.tiny or m.model.startswith("builtin:") for m in config.models)
+    small = all(m.tiny or m.model.startswith(BUILTIN_PREFIX) for m in config.models)
     if not small:
         return backend
     ids = [j.id for j in filter_jobs(expand_grid(config), parse_only(args.only))]
