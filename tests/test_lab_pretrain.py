@@ -128,3 +128,34 @@ def test_corpus_reading_and_chunking(tmp_path):
     assert epochs == 1 and sum(len(e.input_ids) for e in kept) >= 20 > sum(len(e.input_ids) for e in kept[:-1])
     _, epochs = take_tokens(examples, 10 * sum(len(e.input_ids) for e in examples))
     assert epochs == 10
+
+
+def test_synthetic_corpus_pretrains_on_the_generated_mixture(tmp_path, capsys):
+    args = ["lab", "pretrain", "demo-gdn", "--variant", "parallel", "--corpus", "synthetic", "--tokens", "12000",
+            "--seq-len", "32", "--micro-batch-size", "32", "--lr", "5e-3", "--save-every", "0", "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    run = json.loads((tmp_path / "a" / "lab_run.json").read_text())
+    assert run["corpus"] == "synthetic" and run["mixture"]["tasks"] == ["syn_recall", "syn_copy", "syn_arith"]
+    assert run["mixture"]["validation_seed"] != run["mixture"]["seed"]
+    assert 11000 <= run["train_tokens_per_epoch"] <= 13000  # documents chosen to hold about --tokens
+    losses = _losses(tmp_path / "a")
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    tok = (tmp_path / "a" / "model" / "tokenizer.json")
+    assert tok.is_file() and json.loads((tmp_path / "a" / "model" / "config.json").read_text())["vocab_size"] == 258
+    capsys.readouterr()
+    assert main([*args, "--max-docs", "5", "--output", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --corpus synthetic is generated") and err.count("\n") == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_mixture_tokenized_in_processes_equals_one_process(monkeypatch):
+    from hybridlora.lab import mixture
+
+    tok = mixture.mixture_tokenizer()
+    one = mixture.mixture_examples(900, 3, tok, 32)
+    monkeypatch.setattr(mixture, "PARALLEL_FROM", 100)
+    spread = mixture.mixture_examples(900, 3, tok, 32, workers=2)
+    assert [vars(e) for e in spread] == [vars(e) for e in one]
+    # the first N documents do not depend on how many are asked for
+    assert [vars(e) for e in mixture.mixture_examples(300, 3, tok, 32)] == [vars(e) for e in one[:300]]

@@ -152,9 +152,9 @@ def test_a_trimmed_demo_runs_end_to_end_and_says_what_it_is(tmp_path, capsys):
 
 def test_demo_tokenizer_has_the_template_headers_as_single_tokens_and_leaves_the_byte_tokenizer_alone():
     from hybridlora.evaluate.tokenizer import byte_tokenizer
-    from hybridlora.lab.demo_models import demo_tokenizer
+    from hybridlora.lab.mixture import mixture_tokenizer
 
-    tok = demo_tokenizer()
+    tok = mixture_tokenizer()
     ids = tok(synthetic.render("copy ab", "ab"))["input_ids"]
     assert ids == [256, *b"copy ab", 257, *b"ab"] and len(byte_tokenizer()) == 256
     assert tok.decode(ids) == synthetic.render("copy ab", "ab")

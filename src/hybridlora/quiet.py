@@ -13,4 +13,7 @@ import warnings
 def quiet_libraries() -> None:
     # transformers' own fallback-kernel notices go to the log; hybridlora reports kernels itself.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Hub / transformers bars ("Writing model shards" for a one-shard save) sit between hybridlora's own progress
+    # lines; read when huggingface_hub is first imported, which the CLI does after this.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)

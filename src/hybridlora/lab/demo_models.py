@@ -3,8 +3,8 @@
 Two matched lab models of the ``demo-gdn`` spec — ``demo-sequential`` (G G G A) and ``demo-parallel`` (attention
 beside Gated DeltaNet in every layer), same parameter count — pretrained from scratch with ``lab pretrain``'s
 library entry (:func:`.pretrain.pretrain`: the project's trainer, packing, every weight trained) on examples of
-the pretraining mixture (:func:`mixture_examples`: the three pretraining tasks of :mod:`hybridlora.synthetic` in
-turn, loss on the answers) with :func:`demo_tokenizer`. The recipe below is fixed; this command rebuilds the
+the pretraining mixture (:func:`.mixture.mixture_examples`: the three pretraining tasks of :mod:`hybridlora.synthetic`
+in turn, loss on the answers) with :func:`.mixture.mixture_tokenizer`. The recipe below is fixed; this command rebuilds the
 shipped models (``src/hybridlora/lab/pretrained/``) from it (about 16 and 19 minutes on one shared CPU core).
 Training is deterministic on CPU for a given torch build.
 
@@ -69,13 +69,14 @@ def build_one(name: str, output: Path, *, documents: int | None = None) -> dict:
     import time
 
     from ..atomic import replace_dir
-    from .pretrain import MODEL_DIR, PretrainOptions, pretrain
     from .cli import load_spec_or_fail, solve_or_fail
+    from .mixture import mixture_examples, mixture_tokenizer
+    from .pretrain import MODEL_DIR, PretrainOptions, pretrain
     from .spec import variants
 
     recipe = dict(RECIPE, documents=documents or RECIPE["documents"])
     spec = variants(load_spec_or_fail(SPEC))[MODELS[name]]
-    tokenizer = demo_tokenizer()
+    tokenizer = mixture_tokenizer()
     config, match = solve_or_fail(spec.with_(vocab_size=len(tokenizer)))
     config.pad_token_id = config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = None
@@ -101,39 +102,3 @@ def build_one(name: str, output: Path, *, documents: int | None = None) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return info
-
-
-def mixture_examples(documents: int, seed: int, tokenizer, seq_len: int) -> list:
-    """The pretraining mixture as the trainer's examples, formatted exactly as fine-tuning formats a synthetic
-    domain (the plain template, ``data.formatting``), with the loss on the answer tokens only: the prompts are
-    random by construction, and a 250k-parameter model that also models them learns the answers far more slowly."""
-    from .. import synthetic
-    from ..data.formatting import tokenize_example
-    from ..data.registry import synthetic_example
-
-    names = synthetic.PRETRAINING
-    per_task = {n: synthetic.pairs(n, -(-documents // len(names)), seed=seed) for n in names}
-    examples = []
-    for i in range(documents):
-        name = names[i % len(names)]
-        prompt, answer = per_task[name][i // len(names)]
-        example, why, _ = tokenize_example(synthetic_example(name, i, prompt, answer), tokenizer,
-                                           max_length=seq_len, loss_on="assistant")
-        if example is None:
-            raise ValueError(f"{name} example {i} cannot be formatted ({why})")
-        examples.append(example)
-    return examples
-
-
-def demo_tokenizer():
-    """The byte tokenizer plus the plain template's two headers as single tokens (ids 256, 257): the answer then
-    sits one token after its question instead of 17 bytes later, and examples are 2.5x shorter, which is what
-    lets a 250k-parameter model learn the tasks in minutes on a CPU."""
-    import copy
-
-    from .. import synthetic
-    from ..evaluate.tokenizer import byte_tokenizer
-
-    tokenizer = copy.deepcopy(byte_tokenizer())  # the shared byte tokenizer stays as it is
-    tokenizer.add_tokens([synthetic.USER_HEADER, synthetic.ASSISTANT_HEADER])
-    return tokenizer

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CliError
+from .mixture import CORPUS_NAME
 
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
@@ -181,7 +182,8 @@ def register_cli(sub) -> None:
     p.add_argument("spec", help="architecture spec YAML or shipped spec name (docs/LAB.md)")
     p.add_argument("--variant", choices=["as-written", "sequential", "parallel", "all_attention", "all_recurrent"],
                    default="as-written", help="which matched architecture of the spec to train (default: as written)")
-    p.add_argument("--corpus", required=True, help="text/JSONL file or folder, or a Hugging Face dataset id")
+    p.add_argument("--corpus", required=True, help="text/JSONL file or folder, a Hugging Face dataset id, or "
+                   "`synthetic`: the synthetic pretraining mixture, generated here (docs/LAB.md)")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text (default: text)")
     p.add_argument("--split", default="train", help="hub dataset split (default: train)")
     p.add_argument("--tokens", type=int, required=True, help="training tokens (the corpus repeats if smaller)")
@@ -232,23 +234,22 @@ def cmd_pretrain(args) -> int:
     out = Path(args.output)
     if (out / MODEL_DIR).exists():
         raise CliError(f"{out} already holds a pretrained model ({out / MODEL_DIR}); choose another --output")
-    docs = read_documents(args.corpus, field=args.text_field, split=args.split, max_docs=args.max_docs)
-    train_docs, val_docs = split_documents(docs, args.val_fraction, args.seed)
-    tokenizer, tok_source = get_tokenizer(args, train_docs, out, spec.tokenizer, spec.vocab_size)
+    if args.corpus == CORPUS_NAME:
+        train_ex, val_ex, epochs, tokenizer, tok_source, corpus = synthetic_corpus(args, out)
+    else:
+        train_ex, val_ex, epochs, tokenizer, tok_source, corpus = text_corpus(args, out, spec)
     spec = spec.with_(vocab_size=len(tokenizer), tokenizer=None)
     config, match = solve_or_fail(spec)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id
-    train_ex, epochs = take_tokens(tokenize_documents(train_docs, tokenizer, args.seq_len), args.tokens)
-    val_ex = tokenize_documents(val_docs, tokenizer, args.seq_len, prefix="val")[:200]
     result = pretrain(config, train_ex, val_ex, out, PretrainOptions.from_args(args), tokenizer, epochs=epochs,
                       info={"spec": spec.name, "variant": args.variant, "match": vars(match) | {
                           "relative_error": match.relative_error}, "corpus": args.corpus, "tokenizer": tok_source,
-                          "documents": {"train": len(train_docs), "val": len(val_docs)},
-                          "train_tokens_per_epoch": sum(len(e.input_ids) for e in train_ex), "epochs": epochs,
-                          "tokens_requested": args.tokens, "seq_len": args.seq_len, "seed": args.seed})
+                          **corpus, "train_tokens_per_epoch": sum(len(e.input_ids) for e in train_ex),
+                          "epochs": epochs, "tokens_requested": args.tokens, "seq_len": args.seq_len,
+                          "seed": args.seed})
     print(f"{spec.name}: {match.line()}")
     if result.steps and (out / MODEL_DIR).is_dir():
         print(f"pretrained {result.steps} steps; final loss {result.final_loss:.4f}, validation loss "
@@ -256,6 +257,43 @@ def cmd_pretrain(args) -> int:
     else:
         print(f"stopped after {result.steps} steps; resume with --resume")
     return 0
+
+
+def text_corpus(args, out: Path, spec):
+    """Examples of a text corpus: documents split into train / validation, a tokenizer, tokens taken."""
+    docs = read_documents(args.corpus, field=args.text_field, split=args.split, max_docs=args.max_docs)
+    train_docs, val_docs = split_documents(docs, args.val_fraction, args.seed)
+    tokenizer, tok_source = get_tokenizer(args, train_docs, out, spec.tokenizer, spec.vocab_size)
+    train_ex, epochs = take_tokens(tokenize_documents(train_docs, tokenizer, args.seq_len), args.tokens)
+    val_ex = tokenize_documents(val_docs, tokenizer, args.seq_len, prefix="val")[:200]
+    return train_ex, val_ex, epochs, tokenizer, tok_source, {"documents": {"train": len(train_docs),
+                                                                           "val": len(val_docs)}}
+
+
+def synthetic_corpus(args, out: Path):
+    """Examples of the synthetic pretraining mixture (``lab.mixture``), generated for ``--tokens`` and ``--seed``;
+    validation: 200 documents of the same tasks from another seed. The tokenizer is the mixture's (byte tokenizer
+    plus the template headers) unless ``--tokenizer`` names one."""
+    from . import mixture
+    from .. import synthetic
+
+    if args.max_docs is not None or args.text_field != "text" or args.split != "train":
+        raise CliError("--corpus synthetic is generated: --max-docs, --text-field and --split do not apply")
+    saved = out / TOKENIZER_DIR
+    if args.tokenizer or saved.is_dir():
+        tokenizer, tok_source = get_tokenizer(args, [], out, None, 0)
+    else:
+        tokenizer, tok_source = mixture.mixture_tokenizer(), "the mixture's: byte tokenizer + the template headers"
+    documents = mixture.documents_for(args.tokens, tokenizer, args.seq_len, args.seed)
+    print(f"generating {documents:,} documents of the synthetic mixture ({', '.join(synthetic.PRETRAINING)})",
+          flush=True)
+    train_ex = mixture.mixture_examples(documents, args.seed, tokenizer, args.seq_len,
+                                        workers=mixture.default_workers())
+    val_ex = mixture.mixture_examples(200, args.seed + mixture.VALIDATION_SEED_OFFSET, tokenizer, args.seq_len)
+    return train_ex, val_ex, 1, tokenizer, tok_source, {
+        "documents": {"train": documents, "val": len(val_ex)},
+        "mixture": {"tasks": list(synthetic.PRETRAINING), "synthetic_version": synthetic.VERSION,
+                    "seed": args.seed, "validation_seed": args.seed + mixture.VALIDATION_SEED_OFFSET}}
 
 
 def pretrain(config, train_ex: list, val_ex: list, out: Path, args: PretrainOptions, tokenizer, *, epochs: int,
