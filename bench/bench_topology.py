@@ -1,0 +1,181 @@
+"""The topology experiment end to end, timed (issue 20): make a preset's lab models, run its study, project the rest.
+
+1. Each model entry of the preset whose directory is missing is made by its own ``made_by`` command (``hybridlora
+   lab pretrain ...``, run as a child process); the wall time, tokens, steady training rate and final losses are
+   recorded from the run's ``lab_run.json`` and ``train_log.jsonl``.
+2. ``hybridlora study PRESET`` runs with ``--workers-per-gpu`` runner processes until ``--deadline`` seconds after
+   the script started; then it is interrupted (Ctrl-C, as a user would) and the next run of this script continues
+   the same study (models already made are kept). The study writes its report when the grid is complete.
+3. ``OUT/bench_topology.json``: the per-model pretraining figures, the study's wall time, jobs done / total, the
+   seconds per job, and the projection of the full experiment (the Mamba-2 pair added: two more pretrained models
+   and their cells, at the measured rates); ``OUT/report/``: the study's report when it is complete.
+
+Usage::
+
+    python bench/bench_topology.py --out OUT                       # GPU: the topology-synthetic preset
+    python bench/bench_topology.py --out OUT --deadline 520        # within one 10-minute device call; rerun continues
+    python bench/bench_topology.py --out OUT --tiny                # CPU check: demo-gdn models, few tokens, 2 cells
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+TINY_PRETRAIN = {"spec": "demo-gdn", "--tokens": "20000", "--micro-batch-size": "64", "--lr": "5e-3"}
+TINY_ONLY = "placement=attention_only,seed=3407,domain=syn_reverse"
+
+
+def pretrain_argv(made_by: str, tiny: bool) -> list[str]:
+    """A made_by command as the child's argv (only `hybridlora lab pretrain ...` is run)."""
+    words = shlex.split(made_by)
+    if words[:3] != ["hybridlora", "lab", "pretrain"]:
+        raise SystemExit(f"made_by is not a `hybridlora lab pretrain` command: {made_by}")
+    if tiny:
+        words[3] = TINY_PRETRAIN["spec"]
+        for flag, value in TINY_PRETRAIN.items():
+            if flag in words:
+                words[words.index(flag) + 1] = value
+        words.append("--no-progress")
+    return [sys.executable, "-m", "hybridlora.cli", *words[1:]]
+
+
+def pretrain_figures(run_dir: Path, seconds: float) -> dict:
+    info = json.loads((run_dir / "lab_run.json").read_text())
+    log = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    steps = [x for x in log if x.get("event") == "step"]
+    end = next((x for x in log if x.get("event") == "end"), {})
+    steady = steps[len(steps) // 2:]  # the second half: past warm-up, graph capture and autotuning
+    return {"seconds": round(seconds, 1), "parameters": info["match"]["achieved"],
+            "tokens": info["train_tokens_per_epoch"] * info["epochs"], "steps": len(steps),
+            "steady_tokens_per_s": round(sum(x["tokens_per_s"] for x in steady) / max(len(steady), 1)),
+            "final_loss": end.get("final_loss"), "val_loss": end.get("val_loss"),
+            "kernels": log[0].get("kernels"), "cuda_graphs": log[0].get("cuda_graphs")}
+
+
+def make_models(config, tiny: bool, say) -> dict:
+    made = {}
+    for entry in config.models:
+        model_dir = Path(entry.model)
+        if model_dir.is_dir():
+            say(f"{entry.name}: {model_dir} exists, kept")
+            continue
+        argv = pretrain_argv(entry.made_by, tiny)
+        say(f"{entry.name}: {' '.join(argv[3:])}")
+        start = time.perf_counter()
+        subprocess.run(argv, check=True)
+        made[entry.name] = pretrain_figures(model_dir.parent, time.perf_counter() - start)
+        say(f"{entry.name}: {json.dumps(made[entry.name])}")
+    return made
+
+
+def store_counts(study_dir: Path) -> tuple[int, int, float]:
+    """(complete jobs, all jobs, summed wall seconds of the complete ones) of a study directory's store."""
+    from hybridlora.study.store import Store
+
+    if not (study_dir / "study.db").is_file():
+        return 0, 0, 0.0
+    store = Store(study_dir, create=False)
+    try:
+        jobs = store.jobs()
+    finally:
+        store.close()
+    complete = [j for j in jobs if j["status"] == "complete"]
+    return len(complete), len(jobs), sum(j["wall_s"] or 0.0 for j in complete)
+
+
+def run_study(preset: str, study_dir: Path, workers: int, only: str | None, seconds_left: float, log_path: Path,
+              say) -> dict:
+    argv = [sys.executable, "-m", "hybridlora.cli", "study", preset, "--quiet"]
+    if workers > 1:
+        argv += ["--workers-per-gpu", str(workers)]
+    if only:
+        argv += ["--only", only]
+    say(f"study: {' '.join(argv[3:])} (stopped after {seconds_left:.0f} s if not done)")
+    before, _, wall_before = store_counts(study_dir)
+    start = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as log:
+        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc, stopped = child.wait(timeout=max(seconds_left, 1)), False
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGINT)  # what a user's Ctrl-C does: running jobs end, the store stays whole
+            rc, stopped = child.wait(timeout=120), True
+    seconds = time.perf_counter() - start
+    done, total, wall = store_counts(study_dir)
+    run_now = done - before
+    return {"seconds": round(seconds, 1), "rc": rc, "stopped_at_deadline": stopped, "jobs_done": done,
+            "jobs_total": total, "jobs_run_now": run_now, "workers_per_gpu": workers,
+            "seconds_per_job": round(seconds / run_now, 2) if run_now else None,
+            "job_wall_s_mean": round((wall - wall_before) / run_now, 2) if run_now else None}
+
+
+def projection(config, made: dict, study: dict) -> dict | None:
+    """The full experiment (this preset plus a Mamba-2 pair: two more models with every placement) at the
+    measured rates: pretraining at the mean measured time per model, cells at the measured seconds per job."""
+    if not made or not study.get("seconds_per_job"):
+        return None
+    from hybridlora.study.grid import expand_grid
+
+    recurrent = [m for m in config.models if m.placements is None]
+    cells_per_model = len(config.placements) * len(config.domains) * len(config.seeds)
+    extra_jobs = 2 * (cells_per_model + 1)  # two more models: their cells and their base evaluations
+    mean_pretrain = sum(m["seconds"] for m in made.values()) / len(made)
+    total_jobs = len(expand_grid(config)) + extra_jobs  # the whole grid, whatever --only ran
+    seconds = (len(config.models) + 2) * mean_pretrain + total_jobs * study["seconds_per_job"]
+    return {"models": len(config.models) + 2, "recurrent_models": len(recurrent) + 2, "jobs": total_jobs,
+            "pretrain_s_per_model": round(mean_pretrain, 1), "seconds_per_job": study["seconds_per_job"],
+            "minutes": round(seconds / 60, 1),
+            "assumes": "Mamba-2 models pretrain and fine-tune at the Gated DeltaNet models' measured rates"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--preset", default="topology-synthetic")
+    ap.add_argument("--workers-per-gpu", type=int, default=4)
+    ap.add_argument("--deadline", type=float, default=0, help="seconds after start at which the study is stopped "
+                    "(0: no limit); a rerun continues it")
+    ap.add_argument("--only", help="passed to study --only")
+    ap.add_argument("--tiny", action="store_true", help="CPU check: demo-gdn models on few tokens, two cells")
+    args = ap.parse_args()
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "bench_topology.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": []}
+
+    def say(line: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {line}", flush=True)
+
+    from hybridlora.study.config import load_study_config
+
+    config = load_study_config(args.preset)
+    only = args.only or (TINY_ONLY if args.tiny else None)
+    workers = 1 if args.tiny else args.workers_per_gpu
+    made = make_models(config, args.tiny, say)
+    left = (args.deadline - (time.perf_counter() - started)) if args.deadline else 10 ** 7
+    study = run_study(args.preset, config.output_dir(), workers, only, left, args.out / "study.log", say)
+    say(f"study: {json.dumps(study)}")
+    run = {"preset": args.preset, "tiny": args.tiny, "pretrained": made, "study": study,
+           "projection": projection(config, made or results.get("pretrained", {}), study)}
+    results["pretrained"] = {**results.get("pretrained", {}), **made}
+    results["runs"].append(run)
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    report = config.output_dir() / "report"
+    if study["jobs_done"] and study["jobs_done"] == study["jobs_total"] and report.is_dir():
+        shutil.copytree(report, args.out / "report", dirs_exist_ok=True)
+        say(f"report copied to {args.out / 'report'}")
+    say(f"projection of the full experiment: {json.dumps(run['projection'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
