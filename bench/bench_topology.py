@@ -34,11 +34,14 @@ TINY_PRETRAIN = {"spec": "demo-gdn", "--tokens": "20000", "--micro-batch-size": 
 TINY_ONLY = "placement=attention_only,seed=3407,domain=syn_reverse"
 
 
-def pretrain_argv(made_by: str, tiny: bool) -> list[str]:
-    """A made_by command as the child's argv (only `hybridlora lab pretrain ...` is run)."""
+def pretrain_argv(made_by: str, tiny: bool, tokens: int | None = None) -> list[str]:
+    """A made_by command as the child's argv (only `hybridlora lab pretrain ...` is run); ``tokens`` replaces its
+    --tokens (a quick check of the pipeline; the figures then say so)."""
     words = shlex.split(made_by)
     if words[:3] != ["hybridlora", "lab", "pretrain"]:
         raise SystemExit(f"made_by is not a `hybridlora lab pretrain` command: {made_by}")
+    if tokens:
+        words[words.index("--tokens") + 1] = str(tokens)
     if tiny:
         words[3] = TINY_PRETRAIN["spec"]
         for flag, value in TINY_PRETRAIN.items():
@@ -61,14 +64,14 @@ def pretrain_figures(run_dir: Path, seconds: float) -> dict:
             "kernels": log[0].get("kernels"), "cuda_graphs": log[0].get("cuda_graphs")}
 
 
-def make_models(config, tiny: bool, say) -> dict:
+def make_models(config, tiny: bool, say, tokens: int | None = None) -> dict:
     made = {}
     for entry in config.models:
         model_dir = Path(entry.model)
         if model_dir.is_dir():
             say(f"{entry.name}: {model_dir} exists, kept")
             continue
-        argv = pretrain_argv(entry.made_by, tiny)
+        argv = pretrain_argv(entry.made_by, tiny, tokens)
         say(f"{entry.name}: {' '.join(argv[3:])}")
         start = time.perf_counter()
         subprocess.run(argv, check=True)
@@ -146,6 +149,8 @@ def main() -> int:
                     "(0: no limit); a rerun continues it")
     ap.add_argument("--only", help="passed to study --only")
     ap.add_argument("--tiny", action="store_true", help="CPU check: demo-gdn models on few tokens, two cells")
+    ap.add_argument("--pretrain-tokens", type=int, help="replace the made_by commands' --tokens (a quick check: "
+                    "the models then are not the preset's)")
     args = ap.parse_args()
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -160,11 +165,12 @@ def main() -> int:
     config = load_study_config(args.preset)
     only = args.only or (TINY_ONLY if args.tiny else None)
     workers = 1 if args.tiny else args.workers_per_gpu
-    made = make_models(config, args.tiny, say)
+    made = make_models(config, args.tiny, say, args.pretrain_tokens)
     left = (args.deadline - (time.perf_counter() - started)) if args.deadline else 10 ** 7
     study = run_study(args.preset, config.output_dir(), workers, only, left, args.out / "study.log", say)
     say(f"study: {json.dumps(study)}")
-    run = {"preset": args.preset, "tiny": args.tiny, "pretrained": made, "study": study,
+    run = {"preset": args.preset, "tiny": args.tiny, "pretrain_tokens_override": args.pretrain_tokens,
+           "pretrained": made, "study": study,
            "projection": projection(config, made or results.get("pretrained", {}), study)}
     results["pretrained"] = {**results.get("pretrained", {}), **made}
     results["runs"].append(run)

@@ -100,6 +100,21 @@ def test_unbound_kernels_count_as_missing_on_cuda(monkeypatch):
     assert fast.missing_kernels(model) == {}
 
 
+def test_a_refused_backward_is_missing_for_training_only(monkeypatch):
+    """fla #640 refuses Gated DeltaNet's backward on Hopper: training must hear it, evaluation (forward only,
+    where the kernel runs) must not get the loud warning, and its summary says the kernel is on."""
+    model = _qwen_on_fake_cuda(monkeypatch)
+    monkeypatch.setitem(kernels._state, "mode", "fast")
+    monkeypatch.setattr(kernels, "_gdn_backward_blocked", lambda *a: "refused (fla #640)")
+    assert "fla.chunk_gated_delta_rule (backward)" in fast.missing_kernels(model)
+    assert fast.missing_kernels(model, training=False) == {}
+    assert "fla.chunk_gated_delta_rule=off" in fast.describe(model)
+    assert "fla.chunk_gated_delta_rule=on" in fast.describe(model, training=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fast.warn_missing_kernels(model, training=False) == {}
+
+
 # --- binding ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour (on a GPU machine the CUDA kernels are bound)")
 def test_use_binds_references_on_cpu_and_restore_undoes_it():

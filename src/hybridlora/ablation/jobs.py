@@ -82,7 +82,7 @@ def _bind_kernels(model) -> None:
 
     if next(model.parameters()).device.type == "cuda":
         fast.use("fast")
-        fast.warn_missing_kernels(model)
+        fast.warn_missing_kernels(model, training=False)  # forward only
 
 
 def _merge_adapter(model, adapter: str):
@@ -210,7 +210,7 @@ def _perplexity(spec: dict, model, tokenizer, out: Path, progress: bool) -> tupl
 def _describe_kernels(model) -> str:
     from .. import fast
 
-    return fast.describe(model)
+    return fast.describe(model, training=False)
 
 
 def _benchmarks(spec: dict, base: Base, out: Path, progress: bool):

@@ -76,8 +76,8 @@ class CausalLM:
 
         if self.device.type == "cuda":
             fast.use("fast")
-            fast.warn_missing_kernels(self.model)
-        return fast.describe(self.model)
+            fast.warn_missing_kernels(self.model, training=False)  # evaluation runs forward only
+        return fast.describe(self.model, training=False)
 
     def auto_batch_size(self, start: int = 64) -> int:
         """The largest power-of-two batch (≤ ``start``) whose full-length forward fits in GPU memory.

@@ -452,8 +452,9 @@ def _device_type(model: Any) -> str | None:
         return None
 
 
-def missing_kernels(model: Any) -> dict[str, str]:
-    """{kernel: why} for the kernels this model needs that will not run (empty off CUDA: nothing is expected)."""
+def missing_kernels(model: Any, *, training: bool = True) -> dict[str, str]:
+    """{kernel: why} for the kernels this model needs that will not run (empty off CUDA: nothing is expected).
+    ``training=False`` (evaluation, ablation: forward only) leaves out what only a backward pass needs."""
     if not _cuda() or _device_type(model) not in (None, "cuda"):
         return {}
     info = active_kernels()["kernels"]
@@ -463,7 +464,7 @@ def missing_kernels(model: Any) -> dict[str, str]:
         entry = info[key]
         if not entry["usable"]:
             missing[key] = entry["reason"]
-        elif key == "fla.chunk_gated_delta_rule":
+        elif key == "fla.chunk_gated_delta_rule" and training:
             blocked = _gdn_backward_blocked(getattr(config, "linear_key_head_dim", None))
             if blocked:
                 missing[key + " (backward)"] = blocked
@@ -476,10 +477,11 @@ def missing_kernels(model: Any) -> dict[str, str]:
     return missing
 
 
-def warn_missing_kernels(model: Any) -> dict[str, str]:
+def warn_missing_kernels(model: Any, *, training: bool = True) -> dict[str, str]:
     """Loud warning (``RuntimeWarning`` and the ``hybridlora.fast`` logger) for every fast kernel ``model`` needs
-    that will not run on this CUDA device. Silent on CPU. Returns {kernel: why}."""
-    missing = missing_kernels(model)
+    that will not run on this CUDA device (``training=False``: for a forward-only use). Silent on CPU. Returns
+    {kernel: why}."""
+    missing = missing_kernels(model, training=training)
     if missing:
         model_type = getattr(_model_config(model), "model_type", "?")
         lines = "\n".join(f"  - {k} ({KERNEL_PURPOSE.get(k.split(' ')[0], '')}): {why}" for k, why in missing.items())
@@ -492,8 +494,9 @@ def warn_missing_kernels(model: Any) -> dict[str, str]:
     return missing
 
 
-def describe(model: Any = None) -> str:
-    """One line for run logs: the mode and, per needed kernel, on/off."""
+def describe(model: Any = None, *, training: bool = True) -> str:
+    """One line for run logs: the mode and, per needed kernel, on/off (``training=False``: for a forward-only
+    use, where a kernel whose backward is refused still runs)."""
     info = active_kernels()
     if info["mode"] == REFERENCE:
         return f"kernels: {REFERENCE}"
@@ -501,7 +504,7 @@ def describe(model: Any = None) -> str:
     if device not in (None, "cuda"):  # a CPU model on a GPU machine runs the torch path (guard_cpu_path)
         return f"kernels: reference (model on {device}, not CUDA)"
     keys = required_kernels(model) if model is not None else tuple(KERNEL_PURPOSE)
-    missing = missing_kernels(model) if model is not None else {}
+    missing = missing_kernels(model, training=training) if model is not None else {}
     switched_off = {k for k, var in (("fla.causal_conv1d", "HYBRIDLORA_TORCH_CONV"), ("fla.rms_norm", "HYBRIDLORA_TORCH_NORM"),
                                      ("fla.rms_norm_gated", "HYBRIDLORA_TORCH_NORM")) if os.environ.get(var) == "1"}
     parts = [f"{k}={'off' if any(m.startswith(k) for m in missing) or not info['kernels'][k]['usable'] or k in switched_off else 'on'}"
