@@ -64,7 +64,9 @@ def pretrain_figures(run_dir: Path, seconds: float) -> dict:
             "kernels": log[0].get("kernels"), "cuda_graphs": log[0].get("cuda_graphs")}
 
 
-def make_models(config, tiny: bool, say, tokens: int | None = None) -> dict:
+def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None) -> dict:
+    """Run each missing model's made_by; its whole output and train log are kept in ``out`` (a slow run must be
+    explainable from what comes back)."""
     made = {}
     for entry in config.models:
         model_dir = Path(entry.model)
@@ -74,7 +76,14 @@ def make_models(config, tiny: bool, say, tokens: int | None = None) -> dict:
         argv = pretrain_argv(entry.made_by, tiny, tokens)
         say(f"{entry.name}: {' '.join(argv[3:])}")
         start = time.perf_counter()
-        subprocess.run(argv, check=True)
+        with open(out / f"pretrain_{entry.name}.log", "w", encoding="utf-8") as log:
+            done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
+        for name in ("train_log.jsonl", "lab_run.json"):
+            if (model_dir.parent / name).is_file():
+                shutil.copyfile(model_dir.parent / name, out / f"{entry.name}_{name}")
+        if done.returncode:
+            raise SystemExit(f"{entry.name}: pretraining failed (exit {done.returncode}); see "
+                             f"{out / f'pretrain_{entry.name}.log'}")
         made[entry.name] = pretrain_figures(model_dir.parent, time.perf_counter() - start)
         say(f"{entry.name}: {json.dumps(made[entry.name])}")
     return made
@@ -165,9 +174,13 @@ def main() -> int:
     config = load_study_config(args.preset)
     only = args.only or (TINY_ONLY if args.tiny else None)
     workers = 1 if args.tiny else args.workers_per_gpu
-    made = make_models(config, args.tiny, say, args.pretrain_tokens)
+    made = make_models(config, args.tiny, say, args.out, args.pretrain_tokens)
     left = (args.deadline - (time.perf_counter() - started)) if args.deadline else 10 ** 7
-    study = run_study(args.preset, config.output_dir(), workers, only, left, args.out / "study.log", say)
+    if left < 30:  # not worth starting runners that would be stopped during their first job
+        say(f"{max(left, 0):.0f} s left before --deadline: the study is not started; run this again to continue")
+        study = {"seconds": 0.0, "not_started": True}
+    else:
+        study = run_study(args.preset, config.output_dir(), workers, only, left, args.out / "study.log", say)
     say(f"study: {json.dumps(study)}")
     run = {"preset": args.preset, "tiny": args.tiny, "pretrain_tokens_override": args.pretrain_tokens,
            "pretrained": made, "study": study,
@@ -176,7 +189,7 @@ def main() -> int:
     results["runs"].append(run)
     results_path.write_text(json.dumps(results, indent=1) + "\n")
     report = config.output_dir() / "report"
-    if study["jobs_done"] and study["jobs_done"] == study["jobs_total"] and report.is_dir():
+    if study.get("jobs_done") and study["jobs_done"] == study["jobs_total"] and report.is_dir():
         shutil.copytree(report, args.out / "report", dirs_exist_ok=True)
         say(f"report copied to {args.out / 'report'}")
     say(f"projection of the full experiment: {json.dumps(run['projection'])}")
