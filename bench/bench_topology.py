@@ -69,7 +69,7 @@ def pretrain_figures(run_dir: Path, seconds: float) -> dict:
             "kernels": log[0].get("kernels"), "cuda_graphs": log[0].get("cuda_graphs")}
 
 
-def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None) -> dict:
+def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None, allow_slow: bool = False) -> dict:
     """Run each missing model's made_by; its whole output and train log are kept in ``out`` (a slow run must be
     explainable from what comes back)."""
     made = {}
@@ -91,7 +91,19 @@ def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None) -
                              f"{out / f'pretrain_{entry.name}.log'}")
         made[entry.name] = pretrain_figures(model_dir.parent, time.perf_counter() - start)
         say(f"{entry.name}: {json.dumps(made[entry.name])}")
+        slow = slow_kernels(made[entry.name]["kernels"] or "")
+        if slow and not allow_slow:
+            raise SystemExit(f"{entry.name} trained with fast kernels off ({', '.join(slow)}): the rest would run "
+                             "at a fraction of the speed. Fix the setup (docs/PERFORMANCE.md) or pass --allow-slow.")
     return made
+
+
+def slow_kernels(kernels_line: str) -> list[str]:
+    """The kernels a CUDA run's kernels line reports off (none on CPU, where the references are expected)."""
+    if "(no CUDA)" in kernels_line or "mode=" not in kernels_line:
+        return []
+    listed = kernels_line.split("; notes:")[0].split(":", 1)[-1]
+    return [part.split("=")[0].strip() for part in listed.split(",") if part.strip().endswith("=off")]
 
 
 def store_counts(study_dir: Path) -> tuple[int, int, float]:
@@ -163,6 +175,7 @@ def main() -> int:
                     "(0: no limit); a rerun continues it")
     ap.add_argument("--only", help="passed to study --only")
     ap.add_argument("--tiny", action="store_true", help="CPU check: demo-gdn models on few tokens, two cells")
+    ap.add_argument("--allow-slow", action="store_true", help="go on when a model trained with a fast kernel off")
     ap.add_argument("--pretrain-tokens", type=int, help="replace the made_by commands' --tokens (a quick check: "
                     "the models then are not the preset's)")
     args = ap.parse_args()
@@ -179,7 +192,7 @@ def main() -> int:
     config = load_study_config(args.preset)
     only = args.only or (TINY_ONLY if args.tiny else None)
     workers = 1 if args.tiny else args.workers_per_gpu
-    made = make_models(config, args.tiny, say, args.out, args.pretrain_tokens)
+    made = make_models(config, args.tiny, say, args.out, args.pretrain_tokens, args.allow_slow)
     left = (args.deadline - (time.perf_counter() - started)) if args.deadline else 10 ** 7
     if left < 30:  # not worth starting runners that would be stopped during their first job
         say(f"{max(left, 0):.0f} s left before --deadline: the study is not started; run this again to continue")
