@@ -481,3 +481,29 @@ def test_kimi_linear_units_hook_self_attn_as_either_mixer():
         if unit.component in SEQUENCE_MIXERS:
             assert unit.modules == (f"model.layers.{unit.layer}.self_attn",)
     assert len([u for u in mu.units if u.component in SEQUENCE_MIXERS]) == mu.num_layers
+
+
+@pytest.mark.parametrize("model_type,method", [("qwen3_5_text", "skip"), ("qwen3_5_text", "mean"),
+                                               ("falcon_h1", "zero")])
+def test_prefix_reuse_scores_an_ablated_model_as_whole_rows_do(model_type, method, data_dir):
+    """`ablate --prefix-reuse`: the removal hooks act on the shared prefix's forward and on each question's part
+    alike, so multiple-choice log-probs of an ablated model equal those of whole rows."""
+    from hybridlora.evaluate.lm import CausalLM
+    from hybridlora.evaluate.runner import prepare_benchmark
+    from hybridlora.evaluate.tokenizer import byte_tokenizer
+
+    model = tiny_model(model_type)
+    mu = model_units(build_component_map(model))
+    component = "ssm" if model_type == "falcon_h1" else "linear_attention"
+    units = mu.of(component)[:2]
+    means = None
+    if method == "mean":
+        means = collect_means(model, units, mu.layers_path, [_ids(model.config.vocab_size)[0].tolist()])
+    scores = {}
+    with Ablation(model, units, method, mu.layers_path, means=means):
+        for reuse in (False, True):
+            lm = CausalLM(model, byte_tokenizer(), batch_size=4, max_length=1536, prefix_reuse=reuse)
+            prepared = prepare_benchmark(lm, "arc_challenge", data_dir=data_dir, limit=6)
+            scores[reuse] = lm.score_choices(prepared.inputs)
+    assert lm.prefix_reused_rows >= 2 and lm.prefix_reuse_note is None
+    assert max(abs(a - b) for x, y in zip(scores[False], scores[True]) for a, b in zip(x, y)) <= 1e-4

@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     p.add_argument("--gen-batch-size", type=int, metavar="N",
                    help="prompts per greedy-decoding batch of GSM8K/HumanEval (default: --batch-size); on a GPU 256 "
                         "decodes each benchmark in one batch at about the cost of one small batch")
+    p.add_argument("--prefix-reuse", action="store_true",
+                   help="multiple choice: run each benchmark's shared few-shot prefix once and score the questions "
+                        "on its cache (checked against whole rows first; docs/EVALUATION.md)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--decode", choices=["auto", "static", "hf"], default="auto",
@@ -184,6 +187,8 @@ def build_jobs(args) -> tuple[Path, list, Any, list]:
     }
     if args.gen_batch_size:  # in the spec only when given: the job ids of earlier ablations stay
         common["eval"]["generate_batch_size"] = args.gen_batch_size
+    if args.prefix_reuse:  # likewise
+        common["eval"]["prefix_reuse"] = True
     if args.tiny and args.max_new_tokens is None and benchmarks.keys() & {"gsm8k", "humaneval"}:
         common["eval"]["max_new_tokens"] = TINY_NEW_TOKENS
         print(f"note: --tiny: GSM8K/HumanEval generate at most {TINY_NEW_TOKENS} new tokens (a random model's text "

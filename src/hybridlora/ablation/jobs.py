@@ -222,7 +222,7 @@ def _benchmarks(spec: dict, base: Base, out: Path, progress: bool):
         return {}, []
     lm = CausalLM(base.model, base.tokenizer, batch_size=e["batch_size"], max_length=e["max_length"],
                   name=spec["model"]["name"], adapter=spec.get("adapter"), decode=e["decode"],
-                  generate_batch_size=e.get("generate_batch_size"))
+                  generate_batch_size=e.get("generate_batch_size"), prefix_reuse=e.get("prefix_reuse", False))
     summaries, records = {}, []
     for bench, size in e["benchmarks"].items():
         with warnings.catch_warnings():

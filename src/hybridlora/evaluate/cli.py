@@ -56,6 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=_batch_size, default=8, metavar="N|auto",
                    help="questions per forward (default 8); auto: the largest that fits in GPU memory (8 on CPU)")
     p.add_argument("--max-length", type=int, help="context limit in tokens (default: the model's)")
+    p.add_argument("--prefix-reuse", action="store_true",
+                   help="multiple choice: run each benchmark's shared few-shot prefix once and score the questions on "
+                        "its cache (checked against whole rows first; docs/EVALUATION.md)")
     p.add_argument("--max-new-tokens", type=int, help="override the generation budget of GSM8K/HumanEval")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", help="torch device (default: the model's, i.e. cpu)")
@@ -117,6 +120,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
         lm = load_lm(args.model, adapter=args.adapter, tiny=args.tiny, device=args.device, dtype=getattr(torch, args.dtype),
                      batch_size=args.batch_size, max_length=args.max_length)
+        lm.prefix_reuse = args.prefix_reuse
         if current_threads() and lm.device.type == "cpu":
             print(current_threads(), file=sys.stderr)
         options = dict(output_dir=output, data_dir=args.data_dir, limit=args.limit, max_new_tokens=args.max_new_tokens,
@@ -143,6 +147,10 @@ def run_eval(args: argparse.Namespace) -> int:
     for summary in results.values():  # each note once, under the results (also in <benchmark>.summary.json)
         if summary.get("fewshot_note"):
             print(f"note: {summary['fewshot_note']}", file=sys.stderr)
+    if args.prefix_reuse:
+        print(f"note: {lm.prefix_reuse_note}" if lm.prefix_reuse_note else
+              f"note: prefix reuse: {lm.prefix_reused_rows} multiple-choice rows scored on a shared few-shot "
+              "prefix's cache (checked against whole rows)", file=sys.stderr)
     print(f"results in {output} (protocol {args.protocol})", file=sys.stderr)
     return 0
 

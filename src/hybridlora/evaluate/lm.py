@@ -50,7 +50,7 @@ class PromptRows:
 class CausalLM:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int | str = 8, max_length: int | None = None,
                  name: str = "model", adapter: str | None = None, device: str | torch.device | None = None,
-                 decode: str = "auto", generate_batch_size: int | None = None) -> None:
+                 decode: str = "auto", generate_batch_size: int | None = None, prefix_reuse: bool = False) -> None:
         if decode not in DECODE_MODES:
             raise ValueError(f"decode={decode!r}: use one of {', '.join(DECODE_MODES)}")
         self.model = model.eval()
@@ -69,6 +69,11 @@ class CausalLM:
         # prompts per greedy-decoding batch (default: batch_size): a decode step of a small model costs about the
         # same at 8 or 256 rows on a GPU, so a whole benchmark in one batch takes a fraction of the steps
         self.generate_batch_size = max(1, int(generate_batch_size or self.batch_size))
+        # multiple choice: run a shared few-shot prefix once and score each question on top of its cache
+        # (evaluate/prefix.py; checked against the whole row before it is trusted)
+        self.prefix_reuse = prefix_reuse
+        self.prefix_reuse_note: str | None = None
+        self.prefix_reused_rows = 0
 
     def _bind_kernels(self) -> str:
         """On CUDA, the fast mixer kernels are bound and missing ones warned about; the line goes in summaries."""
@@ -158,24 +163,43 @@ class CausalLM:
         return prepared
 
     def score_choices(self, prepared: Sequence[ChoiceRow], *, progress: Any = None) -> list[list[float]]:
-        """log p of each choice for rows made by :meth:`choice_inputs`; longest rows first, ``batch_size`` a forward."""
-        order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
+        """log p of each choice for rows made by :meth:`choice_inputs`; longest rows first, ``batch_size`` a forward
+        (with ``prefix_reuse``: rows sharing a few-shot prefix on top of its cache, :mod:`.prefix`)."""
         out: list[list[float]] = [[] for _ in prepared]
-        with torch.inference_mode():
+
+        def positions(i: int) -> list[int]:
+            row, prefix, _ = prepared[i]
+            return list(range(len(row) - 1 - len(prefix), len(row)))  # predicts prefix tokens, then the letter
+
+        def use(i: int, logp: torch.Tensor) -> None:
+            _, prefix, lasts = prepared[i]
+            shared = sum(float(logp[j, t]) for j, t in enumerate(prefix))
+            out[i] = [shared + float(logp[-1, t]) for t in lasts]
+            if progress is not None:
+                progress.update(1)
+
+        def score_whole(indices: Sequence[int]) -> None:
+            order = sorted(indices, key=lambda i: -len(prepared[i][0]))
             for start in range(0, len(order), self.batch_size):
                 batch = order[start: start + self.batch_size]
-                rows, positions = [], []
-                for i in batch:
-                    row, prefix, _ = prepared[i]
-                    n = len(row)
-                    rows.append(row)
-                    positions.append(list(range(n - 1 - len(prefix), n)))  # predicts prefix tokens, then the letter
-                for i, logp in zip(batch, self._forward_positions(rows, positions)):
-                    _, prefix, lasts = prepared[i]
-                    shared = sum(float(logp[j, t]) for j, t in enumerate(prefix))
-                    out[i] = [shared + float(logp[-1, t]) for t in lasts]
-                if progress is not None:
-                    progress.update(len(batch))
+                for i, logp in zip(batch, self._forward_positions([prepared[i][0] for i in batch],
+                                                                  [positions(i) for i in batch])):
+                    use(i, logp)
+
+        with torch.inference_mode():
+            if not self.prefix_reuse or self.prefix_reuse_note is not None:
+                score_whole(range(len(prepared)))
+                return out
+            from . import prefix as reuse
+
+            def check(i: int, reused: torch.Tensor) -> tuple[bool, float]:
+                whole = self._forward_positions([prepared[i][0]], [positions(i)])[0]
+                return reuse.agrees(reused, whole, next(self.model.parameters()).dtype)
+
+            self.prefix_reuse_note, reused = reuse.score_with_reuse(
+                prepared, positions, score_whole, use, model=self.model, batch_size=self.batch_size,
+                pad_id=self.tokenizer.pad_token_id, device=self.device, check=check)
+            self.prefix_reused_rows += reused
         return out
 
     def mean_loglikelihood(self, texts: Sequence[str], *, stride: int | None = None) -> dict[str, float]:

@@ -232,6 +232,9 @@ def evaluate_benchmark(lm: CausalLM, name: str, *, data_dir: str | Path | None =
     }
     if generative and lm.generate_batch_size != lm.batch_size:  # said only when generation batched otherwise
         summary["settings"]["generate_batch_size"] = lm.generate_batch_size
+    if not generative and lm.prefix_reuse:  # said only when asked for: how many rows ran on a shared prefix's cache
+        summary["settings"]["prefix_reuse"] = {"rows_reused_so_far": lm.prefix_reused_rows,
+                                               "off": lm.prefix_reuse_note}
     kept = summary["mean_fewshot_kept"]
     if kept is not None and kept < module.NUM_FEWSHOT:
         # Trimmed shots change what is measured: say so, never silently.

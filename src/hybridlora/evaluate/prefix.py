@@ -1,0 +1,164 @@
+"""Multiple-choice scoring with the few-shot prefix computed once (``CausalLM(prefix_reuse=True)``).
+
+A benchmark's few-shot examples are the same for every question (per subject for MMLU): 86 % of an MMLU prompt's
+characters, 96 % of ARC-Challenge's and HellaSwag's. Rows that share a token prefix are scored by running that
+prefix once, keeping the model's cache (attention keys/values, convolution and recurrent states), copying it
+to a batch of questions and running only each question's own tokens, right-padded, on top of it. The log-probs
+are those of the whole row up to floating-point order.
+
+Each model is checked before it is trusted: the first group's longest row is scored both ways, and a difference
+above the dtype's tolerance (or a cache this module cannot copy) turns reuse off for the rest of the run, with
+the reason in ``CausalLM.prefix_reuse_note`` (printed in the evaluation summary).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+
+MIN_PREFIX = 64  # shared tokens below which one forward per row is as cheap as the bookkeeping
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # log-prob difference allowed by the check; else 5e-2
+LOW_PRECISION_TOLERANCE = 5e-2
+
+
+class ReuseUnavailable(Exception):
+    """The model's cache cannot be copied to a batch (a cache type this module does not know)."""
+
+
+def prefix_groups(rows: Sequence[Sequence[int]], first_scored: Sequence[int]) -> tuple[list[tuple[int, list[int]]],
+                                                                                       list[int]]:
+    """Group row indices by shared token prefix: ``([(prefix length, indices), ...], indices scored whole)``.
+
+    Rows are sorted, so rows with the same few-shot block are neighbours; the sorted run is cut wherever two
+    neighbours share less than half the typical (median) shared length — where one shot set ends and another
+    begins (a row that kept fewer shots, another MMLU subject) — so that one such row does not shrink a whole
+    group's prefix to the header. ``first_scored[i]`` is the first position whose logits row ``i`` needs: a
+    group's prefix stops before its earliest one, so every scored position lies in the part run on the cache."""
+    order = sorted(range(len(rows)), key=lambda i: list(rows[i]))
+    shared = [_common_length(rows[a], rows[b]) for a, b in zip(order, order[1:])]
+    cut = max(MIN_PREFIX, sorted(shared)[len(shared) // 2] // 2) if shared else MIN_PREFIX
+    runs, current = [], [order[0]] if order else []
+    for k, i in enumerate(order[1:]):
+        if shared[k] < cut:
+            runs.append((current, shared[k - len(current) + 1:k]))
+            current = []
+        current.append(i)
+    if current:
+        runs.append((current, shared[len(order) - len(current):len(order) - 1]))
+    groups, whole = [], []
+    for members, between in runs:
+        length = min([*between, *(first_scored[i] for i in members)]) if len(members) > 1 else 0
+        if length >= MIN_PREFIX:
+            groups.append((length, sorted(members)))
+        else:
+            whole += members
+    return groups, whole
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token lists (binary search over slice comparisons: C speed)."""
+    a, b = list(a), list(b)
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def batch_cache(cache: Any, size: int) -> Any:
+    """A copy of a batch-1 cache repeated to ``size`` rows (transformers' layered caches: each layer's tensors of
+    batch 1 — keys, values, convolution and recurrent states)."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        raise ReuseUnavailable(f"its cache ({type(cache).__name__}) has no per-layer states to copy")
+    out = copy.deepcopy(cache)
+    for layer in out.layers:
+        for name, value in list(vars(layer).items()):
+            if _batch_one(value):
+                setattr(layer, name, value.repeat_interleave(size, 0))
+            elif isinstance(value, dict):
+                for key, item in list(value.items()):
+                    if _batch_one(item):
+                        value[key] = item.repeat_interleave(size, 0)
+    return out
+
+
+def _batch_one(value: Any) -> bool:
+    return torch.is_tensor(value) and value.dim() > 1 and value.shape[0] == 1
+
+
+def run_prefix(model: torch.nn.Module, prefix: Sequence[int], device: torch.device) -> Any:
+    """The model's cache after ``prefix`` (batch 1)."""
+    out = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)  # 5.24 names it cache
+    if cache is None:
+        raise ReuseUnavailable("it returns no cache")
+    return cache
+
+
+def suffix_logprobs(model: torch.nn.Module, cache: Any, rows: Sequence[Sequence[int]], prefix_length: int,
+                    positions: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> list[torch.Tensor]:
+    """Log-softmax at ``positions`` (whole-row coordinates) of ``rows``, whose first ``prefix_length`` tokens are
+    in ``cache``: one forward over the rest, right-padded."""
+    tails = [list(r[prefix_length:]) for r in rows]
+    width = max(len(t) for t in tails)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), prefix_length + width), dtype=torch.long)
+    mask[:, :prefix_length] = 1
+    for i, tail in enumerate(tails):
+        ids[i, :len(tail)] = torch.tensor(tail)
+        mask[i, prefix_length:prefix_length + len(tail)] = 1
+    from ..fast.decode import cache_argument
+
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+                   **{cache_argument(model): batch_cache(cache, len(rows))}).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return [logp[i, [p - prefix_length for p in ps]] for i, ps in enumerate(positions)]
+
+
+def agrees(reused: torch.Tensor, whole: torch.Tensor, dtype: torch.dtype) -> tuple[bool, float]:
+    """(within the dtype's tolerance, the largest difference) of one row's log-probs scored both ways."""
+    diff = float((reused - whole).abs().max())
+    return diff <= TOLERANCE.get(dtype, LOW_PRECISION_TOLERANCE), diff
+
+
+def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]], positions: Callable[[int], list[int]],
+                     score_whole: Callable[[list[int]], None], use: Callable[[int, torch.Tensor], None], *,
+                     model: torch.nn.Module, batch_size: int, pad_id: int, device: torch.device,
+                     check: Callable[[int, torch.Tensor], tuple[bool, float]]) -> tuple[str | None, int]:
+    """Score ``prepared`` rows: shared-prefix groups through the cache, the rest by ``score_whole(indices)``;
+    ``use(i, logp)`` receives each reused row's log-probs. The first reused row is checked by ``check`` (scoring
+    it whole); on a mismatch or an uncopyable cache every remaining row is scored whole. Returns (why reuse was
+    turned off or None, rows scored through a cache)."""
+    rows = [p[0] for p in prepared]
+    groups, whole = prefix_groups(rows, [positions(i)[0] for i in range(len(rows))])
+    score_whole(whole)
+    checked, off, reused = False, None, 0
+    for length, members in groups:
+        if off is not None:
+            score_whole(members)
+            continue
+        try:
+            cache = run_prefix(model, rows[members[0]][:length], device)
+            members, done = sorted(members, key=lambda i: -len(rows[i])), 0
+            for start in range(0, len(members), batch_size):
+                batch = members[start:start + batch_size]
+                logps = suffix_logprobs(model, cache, [rows[i] for i in batch], length,
+                                        [positions(i) for i in batch], pad_id, device)
+                if not checked:
+                    ok, diff = check(batch[0], logps[0])
+                    checked = True
+                    if not ok:
+                        raise ReuseUnavailable(f"its log-probs differ from the whole row's by {diff:.2e}")
+                for i, logp in zip(batch, logps):
+                    use(i, logp)
+                done += len(batch)
+            reused += done
+        except ReuseUnavailable as exc:
+            off = f"prefix reuse off for this model: {exc}; rows scored whole"
+            score_whole(members)
+    return off, reused

@@ -1,0 +1,73 @@
+"""Multiple-choice scoring with the few-shot prefix run once (evaluate/prefix.py): same log-probs as whole rows."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridlora.evaluate import prefix
+from hybridlora.evaluate.lm import CausalLM
+from hybridlora.evaluate.runner import prepare_benchmark
+from hybridlora.evaluate.tokenizer import byte_tokenizer
+from hybridlora.models import build_model, tiny_config_for
+
+DATA = Path(os.environ.get("HYBRIDLORA_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+needs_data = pytest.mark.skipif(not (DATA / "arc").is_dir(), reason="needs ../shared/data")
+
+
+def _scores(model, benchmark: str, reuse: bool) -> tuple[list[list[float]], CausalLM]:
+    lm = CausalLM(model, byte_tokenizer(), batch_size=4, max_length=1536, prefix_reuse=reuse)
+    prepared = prepare_benchmark(lm, benchmark, data_dir=DATA, limit=9)
+    return lm.score_choices(prepared.inputs), lm
+
+
+@needs_data
+@pytest.mark.parametrize("model_type", ["qwen3_5_text", "falcon_h1", "llama"])
+@pytest.mark.parametrize("benchmark", ["arc_challenge", "hellaswag"])
+def test_reused_prefix_gives_the_whole_rows_log_probs(model_type, benchmark):
+    model = build_model(tiny_config_for(model_type), seed=0)
+    whole, _ = _scores(model, benchmark, reuse=False)
+    reused, lm = _scores(model, benchmark, reuse=True)
+    assert lm.prefix_reuse_note is None and lm.prefix_reused_rows >= 2  # the cache path ran, and was trusted
+    diff = max(abs(a - b) for row_a, row_b in zip(whole, reused) for a, b in zip(row_a, row_b))
+    assert diff <= 1e-4
+    spread = max(abs(a - b) for row in whole for a, b in zip(row, row[1:]))
+    assert spread > 1e-3  # the choices' scores differ: equal scores would not show a wrong path
+
+
+@needs_data
+def test_a_wrong_cache_is_caught_and_every_row_is_scored_whole(monkeypatch):
+    model = build_model(tiny_config_for("qwen3_5_text"), seed=0)
+    whole, _ = _scores(model, "arc_challenge", reuse=False)
+    real = prefix.batch_cache
+
+    def stale(cache, size):  # states of another prefix: what a cache copied wrongly would give
+        for layer in cache.layers:
+            for name, value in list(vars(layer).items()):
+                if torch.is_tensor(value) and value.dim() > 1:
+                    setattr(layer, name, value.flip(-1))
+        return real(cache, size)
+
+    monkeypatch.setattr(prefix, "batch_cache", stale)
+    scores, lm = _scores(model, "arc_challenge", reuse=True)
+    assert lm.prefix_reuse_note.startswith("prefix reuse off for this model: its log-probs differ")
+    assert lm.prefix_reused_rows == 0  # every row scored whole (batched otherwise: equal up to float order)
+    assert max(abs(a - b) for row_a, row_b in zip(whole, scores) for a, b in zip(row_a, row_b)) <= 1e-5
+
+
+def test_groups_share_a_prefix_that_stops_before_the_first_scored_position():
+    rows = [[1] * 80 + [2, 3], [1] * 80 + [4, 5, 6], [9] * 90, [1] * 40 + [7] * 40 + [8]]
+    first = [81, 82, 89, 80]
+    groups, whole = prefix.prefix_groups(rows, first)
+    assert groups == [(80, [0, 1])]  # rows 0, 1 share 80 tokens; row 3 shares only 40 with them: its own
+    assert sorted(whole) == [2, 3]
+    # a shot set's rows stay one group when a row that kept fewer shots shares only the header with them
+    full = [[5] * 300 + [i] * 20 for i in range(6)]
+    fewer = [[5] * 70 + [8] * 200 + [9]]
+    groups, whole = prefix.prefix_groups(full + fewer, [300] * 6 + [260])
+    assert groups == [(300, [0, 1, 2, 3, 4, 5])] and whole == [6]
+    groups, _ = prefix.prefix_groups(rows[:2], [70, 82])
+    assert groups == [(70, [0, 1])]  # bounded by row 0's first scored position
+    assert prefix.prefix_groups([[1] * 20, [1] * 20], [19, 19]) == ([], [0, 1])  # too short to pay
