@@ -151,6 +151,26 @@ def mc_seconds(model, args, questions: int | None = None) -> float:
     return (time.perf_counter() - t) / len(rows)
 
 
+def mc_seconds_prefix_reuse(model, args) -> tuple[float, str | None, int]:
+    """Seconds per question with ``--prefix-reuse``: rows of ``--mc-len`` tokens whose first ``--mc-shared`` share
+    is one few-shot block (the study's MC prompts: 86-96 %), the rest random; (s/question, why reuse was off or
+    None, rows reused). The evaluator's own check compares the first reused row with its whole-row score."""
+    from hybridlora.evaluate.lm import CausalLM
+
+    lm = CausalLM(model, _Tok(), batch_size=args.mc_batch, device=args.device, prefix_reuse=True)
+    g = torch.Generator().manual_seed(1)
+    shared = round(args.mc_len * args.mc_shared)
+    block = torch.randint(1, model.config.vocab_size, (shared,), generator=g).tolist()
+    tails = torch.randint(1, model.config.vocab_size, (args.mc_questions, args.mc_len - shared), generator=g)
+    prepared = [(block + t, [], [1, 2, 3, 4]) for t in tails.tolist()]
+    lm.score_choices(prepared[:args.mc_batch + 1])  # warm-up, and the check
+    sync(args.device)
+    t = time.perf_counter()
+    lm.score_choices(prepared)
+    sync(args.device)
+    return (time.perf_counter() - t) / len(prepared), lm.prefix_reuse_note, lm.prefix_reused_rows
+
+
 def decode(model, args, batch: int, new: int, *, check: bool = True):
     """Greedy decoding of ``batch`` random prompts: the marginal seconds per decode step and the fixed seconds of a
     call (prefill, static cache, graph capture), from two timed calls of ``new // 4`` and ``new`` steps — one call
@@ -188,6 +208,11 @@ def rates(model, args, label: str, note) -> dict:
     note(f"{label}: perplexity {out['ppl_tokens_per_s'] / 1e3:.1f}k tokens/s (batch {args.ppl_batch})")
     out["mc_s_per_question"] = mc_seconds(model, args)
     note(f"{label}: multiple choice {out['mc_s_per_question'] * 1e3:.2f} ms/question (batch {args.mc_batch})")
+    if args.mc_shared > 0:
+        s_q, off, reused = mc_seconds_prefix_reuse(model, args)
+        out.update(mc_s_per_question_prefix_reuse=s_q, prefix_reuse_off=off, prefix_reused_rows=reused)
+        note(f"{label}: multiple choice with --prefix-reuse {s_q * 1e3:.2f} ms/question ({args.mc_shared:.0%} of "
+             f"each row shared; {off or f'{reused} rows on the cache'})")
     gen = decode(model, args, args.gen_batch, args.gen_new)
     out.update(gen_s_per_step=gen["s_per_step"], gen_fixed_s=gen["fixed_s"], decode_path=gen["path"],
                graph_equals_eager=gen["graph_equals_eager"], _tokens=gen["tokens"])
@@ -228,6 +253,10 @@ def generation_s(step_s: float, batch: int, fixed_s: float = 0.0) -> float:
     return sum(-(-questions // batch) * (fixed_s + new * step_s) for questions, new in STUDY_GEN.values())
 
 
+def n_removals_total(conditions: list[Condition]) -> int:
+    return len({c.removal for c in conditions}) + 1  # + intact
+
+
 def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -> dict:
     r = rates["ablated"]
     ppl = args.ppl_tokens / r["ppl_tokens_per_s"]
@@ -240,7 +269,13 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
     benched = len({c.removal for c in conditions if c.plan in ("group", "progressive")}) + 1
     light = (n_removals * ppl + benched * (mc + gen)) / 60 / gain
     total = n_removals * per / 60 / gain
-    out = {"per_condition_s": {"perplexity": ppl, "mc": mc, "generation": gen, "total": per},
+    if r.get("prefix_reused_rows") and not r.get("prefix_reuse_off"):  # only when the cache path really ran
+        mc_reuse = STUDY_MC * r["mc_s_per_question_prefix_reuse"]
+        extra = {"with_prefix_reuse_min": n_removals_total(conditions) * (per - mc + mc_reuse) / 60 / gain,
+                 "mc_with_prefix_reuse_s": mc_reuse}
+    else:
+        extra = {}
+    out = {**extra, "per_condition_s": {"perplexity": ppl, "mc": mc, "generation": gen, "total": per},
            "removals": n_removals, "runner_gain": gain, "total_min": total,
            "perplexity_everywhere_benchmarks_on_groups_progressive_min": light, "benchmarked_removals": benched,
            "target_min": 20, "target_met": total <= 20, "decoded_to_budget": True}
@@ -361,6 +396,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--mc-len", type=int, default=896)
     ap.add_argument("--mc-batch", type=int, default=64)
     ap.add_argument("--mc-questions", type=int, default=256)
+    ap.add_argument("--mc-shared", type=float, default=0.9,
+                    help="share of each MC row that is one few-shot block, for the --prefix-reuse rate (0 skips it)")
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--gen-batch", type=int, default=256)
     ap.add_argument("--small-gen-batch", type=int, default=8)
@@ -374,7 +411,7 @@ def parse_args() -> argparse.Namespace:
     args.dtype = torch.float32 if args.tiny else torch.bfloat16
     if args.tiny:
         args.window, args.stride, args.windows, args.ppl_batch, args.ppl_batch_large = 128, 64, 4, 2, 4
-        args.mc_len, args.mc_batch, args.mc_questions = 64, 4, 8
+        args.mc_len, args.mc_batch, args.mc_questions = 160, 4, 8  # 144 shared: enough for reuse
         args.gen_len, args.gen_batch, args.small_gen_batch, args.gen_new = 16, 4, 2, 8
         args.ppl_tokens, args.unit_scale = 2048, 0.01
     return args
@@ -422,6 +459,9 @@ def measure_model(name: str, args, results: dict) -> list[Condition]:
          f"{pr['per_condition_s']['perplexity']:.1f}, MC {pr['per_condition_s']['mc']:.1f}, generation "
          f"{pr['per_condition_s']['generation']:.1f}; in batches of {args.small_gen_batch}: "
          f"{pr['generation_s_in_batches_of_small']:.1f}) x {pr['removals']} removals = {pr['total_min']:.1f} min")
+    if "with_prefix_reuse_min" in pr:
+        note(f"projection with --prefix-reuse: MC {pr['mc_with_prefix_reuse_s']:.1f} s per condition, whole set "
+             f"{pr['with_prefix_reuse_min']:.1f} min")
     del model
     if args.device == "cuda":
         torch.cuda.empty_cache()
