@@ -341,3 +341,17 @@ def test_grid_shape_counts_placements_per_model():
     falcon = jobs("f", ["all", "attn", "ssm", "mlp", "attn_mlp", "ssm_mlp"])
     assert _grid_shape(qwen + falcon) == "2 models × 6 placements × 3 domains × 1 seeds"
     assert _grid_shape(qwen + falcon[:3]) == "2 models × placements 6 / 1 per model × 3 domains × 1 seeds"
+
+
+def test_prefix_reuse_is_in_the_job_spec_only_when_asked_for(tmp_path):
+    """eval.prefix_reuse changes how multiple choice is computed, so it is part of the job id when true; when false
+    it is left out of the spec, so the ids of studies written before the option existed stay the same."""
+    data = mini(tmp_path)
+    plain = expand_grid(study_config_from_dict(data))
+    assert all("prefix_reuse" not in j.spec["eval"] for j in plain)
+    data["eval"] = {**data["eval"], "prefix_reuse": True}
+    reused = expand_grid(study_config_from_dict(data))
+    assert all(j.spec["eval"]["prefix_reuse"] is True for j in reused)
+    assert not {j.id for j in plain} & {j.id for j in reused}
+    data["eval"] = {**data["eval"], "prefix_reuse": False}
+    assert [j.id for j in expand_grid(study_config_from_dict(data))] == [j.id for j in plain]

@@ -129,6 +129,9 @@ class EvalSettings(_Strict):
     max_new_tokens: Optional[int] = Field(default=None, ge=1)  # None: each benchmark's protocol value
     allow_code_execution: bool = False  # HumanEval runs model code (sandboxed) only when this is true
     subset_seed: int = 1234
+    # multiple choice on the shared few-shot prefix's cache (docs/EVALUATION.md, "Prefix reuse"); in a job's spec
+    # only when true, so the job ids of studies written before it stay
+    prefix_reuse: bool = False
 
     @field_validator("subset_seed")
     @classmethod

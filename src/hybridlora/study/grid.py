@@ -118,6 +118,8 @@ def expand_grid(config: StudyConfig) -> list[Job]:
     """All jobs of the study, base jobs first, then model → domain → placement → seed order."""
     data = _data_spec(config)
     evaluation = config.eval.model_dump(mode="json")
+    if not evaluation["prefix_reuse"]:
+        del evaluation["prefix_reuse"]
     training = config.train.model_dump(mode="json")
     if training.get("compile") == "off":  # a later option: off keeps the job ids of studies started before it
         del training["compile"]

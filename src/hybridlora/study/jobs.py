@@ -137,7 +137,7 @@ def _evaluate(spec: dict, model, tokenizer, out: Path, data_dir: str | None, ada
 
     e = spec["eval"]
     lm = CausalLM(model, tokenizer, batch_size=e["batch_size"], max_length=e["max_length"],
-                  name=spec["model"]["name"], adapter=adapter)
+                  name=spec["model"]["name"], adapter=adapter, prefix_reuse=e.get("prefix_reuse", False))
     summaries, records = {}, []
     # One bar for the job's benchmarks (below the study's grid bar), not one lingering bar per benchmark.
     bar = tqdm(total=len(e["benchmarks"]), desc="  evaluate", unit="bench", leave=False, disable=not progress,
