@@ -71,3 +71,16 @@ def test_groups_share_a_prefix_that_stops_before_the_first_scored_position():
     groups, _ = prefix.prefix_groups(rows[:2], [70, 82])
     assert groups == [(70, [0, 1])]  # bounded by row 0's first scored position
     assert prefix.prefix_groups([[1] * 20, [1] * 20], [19, 19]) == ([], [0, 1])  # too short to pay
+
+
+@needs_data
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fla / mamba-ssm kernels continuing a cache)")
+@pytest.mark.parametrize("model_type", ["qwen3_5_text", "falcon_h1"])
+def test_reuse_on_cuda_with_the_fast_kernels_matches_whole_rows(model_type):
+    """On the GPU the prefix and the questions run through fla's / mamba-ssm's kernels with the cached recurrent
+    and convolution state handed in: bf16 log-probs within the check's own tolerance of whole rows."""
+    model = build_model(tiny_config_for(model_type), seed=0).to("cuda", torch.bfloat16)
+    whole, _ = _scores(model, "arc_challenge", reuse=False)
+    reused, lm = _scores(model, "arc_challenge", reuse=True)
+    assert lm.kernels.startswith("kernels (") and lm.prefix_reuse_note is None and lm.prefix_reused_rows >= 2
+    assert max(abs(a - b) for x, y in zip(whole, reused) for a, b in zip(x, y)) <= prefix.LOW_PRECISION_TOLERANCE
