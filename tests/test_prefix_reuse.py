@@ -38,6 +38,19 @@ def test_reused_prefix_gives_the_whole_rows_log_probs(model_type, benchmark):
 
 
 @needs_data
+@pytest.mark.parametrize("name", ["builtin:demo-sequential", "builtin:demo-parallel"])
+def test_lab_models_reuse_the_prefix_exactly(name):
+    """The lab's own model class (both wirings) continues from the prefix's cache like the transformers models."""
+    from hybridlora.evaluate.lm import load_lm
+
+    model = load_lm(name).model
+    whole, _ = _scores(model, "arc_challenge", reuse=False)
+    reused, lm = _scores(model, "arc_challenge", reuse=True)
+    assert lm.prefix_reuse_note is None and lm.prefix_reused_rows >= 2
+    assert max(abs(a - b) for x, y in zip(whole, reused) for a, b in zip(x, y)) <= 1e-4
+
+
+@needs_data
 def test_a_wrong_cache_is_caught_and_every_row_is_scored_whole(monkeypatch):
     model = build_model(tiny_config_for("qwen3_5_text"), seed=0)
     whole, _ = _scores(model, "arc_challenge", reuse=False)
