@@ -146,3 +146,11 @@ def test_batch_size_auto_is_eight_on_cpu_and_bad_values_are_refused(data_dir, tm
     with pytest.raises(SystemExit) as exc:
         main(["eval", "qwen3.5-0.8b", "--tiny", "--batch-size", "0"])
     assert exc.value.code == 2 and "positive integer or 'auto'" in capsys.readouterr().err
+
+
+def test_prefix_reuse_with_the_lm_eval_protocol_is_refused(data_dir, tmp_path, capsys, no_model_loading):
+    code, out, errors = run_cli(["llama-3.2-1b", "--tiny", "--protocol", "lm-eval", "--prefix-reuse",
+                                 "--data-dir", str(data_dir), "--output", str(tmp_path / "out")], capsys)
+    assert code == EXIT_USAGE and len(errors) == 1 and not out
+    assert errors[0].startswith("error: --prefix-reuse applies to --protocol study only")
+    assert not (tmp_path / "out").exists()

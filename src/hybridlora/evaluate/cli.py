@@ -164,6 +164,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise BenchmarkError(f"--max-new-tokens {args.max_new_tokens}: give at least 1 (omit it for each "
                              "benchmark's own budget: GSM8K 256, HumanEval 512)")
+    if args.prefix_reuse and args.protocol == "lm-eval":
+        raise BenchmarkError("--prefix-reuse applies to --protocol study only (lm-eval scores through its own "
+                             "HFLM); drop one of the two")
 
 
 def _perplexity_texts(name: str) -> list[str]:
