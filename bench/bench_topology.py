@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 os.environ.setdefault("HYBRIDLORA_LIFT_FLA_HOPPER_GUARD", "1")
 
 TINY_PRETRAIN = {"spec": "demo-gdn", "--tokens": "20000", "--micro-batch-size": "64", "--lr": "5e-3"}
-TINY_ONLY = "placement=attention_only,seed=3407,domain=syn_reverse"
+TINY_ONLY = "placement=attention_only,seed=3407,domain=syn_first"
 
 
 def pretrain_argv(made_by: str, tiny: bool, tokens: int | None = None) -> list[str]:

@@ -68,3 +68,21 @@ def test_a_placement_a_model_does_not_take_is_an_error(tmp_path, monkeypatch):
                                      "placements": ["attention_only"], "domains": ["gsm8k"]})
     with pytest.raises(StudyConfigError, match=r"placements \['recurrent_only'\] are not among"):
         expand_grid(config)
+
+
+def test_synthetic_preset_pretrains_on_the_generated_mixture_and_expands_to_111_jobs(tmp_path, monkeypatch):
+    config = load_study_config("topology-synthetic")
+    assert {m.label: (m.topology, m.mixer) for m in config.models} == {
+        "gdn-sequential": ("sequential", "gdn"), "gdn-parallel": ("parallel", "gdn"),
+        "all-attention": ("all_attention", "attention")}
+    for m in config.models:  # one spec, one corpus, one seed: the models differ only in wiring
+        assert m.made_by.startswith("hybridlora lab pretrain gpu-30m-gdn ") and "--corpus synthetic" in m.made_by
+        assert "--seed 0" in m.made_by and m.model == m.made_by.split("--output ")[1] + "/model"
+    assert {d.name for d in config.domains} <= set(config.eval.benchmarks) and len(config.seeds) >= 3
+    monkeypatch.chdir(tmp_path)
+    for label, mixers, topology in (("gdn-sequential", ["attention", "gdn"], "sequential"),
+                                    ("gdn-parallel", ["attention", "gdn"], "parallel"),
+                                    ("all-attention", ["attention"], "sequential")):
+        _save_lab_model(tmp_path / f"lab/topology-synthetic/{label}/model", mixers, topology)
+    jobs = expand_grid(config)
+    assert len(jobs) == 111 and sum(j.kind == "base" for j in jobs) == 3
