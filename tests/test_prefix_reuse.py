@@ -97,3 +97,17 @@ def test_reuse_on_cuda_with_the_fast_kernels_matches_whole_rows(model_type):
     reused, lm = _scores(model, "arc_challenge", reuse=True)
     assert lm.kernels.startswith("kernels (") and lm.prefix_reuse_note is None and lm.prefix_reused_rows >= 2
     assert max(abs(a - b) for x, y in zip(whole, reused) for a, b in zip(x, y)) <= prefix.LOW_PRECISION_TOLERANCE
+
+
+@needs_data
+def test_a_forward_that_fails_on_the_cache_turns_reuse_off_instead_of_crashing(monkeypatch):
+    model = build_model(tiny_config_for("llama"), seed=0)
+    whole, _ = _scores(model, "arc_challenge", reuse=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch in this family's cache")
+
+    monkeypatch.setattr(prefix, "suffix_logprobs", broken)
+    scores, lm = _scores(model, "arc_challenge", reuse=True)
+    assert "forward on a copied cache failed (RuntimeError: shape mismatch" in lm.prefix_reuse_note
+    assert max(abs(a - b) for x, y in zip(whole, scores) for a, b in zip(x, y)) <= 1e-5

@@ -161,4 +161,8 @@ def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]],
         except ReuseUnavailable as exc:
             off = f"prefix reuse off for this model: {exc}; rows scored whole"
             score_whole(members)
+        except Exception as exc:  # a family whose forward does not take a copied cache: opt-in must never crash
+            off = (f"prefix reuse off for this model: its forward on a copied cache failed "
+                   f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); rows scored whole")
+            score_whole(members)
     return off, reused
