@@ -253,10 +253,6 @@ def generation_s(step_s: float, batch: int, fixed_s: float = 0.0) -> float:
     return sum(-(-questions // batch) * (fixed_s + new * step_s) for questions, new in STUDY_GEN.values())
 
 
-def n_removals_total(conditions: list[Condition]) -> int:
-    return len({c.removal for c in conditions}) + 1  # + intact
-
-
 def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -> dict:
     r = rates["ablated"]
     ppl = args.ppl_tokens / r["ppl_tokens_per_s"]
@@ -271,7 +267,7 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
     total = n_removals * per / 60 / gain
     if r.get("prefix_reused_rows") and not r.get("prefix_reuse_off"):  # only when the cache path really ran
         mc_reuse = STUDY_MC * r["mc_s_per_question_prefix_reuse"]
-        extra = {"with_prefix_reuse_min": n_removals_total(conditions) * (per - mc + mc_reuse) / 60 / gain,
+        extra = {"with_prefix_reuse_min": n_removals * (per - mc + mc_reuse) / 60 / gain,
                  "mc_with_prefix_reuse_s": mc_reuse}
     else:
         extra = {}

@@ -393,7 +393,8 @@ def _gpu_cost(config: StudyConfig, jobs: list[Job]) -> str:
     reference = tokens / 5000 / 3600 + questions * 0.5 / 3600
     fast = tokens / 40000 / 3600 + questions * 0.012 / 3600
     whole = f" plus the whole split of {', '.join(full)} per job" if full else ""
-    return (f"cost ({len(jobs)} jobs, at the rates of the 0.5-0.8B models the paper studied: larger models take longer, small lab models far less): ≤ {sequences:,} training sequences (≤ {tokens/1e6:,.1f}M "
+    return (f"cost ({len(jobs)} jobs, at the rates of the 0.5-0.8B models the paper studied: larger models take "
+            f"longer, small lab models far less): ≤ {sequences:,} training sequences (≤ {tokens/1e6:,.1f}M "
             f"tokens at max_length {config.train.max_length}) and {questions:,} evaluation items{whole}; on one "
             f"H100 ≈ {reference:,.1f} GPU-hours at the reference path's rough rates (5k tokens/s, 0.5 s per item), "
             f"≈ {fast:,.1f} on the fast path (40k tokens/s, 12 ms per item) — upper bounds that count every example "
