@@ -69,10 +69,12 @@ def pretrain_figures(run_dir: Path, seconds: float) -> dict:
             "kernels": log[0].get("kernels"), "cuda_graphs": log[0].get("cuda_graphs")}
 
 
-def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None, allow_slow: bool = False) -> dict:
+def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None, allow_slow: bool = False,
+                concurrently: bool = False) -> dict:
     """Run each missing model's made_by; its whole output and train log are kept in ``out`` (a slow run must be
-    explainable from what comes back)."""
-    made = {}
+    explainable from what comes back). ``concurrently``: all at once, sharing the GPU (their rates are then each
+    a share of the GPU, and the figures say so) -- a fresh machine's kernel autotuning is paid once in wall time."""
+    made, running = {}, []
     for entry in config.models:
         model_dir = Path(entry.model)
         if model_dir.is_dir():
@@ -80,22 +82,33 @@ def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None, a
             continue
         argv = pretrain_argv(entry.made_by, tiny, tokens)
         say(f"{entry.name}: {' '.join(argv[3:])}")
-        start = time.perf_counter()
-        with open(out / f"pretrain_{entry.name}.log", "w", encoding="utf-8") as log:
-            done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT)
-        for name in ("train_log.jsonl", "lab_run.json"):
-            if (model_dir.parent / name).is_file():
-                shutil.copyfile(model_dir.parent / name, out / f"{entry.name}_{name}")
-        if done.returncode:
-            raise SystemExit(f"{entry.name}: pretraining failed (exit {done.returncode}); see "
-                             f"{out / f'pretrain_{entry.name}.log'}")
-        made[entry.name] = pretrain_figures(model_dir.parent, time.perf_counter() - start)
-        say(f"{entry.name}: {json.dumps(made[entry.name])}")
-        slow = slow_kernels(made[entry.name]["kernels"] or "")
-        if slow and not allow_slow:
-            raise SystemExit(f"{entry.name} trained with fast kernels off ({', '.join(slow)}): the rest would run "
-                             "at a fraction of the speed. Fix the setup (docs/PERFORMANCE.md) or pass --allow-slow.")
+        log = open(out / f"pretrain_{entry.name}.log", "w", encoding="utf-8")
+        running.append((entry, model_dir, log, time.perf_counter(),
+                        subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
+        if not concurrently:
+            _finish_pretraining(running.pop(), made, out, say, allow_slow, concurrently)
+    for item in running:
+        _finish_pretraining(item, made, out, say, allow_slow, concurrently)
     return made
+
+
+def _finish_pretraining(item, made: dict, out: Path, say, allow_slow: bool, concurrently: bool) -> None:
+    entry, model_dir, log, start, child = item
+    returncode = child.wait()
+    log.close()
+    for name in ("train_log.jsonl", "lab_run.json"):
+        if (model_dir.parent / name).is_file():
+            shutil.copyfile(model_dir.parent / name, out / f"{entry.name}_{name}")
+    if returncode:
+        raise SystemExit(f"{entry.name}: pretraining failed (exit {returncode}); see "
+                         f"{out / f'pretrain_{entry.name}.log'}")
+    made[entry.name] = {**pretrain_figures(model_dir.parent, time.perf_counter() - start),
+                        "concurrent_with_other_pretraining": concurrently}
+    say(f"{entry.name}: {json.dumps(made[entry.name])}")
+    slow = slow_kernels(made[entry.name]["kernels"] or "")
+    if slow and not allow_slow:
+        raise SystemExit(f"{entry.name} trained with fast kernels off ({', '.join(slow)}): the rest would run "
+                         "at a fraction of the speed. Fix the setup (docs/PERFORMANCE.md) or pass --allow-slow.")
 
 
 def slow_kernels(kernels_line: str) -> list[str]:
@@ -157,7 +170,10 @@ def projection(config, made: dict, study: dict) -> dict | None:
     recurrent = [m for m in config.models if m.placements is None]
     cells_per_model = len(config.placements) * len(config.domains) * len(config.seeds)
     extra_jobs = 2 * (cells_per_model + 1)  # two more models: their cells and their base evaluations
-    mean_pretrain = sum(m["seconds"] for m in made.values()) / len(made)
+    seconds_made = [m["seconds"] for m in made.values()]
+    # models pretrained at once share the wall time: charge each its share of the longest
+    concurrent = any(m.get("concurrent_with_other_pretraining") for m in made.values())
+    mean_pretrain = (max(seconds_made) if concurrent else sum(seconds_made)) / len(made)
     total_jobs = len(expand_grid(config)) + extra_jobs  # the whole grid, whatever --only ran
     seconds = (len(config.models) + 2) * mean_pretrain + total_jobs * study["seconds_per_job"]
     return {"models": len(config.models) + 2, "recurrent_models": len(recurrent) + 2, "jobs": total_jobs,
@@ -176,6 +192,8 @@ def main() -> int:
     ap.add_argument("--only", help="passed to study --only")
     ap.add_argument("--tiny", action="store_true", help="CPU check: demo-gdn models on few tokens, two cells")
     ap.add_argument("--allow-slow", action="store_true", help="go on when a model trained with a fast kernel off")
+    ap.add_argument("--pretrain-concurrently", action="store_true", help="pretrain the missing models at once, "
+                    "sharing the GPU (each figure then is a share of it)")
     ap.add_argument("--pretrain-tokens", type=int, help="replace the made_by commands' --tokens (a quick check: "
                     "the models then are not the preset's)")
     args = ap.parse_args()
@@ -192,7 +210,11 @@ def main() -> int:
     config = load_study_config(args.preset)
     only = args.only or (TINY_ONLY if args.tiny else None)
     workers = 1 if args.tiny else args.workers_per_gpu
-    made = make_models(config, args.tiny, say, args.out, args.pretrain_tokens, args.allow_slow)
+    made = make_models(config, args.tiny, say, args.out, args.pretrain_tokens, args.allow_slow,
+                       args.pretrain_concurrently)
+    if made:  # kept now: a study stopped by a device call's limit must not lose the pretraining figures
+        results["pretrained"] = {**results.get("pretrained", {}), **made}
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
     left = (args.deadline - (time.perf_counter() - started)) if args.deadline else 10 ** 7
     if left < 30:  # not worth starting runners that would be stopped during their first job
         say(f"{max(left, 0):.0f} s left before --deadline: the study is not started; run this again to continue")
