@@ -159,24 +159,31 @@ def test_fast_adapters_on_cuda_are_chosen_when_kernels_import(monkeypatch):
     assert calls["kw"]["g"][0, :, 0].tolist() == [ops.GATE_RESET, -0.5, ops.GATE_RESET, -0.5, -0.5, -0.5]
 
 
-def test_narrowed_hopper_guard_sends_small_trained_heads_to_the_reference(monkeypatch):
-    """fla #640 on Hopper: with the guard narrowed, key heads > 64 run fla, but a gradient through heads <= 64
-    (which fla still refuses mid-training) must take the torch reference, and say so."""
+@pytest.mark.parametrize("narrowed", [True, False])
+def test_refused_gdn_backward_sends_only_trained_calls_to_the_reference(monkeypatch, narrowed):
+    """fla #640 on Hopper refuses Gated DeltaNet's backward -- for every head dim, or with the guard narrowed
+    only for key heads <= 64. Calls that need that gradient must take the torch reference and say so; every
+    forward-only call (evaluation, ablation, decoding) must keep fla's kernel, with or without the opt-in."""
     calls = []
 
     def fake_chunk(q, k, v, g, beta, **kw):
         calls.append(k.shape[-1])
         return v, None
 
+    def blocked(key_head_dim=None):
+        if narrowed:  # the opt-in: only heads <= 64 still refused
+            return "refused (fla #640)" if key_head_dim and key_head_dim <= 64 else None
+        return "refused (fla #640)"
+
     probe = {k: {"fn": fake_chunk, "reason": "fake"} for k in fast.KERNEL_PURPOSE}
     monkeypatch.setattr(kernels, "_cuda", lambda: True)
     monkeypatch.setattr(kernels, "_probe", lambda: probe)
-    monkeypatch.setattr(kernels, "_gdn_backward_blocked",  # the narrowed guard: only heads <= 64 still refused
-                        lambda key_head_dim=None: "refused (fla #640)" if key_head_dim and key_head_dim <= 64 else None)
+    monkeypatch.setattr(kernels, "_gdn_backward_blocked", blocked)
     monkeypatch.setattr(kernels, "_on_cuda", lambda args, kwargs: True)
     kernels._state.get("warned", set()).clear()
-    bound = fast.use("fast")
-    assert "torch reference for trained key heads <= 64" in bound["modeling_qwen3_5.torch_chunk_gated_delta_rule"]
+    bound = fast.use("fast")["modeling_qwen3_5.torch_chunk_gated_delta_rule"]
+    assert bound.startswith("fla.chunk_gated_delta_rule")
+    assert ("trained key heads <= 64" in bound) == narrowed and ("forward only" in bound) != narrowed
     mq = importlib.import_module("transformers.models.qwen3_5.modeling_qwen3_5")
 
     def run(head_dim, grad):
@@ -184,12 +191,21 @@ def test_narrowed_hopper_guard_sends_small_trained_heads_to_the_reference(monkey
         g = torch.full((1, 8, 2), -0.5)
         return mq.torch_chunk_gated_delta_rule(q, q, q, g=g, beta=torch.rand(1, 8, 2), use_qk_l2norm_in_kernel=True)
 
-    run(128, grad=True)
     run(16, grad=False)  # forward only: fla serves it
-    assert calls == [128, 16]
-    with pytest.warns(RuntimeWarning, match="key head dim 16 .* slow torch reference"):
+    run(128, grad=False)
+    with torch.no_grad():
+        run(128, grad=True)  # parameters that require grad, but no graph is built: forward only
+    assert calls == [16, 128, 128]
+    if narrowed:
+        run(128, grad=True)
+        assert calls == [16, 128, 128, 128]
+    with pytest.warns(RuntimeWarning, match="key head dim 16 trains on the slow torch reference"):
         out, _ = run(16, grad=True)
-    assert calls == [128, 16] and out.requires_grad  # the reference ran, with a gradient
+    assert len(calls) == (4 if narrowed else 3) and out.requires_grad  # the reference ran, with a gradient
+    if not narrowed:
+        with pytest.warns(RuntimeWarning, match=f"key head dim 128 .*{kernels.LIFT_GUARD_ENV}=1"):
+            run(128, grad=True)
+        assert calls == [16, 128, 128]
 
 
 # --- the mamba-ssm shim ----------------------------------------------------------------------------------

@@ -25,11 +25,11 @@ def _scores(model, benchmark: str, reuse: bool) -> tuple[list[list[float]], Caus
 
 @needs_data
 @pytest.mark.parametrize("model_type", ["qwen3_5_text", "falcon_h1", "llama"])
-@pytest.mark.parametrize("benchmark", ["arc_challenge", "hellaswag"])
-def test_reused_prefix_gives_the_whole_rows_log_probs(model_type, benchmark):
+@pytest.mark.parametrize("task", ["arc_challenge", "hellaswag"])
+def test_reused_prefix_gives_the_whole_rows_log_probs(model_type, task):
     model = build_model(tiny_config_for(model_type), seed=0)
-    whole, _ = _scores(model, benchmark, reuse=False)
-    reused, lm = _scores(model, benchmark, reuse=True)
+    whole, _ = _scores(model, task, reuse=False)
+    reused, lm = _scores(model, task, reuse=True)
     assert lm.prefix_reuse_note is None and lm.prefix_reused_rows >= 2  # the cache path ran, and was trusted
     diff = max(abs(a - b) for row_a, row_b in zip(whole, reused) for a, b in zip(row_a, row_b))
     assert diff <= 1e-4

@@ -211,24 +211,30 @@ def _boundary_aware_reference(key: str, original: Callable) -> Callable | None:
 LIFT_GUARD_ENV = "HYBRIDLORA_LIFT_FLA_HOPPER_GUARD"
 
 
-def _route_small_heads_to_reference(kernel: Callable, reference: Callable) -> Callable:
-    """``kernel`` for every call fla accepts; the packing-aware torch reference for calls that need a gradient
-    through key heads of dim <= 64, whose backward fla refuses mid-training on Hopper (fla #640) even with the
-    guard narrowed. Said once per process, loudly: such a model trains on the slow path."""
+def _route_refused_backward_to_reference(kernel: Callable, reference: Callable, narrowed: bool) -> Callable:
+    """``kernel`` for every call whose backward fla accepts -- every forward-only call (evaluation, ablation,
+    decoding) included, since fla #640 concerns the backward alone; the packing-aware torch reference for calls
+    that need a gradient through key heads whose backward fla refuses on Hopper (all of them, or with the guard
+    narrowed only dims <= 64): a kernel that refuses mid-training is worse than a slow one. Said once per
+    process per head dim, loudly: such a model trains on the slow path."""
     @functools.wraps(kernel)
     def gdn_chunk(query, key, value, g, beta, *args, **kwargs):
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, g, beta))
-        if needs_grad and key.shape[-1] <= 64:
-            msg = (f"hybridlora.fast: Gated DeltaNet with key head dim {key.shape[-1]} (<= 64) trains on the slow "
-                   f"torch reference here: {_gdn_backward_blocked(key.shape[-1])}")
+        refused = _gdn_backward_blocked(key.shape[-1]) if needs_grad else None
+        if refused:
+            msg = (f"hybridlora.fast: Gated DeltaNet with key head dim {key.shape[-1]} trains on the slow torch "
+                   f"reference here: {refused}"
+                   + ("" if narrowed else f"; or set {LIFT_GUARD_ENV}=1 to narrow the guard (docs/PERFORMANCE.md)"))
             if msg not in _state.setdefault("warned", set()):
                 _state["warned"].add(msg)
                 logger.warning(msg)
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
             return reference(query, key, value, g, beta, *args, **kwargs)
         return kernel(query, key, value, g, beta, *args, **kwargs)
+    what = ("torch reference for trained key heads <= 64, fla #640" if narrowed
+            else "forward only; trained calls take the torch reference, fla #640")
     gdn_chunk.__hybridlora_kernel__ = (getattr(kernel, "__hybridlora_kernel__", "fla.chunk_gated_delta_rule")
-                                       + " (torch reference for trained key heads <= 64, fla #640)")
+                                       + f" ({what})")
     gdn_chunk.__hybridlora_boundaries__ = True
     return gdn_chunk
 
@@ -240,8 +246,9 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
 
     fla's Hopper guard (fla #640) stays in force unless ``lift_fla_hopper_guard`` (or $HYBRIDLORA_LIFT_FLA_HOPPER_GUARD=1)
     asks to keep it only for key head dims <= 64 — an opt-in based on the public diagnosis and our own gradient checks
-    (docs/PERFORMANCE.md), not on fla's word. While the guard blocks the GDN backward, the chunked GDN stays on
-    the torch reference, loudly (a kernel that refuses mid-training is worse than a slow one)."""
+    (docs/PERFORMANCE.md), not on fla's word. While the guard blocks the GDN backward, forward-only calls still run
+    fla's chunked kernel and calls that need its gradient take the torch reference, loudly (a kernel that refuses
+    mid-training is worse than a slow one)."""
     if mode not in ("fast", "reference"):
         raise ValueError("mode must be 'fast' or 'reference'")
     fast = mode == "fast" and _cuda()
@@ -263,18 +270,11 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
                 continue
             original = _state["originals"].setdefault((module_name, attr), getattr(owner, name))
             impl = _implementation(key, original) if fast else None
-            if impl is not None and key == "fla.chunk_gated_delta_rule" and _gdn_backward_blocked():
-                blocked = _gdn_backward_blocked()
-                msg = (f"hybridlora.fast: Gated DeltaNet stays on the slow torch reference: {blocked}; "
-                       f"or set {LIFT_GUARD_ENV}=1 to narrow the guard (see docs/PERFORMANCE.md)")
-                if msg not in _state.setdefault("warned", set()):  # once per process, not once per job
-                    _state["warned"].add(msg)
-                    logger.warning(msg)
-                    warnings.warn(msg, stacklevel=2)
-                impl = None
             if impl is not None and key == "fla.chunk_gated_delta_rule" and _gdn_backward_blocked(64):
-                # the guard is narrowed: heads > 64 run fla, heads <= 64 (which fla still refuses) need the reference
-                impl = _route_small_heads_to_reference(impl, _boundary_aware_reference(key, original))
+                # fla #640 refuses the backward for some head dims (all, unless the guard is narrowed): forward-only
+                # calls keep fla's kernel, calls that need a gradient there take the reference
+                impl = _route_refused_backward_to_reference(impl, _boundary_aware_reference(key, original),
+                                                            narrowed=_gdn_backward_blocked() is None)
             if impl is None and mode == "fast":
                 impl = _boundary_aware_reference(key, original)
                 what = getattr(impl, "__hybridlora_kernel__", "")
