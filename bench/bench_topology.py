@@ -87,8 +87,13 @@ def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None, a
                         subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
         if not concurrently:
             _finish_pretraining(running.pop(), made, out, say, allow_slow, concurrently)
-    for item in running:
-        _finish_pretraining(item, made, out, say, allow_slow, concurrently)
+    try:
+        for item in running:
+            _finish_pretraining(item, made, out, say, allow_slow, concurrently)
+    finally:  # one failed or too slow: the others are stopped, not left running on the GPU
+        for *_, child in running:
+            if child.poll() is None:
+                child.terminate()
     return made
 
 

@@ -217,10 +217,14 @@ def _route_refused_backward_to_reference(kernel: Callable, reference: Callable, 
     that need a gradient through key heads whose backward fla refuses on Hopper (all of them, or with the guard
     narrowed only dims <= 64): a kernel that refuses mid-training is worse than a slow one. Said once per
     process per head dim, loudly: such a model trains on the slow path."""
+    refusal_by_head_dim: dict[int, str | None] = {}  # the check imports modules: once per binding, not per call
+
     @functools.wraps(kernel)
     def gdn_chunk(query, key, value, g, beta, *args, **kwargs):
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, g, beta))
-        refused = _gdn_backward_blocked(key.shape[-1]) if needs_grad else None
+        if needs_grad and key.shape[-1] not in refusal_by_head_dim:
+            refusal_by_head_dim[key.shape[-1]] = _gdn_backward_blocked(key.shape[-1])
+        refused = refusal_by_head_dim[key.shape[-1]] if needs_grad else None
         if refused:
             msg = (f"hybridlora.fast: Gated DeltaNet with key head dim {key.shape[-1]} trains on the slow torch "
                    f"reference here: {refused}"
