@@ -234,6 +234,12 @@ def measure(model, mu, args, entry: dict, note) -> None:
         out["ablated"]["gen_fixed_s_small_batch"] = small["fixed_s"]
         note(f"ablated: decode {small['s_per_step'] * 1e3:.2f} ms/step + {small['fixed_s']:.2f} s per call at batch "
              f"{args.small_gen_batch}")
+        wide = out["ablated"].setdefault("gen_wide_batches", {})
+        for rows in _wide_batches(args):  # rows of several conditions sharing a decode step (a lever, not built)
+            w = decode(model, args, rows, args.gen_new, check=False)
+            wide[rows] = {"s_per_step": w["s_per_step"], "fixed_s": w["fixed_s"]}
+            note(f"ablated: decode {w['s_per_step'] * 1e3:.2f} ms/step + {w['fixed_s']:.2f} s per call at batch "
+                 f"{rows} ({rows // args.gen_batch} conditions' rows)")
         out["ablated"]["ppl_tokens_per_s_large_batch"] = ppl_rate(model, args, args.ppl_batch_large)
         note(f"ablated: perplexity {out['ablated']['ppl_tokens_per_s_large_batch'] / 1e3:.1f}k tokens/s at batch "
              f"{args.ppl_batch_large}")
@@ -245,6 +251,10 @@ def measure(model, mu, args, entry: dict, note) -> None:
         small = decode(model, args, min(8, args.gen_batch), min(16, args.gen_new))
     out["mean_ablation_decode"] = {"path": small["path"], "graph_equals_eager": small["graph_equals_eager"]}
     note(f"mean ablation: decode {small['path']}, equal to eager: {small['graph_equals_eager']}")
+
+
+def _wide_batches(args) -> list[int]:
+    return [args.gen_batch * int(n) for n in str(args.gen_share).split(",") if n.strip() and int(n) > 1]
 
 
 def generation_s(step_s: float, batch: int, fixed_s: float = 0.0) -> float:
@@ -278,6 +288,10 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
     if "gen_s_per_step_small_batch" in r:
         out["generation_s_in_batches_of_small"] = generation_s(r["gen_s_per_step_small_batch"], args.small_gen_batch,
                                                                r.get("gen_fixed_s_small_batch", 0.0))
+    for rows, w in r.get("gen_wide_batches", {}).items():  # generation per condition if rows//batch share a step
+        share = int(rows) // args.gen_batch
+        out.setdefault("generation_s_sharing_decode", {})[share] = generation_s(
+            w["s_per_step"], args.gen_batch, w["fixed_s"]) / share
     if "ppl_tokens_per_s_large_batch" in r:
         out["perplexity_s_at_large_batch"] = args.ppl_tokens / r["ppl_tokens_per_s_large_batch"]
     return out
@@ -397,6 +411,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--gen-batch", type=int, default=256)
     ap.add_argument("--small-gen-batch", type=int, default=8)
+    ap.add_argument("--gen-share", default="2,4", help="also decode N x --gen-batch rows: the step cost if N "
+                    "conditions shared a decode batch ('' skips)")
     ap.add_argument("--gen-new", type=int, default=64)
     ap.add_argument("--workers", default="1,2,4", help="runner processes at once, measured in turn ('' skips)")
     ap.add_argument("--unit-scale", type=float, default=0.125, help="share of one condition each runner does")
@@ -455,6 +471,8 @@ def measure_model(name: str, args, results: dict) -> list[Condition]:
          f"{pr['per_condition_s']['perplexity']:.1f}, MC {pr['per_condition_s']['mc']:.1f}, generation "
          f"{pr['per_condition_s']['generation']:.1f}; in batches of {args.small_gen_batch}: "
          f"{pr['generation_s_in_batches_of_small']:.1f}) x {pr['removals']} removals = {pr['total_min']:.1f} min")
+    for share, gen in pr.get("generation_s_sharing_decode", {}).items():
+        note(f"projection: generation {gen:.1f} s per condition if {share} conditions shared each decode step")
     if "with_prefix_reuse_min" in pr:
         note(f"projection with --prefix-reuse: MC {pr['mc_with_prefix_reuse_s']:.1f} s per condition, whole set "
              f"{pr['with_prefix_reuse_min']:.1f} min")
