@@ -94,6 +94,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise CliError("eval needs a MODEL (or --score-completions FILE.jsonl to score completions made elsewhere)")
     try:
         names = parse_benchmarks(args.benchmarks)
+        _check_numbers(args)  # flags that contradict each other are wrong whatever is installed: say so first
         if args.protocol == "lm-eval":
             from .lmeval_bridge import require_lm_eval
 
@@ -106,7 +107,6 @@ def run_eval(args: argparse.Namespace) -> int:
             require_lm_eval()
         if args.limit is not None and args.limit < 1:
             raise BenchmarkError("--limit must be at least 1 (omit it to evaluate the whole subset)")
-        _check_numbers(args)
         check_output_folder(output, "--output")
         texts = _perplexity_texts(args.perplexity_text) if args.perplexity_text else None
         from .lmeval_bridge import data_source
