@@ -38,6 +38,33 @@ def test_reused_prefix_gives_the_whole_rows_log_probs(model_type, task):
 
 
 @needs_data
+@pytest.mark.parametrize("moved", ["unscored", "scored"])
+def test_the_check_compares_the_log_probs_the_scores_read(monkeypatch, moved):
+    """Rounding in bf16 moves the largest of a vocabulary's log-probs more than the check's tolerance while the
+    scores agree (measured on Qwen3.5-0.8B's architecture): a difference outside the scored tokens must not turn
+    reuse off, one in them must."""
+    model = build_model(tiny_config_for("llama"), seed=0)
+    whole, _ = _scores(model, "arc_challenge", reuse=False)
+    real = prefix.suffix_logprobs
+    letters = {ord(c) for c in "ABCD"}  # the byte tokenizer's choice letters, scored at each row's last position
+
+    def shifted(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        column = min(letters) if moved == "scored" else next(t for t in range(256) if t not in letters)
+        for logp in rows:
+            logp[-1, column] += 1.0
+        return rows
+
+    monkeypatch.setattr(prefix, "suffix_logprobs", shifted)
+    scores, lm = _scores(model, "arc_challenge", reuse=True)
+    if moved == "unscored":
+        assert lm.prefix_reuse_note is None and lm.prefix_reused_rows >= 2
+        assert max(abs(a - b) for x, y in zip(whole, scores) for a, b in zip(x, y)) <= 1e-4
+    else:
+        assert lm.prefix_reuse_note.startswith("prefix reuse off for this model: its log-probs differ")
+
+
+@needs_data
 @pytest.mark.parametrize("name", ["builtin:demo-sequential", "builtin:demo-parallel"])
 def test_lab_models_reuse_the_prefix_exactly(name):
     """The lab's own model class (both wirings) continues from the prefix's cache like the transformers models."""
