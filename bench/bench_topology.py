@@ -2,7 +2,9 @@
 
 1. Each model entry of the preset whose directory is missing is made by its own ``made_by`` command (``hybridlora
    lab pretrain ...``, run as a child process); the wall time, tokens, steady training rate and final losses are
-   recorded from the run's ``lab_run.json`` and ``train_log.jsonl``.
+   recorded from the run's ``lab_run.json`` and ``train_log.jsonl``. The runs checkpoint every
+   ``--pretrain-save-every`` steps; one still going at ``--deadline`` is stopped and resumed from its newest
+   checkpoint by the next run of this script (its figures then add the stopped runs' seconds).
 2. ``hybridlora study PRESET`` runs with ``--workers-per-gpu`` runner processes until ``--deadline`` seconds after
    the script started; then it is interrupted (Ctrl-C, as a user would) and the next run of this script continues
    the same study (models already made are kept). The study writes its report when the grid is complete.
@@ -39,14 +41,21 @@ TINY_PRETRAIN = {"spec": "demo-gdn", "--tokens": "20000", "--micro-batch-size": 
 TINY_ONLY = "placement=attention_only,seed=3407,domain=syn_first"
 
 
-def pretrain_argv(made_by: str, tiny: bool, tokens: int | None = None) -> list[str]:
+def pretrain_argv(made_by: str, tiny: bool, tokens: int | None = None, save_every: int | None = None) -> list[str]:
     """A made_by command as the child's argv (only `hybridlora lab pretrain ...` is run); ``tokens`` replaces its
-    --tokens (a quick check of the pipeline; the figures then say so)."""
+    --tokens (a quick check of the pipeline; the figures then say so). ``save_every`` replaces its checkpoint
+    interval (checkpoints do not change the model: resume is exact, tests/test_lab_pretrain.py), and a run that
+    a deadline stopped is continued from its newest checkpoint."""
     words = shlex.split(made_by)
     if words[:3] != ["hybridlora", "lab", "pretrain"]:
         raise SystemExit(f"made_by is not a `hybridlora lab pretrain` command: {made_by}")
     if tokens:
         words[words.index("--tokens") + 1] = str(tokens)
+    if save_every is not None:
+        _set_flag(words, "--save-every", str(save_every))
+    output = Path(words[words.index("--output") + 1])
+    if (output / "checkpoints").is_dir() and any((output / "checkpoints").iterdir()):
+        words.append("--resume")
     if tiny:
         words[3] = TINY_PRETRAIN["spec"]
         for flag, value in TINY_PRETRAIN.items():
@@ -69,37 +78,61 @@ def pretrain_figures(run_dir: Path, seconds: float) -> dict:
             "kernels": log[0].get("kernels"), "cuda_graphs": log[0].get("cuda_graphs")}
 
 
+def _set_flag(words: list[str], flag: str, value: str) -> None:
+    if flag in words:
+        words[words.index(flag) + 1] = value
+    else:
+        words += [flag, value]
+
+
+class PretrainingStopped(Exception):
+    """The deadline came during pretraining: the runs were stopped, their checkpoints kept for the next run."""
+
+
 def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None, allow_slow: bool = False,
-                concurrently: bool = False) -> dict:
+                concurrently: bool = False, save_every: int | None = None, stop_at: float | None = None,
+                partial_s: dict[str, float] | None = None) -> dict:
     """Run each missing model's made_by; its whole output and train log are kept in ``out`` (a slow run must be
     explainable from what comes back). ``concurrently``: all at once, sharing the GPU (their rates are then each
-    a share of the GPU, and the figures say so) -- a fresh machine's kernel autotuning is paid once in wall time."""
-    made, running = {}, []
-    for entry in config.models:
-        model_dir = Path(entry.model)
-        if model_dir.is_dir():
-            say(f"{entry.name}: {model_dir} exists, kept")
-            continue
-        argv = pretrain_argv(entry.made_by, tiny, tokens)
-        say(f"{entry.name}: {' '.join(argv[3:])}")
-        log = open(out / f"pretrain_{entry.name}.log", "w", encoding="utf-8")
-        running.append((entry, model_dir, log, time.perf_counter(),
-                        subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
-        if not concurrently:
-            _finish_pretraining(running.pop(), made, out, say, allow_slow, concurrently)
+    a share of the GPU, and the figures say so) -- a fresh machine's kernel autotuning is paid once in wall time.
+    ``stop_at`` (a ``time.perf_counter()`` value): runs still going then are stopped (PretrainingStopped); with
+    checkpoints (``save_every``) the next call resumes them. ``partial_s``: seconds each stopped run has spent so
+    far, added here when a run is stopped and to its figures when its resumed run ends."""
+    made, running, partial_s = {}, [], {} if partial_s is None else partial_s
     try:
+        for entry in config.models:
+            model_dir = Path(entry.model)
+            if model_dir.is_dir():
+                say(f"{entry.name}: {model_dir} exists, kept")
+                continue
+            argv = pretrain_argv(entry.made_by, tiny, tokens, save_every)
+            say(f"{entry.name}: {' '.join(argv[3:])}")
+            log = open(out / f"pretrain_{entry.name}.log", "a" if "--resume" in argv else "w", encoding="utf-8")
+            running.append((entry, model_dir, log, time.perf_counter(),
+                            subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
+            if not concurrently:
+                _finish_pretraining(running[-1], made, out, say, allow_slow, concurrently, stop_at, partial_s)
+                running.pop()  # only once finished: one stopped at the deadline is still stopped below
         for item in running:
-            _finish_pretraining(item, made, out, say, allow_slow, concurrently)
-    finally:  # one failed or too slow: the others are stopped, not left running on the GPU
-        for *_, child in running:
+            _finish_pretraining(item, made, out, say, allow_slow, concurrently, stop_at, partial_s)
+    finally:  # one failed, too slow or past the deadline: the others are stopped, not left running on the GPU
+        for entry, _, _, start, child in running:
             if child.poll() is None:
                 child.terminate()
+                child.wait()
+                partial_s[entry.name] = partial_s.get(entry.name, 0.0) + time.perf_counter() - start
     return made
 
 
-def _finish_pretraining(item, made: dict, out: Path, say, allow_slow: bool, concurrently: bool) -> None:
+def _finish_pretraining(item, made: dict, out: Path, say, allow_slow: bool, concurrently: bool,
+                        stop_at: float | None = None, partial_s: dict[str, float] | None = None) -> None:
     entry, model_dir, log, start, child = item
-    returncode = child.wait()
+    try:
+        returncode = child.wait(timeout=None if stop_at is None else max(stop_at - time.perf_counter(), 0.1))
+    except subprocess.TimeoutExpired:
+        log.close()
+        raise PretrainingStopped(f"{entry.name}: pretraining stopped at --deadline; its checkpoints are kept and "
+                                 "the next run resumes it") from None
     log.close()
     for name in ("train_log.jsonl", "lab_run.json"):
         if (model_dir.parent / name).is_file():
@@ -107,8 +140,10 @@ def _finish_pretraining(item, made: dict, out: Path, say, allow_slow: bool, conc
     if returncode:
         raise SystemExit(f"{entry.name}: pretraining failed (exit {returncode}); see "
                          f"{out / f'pretrain_{entry.name}.log'}")
-    made[entry.name] = {**pretrain_figures(model_dir.parent, time.perf_counter() - start),
-                        "concurrent_with_other_pretraining": concurrently}
+    earlier = (partial_s or {}).pop(entry.name, 0.0)  # the runs a deadline stopped before this one resumed
+    made[entry.name] = {**pretrain_figures(model_dir.parent, time.perf_counter() - start + earlier),
+                        "concurrent_with_other_pretraining": concurrently,
+                        **({"seconds_in_runs_stopped_at_deadline": round(earlier, 1)} if earlier else {})}
     say(f"{entry.name}: {json.dumps(made[entry.name])}")
     slow = slow_kernels(made[entry.name]["kernels"] or "")
     if slow and not allow_slow:
@@ -199,6 +234,9 @@ def main() -> int:
     ap.add_argument("--allow-slow", action="store_true", help="go on when a model trained with a fast kernel off")
     ap.add_argument("--pretrain-concurrently", action="store_true", help="pretrain the missing models at once, "
                     "sharing the GPU (each figure then is a share of it)")
+    ap.add_argument("--pretrain-save-every", type=int, default=100, help="checkpoint interval of the pretraining "
+                    "runs (steps; replaces the made_by's): a run stopped at --deadline resumes from its newest "
+                    "checkpoint (0: none, a stopped run starts over)")
     ap.add_argument("--pretrain-tokens", type=int, help="replace the made_by commands' --tokens (a quick check: "
                     "the models then are not the preset's)")
     args = ap.parse_args()
@@ -215,8 +253,17 @@ def main() -> int:
     config = load_study_config(args.preset)
     only = args.only or (TINY_ONLY if args.tiny else None)
     workers = 1 if args.tiny else args.workers_per_gpu
-    made = make_models(config, args.tiny, say, args.out, args.pretrain_tokens, args.allow_slow,
-                       args.pretrain_concurrently)
+    stop_at = started + args.deadline - 20 if args.deadline else None  # 20 s to stop the runs and write the figures
+    partial_s = results.setdefault("pretraining_stopped_s", {})
+    try:
+        made = make_models(config, args.tiny, say, args.out, args.pretrain_tokens, args.allow_slow,
+                           args.pretrain_concurrently, args.pretrain_save_every, stop_at, partial_s)
+    except PretrainingStopped as stopped:
+        say(f"{stopped}; run this again to continue")
+        results["runs"].append({"preset": args.preset, "pretraining_stopped_at_deadline": True,
+                                "seconds": round(time.perf_counter() - started, 1)})
+        results_path.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
     if made:  # kept now: a study stopped by a device call's limit must not lose the pretraining figures
         results["pretrained"] = {**results.get("pretrained", {}), **made}
         results_path.write_text(json.dumps(results, indent=1) + "\n")
