@@ -141,6 +141,24 @@ def test_suite_runs_resumes_and_summarises(tmp_path):
         assert 0 <= lo <= r["accuracy"] <= hi <= 1 and r["seeds"] == [0, 1]
 
 
+def test_suite_in_worker_processes_gives_the_records_of_one_process(tmp_path, monkeypatch):
+    """--workers 2: the runs split over two processes give the same records as one process (each run seeded on
+    its own), every run once; one thread everywhere, since a CPU sum over another thread count rounds otherwise."""
+    monkeypatch.setenv("HYBRIDLORA_THREADS", "1")
+    spec = spec_from_dict({"name": "p", "mixers": ["attention", "mamba2"], "ratio": "1:1"})
+    probes, seeds = ["memorization", "compression"], [0, 1]
+    one = run_suite({"p": spec}, probes, seeds, SMALL, tmp_path / "one", progress=False)
+    two = run_suite({"p": spec}, probes, seeds, SMALL, tmp_path / "two", progress=False, workers=2)
+    lines = (tmp_path / "two" / "probes.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and len(two) == 4
+
+    def key(r):
+        return r["probe"], r["seed"]
+
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in sorted(one, key=key)]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in sorted(two, key=key)] == strip
+
+
 def test_a_probe_learns_memorization_on_cpu():
     spec = spec_from_dict({"name": "m", "mixers": ["attention"]})
     record = run_probe(spec, "memorization", 0, Settings(name="t", epochs=6, train_examples=256, test_examples=64,
@@ -150,7 +168,7 @@ def test_a_probe_learns_memorization_on_cpu():
 
 
 def test_probe_cli_bad_inputs(tmp_path, capsys):
-    for extra in (["--probes", "nope"], ["--seeds", "a,b"], ["--archs", "sideways"]):
+    for extra in (["--probes", "nope"], ["--seeds", "a,b"], ["--archs", "sideways"], ["--workers", "0"]):
         assert main(["lab", "probe", "tiny-gdn", "--output", str(tmp_path / "o"), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err

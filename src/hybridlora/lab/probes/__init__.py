@@ -92,9 +92,10 @@ def run_probe(spec, name: str, seed: int, settings: Settings, device: str | None
 
 
 def run_suite(specs: dict, probes: list[str], seeds: list[int], settings: Settings, output: Path,
-              progress: bool = True) -> list[dict[str, Any]]:
+              progress: bool = True, workers: int = 1) -> list[dict[str, Any]]:
     """Every (architecture, probe, seed); records appended to ``output/probes.jsonl`` as they finish, and a
-    re-run skips the ones already there (resumable)."""
+    re-run skips the ones already there (resumable). ``workers`` > 1 runs that many at once in their own
+    processes (:func:`_in_processes`); each run is seeded on its own, so the records are those of one process."""
     output.mkdir(parents=True, exist_ok=True)
     path = output / RESULTS
     done = load_records(output)
@@ -105,9 +106,11 @@ def run_suite(specs: dict, probes: list[str], seeds: list[int], settings: Settin
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="probes", unit="run", leave=False)
+    records = (_in_processes(specs, jobs, settings, workers) if workers > 1 and len(jobs) > 1
+               else (run_probe(specs[arch], probe, seed, settings) for arch, probe, seed in jobs))
     with path.open("a", encoding="utf-8") as fh:
-        for arch, probe, seed in jobs:
-            record = run_probe(specs[arch], probe, seed, settings)
+        for record in records:
+            arch, probe, seed = record["arch"], record["probe"], record["seed"]
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             done.append(record)
@@ -117,6 +120,35 @@ def run_suite(specs: dict, probes: list[str], seeds: list[int], settings: Settin
     if bar is not None:
         bar.close()
     return [r for r in done if r["settings"] == settings.name]
+
+
+def _in_processes(specs: dict, jobs: list[tuple[str, str, int]], settings: Settings, workers: int):
+    """Yield the records of ``jobs`` as ``workers`` processes finish them. Why processes: a probe model is small
+    (~0.5M parameters at MAD's settings), so one run leaves most of a GPU idle while its host launches kernels;
+    several runs keep it busy (on CPU they share the cores, each sizing its threads like any hybridlora process).
+    An interrupted suite keeps the records written so far; the rest run again on the next call."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from ... import threads
+
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_started, initargs=(threads.explicit_threads(),))
+    try:
+        with threads.standing_aside():  # this process only waits: its share of the cores goes to the workers
+            pending = {pool.submit(run_probe, specs[arch], probe, seed, settings) for arch, probe, seed in jobs}
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_started(fixed_threads: int | None) -> None:
+    from ... import threads
+
+    threads.configure(fixed_threads)
 
 
 def load_records(output: Path) -> list[dict[str, Any]]:

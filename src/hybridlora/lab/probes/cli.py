@@ -21,7 +21,13 @@ def register(sub) -> None:
     p.add_argument("--settings", choices=["tiny", "mad"], default="tiny",
                    help="tiny: CPU-sized tasks and models; mad: MAD's baseline task settings (GPU)")
     p.add_argument("--output", required=True, help="results directory (probes.jsonl, probes_summary.json)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="probe runs at once, each in its own process (default 1); on a GPU several small probe "
+                        "models share it, on CPU they share the cores")
     p.add_argument("--no-progress", action="store_true")
+    from ...threads import add_option as add_threads_option
+
+    add_threads_option(p)
     p.set_defaults(func=cmd_probe)
 
 
@@ -55,6 +61,8 @@ def cmd_probe(args) -> int:
         if missing:
             raise CliError(f"--archs: {', '.join(missing)} not among this spec's variants ({', '.join(found)})")
         specs = {found[n].name: found[n] for n in names}
+    if args.workers < 1:
+        raise CliError(f"--workers {args.workers}: give at least 1")
     settings = Settings.tiny() if args.settings == "tiny" else Settings.mad()
     for arch in specs.values():  # every probe architecture must solve before anything runs
         for probe in probes:
@@ -62,7 +70,8 @@ def cmd_probe(args) -> int:
     out = Path(args.output)
     if out.is_file():
         raise CliError(f"--output {out} is a file; give a directory")
-    records = [r for r in run_suite(specs, probes, seeds, settings, out, progress=not args.no_progress)
+    records = [r for r in run_suite(specs, probes, seeds, settings, out, progress=not args.no_progress,
+                                    workers=args.workers)
                if r["arch"] in specs and r["probe"] in probes and r["seed"] in seeds]
     rows = summarize(records)
     from ...train.loop import write_atomic
