@@ -102,7 +102,8 @@ def main() -> int:
                 print(f"    L={row['length']:>6}: {row['error']}")
             else:
                 print(f"    L={row['length']:>6}: prefill {row['prefill_tokens_per_s']:>12,.0f} tok/s  decode "
-                      f"{row['decode_tokens_per_s']:>8,.1f} tok/s  peak {row['decode_peak_mem_gib'] or 0:.2f} GiB")
+                      f"{row['decode_tokens_per_s']:>8,.1f} tok/s ({row['decode_path']})  peak "
+                      f"{row['decode_peak_mem_gib'] or 0:.2f} GiB")
         del model
         if device == "cuda":
             torch.cuda.empty_cache()

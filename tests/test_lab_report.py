@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from hybridlora.cli import main
 from hybridlora.lab.probes import Settings, run_suite
 from hybridlora.lab.spec import spec_from_dict
@@ -51,6 +53,10 @@ def test_efficiency_profiles_run_on_a_tiny_model():
     looped = trainer_profile(model, batch=2, seq_len=16, steps=1, warmup=1)
     assert plain["tokens_per_s"] > 0 and plain["precision"] == "fp32" and 0 <= plain["mfu"] < 1
     assert looped["tokens_per_s"] > 0 and looped["batching"].startswith("packing on")
-    rows = inference_profile(model, [8, 16], decode_tokens=2, repeats=1, warmup=0)
+    model.generation_config.eos_token_id = 3
+    rows = inference_profile(model, [8, 16], decode_tokens=4, repeats=1, warmup=0)
     assert [r["length"] for r in rows] == [8, 16]
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+    assert all(r["decode_path"] == "eager" for r in rows)  # CPU: the static-cache loop, no graphs
+    assert model.generation_config.eos_token_id == 3 and next(model.parameters()).dtype == torch.float32
+

@@ -5,8 +5,9 @@ Training: full-parameter steps of ``batch × seq_len`` random tokens in bf16 aut
 (fused on CUDA), the loss through hybridlora.fast's chunked cross-entropy, the fast kernels bound
 (``fast.use("fast")``) and missing ones warned about. MFU counts 6 × parameters FLOPs per token (the issue's
 convention: attention's quadratic term is left out, so long sequences read low) against ``peak_tflops``.
-Prefill: one forward of ``[1, L]`` that fills the cache. Decode: greedy steps after a prefill of ``L`` tokens,
-reading the cache (tokens/s of the steps alone). Memory: the CUDA allocator's peak for each measurement.
+Inference runs a bf16 copy on CUDA. Prefill: one forward of ``[1, L]`` that fills the cache. Decode: greedy steps
+after a prefill of ``L`` tokens through the project's static-cache decoding (graph-replayed on CUDA), the
+marginal seconds of a step (tokens/s of the steps alone). Memory: the CUDA allocator's peak for each measurement.
 """
 from __future__ import annotations
 
@@ -114,47 +115,72 @@ def trainer_profile(model, *, batch: int, seq_len: int, steps: int = 10, warmup:
 @torch.no_grad()
 def inference_profile(model, lengths: list[int], *, decode_tokens: int = 64, repeats: int = 3,
                       warmup: int = 1) -> list[dict[str, Any]]:
-    """Prefill and decode at each context length (batch 1); a length that runs out of memory is recorded so."""
-    from ..train.loop import _autocast
-
+    """Prefill and greedy decode at each context length (batch 1) of the model as one serves it: a bf16 copy on
+    CUDA (the model passed in, which may hold float32 training weights, is left alone), float32 on CPU. Decode
+    runs the project's decoding (:func:`hybridlora.fast.decode.greedy_generate`: static cache, the step replayed
+    as a CUDA graph on CUDA), timed as the marginal cost of a step between two calls of different lengths, so
+    the prefill and the graph capture are not charged to the steps. A length that runs out of memory is
+    recorded so."""
     device = next(model.parameters()).device
-    ctx, _ = _autocast(device, "auto")
-    model.eval()
+    served = _served_copy(model, device)
     rows = []
     for length in lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
         try:
-            rows.append({"length": length, **_prefill(model, ids, ctx, device, repeats, warmup),
-                         **_decode(model, ids, ctx, device, decode_tokens)})
+            rows.append({"length": length, **_prefill(served, ids, device, repeats, warmup),
+                         **_decode(served, ids, device, decode_tokens)})
         except torch.OutOfMemoryError:
             rows.append({"length": length, "error": "out of memory"})
             torch.cuda.empty_cache()
     return rows
 
 
-def _prefill(model, ids, ctx, device, repeats, warmup) -> dict[str, Any]:
+def _served_copy(model, device: torch.device):
+    import copy
+
+    served = copy.deepcopy(model)
+    if device.type == "cuda":
+        served.to(torch.bfloat16)
+    return served.eval()
+
+
+def _prefill(model, ids, device, repeats, warmup) -> dict[str, Any]:
     def run():
-        with ctx:
-            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
     _reset_peak(device)
     seconds = _timed(run, device, repeats, warmup)
     return {"prefill_s": seconds, "prefill_tokens_per_s": ids.shape[1] / seconds, "prefill_peak_mem_gib": _peak_gib(device)}
 
 
-def _decode(model, ids, ctx, device, steps: int) -> dict[str, Any]:
-    _reset_peak(device)
-    with ctx:
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-        position = ids.shape[1]
+def _decode(model, ids, device, steps: int) -> dict[str, Any]:
+    from ..fast.decode import greedy_generate
+
+    if steps < 3:
+        raise ValueError("decode_tokens: give at least 3 (two timed calls of different lengths)")
+    mask = torch.ones_like(ids)
+
+    def run(new: int):
         _sync(device)
         start = time.perf_counter()
-        for _ in range(steps):
-            pos = torch.tensor([[position]], device=device)
-            out = model(input_ids=token, cache=cache, use_cache=True, position_ids=pos)
-            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-            position += 1
+        result = greedy_generate(model, ids, mask, max_new_tokens=new, pad_token_id=0, graphs=device.type == "cuda")
         _sync(device)
-    seconds = time.perf_counter() - start
-    return {"decode_tokens": steps, "decode_tokens_per_s": steps / seconds, "decode_peak_mem_gib": _peak_gib(device)}
+        return time.perf_counter() - start, result
+
+    config, eos = model.generation_config, model.generation_config.eos_token_id
+    config.eos_token_id = None  # random weights may pick the end token: every timed call decodes all its steps
+    try:
+        _reset_peak(device)
+        run(4)  # compiling, autotuning and a first capture at this length, outside the timing
+        short = max(2, steps // 4)
+        t_short, _ = run(short)
+        t_long, result = run(steps)
+    finally:
+        config.eos_token_id = eos
+    if t_long > t_short:
+        step, timing = (t_long - t_short) / (steps - short), f"marginal step ({short} vs {steps} tokens)"
+    else:  # the extra steps cost less than the timing's noise (a tiny model, few tokens): the whole call's average
+        step, timing = t_long / steps, "whole call (the marginal step was below the timing noise)"
+    return {"decode_tokens": steps, "decode_s_per_token": step, "decode_tokens_per_s": 1.0 / step,
+            "decode_fixed_s": max(0.0, t_long - steps * step), "decode_timing": timing,
+            "decode_path": result.graph, "decode_peak_mem_gib": _peak_gib(device)}
