@@ -10,6 +10,7 @@ argmax flips with bf16 rounding differences, so agreement there is reported, not
 Usage (GPU machine, fla-core / mamba-ssm wheels on PYTHONPATH)::
 
     python bench/bench_decode.py --out OUT [--models qwen,falcon] [--new 64]
+    python bench/bench_decode.py --out OUT --paths graph,graph_conv   # fla's one-token convolution, side by side
 """
 from __future__ import annotations
 
@@ -67,6 +68,22 @@ def step_seconds(model, ids, mask, new: int, path: str) -> dict:
     return {"s_per_step": (long - short) / (new - 4), "setup_s": short, "how": how, "tokens": tokens}
 
 
+def _with_conv_update(model, ids, mask, new: int) -> dict:
+    """The graph path with fla's one-token convolution bound (the opt-in $HYBRIDLORA_FLA_CONV_UPDATE=1) instead of
+    transformers' PyTorch fallback; the binding is put back afterwards."""
+    from hybridlora.fast.kernels import CONV_UPDATE_ENV
+
+    os.environ[CONV_UPDATE_ENV] = "1"
+    try:
+        bound = fast.use("fast")
+        result = step_seconds(model, ids, mask, new, "graph")
+        result["conv_update"] = sorted({v for k, v in bound.items() if k.endswith("causal_conv1d_update")})
+        return result
+    finally:
+        del os.environ[CONV_UPDATE_ENV]
+        fast.use("fast")
+
+
 def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     n = min(a.shape[1], b.shape[1])
     same = (a[:, :n] == b[:, :n])
@@ -81,7 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="qwen,falcon")
     ap.add_argument("--shapes", default="gsm8k,humaneval")
     ap.add_argument("--new", type=int, default=0, help="new tokens per timing (default: the benchmark's own)")
-    ap.add_argument("--paths", default="hf,eager,graph")
+    ap.add_argument("--paths", default="hf,eager,graph",
+                    help="comma list of hf, eager, graph, graph_conv (graph with fla's one-token convolution)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
@@ -100,7 +118,8 @@ def main(argv=None) -> int:
             for path in args.paths.split(","):
                 torch.cuda.reset_peak_memory_stats()
                 try:
-                    r = step_seconds(model, ids, mask, new, path)
+                    r = _with_conv_update(model, ids, mask, new) if path == "graph_conv" else \
+                        step_seconds(model, ids, mask, new, path)
                 except Exception as exc:  # recorded, the other paths still run
                     row[path] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                     torch.cuda.empty_cache()
@@ -113,6 +132,10 @@ def main(argv=None) -> int:
                 btl.log(name, shape, path, json.dumps(r))
             if "graph" in tokens and "eager" in tokens:
                 row["graph_vs_eager"] = agreement(tokens["graph"], tokens["eager"])
+            if "graph" in tokens and "graph_conv" in tokens:
+                row["graph_conv_vs_graph"] = agreement(tokens["graph_conv"], tokens["graph"])
+                if "s_per_step" in row.get("graph", {}) and "s_per_step" in row.get("graph_conv", {}):
+                    row["graph_conv_speedup"] = round(row["graph"]["s_per_step"] / row["graph_conv"]["s_per_step"], 2)
             if "hf" in tokens:
                 for path in ("eager", "graph"):
                     if path in tokens:

@@ -175,6 +175,27 @@ def test_graph_decoding_with_fast_kernels_equals_generate_on_cuda(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_fla_decode_convolution_gives_the_same_tokens_on_cuda(model, monkeypatch):
+    """The opt-in fla one-token convolution ($HYBRIDLORA_FLA_CONV_UPDATE=1), replayed in the decode graph, gives the
+    tokens of transformers' own convolution step (float32 tiny models: no near-ties to round differently)."""
+    from hybridlora import fast
+    from hybridlora.fast import kernels
+
+    try:
+        with on_cuda(model) as (net, tok, ids, mask):
+            fast.use("fast")
+            plain = greedy_generate(net, ids, mask, max_new_tokens=40, pad_token_id=tok.pad_token_id)
+            monkeypatch.setenv(kernels.CONV_UPDATE_ENV, "1")
+            bound = fast.use("fast")
+            fused = greedy_generate(net, ids, mask, max_new_tokens=40, pad_token_id=tok.pad_token_id)
+    finally:
+        fast.restore()
+    assert any(v == "fla.causal_conv1d_update" for k, v in bound.items() if k.endswith("causal_conv1d_update"))
+    assert fused.graph == plain.graph == "replayed"
+    assert torch.equal(fused.tokens, plain.tokens)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_replay_equals_eager_static_decoding_on_cuda(model):
     with on_cuda(model) as (net, tok, ids, mask):
         eager = greedy_generate(net, ids, mask, max_new_tokens=40, pad_token_id=tok.pad_token_id, graphs=False)

@@ -432,6 +432,79 @@ def test_fla_conv_equals_the_reference_on_cuda(in_place):
             torch.testing.assert_close(wa.grad.float(), wb.grad.float(), atol=tol * 10, rtol=tol)
 
 
+def _fla_conv_update_semantics(x, cache, weight=None, bias=None, activation=None):
+    """What fla's ``causal_conv1d_update`` kernel computes, written out (a CPU stand-in for the Triton kernel):
+    ``x`` ``[N, 1, D]`` channel-last, ``cache`` ``[N, D, W]`` shifted by one in place with ``x`` as its last
+    column, the output the window's dot product with ``weight`` ``[D, W]`` (+ bias, activation) in float32."""
+    cache.copy_(torch.cat([cache[:, :, 1:], x.transpose(1, 2).to(cache.dtype)], dim=-1))
+    y = (cache.float() * weight.float()).sum(-1) + (bias.float() if bias is not None else 0.0)
+    if activation in ("silu", "swish"):
+        y = torch.nn.functional.silu(y)
+    return y.to(x.dtype)[:, None, :], cache
+
+
+def _conv_update_case(device, dtype, batch=3, dim=10, width=4):
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(batch, 1, dim, generator=g).to(device, dtype).transpose(1, 2)  # as transformers hands it
+    state = torch.randn(batch, dim, width, generator=g).to(device, dtype)
+    weight = torch.randn(dim, width, generator=g).to(device, dtype)
+    bias = torch.randn(dim, generator=g).to(device, dtype)
+    return hidden, state, weight, bias
+
+
+def test_the_decode_convolution_binds_only_when_asked_for_and_keeps_transformers_semantics(monkeypatch):
+    """$HYBRIDLORA_FLA_CONV_UPDATE=1 binds fla's one-token convolution into the Qwen3.5 and Falcon-H1 modules; the
+    wrapper's layout (transformers' [B, D, 1] view and [B, D, W] state, fla's channel-last step) gives
+    transformers' output and state; without the variable, or after it is dropped, transformers' own choice stays."""
+    probe = {k: {"fn": None, "reason": "absent"} for k in fast.KERNEL_PURPOSE}
+    probe["fla.causal_conv1d_update"] = {"fn": _fla_conv_update_semantics, "reason": "stand-in"}
+    monkeypatch.setattr(kernels, "_cuda", lambda: True)
+    monkeypatch.setattr(kernels, "_probe", lambda: probe)
+    monkeypatch.setattr(kernels, "_on_cuda", lambda args, kwargs: True)
+    modules = [importlib.import_module(f"transformers.models.{m}.modeling_{m}") for m in ("qwen3_5", "falcon_h1")]
+    references = [inspect.unwrap(m.causal_conv1d_update) for m in modules]
+    monkeypatch.delenv(kernels.CONV_UPDATE_ENV, raising=False)
+    bound = fast.use("fast")
+    assert not any(k.endswith("causal_conv1d_update") for k in bound)
+    assert all(inspect.unwrap(m.causal_conv1d_update) is r for m, r in zip(modules, references))
+    monkeypatch.setenv(kernels.CONV_UPDATE_ENV, "1")
+    bound = fast.use("fast")
+    for module, reference in zip(modules, references):
+        assert bound[f"{module.__name__.rsplit('.', 1)[-1]}.causal_conv1d_update"] == "fla.causal_conv1d_update"
+        for activation in ("silu", None):
+            hidden, state, weight, bias = _conv_update_case("cpu", torch.float32)
+            ours, theirs = state.clone(), state.clone()
+            out = module.causal_conv1d_update(hidden, ours, weight, bias, activation)
+            expected = reference(hidden, theirs, weight, bias, activation)
+            assert out.shape == expected.shape == (3, 10, 1)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ours, theirs)  # the state moved on in place, like transformers'
+        hidden, state, weight, bias = _conv_update_case("cpu", torch.float32, width=4)
+        narrow = state[:, :, 1:].contiguous()  # a state narrower than the kernel: the reference serves it
+        torch.testing.assert_close(module.causal_conv1d_update(hidden, narrow.clone(), weight, bias, "silu"),
+                                   reference(hidden, narrow.clone(), weight, bias, "silu"))
+    monkeypatch.delenv(kernels.CONV_UPDATE_ENV)
+    fast.use("fast")
+    assert all(inspect.unwrap(m.causal_conv1d_update) is r for m, r in zip(modules, references))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernels need a GPU")
+def test_fla_decode_convolution_equals_transformers_on_cuda():
+    fla_update = pytest.importorskip("fla.modules.causal_conv1d").causal_conv1d_update
+    mq = importlib.import_module("transformers.models.qwen3_5.modeling_qwen3_5")
+    reference = inspect.unwrap(mq.causal_conv1d_update)
+    step = ops.make_conv_update(fla_update, reference)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for batch, dim in ((1, 64), (5, 6144)):  # one row; Qwen3.5-0.8B's conv width
+            for activation in ("silu", None):
+                hidden, state, weight, bias = _conv_update_case("cuda", dtype, batch, dim)
+                ours, theirs = state.clone(), state.clone()
+                out = step(hidden, ours, weight, bias, activation)
+                expected = reference(hidden, theirs, weight, bias, activation)
+                torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+                torch.testing.assert_close(ours.float(), theirs.float(), atol=tol, rtol=tol)
+
+
 def test_unfused_stand_in_sends_falcon_down_the_module_path():
     assert ops.unfused_split_conv1d_scan(torch.zeros(1), outproj_weight=torch.zeros(1)) is None
 

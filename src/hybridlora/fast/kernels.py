@@ -33,6 +33,7 @@ KERNEL_PURPOSE = {
     "mamba_ssm.mamba_chunk_scan_combined": "Mamba-2 SSD training / prefill (chunked)",
     "mamba_ssm.selective_state_update": "Mamba-2 one-token decode",
     "fla.causal_conv1d": "short convolution, training / prefill (channel-last Triton)",
+    "fla.causal_conv1d_update": "short convolution, one-token decode (opt-in: $HYBRIDLORA_FLA_CONV_UPDATE=1)",
     "fla.rms_norm": "RMSNorm, fused (Qwen3.5's 1 + w form)",
     "fla.rms_norm_gated": "gated RMSNorm of the Gated DeltaNet output, fused",
 }
@@ -40,7 +41,12 @@ _GDN_BINDINGS = {
     "torch_chunk_gated_delta_rule": "fla.chunk_gated_delta_rule",
     "torch_recurrent_gated_delta_rule": "fla.fused_recurrent_gated_delta_rule",
     "causal_conv1d_fn": "conv",
+    "causal_conv1d_update": "fla.causal_conv1d_update",
 }
+# Bound only when asked for ($HYBRIDLORA_FLA_CONV_UPDATE=1) until the GPU has measured it against transformers'
+# PyTorch fallback; otherwise transformers keeps its own choice (causal-conv1d where installed)
+CONV_UPDATE_ENV = "HYBRIDLORA_FLA_CONV_UPDATE"
+OPT_IN = {"fla.causal_conv1d_update": CONV_UPDATE_ENV}
 # modeling module -> {attribute: kernel key}; "Class.method" binds a method of a modeling class
 BINDINGS = {
     "transformers.models.qwen3_5.modeling_qwen3_5": {
@@ -58,6 +64,7 @@ BINDINGS = {
         "mamba2_selective_state_update": "mamba_ssm.selective_state_update",
         "mamba2_split_conv1d_scan_combined": "unfused",
         "causal_conv1d_fn": "conv",
+        "causal_conv1d_update": "fla.causal_conv1d_update",
     },
 }
 REFERENCE = "reference (no CUDA)"
@@ -82,6 +89,7 @@ def _probe() -> dict[str, dict[str, Any]]:
         "fla.chunk_gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
         "fla.fused_recurrent_gated_delta_rule": ("fla.ops.gated_delta_rule", "fused_recurrent_gated_delta_rule"),
         "fla.causal_conv1d": ("fla.modules.causal_conv1d", "causal_conv1d"),
+        "fla.causal_conv1d_update": ("fla.modules.causal_conv1d", "causal_conv1d_update"),
         "fla.rms_norm": ("fla.modules.norm.layernorm", "rms_norm"),
         "fla.rms_norm_gated": ("fla.modules.norm.fused_norm_gate", "rms_norm_gated"),
     }.items():
@@ -178,6 +186,8 @@ def _implementation(key: str, original: Callable | None = None) -> Callable | No
         if os.environ.get("HYBRIDLORA_TORCH_NORM") == "1":  # side-by-side timing and checks
             return None
         return (ops.make_rms_norm if key == "fla.rms_norm" else ops.make_rms_norm_gated)(fn, inspect.unwrap(original))
+    if key == "fla.causal_conv1d_update":
+        return ops.make_conv_update(fn, inspect.unwrap(original))
     makers = {"fla.chunk_gated_delta_rule": ops.make_gdn_chunk,
               "fla.fused_recurrent_gated_delta_rule": ops.make_gdn_recurrent,
               "mamba_ssm.mamba_chunk_scan_combined": ops.make_ssd_chunk,
@@ -273,7 +283,13 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
             if owner is None or not hasattr(owner, name):
                 continue
             original = _state["originals"].setdefault((module_name, attr), getattr(owner, name))
+            if key in OPT_IN and os.environ.get(OPT_IN[key]) != "1":
+                setattr(owner, name, original)  # not asked for: transformers' own choice (undoes an earlier use())
+                continue
             impl = _implementation(key, original) if fast else None
+            if key in OPT_IN and impl is None:  # asked for, but no kernel here (or no CUDA): nothing to replace
+                setattr(owner, name, original)
+                continue
             if impl is not None and key == "fla.chunk_gated_delta_rule" and _gdn_backward_blocked(64):
                 # fla #640 refuses the backward for some head dims (all, unless the guard is narrowed): forward-only
                 # calls keep fla's kernel, calls that need a gradient there take the reference
@@ -513,10 +529,13 @@ def describe(model: Any = None, *, training: bool = True) -> str:
                                      ("fla.rms_norm_gated", "HYBRIDLORA_TORCH_NORM")) if os.environ.get(var) == "1"}
     parts = [f"{k}={'off' if any(m.startswith(k) for m in missing) or not info['kernels'][k]['usable'] or k in switched_off else 'on'}"
              for k in keys]
-    conv_bound = next((v for v in info["bound"].values() if v.startswith("fla.causal_conv1d")), "")
+    conv_bound = next((v for v in info["bound"].values()
+                       if v.startswith("fla.causal_conv1d") and not v.startswith("fla.causal_conv1d_update")), "")
     if conv_bound and "in place" not in conv_bound and "fla.causal_conv1d=on" in parts:
         parts.append("packed-row conv correction=autograd ops (slower: fla's conv internals not found or "
                      "HYBRIDLORA_CONV_AUTOGRAD_CORRECTION=1)")
+    if "fla.causal_conv1d_update" in info["bound"].values():
+        parts.append(f"fla.causal_conv1d_update=on (opt-in {CONV_UPDATE_ENV}=1)")
     parts.append(f"triton cross-entropy={'on' if use_ce_kernel() else 'off'}")
     return f"kernels ({info['device']}, mode={info['mode']}): " + ", ".join(parts) + \
         (f"; notes: {'; '.join(info['notes'])}" if info["notes"] else "")

@@ -293,6 +293,25 @@ def make_gdn_recurrent(fla_recurrent: Callable) -> Callable:
     return gdn_recurrent
 
 
+def make_conv_update(fla_update: Callable, reference: Callable) -> Callable:
+    """transformers' one-token ``causal_conv1d_update(hidden_states [B, D, 1], conv_state [B, D, W], weight [D, W],
+    bias, activation)`` on fla's fused Triton step: the state shifted by one, the new column written and the
+    window's dot product taken in one kernel, in place on the cache's buffer. Without ``causal-conv1d``
+    transformers runs its PyTorch fallback instead (a concatenation, a copy of the state, a generic depthwise
+    ``conv1d``, a slice, the activation and casts per layer and step). Same result up to float order (fla sums
+    in float32). Shapes the kernel does not take (several tokens, a state not as wide as the kernel, a
+    non-contiguous state) keep the reference."""
+    @functools.wraps(reference)
+    def conv_update(hidden_states, conv_state, weight, bias=None, activation=None, **kwargs):
+        if (hidden_states.shape[-1] != 1 or conv_state.shape[-1] != weight.shape[-1] or weight.dim() != 2
+                or not conv_state.is_contiguous() or not weight.is_contiguous()):
+            return reference(hidden_states, conv_state, weight, bias, activation)
+        y, _ = fla_update(hidden_states.transpose(1, 2), conv_state, weight=weight, bias=bias, activation=activation)
+        return y.transpose(1, 2)  # [B, 1, D] -> the [B, D, 1] view transformers continues with
+    conv_update.__hybridlora_kernel__ = "fla.causal_conv1d_update"
+    return conv_update
+
+
 # --- Mamba-2 SSD (mamba-ssm Triton) --------------------------------------------------------------------------
 def make_ssd_chunk(chunk_scan: Callable) -> Callable:
     def ssd_chunk(hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
