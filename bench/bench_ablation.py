@@ -173,32 +173,20 @@ def mc_seconds_prefix_reuse(model, args) -> tuple[float, str | None, int]:
 
 def decode(model, args, batch: int, new: int, *, check: bool = True):
     """Greedy decoding of ``batch`` random prompts: the marginal seconds per decode step and the fixed seconds of a
-    call (prefill, static cache, graph capture), from two timed calls of ``new // 4`` and ``new`` steps — one call
-    divided by its steps would charge the prefill and the capture to every step."""
-    from hybridlora.fast.decode import greedy_generate
+    call (prefill, static cache, graph capture), from timed calls of ``new // 4`` and ``new`` steps
+    (:func:`hybridlora.fast.decode.time_decode_step`) — one call divided by its steps would charge the prefill
+    and the capture to every step."""
+    from hybridlora.fast.decode import greedy_generate, time_decode_step
 
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(1, model.config.vocab_size, (batch, args.gen_len), generator=g).to(args.device)
     mask = torch.ones_like(ids)
     graphs = args.device == "cuda"
-
-    def timed(steps: int):
-        sync(args.device)
-        t = time.perf_counter()
-        result = greedy_generate(model, ids, mask, max_new_tokens=steps, pad_token_id=0, graphs=graphs)
-        sync(args.device)
-        return time.perf_counter() - t, result
-
     with torch.inference_mode():
-        # warm-up at the timed batch: a batch size not seen before autotunes its kernels in its first call, which
-        # would land in the short call and make the marginal step look free (seen on the H200 at 512 / 1024 rows)
-        greedy_generate(model, ids, mask, max_new_tokens=4, pad_token_id=0, graphs=graphs)
-        short = max(2, new // 4)
-        t_short, _ = timed(short)
-        wall, result = timed(new)
-        step = max(0.0, (wall - t_short) / (new - short))
-        out = {"s_per_step": step, "fixed_s": max(0.0, wall - new * step), "s_per_step_whole_call": wall / new,
-               "path": result.graph, "tokens": result.tokens.cpu()}
+        t = time_decode_step(model, ids, mask, new, graphs=graphs)
+        result = t["result"]
+        out = {"s_per_step": t["s_per_step"], "fixed_s": t["fixed_s"],
+               "timing": t["timing"], "path": result.graph, "tokens": result.tokens.cpu()}
         if check:
             eager = greedy_generate(model, ids, mask, max_new_tokens=new, pad_token_id=0, graphs=False).tokens
             out["graph_equals_eager"] = bool(torch.equal(result.tokens.cpu(), eager.cpu()))

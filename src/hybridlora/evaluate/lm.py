@@ -179,9 +179,9 @@ class CausalLM:
                               logp[-1, torch.tensor(lasts, **index)]])
 
         def use(i: int, logp: torch.Tensor) -> None:
-            _, prefix, lasts = prepared[i]
-            shared = sum(float(logp[j, t]) for j, t in enumerate(prefix))
-            out[i] = [shared + float(logp[-1, t]) for t in lasts]
+            values, n_shared = scored(i, logp).tolist(), len(prepared[i][1])  # one device read per row
+            shared = sum(values[:n_shared])
+            out[i] = [shared + v for v in values[n_shared:]]
             if progress is not None:
                 progress.update(1)
 

@@ -234,6 +234,40 @@ def greedy_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     return result
 
 
+def time_decode_step(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, new: int, *,
+                     graphs: bool = True, pad_token_id: int = 0) -> dict[str, Any]:
+    """Seconds per decode step of :func:`greedy_generate` on this batch, apart from what each call costs once
+    (prefill, static cache, graph capture). A warm-up call of 4 tokens at this shape first: a shape not seen
+    before autotunes its kernels in its first call, which would land in a timed call and make steps look free.
+    Then calls of ``new // 4`` and ``new`` tokens: the step is their difference per token, or, where that is
+    below the timing's noise, the longer call's average, said so in ``timing``. Returns ``s_per_step``,
+    ``fixed_s``, ``timing`` and ``result`` (the longer call's :class:`GreedyResult`)."""
+    import time
+
+    if new < 3:
+        raise ValueError("time_decode_step: give at least 3 new tokens (two timed calls of different lengths)")
+
+    def timed(steps: int):
+        if input_ids.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = greedy_generate(model, input_ids, attention_mask, max_new_tokens=steps, pad_token_id=pad_token_id,
+                                 graphs=graphs)
+        if input_ids.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, result
+
+    timed(4)
+    short = max(2, new // 4)
+    t_short, _ = timed(short)
+    t_long, result = timed(new)
+    if t_long > t_short:
+        step, timing = (t_long - t_short) / (new - short), f"marginal step ({short} vs {new} tokens)"
+    else:  # the extra steps cost less than the timing's noise (a tiny model, few tokens)
+        step, timing = t_long / new, "whole call (the marginal step was below the timing noise)"
+    return {"s_per_step": step, "fixed_s": max(0.0, t_long - new * step), "timing": timing, "result": result}
+
+
 def _diagnose(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
               pad_token_id: int) -> list[str]:
     """Where host values reach the decode step (after a failed capture): one step of a throwaway batch under

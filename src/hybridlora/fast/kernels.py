@@ -283,12 +283,10 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
             if owner is None or not hasattr(owner, name):
                 continue
             original = _state["originals"].setdefault((module_name, attr), getattr(owner, name))
-            if key in OPT_IN and os.environ.get(OPT_IN[key]) != "1":
-                setattr(owner, name, original)  # not asked for: transformers' own choice (undoes an earlier use())
-                continue
-            impl = _implementation(key, original) if fast else None
-            if key in OPT_IN and impl is None:  # asked for, but no kernel here (or no CUDA): nothing to replace
-                setattr(owner, name, original)
+            asked = key not in OPT_IN or os.environ.get(OPT_IN[key]) == "1"
+            impl = _implementation(key, original) if fast and asked else None
+            if key in OPT_IN and impl is None:  # not asked for, or no kernel here: transformers' own choice
+                setattr(owner, name, original)  # (undoes an earlier use() that bound it)
                 continue
             if impl is not None and key == "fla.chunk_gated_delta_rule" and _gdn_backward_blocked(64):
                 # fla #640 refuses the backward for some head dims (all, unless the guard is narrowed): forward-only

@@ -154,33 +154,15 @@ def _prefill(model, ids, device, repeats, warmup) -> dict[str, Any]:
 
 
 def _decode(model, ids, device, steps: int) -> dict[str, Any]:
-    from ..fast.decode import greedy_generate
-
-    if steps < 3:
-        raise ValueError("decode_tokens: give at least 3 (two timed calls of different lengths)")
-    mask = torch.ones_like(ids)
-
-    def run(new: int):
-        _sync(device)
-        start = time.perf_counter()
-        result = greedy_generate(model, ids, mask, max_new_tokens=new, pad_token_id=0, graphs=device.type == "cuda")
-        _sync(device)
-        return time.perf_counter() - start, result
+    from ..fast.decode import time_decode_step
 
     config, eos = model.generation_config, model.generation_config.eos_token_id
     config.eos_token_id = None  # random weights may pick the end token: every timed call decodes all its steps
     try:
         _reset_peak(device)
-        run(4)  # compiling, autotuning and a first capture at this length, outside the timing
-        short = max(2, steps // 4)
-        t_short, _ = run(short)
-        t_long, result = run(steps)
+        t = time_decode_step(model, ids, torch.ones_like(ids), steps, graphs=device.type == "cuda")
     finally:
         config.eos_token_id = eos
-    if t_long > t_short:
-        step, timing = (t_long - t_short) / (steps - short), f"marginal step ({short} vs {steps} tokens)"
-    else:  # the extra steps cost less than the timing's noise (a tiny model, few tokens): the whole call's average
-        step, timing = t_long / steps, "whole call (the marginal step was below the timing noise)"
-    return {"decode_tokens": steps, "decode_s_per_token": step, "decode_tokens_per_s": 1.0 / step,
-            "decode_fixed_s": max(0.0, t_long - steps * step), "decode_timing": timing,
-            "decode_path": result.graph, "decode_peak_mem_gib": _peak_gib(device)}
+    return {"decode_tokens": steps, "decode_s_per_token": t["s_per_step"], "decode_tokens_per_s": 1.0 / t["s_per_step"],
+            "decode_fixed_s": t["fixed_s"], "decode_timing": t["timing"], "decode_path": t["result"].graph,
+            "decode_peak_mem_gib": _peak_gib(device)}
