@@ -86,7 +86,12 @@ def _set_flag(words: list[str], flag: str, value: str) -> None:
 
 
 class PretrainingStopped(Exception):
-    """The deadline came during pretraining: the runs were stopped, their checkpoints kept for the next run."""
+    """The deadline came during pretraining: the runs still going were stopped, their checkpoints kept for the
+    next run. ``made``: the figures of the runs that had finished by then (their models are kept and made)."""
+
+    def __init__(self, message: str, made: dict | None = None):
+        super().__init__(message)
+        self.made = made or {}
 
 
 def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None, allow_slow: bool = False,
@@ -95,9 +100,10 @@ def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None, a
     """Run each missing model's made_by; its whole output and train log are kept in ``out`` (a slow run must be
     explainable from what comes back). ``concurrently``: all at once, sharing the GPU (their rates are then each
     a share of the GPU, and the figures say so) -- a fresh machine's kernel autotuning is paid once in wall time.
-    ``stop_at`` (a ``time.perf_counter()`` value): runs still going then are stopped (PretrainingStopped); with
-    checkpoints (``save_every``) the next call resumes them. ``partial_s``: seconds each stopped run has spent so
-    far, added here when a run is stopped and to its figures when its resumed run ends."""
+    ``stop_at`` (a ``time.perf_counter()`` value): runs still going then are stopped (PretrainingStopped, which
+    carries the figures of those that finished); with checkpoints (``save_every``) the next call resumes them.
+    ``partial_s``: seconds each stopped run has spent so far, added here when a run is stopped and to its figures
+    when its resumed run ends."""
     made, running, partial_s = {}, [], {} if partial_s is None else partial_s
     try:
         for entry in config.models:
@@ -111,37 +117,50 @@ def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None, a
             running.append((entry, model_dir, log, time.perf_counter(),
                             subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
             if not concurrently:
-                _finish_pretraining(running[-1], made, out, say, allow_slow, concurrently, stop_at, partial_s)
-                running.pop()  # only once finished: one stopped at the deadline is still stopped below
-        for item in running:
-            _finish_pretraining(item, made, out, say, allow_slow, concurrently, stop_at, partial_s)
+                _wait_for_runs(running, made, out, say, allow_slow, concurrently, stop_at, partial_s)
+        _wait_for_runs(running, made, out, say, allow_slow, concurrently, stop_at, partial_s)
+    except PretrainingStopped as stopped:
+        stopped.made = made
+        raise
     finally:  # one failed, too slow or past the deadline: the others are stopped, not left running on the GPU
-        for entry, _, _, start, child in running:
+        for entry, _, log, start, child in running:
             if child.poll() is None:
                 child.terminate()
                 child.wait()
                 partial_s[entry.name] = partial_s.get(entry.name, 0.0) + time.perf_counter() - start
+            log.close()
     return made
 
 
-def _finish_pretraining(item, made: dict, out: Path, say, allow_slow: bool, concurrently: bool,
-                        stop_at: float | None = None, partial_s: dict[str, float] | None = None) -> None:
+def _wait_for_runs(running: list, made: dict, out: Path, say, allow_slow: bool, concurrently: bool,
+                   stop_at: float | None, partial_s: dict[str, float]) -> None:
+    """Record each run as it ends (its seconds up to its own end, whatever the order the runs end in) until none
+    is left, or raise PretrainingStopped at ``stop_at`` with the unfinished ones still in ``running``."""
+    while running:
+        for item in [r for r in running if r[4].poll() is not None]:
+            running.remove(item)
+            _record_pretraining(item, made, out, say, allow_slow, concurrently, partial_s)
+        if running and stop_at is not None and time.perf_counter() >= stop_at:
+            names = ", ".join(r[0].name for r in running)
+            raise PretrainingStopped(f"{names}: pretraining stopped at --deadline; the checkpoints are kept and "
+                                     "the next run resumes from them")
+        if running:
+            time.sleep(0.5)
+
+
+def _record_pretraining(item, made: dict, out: Path, say, allow_slow: bool, concurrently: bool,
+                        partial_s: dict[str, float]) -> None:
     entry, model_dir, log, start, child = item
-    try:
-        returncode = child.wait(timeout=None if stop_at is None else max(stop_at - time.perf_counter(), 0.1))
-    except subprocess.TimeoutExpired:
-        log.close()
-        raise PretrainingStopped(f"{entry.name}: pretraining stopped at --deadline; its checkpoints are kept and "
-                                 "the next run resumes it") from None
+    seconds = time.perf_counter() - start
     log.close()
     for name in ("train_log.jsonl", "lab_run.json"):
         if (model_dir.parent / name).is_file():
             shutil.copyfile(model_dir.parent / name, out / f"{entry.name}_{name}")
-    if returncode:
-        raise SystemExit(f"{entry.name}: pretraining failed (exit {returncode}); see "
+    if child.returncode:
+        raise SystemExit(f"{entry.name}: pretraining failed (exit {child.returncode}); see "
                          f"{out / f'pretrain_{entry.name}.log'}")
-    earlier = (partial_s or {}).pop(entry.name, 0.0)  # the runs a deadline stopped before this one resumed
-    made[entry.name] = {**pretrain_figures(model_dir.parent, time.perf_counter() - start + earlier),
+    earlier = partial_s.pop(entry.name, 0.0)  # the runs a deadline stopped before this one resumed
+    made[entry.name] = {**pretrain_figures(model_dir.parent, seconds + earlier),
                         "concurrent_with_other_pretraining": concurrently,
                         **({"seconds_in_runs_stopped_at_deadline": round(earlier, 1)} if earlier else {})}
     say(f"{entry.name}: {json.dumps(made[entry.name])}")
@@ -260,6 +279,7 @@ def main() -> int:
                            args.pretrain_concurrently, args.pretrain_save_every, stop_at, partial_s)
     except PretrainingStopped as stopped:
         say(f"{stopped}; run this again to continue")
+        results["pretrained"] = {**results.get("pretrained", {}), **stopped.made}
         results["runs"].append({"preset": args.preset, "pretraining_stopped_at_deadline": True,
                                 "seconds": round(time.perf_counter() - started, 1)})
         results_path.write_text(json.dumps(results, indent=1) + "\n")
@@ -276,7 +296,7 @@ def main() -> int:
     say(f"study: {json.dumps(study)}")
     run = {"preset": args.preset, "tiny": args.tiny, "pretrain_tokens_override": args.pretrain_tokens,
            "pretrained": made, "study": study,
-           "projection": projection(config, made or results.get("pretrained", {}), study)}
+           "projection": projection(config, {**results.get("pretrained", {}), **made}, study)}
     results["pretrained"] = {**results.get("pretrained", {}), **made}
     results["runs"].append(run)
     results_path.write_text(json.dumps(results, indent=1) + "\n")

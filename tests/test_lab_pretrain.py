@@ -159,3 +159,41 @@ def test_mixture_tokenized_in_processes_equals_one_process(monkeypatch):
     assert [vars(e) for e in spread] == [vars(e) for e in one]
     # the first N documents do not depend on how many are asked for
     assert [vars(e) for e in mixture.mixture_examples(300, 3, tok, 32)] == [vars(e) for e in one[:300]]
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+@pytest.mark.usefixtures("fast_bindings")
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("mixers,parallel", [(["attention", "gdn"], False), (["attention", "gdn"], True),
+                                             (["attention", "mamba2"], False), (["attention", "mamba2"], True)])
+def test_lab_models_never_see_the_future(mixers, parallel, device):
+    """What a position predicts depends on that position and those before it only, in a plain row and in a
+    packed one (the pretraining path), with the bound kernels (fla's / mamba_ssm's on CUDA): a leak would let
+    a model read the answers of the synthetic tasks and reach a loss near zero without learning anything."""
+    from hybridlora import fast
+    from hybridlora.lab.model import LabConfig, LabForCausalLM
+
+    layers = [mixers] * 2 if parallel else [[mixers[1]], ["attention"]]
+    torch.manual_seed(0)
+    model = LabForCausalLM(LabConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     layer_mixers=layers, fusion="normalized", num_attention_heads=2,
+                                     num_key_value_heads=1, linear_num_key_heads=2, linear_num_value_heads=2,
+                                     mamba_n_heads=4, mamba_chunk_size=16)).eval().to(device)
+    ids = torch.randint(0, 100, (2, 48), device=device)
+    changed = ids.clone()
+    changed[:, 30:] = (changed[:, 30:] + 1 + torch.randint(0, 98, (2, 18), device=device)) % 100
+    with torch.no_grad():
+        before, after = (model(input_ids=x, use_cache=False).logits for x in (ids, changed))
+    torch.testing.assert_close(after[:, :30], before[:, :30], rtol=1e-5, atol=1e-5)
+    assert (after[:, 30:] - before[:, 30:]).abs().max() > 1e-2  # the changed positions do change what follows
+    # packed: two examples in one row; changing the end of the first touches neither its start nor the second
+    first, second = ids[0, :30].tolist(), ids[1, :18].tolist()
+    rows = [fast.pack([{"input_ids": a, "labels": [0] * len(a)}, {"input_ids": second, "labels": [0] * 18}])
+            for a in (first, first[:20] + changed[0, 20:30].tolist())]
+    with torch.no_grad(), fast.packed_attention(model):
+        packed = [model(**{k: torch.as_tensor(v).to(device) for k, v in r.items() if k != "labels"},
+                        use_cache=False).logits for r in rows]
+    torch.testing.assert_close(packed[1][:, :20], packed[0][:, :20], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[1][:, 30:], packed[0][:, 30:], rtol=1e-5, atol=1e-5)

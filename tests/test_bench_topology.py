@@ -1,0 +1,92 @@
+"""bench/bench_topology.py's bookkeeping of pretraining runs stopped at a deadline (no training: stand-in runs).
+
+A device call's limit stops the runs still going; the figures of those that had already finished must survive
+(the next call finds their models made and would never measure them again), each with its own seconds."""
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_topology.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_topology_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class StandInRun:
+    """A child process that ends ``after`` seconds from now with ``code`` (None: never ends by itself)."""
+
+    def __init__(self, after: float | None, code: int = 0):
+        self.end = None if after is None else time.perf_counter() + after
+        self.code, self.returncode, self.terminated = code, None, False
+
+    def poll(self):
+        if self.returncode is None and self.end is not None and time.perf_counter() >= self.end:
+            self.returncode = self.code
+        return self.returncode
+
+    def terminate(self):
+        self.terminated, self.returncode = True, -15
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+
+def finished_run_files(run_dir: Path) -> Path:
+    """What a finished `lab pretrain` leaves: lab_run.json, train_log.jsonl and the model directory."""
+    (run_dir / "model").mkdir(parents=True)
+    (run_dir / "lab_run.json").write_text(json.dumps({"match": {"achieved": 1000}, "train_tokens_per_epoch": 64,
+                                                      "epochs": 1}))
+    lines = [{"event": "start", "kernels": "kernels (no CUDA)", "cuda_graphs": "off"},
+             {"event": "step", "step": 1, "tokens_per_s": 10.0}, {"event": "step", "step": 2, "tokens_per_s": 30.0},
+             {"event": "end", "final_loss": 0.5, "val_loss": 0.6}]
+    (run_dir / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return run_dir / "model"
+
+
+def test_runs_finished_before_the_deadline_keep_their_figures(bench, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    fast = finished_run_files(tmp_path / "fast")
+    started = time.perf_counter()
+    running = [(SimpleNamespace(name="slow"), tmp_path / "slow" / "model", open(out / "slow.log", "w"),
+                started, StandInRun(after=None)),
+               (SimpleNamespace(name="fast"), fast, open(out / "fast.log", "w"), started, StandInRun(after=0.2))]
+    made, partial = {}, {"fast": 5.0}  # fast was also stopped once before: its earlier seconds count
+    with pytest.raises(bench.PretrainingStopped):
+        bench._wait_for_runs(running, made, out, lambda line: None, False, True, started + 1.5, partial)
+    assert [r[0].name for r in running] == ["slow"]  # only the unfinished run is left to stop
+    assert set(made) == {"fast"}
+    fast_figures = made["fast"]
+    assert 5.1 <= fast_figures["seconds"] < 5.0 + 1.4  # its own end (~0.2 s) plus the earlier call, not the deadline
+    assert fast_figures["seconds_in_runs_stopped_at_deadline"] == 5.0
+    assert fast_figures["steady_tokens_per_s"] == 30 and fast_figures["concurrent_with_other_pretraining"]
+    assert (out / "fast_train_log.jsonl").is_file() and "fast" not in partial
+
+
+def test_make_models_hands_the_finished_figures_to_the_caller(bench, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = {"a": StandInRun(after=None), "b": StandInRun(after=0.2)}
+    config = SimpleNamespace(models=[
+        SimpleNamespace(name=n, model=f"lab/{n}/model",
+                        made_by=f"hybridlora lab pretrain demo-gdn --tokens 10 --output lab/{n}") for n in "ab"])
+    monkeypatch.setattr(bench.subprocess, "Popen", lambda argv, **kw: runs[argv[argv.index("--output") + 1][4:]])
+    monkeypatch.setattr(bench.shutil, "copyfile", lambda a, b: None)
+    monkeypatch.setattr(bench, "pretrain_figures", lambda run_dir, s: {"seconds": round(s, 1), "kernels": ""})
+    started = time.perf_counter()
+    partial = {}
+    with pytest.raises(bench.PretrainingStopped) as stopped:
+        bench.make_models(config, False, lambda line: None, tmp_path, concurrently=True, save_every=100,
+                          stop_at=started + 1.0, partial_s=partial)
+    assert set(stopped.value.made) == {"b"} and stopped.value.made["b"]["seconds"] < 0.9
+    assert runs["a"].terminated and not runs["b"].terminated
+    assert set(partial) == {"a"} and partial["a"] >= 0.9
