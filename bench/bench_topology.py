@@ -1,5 +1,7 @@
 """The topology experiment end to end, timed (issue 20): make a preset's lab models, run its study, project the rest.
 
+0. ``--warm-up-steps N``: a few steps of every missing model's pretraining, all at once, so that a fresh GPU
+   machine compiles and autotunes the kernels before the real runs, with no training competing for the GPU.
 1. Each model entry of the preset whose directory is missing is made by its own ``made_by`` command (``hybridlora
    lab pretrain ...``, run as a child process); the wall time, tokens, steady training rate and final losses are
    recorded from the run's ``lab_run.json`` and ``train_log.jsonl``. The runs checkpoint every
@@ -16,6 +18,7 @@ Usage::
 
     python bench/bench_topology.py --out OUT                       # GPU: the topology-synthetic preset
     python bench/bench_topology.py --out OUT --deadline 520        # within one 10-minute device call; rerun continues
+    python bench/bench_topology.py --out OUT --warm-up-steps 3 --pretrain-concurrently --deadline 500  # fresh GPU machine
     python bench/bench_topology.py --out OUT --tiny                # CPU check: demo-gdn models, few tokens, 2 cells
 """
 from __future__ import annotations
@@ -41,7 +44,8 @@ TINY_PRETRAIN = {"spec": "demo-gdn", "--tokens": "20000", "--micro-batch-size": 
 TINY_ONLY = "placement=attention_only,seed=3407,domain=syn_first"
 
 
-def pretrain_argv(made_by: str, tiny: bool, tokens: int | None = None, save_every: int | None = None) -> list[str]:
+def pretrain_argv(made_by: str, tiny: bool, tokens: int | None = None, save_every: int | None = None,
+                  fresh: bool = False) -> list[str]:
     """A made_by command as the child's argv (only `hybridlora lab pretrain ...` is run); ``tokens`` replaces its
     --tokens (a quick check of the pipeline; the figures then say so). ``save_every`` replaces its checkpoint
     interval (checkpoints do not change the model: resume is exact, tests/test_lab_pretrain.py), and a run that
@@ -54,7 +58,7 @@ def pretrain_argv(made_by: str, tiny: bool, tokens: int | None = None, save_ever
     if save_every is not None:
         _set_flag(words, "--save-every", str(save_every))
     output = Path(words[words.index("--output") + 1])
-    if (output / "checkpoints").is_dir() and any((output / "checkpoints").iterdir()):
+    if not fresh and (output / "checkpoints").is_dir() and any((output / "checkpoints").iterdir()):
         words.append("--resume")
     if tiny:
         words[3] = TINY_PRETRAIN["spec"]
@@ -170,6 +174,57 @@ def _record_pretraining(item, made: dict, out: Path, say, allow_slow: bool, conc
                          "at a fraction of the speed. Fix the setup (docs/PERFORMANCE.md) or pass --allow-slow.")
 
 
+def warm_up(config, tiny: bool, say, out: Path, steps: int, stop_at: float | None = None) -> dict | None:
+    """A few steps of every missing model's pretraining, all at once, before the real runs: a fresh GPU machine
+    compiles and autotunes each model's kernels here, while no training competes for the GPU (autotuning beside
+    running trainings took minutes a step and times its candidates on a shared GPU). The results stay in the
+    kernel cache, which the real runs then read; nothing else is kept. Skipped when ``out/warm_up.json`` says
+    it ran on this machine (a rerun after a deadline) or when no model is missing."""
+    marker = out / "warm_up.json"
+    missing = [e for e in config.models if not Path(e.model).is_dir()]
+    if steps <= 0 or not missing or marker.is_file():
+        return None
+    children, started = [], time.perf_counter()
+    for entry in missing:
+        target = out / "warm-up" / entry.name
+        shutil.rmtree(target, ignore_errors=True)
+        words = shlex.split(entry.made_by)
+        tokens = int(_flag(words, "--micro-batch-size", "8")) * int(_flag(words, "--seq-len", "512")) * (steps + 1)
+        argv = pretrain_argv(entry.made_by, tiny, tokens=None if tiny else tokens, save_every=0, fresh=True)
+        _set_flag(argv, "--output", str(target))
+        argv += ["--stop-after-steps", str(steps)] + ([] if "--no-progress" in argv else ["--no-progress"])
+        log = open(out / f"warm_up_{entry.name}.log", "w", encoding="utf-8")
+        children.append((entry.name, log, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
+    say(f"warm-up: {steps} steps of {', '.join(n for n, _, _ in children)} at once (compiling and autotuning)")
+    ended: dict[str, float] = {}
+    try:
+        while len(ended) < len(children):
+            for name, _, child in children:
+                if name not in ended and child.poll() is not None:
+                    ended[name] = round(time.perf_counter() - started, 1)
+                    if child.returncode:
+                        raise SystemExit(f"warm-up of {name} failed (exit {child.returncode}); see "
+                                         f"{out / f'warm_up_{name}.log'}")
+            if len(ended) < len(children) and stop_at is not None and time.perf_counter() >= stop_at:
+                raise PretrainingStopped("warm-up stopped at --deadline; the next run starts it again")
+            time.sleep(0.5)
+    finally:
+        for _, log, child in children:
+            if child.poll() is None:
+                child.terminate()
+                child.wait()
+            log.close()
+        shutil.rmtree(out / "warm-up", ignore_errors=True)
+    figures = {"steps": steps, "wall_s": round(time.perf_counter() - started, 1), "seconds_per_model": ended}
+    marker.write_text(json.dumps(figures, indent=1) + "\n")
+    say(f"warm-up: {json.dumps(figures)}")
+    return figures
+
+
+def _flag(words: list[str], flag: str, default: str) -> str:
+    return words[words.index(flag) + 1] if flag in words else default
+
+
 def slow_kernels(kernels_line: str) -> list[str]:
     """The kernels a CUDA run's kernels line reports off (none on CPU, where the references are expected)."""
     if "(no CUDA)" in kernels_line or "mode=" not in kernels_line:
@@ -219,9 +274,10 @@ def run_study(preset: str, study_dir: Path, workers: int, only: str | None, seco
             "job_wall_s_mean": round((wall - wall_before) / run_now, 2) if run_now else None}
 
 
-def projection(config, made: dict, study: dict) -> dict | None:
+def projection(config, made: dict, study: dict, warm_up_s: float = 0.0) -> dict | None:
     """The full experiment (this preset plus a Mamba-2 pair: two more models with every placement) at the
-    measured rates: pretraining at the mean measured time per model, cells at the measured seconds per job."""
+    measured rates: pretraining at the mean measured time per model, cells at the measured seconds per job, plus
+    the warm-up a fresh machine paid here (``warm_up_s``; the Mamba-2 pair's own autotuning is not in it)."""
     if not made or not study.get("seconds_per_job"):
         return None
     from hybridlora.study.grid import expand_grid
@@ -234,8 +290,9 @@ def projection(config, made: dict, study: dict) -> dict | None:
     concurrent = any(m.get("concurrent_with_other_pretraining") for m in made.values())
     mean_pretrain = (max(seconds_made) if concurrent else sum(seconds_made)) / len(made)
     total_jobs = len(expand_grid(config)) + extra_jobs  # the whole grid, whatever --only ran
-    seconds = (len(config.models) + 2) * mean_pretrain + total_jobs * study["seconds_per_job"]
+    seconds = warm_up_s + (len(config.models) + 2) * mean_pretrain + total_jobs * study["seconds_per_job"]
     return {"models": len(config.models) + 2, "recurrent_models": len(recurrent) + 2, "jobs": total_jobs,
+            "warm_up_s": round(warm_up_s, 1),
             "pretrain_s_per_model": round(mean_pretrain, 1), "seconds_per_job": study["seconds_per_job"],
             "minutes": round(seconds / 60, 1),
             "assumes": "Mamba-2 models pretrain and fine-tune at the Gated DeltaNet models' measured rates"}
@@ -256,6 +313,9 @@ def main() -> int:
     ap.add_argument("--pretrain-save-every", type=int, default=100, help="checkpoint interval of the pretraining "
                     "runs (steps; replaces the made_by's): a run stopped at --deadline resumes from its newest "
                     "checkpoint (0: none, a stopped run starts over)")
+    ap.add_argument("--warm-up-steps", type=int, default=0, help="before pretraining, run this many steps of every "
+                    "missing model at once (a fresh GPU machine compiles and autotunes there, with no training "
+                    "competing for the GPU; 3 is enough; 0: none)")
     ap.add_argument("--pretrain-tokens", type=int, help="replace the made_by commands' --tokens (a quick check: "
                     "the models then are not the preset's)")
     args = ap.parse_args()
@@ -275,6 +335,9 @@ def main() -> int:
     stop_at = started + args.deadline - 20 if args.deadline else None  # 20 s to stop the runs and write the figures
     partial_s = results.setdefault("pretraining_stopped_s", {})
     try:
+        warmed = warm_up(config, args.tiny, say, args.out, args.warm_up_steps, stop_at)
+        if warmed:
+            results["warm_up"] = warmed
         made = make_models(config, args.tiny, say, args.out, args.pretrain_tokens, args.allow_slow,
                            args.pretrain_concurrently, args.pretrain_save_every, stop_at, partial_s)
     except PretrainingStopped as stopped:
@@ -296,7 +359,8 @@ def main() -> int:
     say(f"study: {json.dumps(study)}")
     run = {"preset": args.preset, "tiny": args.tiny, "pretrain_tokens_override": args.pretrain_tokens,
            "pretrained": made, "study": study,
-           "projection": projection(config, {**results.get("pretrained", {}), **made}, study)}
+           "projection": projection(config, {**results.get("pretrained", {}), **made}, study,
+                                     results.get("warm_up", {}).get("wall_s", 0.0))}
     results["pretrained"] = {**results.get("pretrained", {}), **made}
     results["runs"].append(run)
     results_path.write_text(json.dumps(results, indent=1) + "\n")

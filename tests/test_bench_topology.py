@@ -90,3 +90,30 @@ def test_make_models_hands_the_finished_figures_to_the_caller(bench, tmp_path, m
     assert set(stopped.value.made) == {"b"} and stopped.value.made["b"]["seconds"] < 0.9
     assert runs["a"].terminated and not runs["b"].terminated
     assert set(partial) == {"a"} and partial["a"] >= 0.9
+
+
+def test_warm_up_runs_a_few_steps_of_each_missing_model_once(bench, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lab" / "made" / "model").mkdir(parents=True)  # made already: not warmed up
+    (tmp_path / "lab" / "b" / "checkpoints" / "step-100").mkdir(parents=True)  # a stopped real run: no --resume
+    made_by = ("hybridlora lab pretrain s --tokens 20000000 --seq-len 32 --micro-batch-size 2048 --save-every 0 "
+               "--output lab/{}")
+    config = SimpleNamespace(models=[SimpleNamespace(name=n, model=f"lab/{n}/model", made_by=made_by.format(n))
+                                     for n in ("a", "b", "made")])
+    launched = []
+
+    def popen(argv, **kw):
+        launched.append(argv)
+        return StandInRun(after=0.1)
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    out = tmp_path / "out"
+    out.mkdir()
+    figures = bench.warm_up(config, False, lambda line: None, out, 3)
+    assert [a[a.index("--output") + 1] for a in launched] == [str(out / "warm-up" / n) for n in "ab"]
+    for argv in launched:
+        assert argv[argv.index("--stop-after-steps") + 1] == "3" and "--resume" not in argv
+        assert argv[argv.index("--tokens") + 1] == str(2048 * 32 * 4)  # enough examples for 3 steps, not 20M tokens
+        assert argv[argv.index("--save-every") + 1] == "0"
+    assert set(figures["seconds_per_model"]) == {"a", "b"} and not (out / "warm-up").exists()
+    assert bench.warm_up(config, False, lambda line: None, out, 3) is None and len(launched) == 2  # done here
+    assert bench.warm_up(config, False, lambda line: None, tmp_path / "other", 0) is None
