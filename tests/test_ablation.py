@@ -331,7 +331,7 @@ def test_ablate_json_contract_and_report_rebuild(capsys, tmp_path, data_dir):
     assert "softmax_attention" in groups
 
 
-def test_two_runner_processes_split_the_conditions_and_match_one_runner(tmp_path, data_dir, capsys, monkeypatch):
+def test_two_runner_processes_split_the_conditions_and_match_one_runner(tmp_path, data_dir, capfd, monkeypatch):
     """--workers-per-gpu 2 on a machine without a GPU: two runner processes on one store; every condition runs
     once, both runners take some, and the results are those of one runner."""
     from hybridlora.cli import main
@@ -346,11 +346,13 @@ def test_two_runner_processes_split_the_conditions_and_match_one_runner(tmp_path
     for name, workers in (("one", []), ("two", ["--workers-per-gpu", "2"])):
         (tmp_path / name).mkdir()
         assert main(_args(tmp_path / name, data_dir, *extra, *workers)) == 0
-        outputs[name] = capsys.readouterr()
+        outputs[name] = capfd.readouterr()  # the runner processes' stderr too
     objects = {name: [{k: v for k, v in json.loads(line).items() if k != "job"}  # job ids hash the text's path
                       for line in o.out.splitlines()] for name, o in outputs.items()}
     assert objects["two"] == objects["one"] and len(objects["one"]) == 4
     assert "runners:" not in outputs["two"].err  # --quiet: the runner line is progress, not said
+    notes = [line for line in outputs["one"].err.splitlines() if line.startswith("note: mmlu: prompts kept")]
+    assert len(notes) == 1 and outputs["two"].err.count(notes[0]) == 1  # said once, not once per runner
     db = sqlite3.connect(tmp_path / "two" / "abl" / "study.db")
     rows = db.execute("SELECT status, attempts, owner FROM jobs").fetchall()
     assert [(s, a) for s, a, _ in rows] == [("complete", 1)] * 4

@@ -28,6 +28,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..quiet import repeats_another_runner
 from ..study.jobs import crash_point, load_base
 from .methods import Ablation, AblationError, ModelUnits, collect_means, model_units
 from .perplexity import encode, plan_windows, read_text, strided_nll, summarize
@@ -233,7 +234,7 @@ def _benchmarks(spec: dict, base: Base, out: Path, progress: bool):
                                          allow_code_execution=e["allow_code_execution"], progress=False,
                                          cache=base.prepared)
         note = summary.get("fewshot_note")
-        if note and note not in _NOTES_SAID:
+        if note and note not in _NOTES_SAID and not repeats_another_runner():
             _NOTES_SAID.add(note)
             tqdm.write("note: " + note, file=sys.stderr)
         records += summary.pop("records")
