@@ -340,6 +340,9 @@ def test_two_runner_processes_split_the_conditions_and_match_one_runner(tmp_path
     # one thread in every process: otherwise one runner takes more threads than each of two, and CPU reductions
     # split differently change the last bits (seen on a 16-core machine), which is not what this test is about
     monkeypatch.setenv("HYBRIDLORA_THREADS", "1")
+    from hybridlora.ablation import jobs
+
+    monkeypatch.setattr(jobs, "_NOTES_SAID", set())  # notes are said once per process: earlier tests said them here
     extra = ["--remove", "softmax_attention", "--remove", "linear_attention@0-1", "--remove", "mlp@0",
              "--benchmarks", "mmlu,gsm8k", "--limit", "2", "--max-new-tokens", "4", "--format", "json", "--no-report"]
     outputs = {}
