@@ -109,6 +109,14 @@ def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None, a
     ``partial_s``: seconds each stopped run has spent so far, added here when a run is stopped and to its figures
     when its resumed run ends."""
     made, running, partial_s = {}, [], {} if partial_s is None else partial_s
+
+    def record(item) -> None:
+        _record_pretraining(item, made, out, say, allow_slow, concurrently, partial_s)
+
+    def stop_message(left: list) -> str:
+        return (f"{', '.join(r[0].name for r in left)}: pretraining stopped at --deadline; the checkpoints are kept "
+                "and the next run resumes from them")
+
     try:
         for entry in config.models:
             model_dir = Path(entry.model)
@@ -121,8 +129,8 @@ def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None, a
             running.append((entry, model_dir, log, time.perf_counter(),
                             subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
             if not concurrently:
-                _wait_for_runs(running, made, out, say, allow_slow, concurrently, stop_at, partial_s)
-        _wait_for_runs(running, made, out, say, allow_slow, concurrently, stop_at, partial_s)
+                _wait_for_runs(running, record, stop_at, stop_message)
+        _wait_for_runs(running, record, stop_at, stop_message)
     except PretrainingStopped as stopped:
         stopped.made = made
         raise
@@ -136,18 +144,16 @@ def make_models(config, tiny: bool, say, out: Path, tokens: int | None = None, a
     return made
 
 
-def _wait_for_runs(running: list, made: dict, out: Path, say, allow_slow: bool, concurrently: bool,
-                   stop_at: float | None, partial_s: dict[str, float]) -> None:
-    """Record each run as it ends (its seconds up to its own end, whatever the order the runs end in) until none
-    is left, or raise PretrainingStopped at ``stop_at`` with the unfinished ones still in ``running``."""
+def _wait_for_runs(running: list, ended, stop_at: float | None, stopped_message) -> None:
+    """Call ``ended(item)`` for each run (a tuple whose last element is its process) as it ends, whatever the
+    order they end in, until none is left; or raise PretrainingStopped(``stopped_message(left)``) at ``stop_at``
+    with the unfinished ones still in ``running``."""
     while running:
-        for item in [r for r in running if r[4].poll() is not None]:
+        for item in [r for r in running if r[-1].poll() is not None]:
             running.remove(item)
-            _record_pretraining(item, made, out, say, allow_slow, concurrently, partial_s)
+            ended(item)
         if running and stop_at is not None and time.perf_counter() >= stop_at:
-            names = ", ".join(r[0].name for r in running)
-            raise PretrainingStopped(f"{names}: pretraining stopped at --deadline; the checkpoints are kept and "
-                                     "the next run resumes from them")
+            raise PretrainingStopped(stopped_message(running))
         if running:
             time.sleep(0.5)
 
@@ -197,17 +203,16 @@ def warm_up(config, tiny: bool, say, out: Path, steps: int, stop_at: float | Non
         children.append((entry.name, log, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
     say(f"warm-up: {steps} steps of {', '.join(n for n, _, _ in children)} at once (compiling and autotuning)")
     ended: dict[str, float] = {}
+
+    def end(item) -> None:
+        name, _, child = item
+        ended[name] = round(time.perf_counter() - started, 1)
+        if child.returncode:
+            raise SystemExit(f"warm-up of {name} failed (exit {child.returncode}); see {out / f'warm_up_{name}.log'}")
+
     try:
-        while len(ended) < len(children):
-            for name, _, child in children:
-                if name not in ended and child.poll() is not None:
-                    ended[name] = round(time.perf_counter() - started, 1)
-                    if child.returncode:
-                        raise SystemExit(f"warm-up of {name} failed (exit {child.returncode}); see "
-                                         f"{out / f'warm_up_{name}.log'}")
-            if len(ended) < len(children) and stop_at is not None and time.perf_counter() >= stop_at:
-                raise PretrainingStopped("warm-up stopped at --deadline; the next run starts it again")
-            time.sleep(0.5)
+        _wait_for_runs(list(children), end, stop_at, lambda left: "warm-up stopped at --deadline; the next run "
+                                                                  "starts it again")
     finally:
         for _, log, child in children:
             if child.poll() is None:

@@ -63,7 +63,9 @@ def test_runs_finished_before_the_deadline_keep_their_figures(bench, tmp_path):
                (SimpleNamespace(name="fast"), fast, open(out / "fast.log", "w"), started, StandInRun(after=0.2))]
     made, partial = {}, {"fast": 5.0}  # fast was also stopped once before: its earlier seconds count
     with pytest.raises(bench.PretrainingStopped):
-        bench._wait_for_runs(running, made, out, lambda line: None, False, True, started + 1.5, partial)
+        bench._wait_for_runs(running, lambda item: bench._record_pretraining(item, made, out, lambda line: None,
+                                                                            False, True, partial),
+                             started + 1.5, lambda left: "stopped")
     assert [r[0].name for r in running] == ["slow"]  # only the unfinished run is left to stop
     assert set(made) == {"fast"}
     fast_figures = made["fast"]

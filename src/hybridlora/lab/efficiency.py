@@ -141,6 +141,7 @@ def _served_copy(model, device: torch.device):
     served = copy.deepcopy(model)
     if device.type == "cuda":
         served.to(torch.bfloat16)
+    served.generation_config.eos_token_id = None  # random weights may pick the end token: decode every timed step
     return served.eval()
 
 
@@ -156,13 +157,8 @@ def _prefill(model, ids, device, repeats, warmup) -> dict[str, Any]:
 def _decode(model, ids, device, steps: int) -> dict[str, Any]:
     from ..fast.decode import time_decode_step
 
-    config, eos = model.generation_config, model.generation_config.eos_token_id
-    config.eos_token_id = None  # random weights may pick the end token: every timed call decodes all its steps
-    try:
-        _reset_peak(device)
-        t = time_decode_step(model, ids, torch.ones_like(ids), steps, graphs=device.type == "cuda")
-    finally:
-        config.eos_token_id = eos
+    _reset_peak(device)
+    t = time_decode_step(model, ids, torch.ones_like(ids), steps, graphs=device.type == "cuda")
     return {"decode_tokens": steps, "decode_s_per_token": t["s_per_step"], "decode_tokens_per_s": 1.0 / t["s_per_step"],
             "decode_fixed_s": t["fixed_s"], "decode_timing": t["timing"], "decode_path": t["result"].graph,
             "decode_peak_mem_gib": _peak_gib(device)}
