@@ -61,6 +61,7 @@ def section(name: str):
             try:
                 out = fn(*args, **kwargs)
                 RESULTS["sections"][name] = out
+                RESULTS["errors"].pop(name, None)  # a --merge recomputes what an earlier run failed at
                 log(f"   {name}: {json.dumps(out, default=str)[:1500]}")
                 return out
             except Exception as exc:  # keep going: one broken section must not lose the others
@@ -660,7 +661,9 @@ def projection(args):
         ge = RESULTS["sections"].get(f"{name}_generation") or {}
         ref_row = next((r for r in tr.get("rows", []) if r.get("mode") == "reference" and "tokens_per_s" in r), None)
         best = tr.get("best_fast_under_24gb")
-        if not (ref_row and best and mc and ge):
+        # a section run with --skip holds {"skipped": true}: as incomplete as one never run
+        if not (ref_row and best and "study_style_s_per_question" in mc
+                and "reference_unbatched_s_per_question" in ge):
             out[name] = "incomplete measurements"
             continue
         tokens = STUDY["cells_per_model"] * STUDY["examples"] * STUDY["epochs"] * args.seq
@@ -797,16 +800,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.micro = [int(x) for x in args.micro.split(",") if x]
     args.compile_micro = [int(x) for x in args.compile_micro.split(",") if x]
+    args.gen_batches = [int(x) for x in args.gen_batches.split(",")]  # the projection reads it, --merge too
     if args.merge:
         for path in args.merge:
             data = json.loads(Path(path).read_text())
-            RESULTS["sections"].update(data["sections"])
+            # a section one run skipped must not hide the same section measured by another run
+            RESULTS["sections"].update({k: v for k, v in data["sections"].items()
+                                        if not (isinstance(v, dict) and v.get("skipped"))})
             RESULTS["errors"].update(data.get("errors", {}))
         section("projection")(projection)(args)
         section("targets")(targets)(args)
         print_table()
         return
-    args.gen_batches = [int(x) for x in args.gen_batches.split(",")]
     args.ref_micro_only = True
     if args.tiny:
         args.device, args.dtype = "cpu", torch.float32
