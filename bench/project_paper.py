@@ -64,7 +64,14 @@ def preset_work(preset: str = PRESET) -> dict:
 
 
 def _read(paths: list[str]) -> list[dict]:
-    return [json.loads(Path(p).read_text()) for p in paths]
+    out = []
+    for path in paths:
+        try:
+            out.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            print(f"error: cannot read bench output {path}: {exc}; give the JSON file a bench wrote", file=sys.stderr)
+            raise SystemExit(2) from None
+    return out
 
 
 def training_rates(files: list[dict], key: str) -> dict | None:
