@@ -5,7 +5,8 @@ For each full-size model (random weights, bf16) and each evaluation shape of the
 paths of ``CausalLM.generate_until`` (``decode="hf"``, the static loop without graphs, and with graphs), the
 time of one batch's prefill + warm-up + capture, peak memory, and token agreement: graph vs eager static loop
 (same kernels: expected identical) and static vs transformers (random weights give near-uniform logits whose
-argmax flips with bf16 rounding differences, so agreement there is reported, not asserted).
+argmax flips with bf16 rounding differences, so agreement there is reported, not asserted). Where the opt-in
+one-token convolution's tokens part from the graph path's, the earliest parting is checked for a near tie.
 
 Usage (GPU machine, fla-core / mamba-ssm wheels on PYTHONPATH)::
 
@@ -92,6 +93,33 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
             "median_first_difference": sorted(first_diff)[len(first_diff) // 2]}
 
 
+def first_difference_margin(model, ids: torch.Tensor, mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict | None:
+    """Two greedy runs of the same prompts that disagree: at the earliest step where a row's tokens part, were the
+    two tokens a near tie? The row's prompt and the tokens both runs share are run through one full forward (a
+    third path, no cache), and the logit gap between the two tokens there is set against bf16's spacing at that
+    logit: within a few spacings, rounding differences between the paths can flip the argmax. None: no difference."""
+    n = min(a.shape[1], b.shape[1])
+    differ = a[:, :n] != b[:, :n]
+    if not differ.any():
+        return None
+    first = [int(row.nonzero()[0]) if row.any() else n for row in differ]
+    r = min(range(len(first)), key=first.__getitem__)
+    step = first[r]
+    prompt = ids[r][mask[r].bool()].cpu()
+    prefix = torch.cat([prompt, a[r, :step].cpu()]).to(ids.device)
+    with torch.inference_mode():
+        logits = model(input_ids=prefix[None]).logits[0, -1].float().cpu()
+    ta, tb = int(a[r, step]), int(b[r, step])
+    top2 = logits.topk(2).values
+    a_minus_b = float(logits[ta] - logits[tb])
+    spacing = 2.0 ** (torch.floor(torch.log2(logits[ta].abs().clamp_min(1e-30))).item() - 7)  # bf16: 8-bit mantissa
+    tie = abs(a_minus_b) <= 4 * spacing
+    return {"row": r, "step": step, "token_a": ta, "token_b": tb, "top2_gap": float(top2[0] - top2[1]),
+            "logit_a_minus_b": a_minus_b, "bf16_spacing_at_a": spacing,
+            "verdict": "near tie: the two tokens' logits are within 4 bf16 spacings" if tie
+            else "NOT a tie: the two tokens' logits differ by more than 4 bf16 spacings (look for a wrong path)"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -134,6 +162,8 @@ def main(argv=None) -> int:
                 row["graph_vs_eager"] = agreement(tokens["graph"], tokens["eager"])
             if "graph" in tokens and "graph_conv" in tokens:
                 row["graph_conv_vs_graph"] = agreement(tokens["graph_conv"], tokens["graph"])
+                row["graph_conv_vs_graph"]["first_difference_margin"] = first_difference_margin(
+                    model, ids, mask, tokens["graph"], tokens["graph_conv"])
                 if "s_per_step" in row.get("graph", {}) and "s_per_step" in row.get("graph_conv", {}):
                     row["graph_conv_speedup"] = round(row["graph"]["s_per_step"] / row["graph_conv"]["s_per_step"], 2)
             if "hf" in tokens:
