@@ -18,12 +18,3 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
 
-
-def repeats_another_runner() -> bool:
-    """Whether this is the second or a later runner process of ``--workers-per-gpu``: the notes every runner would
-    make alike (a benchmark's few-shot prompts trimmed to the context, say) are said by the first runner only, not
-    once per process. The main process and Ray's workers speak for themselves."""
-    import multiprocessing
-    import re
-
-    return re.fullmatch(r"runner-[1-9][0-9]*", multiprocessing.current_process().name) is not None

@@ -28,7 +28,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..quiet import repeats_another_runner
+from ..study.backends.processes import repeats_another_runner
 from ..study.jobs import crash_point, load_base
 from .methods import Ablation, AblationError, ModelUnits, collect_means, model_units
 from .perplexity import encode, plan_windows, read_text, strided_nll, summarize

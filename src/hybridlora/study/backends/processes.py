@@ -26,6 +26,16 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 POLL_S = 1.0
+RUNNER_NAME = "runner-{}"  # the runner processes' names, numbered from 0
+
+
+def repeats_another_runner() -> bool:
+    """Whether this is the second or a later runner process of ``--workers-per-gpu``: the notes every runner would
+    make alike (a benchmark's few-shot prompts trimmed to the context, say) are said by the first runner only, not
+    once per process. The main process and Ray's workers speak for themselves."""
+    name = multiprocessing.current_process().name
+    prefix = RUNNER_NAME.format("")
+    return name.startswith(prefix) and name[len(prefix):].isdigit() and name[len(prefix):] != "0"
 
 
 def worker_devices(per_gpu: int) -> list[str | None]:
@@ -50,7 +60,7 @@ def run_in_processes(run, backend, loop: Callable, *, progress: bool, desc: str)
     results = context.Queue()
     explicit = threads.explicit_threads()
     children = [context.Process(target=_runner, args=(loop, str(run.study_dir), run.jobs, single, device,
-                                                       explicit, desc, results), name=f"runner-{i}")
+                                                       explicit, desc, results), name=RUNNER_NAME.format(i))
                 for i, device in enumerate(devices)]
     if progress:
         tqdm.write(f"{len(children)} runners: " + ", ".join(f"GPU {d}" if d is not None else "CPU" for d in devices),
