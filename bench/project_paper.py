@@ -30,10 +30,12 @@ import math
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-# the benches' model keys and the catalog entries they build (bench_train_loop.py / bench_decode.py / bench_gpu.py)
-BENCH_MODELS = {"qwen": "qwen3.5-0.8b", "falcon": "falcon-h1-0.5b"}
+from bench_train_loop import MODELS  # noqa: E402  (the benches' model keys -> catalog name, placement)
+
+BENCH_MODELS = {key: catalog_name for key, (catalog_name, _) in MODELS.items()}
 PRESET = "paper"
 
 
