@@ -59,3 +59,24 @@ def test_unmeasured_parts_are_named_not_guessed(bench, tmp_path, capsys):
     assert any("study-length training" in m for m in qwen["missing"])
     assert any("humaneval" in m for m in qwen["missing"])
     assert "not measured" in capsys.readouterr().out
+
+
+H200 = ROOT / "bench" / "results" / "2026-12-03-h200"
+H200_FILES = ["--train-loop", f"{H200}/session16/perf/qwen/train_loop_bench.json",
+              f"{H200}/session16/perf/falcon/train_loop_bench.json",
+              "--decode", f"{H200}/session15/bench_decode.json", f"{H200}/session16/perf/falcon_decode/bench_decode.json",
+              "--mc", f"{ROOT}/bench/results/2026-12-02-h200/session9/qwen_mc_bench.json",
+              f"{H200}/session15/falcon_bench.json"]
+
+
+def test_h200_projection_is_the_one_docs_state(bench, tmp_path, capsys):
+    """docs/PERFORMANCE.md's H200 projection cell, recomputed from the committed raw files: every part measured,
+    and each model's rates taken from its own files (Falcon-H1's decode from the later file)."""
+    out = tmp_path / "projection.json"
+    assert bench.main([*H200_FILES, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    qwen, falcon = result["models"]["qwen"], result["models"]["falcon"]
+    assert not qwen["missing"] and not falcon["missing"]
+    assert qwen["train_h"] == pytest.approx(0.122, abs=0.001) and falcon["train_h"] == pytest.approx(0.176, abs=0.001)
+    assert falcon["generation_s_per_evaluation"] == pytest.approx(10.07, abs=0.02)  # session 16's 10.8 / 10.9 ms steps
+    assert "both models: 0.55 h (≤ 1.12 h)" in capsys.readouterr().out
