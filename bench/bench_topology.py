@@ -12,7 +12,9 @@
    the same study (models already made are kept). The study writes its report when the grid is complete.
 3. ``OUT/bench_topology.json``: the per-model pretraining figures, the study's wall time, jobs done / total, the
    seconds per job, and the projection of the full experiment (the Mamba-2 pair added: two more pretrained models
-   and their cells, at the measured rates); ``OUT/report/``: the study's report when it is complete.
+   and their cells, at the measured rates); ``OUT/report/``: the study's report when it is complete;
+   ``OUT/study/``: a copy of the study's store and config after every run (``hybridlora report OUT/study`` writes
+   a report from the cells finished so far, marked partial).
 
 Usage::
 
@@ -279,6 +281,29 @@ def run_study(preset: str, study_dir: Path, workers: int, only: str | None, seco
             "job_wall_s_mean": round((wall - wall_before) / run_now, 2) if run_now else None}
 
 
+def keep_study_results(study_dir: Path, out: Path) -> Path | None:
+    """Copy the study's store, config and report (if written) into ``out/study``, finished cells or not: a device
+    call returns only what is under its output folder, and the machine keeps nothing once released. The store is
+    copied through SQLite's backup, so the copy is whole even if a runner still held it open."""
+    import sqlite3
+
+    source = study_dir / "study.db"
+    if not source.is_file():
+        return None
+    kept = out / "study"
+    kept.mkdir(parents=True, exist_ok=True)
+    partial = kept / "study.db.partial"
+    with sqlite3.connect(source) as src, sqlite3.connect(partial) as dst:
+        src.backup(dst)
+    partial.replace(kept / "study.db")
+    for name in ("study.yaml",):
+        if (study_dir / name).is_file():
+            shutil.copy2(study_dir / name, kept / name)
+    if (study_dir / "report").is_dir():
+        shutil.copytree(study_dir / "report", kept / "report", dirs_exist_ok=True)
+    return kept
+
+
 def projection(config, made: dict, study: dict, warm_up_s: float = 0.0) -> dict | None:
     """The full experiment (this preset plus a Mamba-2 pair: two more models with every placement) at the
     measured rates: pretraining at the mean measured time per model, cells at the measured seconds per job, plus
@@ -369,6 +394,9 @@ def main() -> int:
     results["pretrained"] = {**results.get("pretrained", {}), **made}
     results["runs"].append(run)
     results_path.write_text(json.dumps(results, indent=1) + "\n")
+    kept = keep_study_results(config.output_dir(), args.out)
+    if kept:
+        say(f"the study's store and config copied to {kept} (finished cells, whether or not the grid is complete)")
     report = config.output_dir() / "report"
     if study.get("jobs_done") and study["jobs_done"] == study["jobs_total"] and report.is_dir():
         shutil.copytree(report, args.out / "report", dirs_exist_ok=True)

@@ -120,3 +120,28 @@ def test_warm_up_runs_a_few_steps_of_each_missing_model_once(bench, tmp_path, mo
     assert set(figures["seconds_per_model"]) == {"a", "b"} and not (out / "warm-up").exists()
     assert bench.warm_up(config, False, lambda line: None, out, 3) is None and len(launched) == 2  # done here
     assert bench.warm_up(config, False, lambda line: None, tmp_path / "other", 0) is None
+
+
+def test_the_studys_store_comes_back_with_the_bench_output_while_a_runner_holds_it(bench, tmp_path):
+    """A device call returns only its output folder: the store is copied there after every study run, whole
+    even while another connection has an uncommitted write open, and a study not yet started copies nothing."""
+    import sqlite3
+
+    study, out = tmp_path / "study", tmp_path / "out"
+    study.mkdir()
+    assert bench.keep_study_results(study, out) is None and not out.exists()
+    with sqlite3.connect(study / "study.db") as db:
+        db.execute("CREATE TABLE jobs (id TEXT, status TEXT)")
+        db.executemany("INSERT INTO jobs VALUES (?, ?)", [("base", "complete"), ("cell", "pending")])
+    (study / "study.yaml").write_text("name: t\n")
+    holder = sqlite3.connect(study / "study.db")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("UPDATE jobs SET status = 'running' WHERE id = 'cell'")  # not committed: must not be copied
+    try:
+        kept = bench.keep_study_results(study, out)
+    finally:
+        holder.rollback()
+        holder.close()
+    with sqlite3.connect(kept / "study.db") as copy:
+        assert sorted(copy.execute("SELECT id, status FROM jobs")) == [("base", "complete"), ("cell", "pending")]
+    assert (kept / "study.yaml").read_text() == "name: t\n" and not (kept / "study.db.partial").exists()
