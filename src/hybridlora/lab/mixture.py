@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 CORPUS_NAME = "synthetic"  # the --corpus value that selects the mixture (a local path of that name: ./synthetic)
 VALIDATION_SEED_OFFSET = 1_000_003  # validation: the same tasks from the train streams of seed + this
@@ -54,6 +55,86 @@ def mixture_examples(documents: int, seed: int, tokenizer, seq_len: int, *, work
     with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("fork")) as pool:
         parts = pool.map(_tokenize, *zip(*chunks), [tokenizer] * len(chunks), [seq_len] * len(chunks))
         return [example for part in parts for example in part]
+
+
+def cached_mixture_examples(path: Path, documents: int, seed: int, tokenizer, seq_len: int, *,
+                            workers: int = 1, on_generate=None) -> tuple[list, bool]:
+    """``mixture_examples`` kept in ``path`` (a run's own folder) for the run's resumes: generating and tokenizing
+    a 20M-token mixture takes a minute or more, which a run stopped at a deadline would pay again on every resume.
+    Returns (examples, whether they came from the file). The file holds a key of everything the examples depend
+    on; a file with another key, or unreadable, is replaced, never trusted."""
+    key = _cache_key(documents, seed, tokenizer, seq_len)
+    if path.is_file():
+        examples = _read_cache(path, key)
+        if examples is not None:
+            return examples, True
+    if on_generate is not None:
+        on_generate()
+    examples = mixture_examples(documents, seed, tokenizer, seq_len, workers=workers)
+    _write_cache(path, key, examples)
+    return examples, False
+
+
+def _cache_key(documents: int, seed: int, tokenizer, seq_len: int) -> str:
+    import hashlib
+    import json
+
+    from .. import synthetic
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = {"documents": documents, "seed": seed, "seq_len": seq_len, "synthetic_version": synthetic.VERSION,
+             "tokenizer": hashlib.sha256(vocabulary.encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _write_cache(path: Path, key: str, examples: list) -> None:
+    """Flat arrays (token ids, example lengths, ids joined by newlines, and the loss mask where labels are the
+    ids or ignored, else the labels themselves), written whole or not at all."""
+    import numpy as np
+
+    from ..data.formatting import IGNORE
+
+    lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
+    ids = np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int64, count=int(lengths.sum()))
+    labels = np.fromiter((t for e in examples for t in e.labels), dtype=np.int64, count=int(lengths.sum()))
+    arrays = {"key": np.frombuffer(key.encode(), dtype=np.uint8), "lengths": lengths.astype(np.int32),
+              "ids": ids.astype(np.uint16 if ids.size == 0 or ids.max() < 2 ** 16 else np.int32),
+              "names": np.frombuffer("\n".join(e.id for e in examples).encode(), dtype=np.uint8)}
+    loss_on_ids = labels == ids
+    if np.all(loss_on_ids | (labels == IGNORE)):
+        arrays["loss_mask"] = loss_on_ids
+    else:
+        arrays["labels"] = labels.astype(np.int32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(partial, path)
+
+
+def _read_cache(path: Path, key: str) -> list | None:
+    import zipfile
+
+    import numpy as np
+
+    from ..data.formatting import IGNORE, TokenizedExample
+
+    try:
+        with np.load(path) as data:
+            if bytes(data["key"]).decode() != key:
+                return None
+            lengths, ids = data["lengths"].astype(np.int64), data["ids"].astype(np.int64)
+            labels = np.where(data["loss_mask"], ids, IGNORE) if "loss_mask" in data else data["labels"]
+            names = bytes(data["names"]).decode().split("\n")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError):
+        return None
+    if len(names) != len(lengths) or int(lengths.sum()) != len(ids):
+        return None
+    ends = np.cumsum(lengths).tolist()
+    flat_ids, flat_labels = ids.tolist(), labels.astype(np.int64).tolist()
+    starts = [0, *ends[:-1]]
+    return [TokenizedExample(name, flat_ids[a:b], flat_labels[a:b]) for name, a, b in zip(names, starts, ends)]
 
 
 def documents_for(tokens: int, tokenizer, seq_len: int, seed: int) -> int:
