@@ -5,13 +5,15 @@ For each full-size model (random weights, bf16) and each evaluation shape of the
 paths of ``CausalLM.generate_until`` (``decode="hf"``, the static loop without graphs, and with graphs), the
 time of one batch's prefill + warm-up + capture, peak memory, and token agreement: graph vs eager static loop
 (same kernels: expected identical) and static vs transformers (random weights give near-uniform logits whose
-argmax flips with bf16 rounding differences, so agreement there is reported, not asserted). Where the opt-in
-one-token convolution's tokens part from the graph path's, the earliest parting is checked for a near tie.
+argmax flips with bf16 rounding differences, so agreement there is reported, not asserted). Where a variant of
+the graph path (the opt-in one-token convolution, or the layers compiled by Inductor) parts from the graph path's
+tokens, the earliest parting is checked for a near tie.
 
 Usage (GPU machine, fla-core / mamba-ssm wheels on PYTHONPATH)::
 
     python bench/bench_decode.py --out OUT [--models qwen,falcon] [--new 64]
     python bench/bench_decode.py --out OUT --paths graph,graph_conv   # fla's one-token convolution, side by side
+    python bench/bench_decode.py --out OUT --paths graph,graph_compiled --models falcon  # Inductor-compiled layers
 """
 from __future__ import annotations
 
@@ -85,6 +87,26 @@ def _with_conv_update(model, ids, mask, new: int) -> dict:
         fast.use("fast")
 
 
+def _with_compiled_layers(model, ids, mask, new: int) -> dict:
+    """The graph path with every decoder layer compiled by Inductor (``fast.compile``'s ``layers`` scope, as
+    ``train --compile layers`` does; the bound kernels stay opaque): Falcon-H1's decode step is hundreds of small
+    element-wise kernels around its Mamba-2 state update, which Inductor can fuse. Static shapes: the prefill and
+    the step each compile once per batch shape, and that compilation lands in ``setup_s`` and the warm-up run,
+    not in the step. The model is put back uncompiled afterwards."""
+    from hybridlora.fast.compile import compile_regions, uncompile
+
+    line = compile_regions(model, "layers", dynamic=False)
+    try:
+        result = step_seconds(model, ids, mask, new, "graph")
+        result["compile"] = line
+        return result
+    finally:
+        uncompile(model)
+
+
+VARIANTS = {"graph_conv": _with_conv_update, "graph_compiled": _with_compiled_layers}  # each set against "graph"
+
+
 def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     n = min(a.shape[1], b.shape[1])
     same = (a[:, :n] == b[:, :n])
@@ -127,7 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="gsm8k,humaneval")
     ap.add_argument("--new", type=int, default=0, help="new tokens per timing (default: the benchmark's own)")
     ap.add_argument("--paths", default="hf,eager,graph",
-                    help="comma list of hf, eager, graph, graph_conv (graph with fla's one-token convolution)")
+                    help="comma list of hf, eager, graph, graph_conv (graph with fla's one-token convolution), "
+                    "graph_compiled (graph with the decoder layers compiled by Inductor)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
@@ -146,7 +169,7 @@ def main(argv=None) -> int:
             for path in args.paths.split(","):
                 torch.cuda.reset_peak_memory_stats()
                 try:
-                    r = _with_conv_update(model, ids, mask, new) if path == "graph_conv" else \
+                    r = VARIANTS[path](model, ids, mask, new) if path in VARIANTS else \
                         step_seconds(model, ids, mask, new, path)
                 except Exception as exc:  # recorded, the other paths still run
                     row[path] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -160,12 +183,14 @@ def main(argv=None) -> int:
                 btl.log(name, shape, path, json.dumps(r))
             if "graph" in tokens and "eager" in tokens:
                 row["graph_vs_eager"] = agreement(tokens["graph"], tokens["eager"])
-            if "graph" in tokens and "graph_conv" in tokens:
-                row["graph_conv_vs_graph"] = agreement(tokens["graph_conv"], tokens["graph"])
-                row["graph_conv_vs_graph"]["first_difference_margin"] = first_difference_margin(
-                    model, ids, mask, tokens["graph"], tokens["graph_conv"])
-                if "s_per_step" in row.get("graph", {}) and "s_per_step" in row.get("graph_conv", {}):
-                    row["graph_conv_speedup"] = round(row["graph"]["s_per_step"] / row["graph_conv"]["s_per_step"], 2)
+            for variant in VARIANTS:
+                if "graph" not in tokens or variant not in tokens:
+                    continue
+                row[f"{variant}_vs_graph"] = agreement(tokens[variant], tokens["graph"])
+                row[f"{variant}_vs_graph"]["first_difference_margin"] = first_difference_margin(
+                    model, ids, mask, tokens["graph"], tokens[variant])
+                if "s_per_step" in row.get("graph", {}) and "s_per_step" in row.get(variant, {}):
+                    row[f"{variant}_speedup"] = round(row["graph"]["s_per_step"] / row[variant]["s_per_step"], 2)
             if "hf" in tokens:
                 for path in ("eager", "graph"):
                     if path in tokens:

@@ -287,3 +287,21 @@ def _replayer_with_graphs(init):
         init(self, batch, graphs)
         self.graphs = graphs  # CPU tensors: pretend the batch is on CUDA so that a capture is attempted
     return wrapped
+
+
+def test_decoder_layers_compiled_by_inductor_decode_the_same_tokens(model):
+    """bench_decode.py's ``graph_compiled`` path (a lever for Falcon-H1's decode step, issue 17): the decoder
+    layers compiled as ``train --compile layers`` compiles them, then the static-cache loop; same greedy tokens
+    as the uncompiled loop, and the model runs uncompiled again afterwards."""
+    from hybridlora.fast.compile import compile_regions, uncompile
+
+    tok = byte_tokenizer()
+    ids, mask = left_padded(tok, PROMPTS)
+    plain = static_tokens(model, ids, mask, 12, tok=tok)
+    compile_regions(model, "layers", dynamic=False)
+    try:
+        compiled = static_tokens(model, ids, mask, 12, tok=tok)
+    finally:
+        assert uncompile(model) > 0
+    assert torch.equal(compiled, plain)
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
