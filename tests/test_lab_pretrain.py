@@ -240,32 +240,35 @@ def test_the_topology_presets_models_never_see_the_future(variant, device):
     torch.testing.assert_close(packed[1][:, length:], packed[0][:, length:], rtol=0, atol=1e-4)
 
 
-def test_a_resumed_synthetic_run_reuses_its_generated_mixture(tmp_path, monkeypatch, capsys):
+def test_a_resumed_synthetic_run_reuses_its_generated_mixture(tmp_path, capsys):
     """The examples a stopped run generated are read back, equal, on resume (a 20M-token mixture took a minute
-    per resume on the GPU machine); a key that differs is never trusted; the file goes when the run finishes."""
+    per resume on the GPU machine); a key that differs or a damaged file is never trusted; the file goes when the
+    run finishes, and a run refused for bad input writes none."""
     from hybridlora.lab import mixture
 
     tok = mixture.mixture_tokenizer()
-    path = tmp_path / "run" / "mixture_examples.npz"
-    made, reused = mixture.cached_mixture_examples(path, 400, 5, tok, 32)
-    assert not reused and path.is_file()
-    calls = []
-    real = mixture.mixture_examples
-    monkeypatch.setattr(mixture, "mixture_examples", lambda *a, **k: calls.append(a) or real(*a, **k))
-    again, reused = mixture.cached_mixture_examples(path, 400, 5, tok, 32)
-    assert reused and not calls and [vars(e) for e in again] == [vars(e) for e in made]
-    other, reused = mixture.cached_mixture_examples(path, 400, 6, tok, 32)  # another seed: generated afresh
-    assert not reused and len(calls) == 1 and [vars(e) for e in other] != [vars(e) for e in made]
+    path = tmp_path / "kept" / "mixture_examples.npz"
+    made = mixture.mixture_examples(400, 5, tok, 32)
+    key = mixture.cache_key(400, 5, tok, 32)
+    assert mixture.read_cache(path, key) is None
+    mixture.write_cache(path, key, made)
+    assert [vars(e) for e in mixture.read_cache(path, key)] == [vars(e) for e in made]
+    assert mixture.read_cache(path, mixture.cache_key(400, 6, tok, 32)) is None  # another seed
+    assert mixture.read_cache(path, mixture.cache_key(400, 5, tok, 48)) is None  # another --seq-len
     path.write_bytes(b"not an archive")
-    assert mixture.cached_mixture_examples(path, 400, 6, tok, 32)[1] is False and len(calls) == 2
+    assert mixture.read_cache(path, key) is None
 
     args = ["lab", "pretrain", "demo-gdn", "--variant", "sequential", "--corpus", "synthetic", "--tokens", "6000",
-            "--seq-len", "32", "--micro-batch-size", "32", "--save-every", "2", "--no-progress",
-            "--output", str(tmp_path / "p")]
-    assert main([*args, "--stop-after-steps", "2"]) == 0
+            "--seq-len", "32", "--micro-batch-size", "32", "--save-every", "2", "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "p"), "--stop-after-steps", "2"]) == 0
     assert (tmp_path / "p" / "mixture_examples.npz").is_file()
     capsys.readouterr()
-    assert main([*args, "--resume"]) == 0
+    assert main([*args, "--output", str(tmp_path / "p"), "--resume"]) == 0
     out = capsys.readouterr().out
     assert "reusing the" in out and "generating" not in out
     assert (tmp_path / "p" / "model").is_dir() and not (tmp_path / "p" / "mixture_examples.npz").exists()
+    bad = [a if a != "demo-gdn" else str(tmp_path / "bad.yaml") for a in args]
+    (tmp_path / "bad.yaml").write_text("name: bad\nvocab_size: 258\ndepth: 2\ntarget_params: 10\nhead_dim: 16\n"
+                                      "mixers: [attention, gdn]\ntopology: sequential\nratio: '1:1'\n")
+    assert main([*bad, "--output", str(tmp_path / "q")]) == 2
+    assert not (tmp_path / "q").exists()

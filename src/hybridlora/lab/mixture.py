@@ -57,25 +57,13 @@ def mixture_examples(documents: int, seed: int, tokenizer, seq_len: int, *, work
         return [example for part in parts for example in part]
 
 
-def cached_mixture_examples(path: Path, documents: int, seed: int, tokenizer, seq_len: int, *,
-                            workers: int = 1, on_generate=None) -> tuple[list, bool]:
-    """``mixture_examples`` kept in ``path`` (a run's own folder) for the run's resumes: generating and tokenizing
-    a 20M-token mixture takes a minute or more, which a run stopped at a deadline would pay again on every resume.
-    Returns (examples, whether they came from the file). The file holds a key of everything the examples depend
-    on; a file with another key, or unreadable, is replaced, never trusted."""
-    key = _cache_key(documents, seed, tokenizer, seq_len)
-    if path.is_file():
-        examples = _read_cache(path, key)
-        if examples is not None:
-            return examples, True
-    if on_generate is not None:
-        on_generate()
-    examples = mixture_examples(documents, seed, tokenizer, seq_len, workers=workers)
-    _write_cache(path, key, examples)
-    return examples, False
+# A run of `lab pretrain --corpus synthetic` keeps its generated examples in its folder until it finishes:
+# generating and tokenizing a 20M-token mixture takes a minute or more, which a run stopped at a deadline would
+# pay again on every resume. The file holds a key of everything the examples depend on; a file with another
+# key, or unreadable, is never trusted.
 
-
-def _cache_key(documents: int, seed: int, tokenizer, seq_len: int) -> str:
+def cache_key(documents: int, seed: int, tokenizer, seq_len: int) -> str:
+    """What the first ``documents`` examples depend on, as one hash."""
     import hashlib
     import json
 
@@ -88,7 +76,7 @@ def _cache_key(documents: int, seed: int, tokenizer, seq_len: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _write_cache(path: Path, key: str, examples: list) -> None:
+def write_cache(path: Path, key: str, examples: list) -> None:
     """Flat arrays (token ids, example lengths, ids joined by newlines, and the loss mask where labels are the
     ids or ignored, else the labels themselves), written whole or not at all."""
     import numpy as np
@@ -113,13 +101,16 @@ def _write_cache(path: Path, key: str, examples: list) -> None:
     os.replace(partial, path)
 
 
-def _read_cache(path: Path, key: str) -> list | None:
+def read_cache(path: Path, key: str) -> list | None:
+    """The examples kept under ``key``; None when the file is missing, unreadable or holds another key."""
     import zipfile
 
     import numpy as np
 
     from ..data.formatting import IGNORE, TokenizedExample
 
+    if not path.is_file():
+        return None
     try:
         with np.load(path) as data:
             if bytes(data["key"]).decode() != key:
