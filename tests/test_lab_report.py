@@ -60,3 +60,17 @@ def test_efficiency_profiles_run_on_a_tiny_model():
     assert all(r["decode_path"] == "eager" for r in rows)  # CPU: the static-cache loop, no graphs
     assert model.generation_config.eos_token_id == 3 and next(model.parameters()).dtype == torch.float32
 
+
+
+def test_losses_that_span_decades_get_a_log_axis_and_keep_their_digits():
+    """The topology preset's parallel model ended at 8.4e-5 where the others stayed near 0.1: a linear axis put
+    every curve on zero and the table said 0.000."""
+    from hybridlora.lab import report
+
+    wide = [{"name": "a", "steps": [1, 2, 3], "loss": [5.6, 0.4, 8.4e-5], "val": [(3, 8.7e-5)]},
+            {"name": "b", "steps": [1, 2, 3], "loss": [5.7, 0.5, 0.1], "val": []}]
+    narrow = [{"name": "b", "steps": [1, 2, 3], "loss": [5.7, 0.5, 0.1], "val": [(3, 0.11)]}]
+    assert report.loss_figure(wide).axes[0].get_yscale() == "log"
+    assert report.loss_figure(narrow).axes[0].get_yscale() == "linear"
+    assert report.loss_figure([{**narrow[0], "loss": [1.0, 0.5, 0.0]}]).axes[0].get_yscale() == "linear"  # a zero
+    assert report._fmt(8.4e-5) == "8.40e-05" and report._fmt(0.0) == "0.000" and report._fmt(0.0859) == "0.086"
