@@ -286,6 +286,7 @@ def keep_study_results(study_dir: Path, out: Path) -> Path | None:
     call returns only what is under its output folder, and the machine keeps nothing once released. The store is
     copied through SQLite's backup, so the copy is whole even if a runner still held it open."""
     import sqlite3
+    from contextlib import closing
 
     source = study_dir / "study.db"
     if not source.is_file():
@@ -293,12 +294,11 @@ def keep_study_results(study_dir: Path, out: Path) -> Path | None:
     kept = out / "study"
     kept.mkdir(parents=True, exist_ok=True)
     partial = kept / "study.db.partial"
-    with sqlite3.connect(source) as src, sqlite3.connect(partial) as dst:
+    with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(partial)) as dst:
         src.backup(dst)
     partial.replace(kept / "study.db")
-    for name in ("study.yaml",):
-        if (study_dir / name).is_file():
-            shutil.copy2(study_dir / name, kept / name)
+    if (study_dir / "study.yaml").is_file():
+        shutil.copy2(study_dir / "study.yaml", kept / "study.yaml")
     if (study_dir / "report").is_dir():
         shutil.copytree(study_dir / "report", kept / "report", dirs_exist_ok=True)
     return kept
