@@ -77,8 +77,8 @@ def cache_key(documents: int, seed: int, tokenizer, seq_len: int) -> str:
 
 
 def write_cache(path: Path, key: str, examples: list) -> None:
-    """Flat arrays (token ids, example lengths, ids joined by newlines, and the loss mask where labels are the
-    ids or ignored, else the labels themselves), written whole or not at all."""
+    """Flat arrays (token ids, example lengths, ids joined by newlines, and the loss mask: the mixture's labels
+    are the ids on the answer and ignored elsewhere), written whole or not at all."""
     import numpy as np
 
     from ..data.formatting import IGNORE
@@ -89,11 +89,9 @@ def write_cache(path: Path, key: str, examples: list) -> None:
     arrays = {"key": np.frombuffer(key.encode(), dtype=np.uint8), "lengths": lengths.astype(np.int32),
               "ids": ids.astype(np.uint16 if ids.size == 0 or ids.max() < 2 ** 16 else np.int32),
               "names": np.frombuffer("\n".join(e.id for e in examples).encode(), dtype=np.uint8)}
-    loss_on_ids = labels == ids
-    if np.all(loss_on_ids | (labels == IGNORE)):
-        arrays["loss_mask"] = loss_on_ids
-    else:
-        arrays["labels"] = labels.astype(np.int32)
+    arrays["loss_mask"] = labels == ids
+    if not np.all(arrays["loss_mask"] | (labels == IGNORE)):
+        raise ValueError("write_cache keeps examples whose labels are their ids or ignored; these are not")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     with open(partial, "wb") as f:
@@ -116,14 +114,14 @@ def read_cache(path: Path, key: str) -> list | None:
             if bytes(data["key"]).decode() != key:
                 return None
             lengths, ids = data["lengths"].astype(np.int64), data["ids"].astype(np.int64)
-            labels = np.where(data["loss_mask"], ids, IGNORE) if "loss_mask" in data else data["labels"]
+            labels = np.where(data["loss_mask"], ids, IGNORE)
             names = bytes(data["names"]).decode().split("\n")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError):
         return None
     if len(names) != len(lengths) or int(lengths.sum()) != len(ids):
         return None
     ends = np.cumsum(lengths).tolist()
-    flat_ids, flat_labels = ids.tolist(), labels.astype(np.int64).tolist()
+    flat_ids, flat_labels = ids.tolist(), labels.tolist()
     starts = [0, *ends[:-1]]
     return [TokenizedExample(name, flat_ids[a:b], flat_labels[a:b]) for name, a, b in zip(names, starts, ends)]
 

@@ -399,7 +399,7 @@ def _gpu_cost(config: StudyConfig, jobs: list[Job]) -> str:
             f"H100 ≈ {reference:,.1f} GPU-hours at the reference path's rough rates (5k tokens/s, 0.5 s per item), "
             f"≈ {fast:,.1f} on the fast path (40k tokens/s, 12 ms per item) — upper bounds that count every example "
             "at max_length; with the study's real lengths the `paper` preset projects to about 0.6 h on an H100 "
-            "(docs/PERFORMANCE.md)")
+            "and 0.55 h on an H200 (docs/PERFORMANCE.md)")
 
 
 def summary_line(run: StudyRun) -> str:
