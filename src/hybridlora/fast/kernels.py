@@ -378,6 +378,8 @@ def restore() -> None:
 # package's kernel (fla, mamba-ssm, causal-conv1d) when it imports, else the torch reference — one choice for
 # every model in the process, whatever device the model is on. A Triton kernel handed CPU tensors crashes
 # ("Pointer argument cannot be accessed from Triton (cpu tensor?)"), so CPU tensors must take the torch path.
+# transformers >= 5.25 routes CPU tensors to its torch path itself; the guard keeps older versions safe and
+# keeps the packed-row refusal the same on every version.
 KERNEL_FUNCTIONS = (
     "torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule",            # Gated DeltaNet (fla)
     "chunk_kimi_delta_attention", "recurrent_kimi_delta_attention",                # KDA (fla)
