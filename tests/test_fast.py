@@ -159,6 +159,31 @@ def test_fast_adapters_on_cuda_are_chosen_when_kernels_import(monkeypatch):
     assert calls["kw"]["g"][0, :, 0].tolist() == [ops.GATE_RESET, -0.5, ops.GATE_RESET, -0.5, -0.5, -0.5]
 
 
+def test_binding_kernels_into_a_transformers_newer_than_the_gpu_tests_is_said(monkeypatch, caplog):
+    import transformers
+
+    probe = {k: {"fn": lambda *a, **kw: None, "reason": "fake"} for k in fast.KERNEL_PURPOSE}
+    monkeypatch.setattr(kernels, "_cuda", lambda: True)
+    monkeypatch.setattr(kernels, "_probe", lambda: probe)
+    monkeypatch.setattr(kernels, "_gdn_backward_blocked", lambda *a: None)
+    monkeypatch.setitem(kernels._state, "notes", [])
+    try:
+        monkeypatch.setattr(transformers, "__version__", f"{kernels.GPU_VERIFIED_TRANSFORMERS}.9")
+        fast.use("fast")
+        assert kernels._state["notes"] == []  # a patch release of the verified one is quiet
+        monkeypatch.setattr(transformers, "__version__", "5.99.0")
+        with caplog.at_level("WARNING", logger="hybridlora.fast"):
+            fast.use("fast")
+            fast.use("fast")  # said once
+        said = [r.getMessage() for r in caplog.records if "newer than" in r.getMessage()]
+        assert len(said) == 1 and "5.99.0" in said[0]
+        assert f"<{kernels._next_minor(kernels.GPU_VERIFIED_TRANSFORMERS)}'" in said[0]
+        assert kernels._state["notes"] == said
+    finally:
+        monkeypatch.undo()
+        fast.restore()
+
+
 @pytest.mark.parametrize("narrowed", [True, False])
 def test_refused_gdn_backward_sends_only_trained_calls_to_the_reference(monkeypatch, narrowed):
     """fla #640 on Hopper refuses Gated DeltaNet's backward -- for every head dim, or with the guard narrowed

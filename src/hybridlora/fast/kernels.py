@@ -68,6 +68,10 @@ BINDINGS = {
     },
 }
 REFERENCE = "reference (no CUDA)"
+# The newest transformers whose modeling code the GPU tests ran these bindings against. A newer one may call the
+# bound functions differently (5.25 moved the short convolution behind causal_conv1d_forward and routes CPU
+# tensors itself), so binding on it is said out loud until the GPU tests have run there.
+GPU_VERIFIED_TRANSFORMERS = "5.24"
 
 _state = STATE  # one dict shared with .loss through .state (tests and benches read kernels._state)
 
@@ -272,6 +276,8 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
         note = ops.narrow_fla_hopper_guard()
         if note and note not in _state["notes"]:
             _state["notes"].append(note)
+    if fast:
+        _note_unverified_transformers()
     bound: dict[str, str] = {}
     for module_name, attrs in BINDINGS.items():
         try:
@@ -312,6 +318,27 @@ def use(mode: str = "fast", *, lift_fla_hopper_guard: bool | None = None) -> dic
         guard_cpu_path(module_name)
     _state["mode"], _state["bound"] = mode if _cuda() else REFERENCE, bound
     return bound
+
+
+def _note_unverified_transformers() -> None:
+    """Warn once (and keep a note for :func:`describe`) when transformers is newer than the GPU tests ran."""
+    import transformers
+    from packaging.version import Version
+
+    found = Version(transformers.__version__)
+    if (found.major, found.minor) <= Version(GPU_VERIFIED_TRANSFORMERS).release[:2]:
+        return
+    note = (f"transformers {transformers.__version__} is newer than the {GPU_VERIFIED_TRANSFORMERS} the GPU tests "
+            f"ran the fast kernels on; pip install 'transformers>={GPU_VERIFIED_TRANSFORMERS},"
+            f"<{_next_minor(GPU_VERIFIED_TRANSFORMERS)}' for the verified path")
+    if note not in _state["notes"]:
+        _state["notes"].append(note)
+        logger.warning(note)
+
+
+def _next_minor(version: str) -> str:
+    major, minor = version.split(".")[:2]
+    return f"{major}.{int(minor) + 1}"
 
 
 def _module_boundary_aware(module_name: str, attrs: dict[str, str]) -> bool:
