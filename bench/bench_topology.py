@@ -81,7 +81,8 @@ def pretrain_figures(run_dir: Path, seconds: float) -> dict:
             "tokens": info["train_tokens_per_epoch"] * info["epochs"], "steps": len(steps),
             "steady_tokens_per_s": round(sum(x["tokens_per_s"] for x in steady) / max(len(steady), 1)),
             "final_loss": end.get("final_loss"), "val_loss": end.get("val_loss"),
-            "kernels": log[0].get("kernels"), "cuda_graphs": log[0].get("cuda_graphs")}
+            # the end line's account: the start line's is written before any graph was captured ("0 captured")
+            "kernels": log[0].get("kernels"), "cuda_graphs": end.get("cuda_graphs", log[0].get("cuda_graphs"))}
 
 
 def _set_flag(words: list[str], flag: str, value: str) -> None:

@@ -145,3 +145,15 @@ def test_the_studys_store_comes_back_with_the_bench_output_while_a_runner_holds_
     with sqlite3.connect(kept / "study.db") as copy:
         assert sorted(copy.execute("SELECT id, status FROM jobs")) == [("base", "complete"), ("cell", "pending")]
     assert (kept / "study.yaml").read_text() == "name: t\n" and not (kept / "study.db.partial").exists()
+
+
+def test_pretraining_figures_report_the_graphs_the_run_captured(bench, tmp_path):
+    (tmp_path / "lab_run.json").write_text(json.dumps({"match": {"achieved": 1000}, "train_tokens_per_epoch": 64,
+                                                       "epochs": 1}))
+    lines = [{"event": "start", "kernels": "k", "cuda_graphs": "on: one graph per row length, 0 captured"},
+             {"event": "step", "tokens_per_s": 10.0}, {"event": "step", "tokens_per_s": 30.0},
+             {"event": "end", "final_loss": 0.5, "val_loss": 0.6, "cuda_graphs": "on: one graph per row length, 2 captured"}]
+    (tmp_path / "train_log.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    figures = bench.pretrain_figures(tmp_path, 12.34)
+    assert figures["cuda_graphs"].endswith("2 captured") and figures["kernels"] == "k"
+    assert figures["steady_tokens_per_s"] == 30 and figures["val_loss"] == 0.6 and figures["seconds"] == 12.3
