@@ -296,7 +296,7 @@ def _model_to_train(model: nn.Module, resolved, config: TrainConfig) -> nn.Modul
     if config.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise TrainingError(f"{type(model).__name__} does not support gradient checkpointing; drop the option")
-        # transformers >= 5.24 names it activation checkpointing (the old name goes in v6)
+        # newer transformers (5.24 has it) names it activation checkpointing; the old name goes in v6
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
