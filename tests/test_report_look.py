@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from hybridlora.analysis.contract import InstanceRecord, RunInfo
-from hybridlora.analysis.figures import _spread, params_bars, pareto_scatter, render_figures
+from hybridlora.analysis.figures import _spread, loss_curves_figure, params_bars, pareto_scatter, render_figures
+from hybridlora.analysis.metrics import Series
 from hybridlora.analysis.metrics import compute_tables
 from hybridlora.analysis.report import build_report
 from hybridlora.analysis.results import StudyResults
@@ -72,6 +73,36 @@ def test_loss_caption_promises_a_validation_line_only_when_one_is_drawn():
     results.curves[key] = results.curves[key] + [{"step": 5, "val_loss": 0.5}]
     with_val = [f for f in render_figures(compute_tables(results, resamples=20)).figures if f.name == "loss_curves"]
     assert "dashed" in with_val[0].caption
+
+
+def test_loss_curves_of_many_runs_share_one_legend_that_covers_no_panel():
+    """Seven placements x three seeds per panel (the topology preset's grid): one legend entry per placement for
+    the whole figure, below the panels, and the seeds of a placement in one colour in every panel -- per-panel
+    legends of 42 entries covered the neighbouring panels."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    placements = ["attention_only", "recurrent_only", "mlp_only", "attention_mlp", "recurrent_mlp", "all",
+                  "recurrent_only@budget_of_attention_only"]
+    x = np.arange(1.0, 33.0)
+    def panel(names):
+        return [Series(f"{p} (seed {s})" + v, x if not v else x[-1:], np.exp(-x / (i + 2)) if not v else np.ones(1))
+                for i, p in enumerate(names) for s in (42, 1234, 3407) for v in ("", " (val)")]
+    curves = {(m, d): panel(placements if m != "control" else ["attention_only", "mlp_only", "all"])
+              for m in ("sequential", "parallel", "control") for d in ("count", "first")}
+    fig = loss_curves_figure(curves)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == placements
+    box = legend.get_window_extent(canvas.get_renderer())
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in fig.axes if ax.get_visible())
+    colour = {}
+    for ax in fig.axes:
+        for line, s in zip(ax.get_lines(), curves[tuple(ax.get_title().split(" — "))]):
+            placement = s.label.split(" (seed")[0]
+            assert colour.setdefault(placement, line.get_color()) == line.get_color()
 
 
 def _unchanged_study() -> StudyResults:

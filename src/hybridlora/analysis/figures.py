@@ -17,6 +17,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import EngFormatter, NullFormatter
 
@@ -236,18 +237,31 @@ def component_params_bars(rows: Sequence[dict]) -> Figure:
 # --------------------------------------------------------------------------- training traces
 
 
-def _lines(ax, series: Sequence[Series]) -> None:
-    """One line per series; a "<label> (val)" series is dashed with markers (often a single point, at the end of
-    training) in the colour of its run's training line."""
-    colours: Dict[str, str] = {}
+_SEED_SUFFIX = re.compile(r" \(seed [^)]*\)$")
+
+
+def _run_group(label: str) -> str:
+    """A series' run without its seed and validation suffix: the seeds of one placement share a colour."""
+    return _SEED_SUFFIX.sub("", label.removesuffix(" (val)"))
+
+
+def _lines(ax, series: Sequence[Series], colours: Dict[str, object] | None = None, legend: bool = True) -> None:
+    """One line per series in its run group's colour (``colours``, shared by the panels of one figure, grows with
+    groups it lacks); a "<label> (val)" series is dashed with markers (often a single point, at the end of
+    training) in its run's colour. ``legend``: one entry per group on the panel itself."""
+    colours = {} if colours is None else colours
+    named = set()
     for s in series:
-        run = s.label.removesuffix(" (val)")
-        colour = colours.setdefault(run, f"C{len(colours) % 10}")
+        group = _run_group(s.label)
+        colour = colours.setdefault(group, f"C{len(colours) % 10}")
         val = s.label.endswith("(val)")
-        ax.plot(s.x, s.y, label=s.label, linewidth=1, color=colour, linestyle="--" if val else "-",
+        label = group if not val and group not in named else None
+        named.add(group)
+        ax.plot(s.x, s.y, label=label, linewidth=1, color=colour, linestyle="--" if val else "-",
                 marker="o" if val else None, markersize=3.5)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    if legend:
+        ax.legend(fontsize=6)
 
 
 def _panel_grid(count: int, width: float, height: float):
@@ -263,14 +277,22 @@ def _panel_grid(count: int, width: float, height: float):
 
 
 def loss_curves_figure(curves: Dict[Tuple[str, str], List[Series]]) -> Figure:
-    """Training loss vs step; one panel per (model, train_domain), one line per placement."""
+    """Training loss vs step; one panel per (model, train_domain), one colour per placement (its seeds share it),
+    one legend for the figure below the panels: a study of seven placements and three seeds draws 42 lines per
+    panel, whose per-panel legends covered the neighbouring panels."""
     keys = list(curves)
     fig, axes = _panel_grid(len(keys), 4.3, 3.2)
+    # one colour per placement across the panels, in the order they first appear (tab20 beyond ten placements)
+    groups = list(dict.fromkeys(_run_group(s.label) for key in keys for s in curves[key]))
+    palette = colormaps["tab10" if len(groups) <= 10 else "tab20"]
+    colours = {g: palette(i % palette.N) for i, g in enumerate(groups)}
     for ax, key in zip(axes, keys):
-        _lines(ax, curves[key])
+        _lines(ax, curves[key], colours, legend=False)
         ax.set_title(f"{key[0]} — {key[1]}", fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
+    handles = [Line2D([], [], color=c, linewidth=1.5, label=g) for g, c in colours.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), fontsize=7, frameon=False)
     fig.suptitle("Training loss", fontsize=10)
     return fig
 
