@@ -210,10 +210,10 @@ def _preset_model(variant: str, device: str):
     return LabForCausalLM(config).eval().to(device), config
 
 
-def _cross_example_effects(model, ids, changed, length: int, device: str) -> tuple[float, float]:
-    """(packed, unseparated): the largest change of the second example's logits when the end of the first example
-    changes, with the two packed in one row (boundaries given) and run as one sequence without boundaries (what
-    a recurrent state that is not reset, or attention across the boundary, would carry)."""
+def _two_examples(model, ids, changed, device: str) -> tuple[list, list]:
+    """The logits of the two rows (first example ``ids[0]`` or ``changed[0]``, then the same second example
+    ``ids[1, :70]``), packed in one row with boundaries, and joined into one sequence without any (what a
+    recurrent state that is not reset, or attention across the boundary, would carry)."""
     from hybridlora import fast
 
     second = ids[1, :70].tolist()
@@ -225,9 +225,11 @@ def _cross_example_effects(model, ids, changed, length: int, device: str) -> tup
                         use_cache=False).logits for r in rows]
     with torch.no_grad():
         joined = [model(input_ids=torch.tensor([a + second], device=device), use_cache=False).logits for a in firsts]
-    def effect(pair):
-        return (pair[1][:, length:] - pair[0][:, length:]).abs().max().item()
-    return effect(packed), effect(joined)
+    return packed, joined
+
+
+def _second_example_change(pair: list, length: int) -> float:
+    return (pair[1][:, length:] - pair[0][:, length:]).abs().max().item()
 
 
 @pytest.mark.usefixtures("fast_bindings")
@@ -238,8 +240,6 @@ def test_the_topology_presets_models_never_see_the_future(variant, device):
     parallel model's split, rows of several 64-token chunks, packed as the pretraining packs them): on the H200
     its parallel model reached a validation loss of 8.7e-5 where the sequential one stayed at 0.086, and the small
     shapes of the test above run other kernel tiles."""
-    from hybridlora import fast
-
     model, config = _preset_model(variant, device)
     length, cut = 160, 100  # two whole 64-token chunks and part of a third; the change starts inside the second
     ids = torch.randint(0, config.vocab_size, (2, length), device=device)
@@ -249,12 +249,7 @@ def test_the_topology_presets_models_never_see_the_future(variant, device):
         before, after = (model(input_ids=x, use_cache=False).logits for x in (ids, changed))
     torch.testing.assert_close(after[:, :cut], before[:, :cut], rtol=1e-5, atol=1e-5)
     assert (after[:, cut:] - before[:, cut:]).abs().max() > 1e-3
-    first, second = ids[0].tolist(), ids[1, :70].tolist()
-    rows = [fast.pack([{"input_ids": a, "labels": [0] * len(a)}, {"input_ids": second, "labels": [0] * 70}])
-            for a in (first, changed[0].tolist())]
-    with torch.no_grad(), fast.packed_attention(model):
-        packed = [model(**{k: torch.as_tensor(v).to(device) for k, v in r.items() if k != "labels"},
-                        use_cache=False).logits for r in rows]
+    packed, joined = _two_examples(model, ids, changed, device)
     torch.testing.assert_close(packed[1][:, :cut], packed[0][:, :cut], rtol=1e-5, atol=1e-5)
     # The next example. The reset gate (-100, fast.ops.GATE_RESET) enters the chunk's cumulative log-decay, so the
     # next example's decays are float32 differences of sums that also hold the previous example's gates: rounding
@@ -265,7 +260,7 @@ def test_the_topology_presets_models_never_see_the_future(variant, device):
     # on the same GPU 4e-6; bench/results/2026-12-03-h200/session18/diag_leak.log). The bound is therefore relative
     # to what the same change carries when nothing separates the examples -- a state not reset or attention across
     # the boundary moves those logits by as much as that; rounding stays orders of magnitude below it.
-    leak, unseparated = _cross_example_effects(model, ids, changed, length, device)
+    leak, unseparated = (_second_example_change(x, length) for x in (packed, joined))
     assert unseparated > 1e-2
     assert leak < 1e-2 * unseparated, (leak, unseparated)
     if device == "cpu":
@@ -285,7 +280,7 @@ def test_the_cross_example_bound_catches_a_state_that_is_not_reset(monkeypatch):
         ids = torch.randint(0, config.vocab_size, (2, 160))
         changed = ids.clone()
         changed[:, 100:] = (changed[:, 100:] + 1) % config.vocab_size
-        leak, unseparated = _cross_example_effects(model, ids, changed, 160, "cpu")
+        leak, unseparated = (_second_example_change(x, 160) for x in _two_examples(model, ids, changed, "cpu"))
     finally:
         kernels.restore()
     assert leak >= 1e-2 * unseparated, (leak, unseparated)

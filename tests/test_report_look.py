@@ -12,8 +12,7 @@ import pytest
 
 from hybridlora.analysis.contract import InstanceRecord, RunInfo
 from hybridlora.analysis.figures import _spread, loss_curves_figure, params_bars, pareto_scatter, render_figures
-from hybridlora.analysis.metrics import Series
-from hybridlora.analysis.metrics import compute_tables
+from hybridlora.analysis.metrics import Series, compute_tables
 from hybridlora.analysis.report import build_report
 from hybridlora.analysis.results import StudyResults
 
