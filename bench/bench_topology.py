@@ -347,6 +347,9 @@ def main() -> int:
     ap.add_argument("--warm-up-steps", type=int, default=0, help="before pretraining, run this many steps of every "
                     "missing model at once (a fresh GPU machine compiles and autotunes there, with no training "
                     "competing for the GPU; 3 is enough; 0: none)")
+    ap.add_argument("--min-study-seconds", type=float, default=90, help="with --deadline: start the study only "
+                    "when at least this many seconds are left (on the H200, 8 runners given 41 s ended no job: "
+                    "starting them and their first jobs took longer)")
     ap.add_argument("--pretrain-tokens", type=int, help="replace the made_by commands' --tokens (a quick check: "
                     "the models then are not the preset's)")
     args = ap.parse_args()
@@ -382,8 +385,9 @@ def main() -> int:
         results["pretrained"] = {**results.get("pretrained", {}), **made}
         results_path.write_text(json.dumps(results, indent=1) + "\n")
     left = (args.deadline - (time.perf_counter() - started)) if args.deadline else 10 ** 7
-    if left < 30:  # not worth starting runners that would be stopped during their first job
-        say(f"{max(left, 0):.0f} s left before --deadline: the study is not started; run this again to continue")
+    if left < args.min_study_seconds:  # runners stopped before their first job ends only cost the call's time
+        say(f"{max(left, 0):.0f} s left before --deadline (under --min-study-seconds {args.min_study_seconds:.0f}): "
+            "the study is not started; run this again to continue")
         study = {"seconds": 0.0, "not_started": True}
     else:
         study = run_study(args.preset, config.output_dir(), workers, only, left, args.out / "study.log", say)

@@ -157,3 +157,21 @@ def test_pretraining_figures_report_the_graphs_the_run_captured(bench, tmp_path)
     figures = bench.pretrain_figures(tmp_path, 12.34)
     assert figures["cuda_graphs"].endswith("2 captured") and figures["kernels"] == "k"
     assert figures["steady_tokens_per_s"] == 30 and figures["val_loss"] == 0.6 and figures["seconds"] == 12.3
+
+
+@pytest.mark.parametrize("deadline,started", [(60, False), (400, True)])
+def test_the_study_starts_only_with_enough_time_before_the_deadline(bench, tmp_path, monkeypatch, deadline, started):
+    """Runners given less than --min-study-seconds (default 90) are not started: on the H200, eight runners given
+    41 s were stopped before any job ended, and the call's time was spent for nothing."""
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "warm_up", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "make_models", lambda *a, **k: {})
+    monkeypatch.setattr(bench, "run_study", lambda *a, **k: calls.append(a) or {"seconds": 1.0, "jobs_done": 0,
+                                                                                "jobs_total": 1})
+    monkeypatch.setattr(sys, "argv", ["bench_topology.py", "--out", str(tmp_path / "out"), "--deadline",
+                                      str(deadline)])
+    assert bench.main() == 0
+    assert bool(calls) == started
+    study = json.loads((tmp_path / "out" / "bench_topology.json").read_text())["runs"][-1]["study"]
+    assert study.get("not_started", False) == (not started)
