@@ -21,7 +21,7 @@ def _cell(model, placement, domain, seed, bench, correct):
 def _study(accuracy, *, n=400, seeds=(1,), noise_seed=0, base=0.5, other_drop=None):
     """Two models x {attention_only, recurrent_only} x domain 'math' (target bench 'math', other bench 'other').
 
-    ``accuracy[(model, placement)]``: target accuracy of that run; ``other_drop[(model, placement)]``:
+    ``accuracy[(model, placement)]``: target accuracy of that run (a float, or ``{seed: accuracy}``); ``other_drop[(model, placement)]``:
     how much it loses on 'other' vs base. Each example's correctness is drawn independently.
     """
     rng = np.random.default_rng(noise_seed)
@@ -31,7 +31,9 @@ def _study(accuracy, *, n=400, seeds=(1,), noise_seed=0, base=0.5, other_drop=No
             records += _cell(model, BASE, BASE, None, bench, rng.random(n) < base)
         for placement in ("attention_only", "recurrent_only"):
             for seed in seeds:
-                records += _cell(model, placement, "math", seed, "math", rng.random(n) < accuracy[(model, placement)])
+                acc = accuracy[(model, placement)]
+                acc = acc[seed] if isinstance(acc, dict) else acc  # per seed where given
+                records += _cell(model, placement, "math", seed, "math", rng.random(n) < acc)
                 drop = (other_drop or {}).get((model, placement), 0.0)
                 records += _cell(model, placement, "math", seed, "other", rng.random(n) < base - drop)
     return StudyResults(records=records, runs=runs_of(records), target_benchmarks={"math": ["math"]},
@@ -120,6 +122,24 @@ def test_several_seeds_give_a_seed_interval_and_the_verdict_needs_it():
     # a single seed: no seed interval
     single = [r for r in topology_contrasts(_study(acc), resamples=500) if r["measure"] == "target"][0]
     assert single["k_seeds"] == 1 and single["seed_ci_low"] is None and single["seed_p_holm"] is None
+
+
+def test_the_sentence_says_whether_items_or_seeds_fall_short():
+    # seeds that disagree (+30, -5, +25 pp) over clear items: not significant, and the sentence says why
+    acc = dict(FLAT)
+    acc[(PAR, "recurrent_only")] = {1: 0.8, 2: 0.45, 3: 0.75}
+    row = [r for r in topology_contrasts(_study(acc, seeds=(1, 2, 3), n=600), resamples=1000)
+           if r["measure"] == "target"][0]
+    assert row["p_holm"] < 0.05 and row["corrected_ci_low"] > 0 and row["seed_p_holm"] > 0.05
+    assert row["verdict"] == NOT_SIGNIFICANT
+    assert "Clear over the 600 items" in row["sentence"] and "not over the 3 seeds" in row["sentence"]
+    # no interaction at all: the items fall short
+    flat = [r for r in topology_contrasts(_study(FLAT), resamples=500) if r["measure"] == "target"][0]
+    assert flat["verdict"] == NOT_SIGNIFICANT and "Not significant over the items" in flat["sentence"]
+    planted = dict(FLAT)
+    planted[(PAR, "recurrent_only")] = 0.8
+    row = [r for r in topology_contrasts(_study(planted, n=1000), resamples=500) if r["measure"] == "target"][0]
+    assert "The data support" in row["sentence"]
 
 
 def test_pairs_by_mixer_and_the_cross_mixer_caveat():

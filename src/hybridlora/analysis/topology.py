@@ -345,7 +345,7 @@ def _apply_holm(rows: List[dict], alpha: float) -> None:
             seeds_ok = r["seed_p_holm"] is not None and r["seed_p_holm"] < alpha and i in seed_levels and \
                 _seed_interval_excludes_zero(r["_per_seed"], seed_levels[i])
         r["verdict"] = SUPPORTS if items_ok and seeds_ok else NOT_SIGNIFICANT
-        r["sentence"] = _sentence(r)
+        r["sentence"] = _sentence(r, items_ok, seeds_ok)
         del r["_reps"], r["_per_seed"]
 
 
@@ -354,15 +354,23 @@ def _seed_interval_excludes_zero(per_seed: np.ndarray, level: float) -> bool:
     return bool(low > 0 or high < 0)
 
 
-def _sentence(r: dict) -> str:
+def _sentence(r: dict, items_ok: bool, seeds_ok: bool) -> str:
+    """One plain-language line; a "not significant" says at which level the evidence falls short (items, or the
+    seeds when the items alone would carry it: a study's items can be clear while its seeds disagree)."""
     what = "accuracy on " + r["benchmark"] if r["measure"] == "target" else "forgetting"
     lead = (f"After {r['train_domain']} training, recurrent-only minus attention-only {what} is "
             f"{r['parallel_effect_pp']:+.2f} pp in the parallel model and {r['sequential_effect_pp']:+.2f} pp in "
             f"the sequential one (interaction {r['interaction_pp']:+.2f} pp, corrected interval "
             f"[{r['corrected_ci_low']:+.2f}, {r['corrected_ci_high']:+.2f}]).")
-    if r["verdict"] == SUPPORTS:
+    if items_ok and seeds_ok:
         return lead + " The data support that topology changes this placement effect."
-    return lead + " Not significant: these data do not show that topology changes it."
+    if items_ok:
+        seed_p = "n/a" if r["seed_p_holm"] is None else f"{r['seed_p_holm']:.2g}"
+        return (lead + f" Clear over the {r['n_items']} items (Holm p {r['p_holm']:.2g}) but not over the "
+                f"{r['k_seeds']} seeds (Holm p {seed_p}): not significant, these data do not show that topology "
+                "changes it beyond what varies from seed to seed.")
+    return lead + f" Not significant over the items (Holm p {r['p_holm']:.2g}): these data do not show that " \
+                  "topology changes it."
 
 
 def topology_contrasts(results: StudyResults, *, tags: Optional[Mapping[str, Mapping[str, str]]] = None,
