@@ -61,7 +61,6 @@ def test_efficiency_profiles_run_on_a_tiny_model():
     assert model.generation_config.eos_token_id == 3 and next(model.parameters()).dtype == torch.float32
 
 
-
 def test_losses_that_span_decades_get_a_log_axis_and_keep_their_digits():
     """The topology preset's parallel model ended at 8.4e-5 where the others stayed near 0.1: a linear axis put
     every curve on zero and the table said 0.000."""

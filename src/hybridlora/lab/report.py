@@ -114,7 +114,7 @@ def loss_figure(runs: list[dict[str, Any]]):
         if run["val"]:
             ax.plot(*zip(*run["val"]), "o--", markersize=3, linewidth=0.8, label=f"{run['name']} (val)")
     ax.set_xlabel("step")
-    values = [v for run in runs for v in [*run["loss"], *(v for _, v in run["val"])]]
+    values = [*(v for run in runs for v in run["loss"]), *(v for run in runs for _, v in run["val"])]
     # a model that learns its tasks outright ends decades below the others (the topology preset's parallel model:
     # 5.6 -> 8e-5): on a linear axis every curve would sit on zero after the first steps
     if values and min(values) > 0 and max(values) / min(values) > 100:
