@@ -64,7 +64,7 @@ def main() -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     found = variants(load_spec(args.spec))
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]  # '' skips prefill / decode
     results = {"spec": args.spec, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "torch": torch.__version__, "archs": {}}
     for key in args.archs.split(","):
@@ -86,17 +86,10 @@ def main() -> int:
                                                         peak_tflops=args.peak_tflops)
             model.zero_grad(set_to_none=True)
         entry["training"] = entry.get("training") or entry["training_trainer"]
-        entry["inference"] = inference_profile(model, lengths, decode_tokens=args.decode_tokens)
-        infer = entry["inference"]
         results["archs"][spec.name] = entry
-        for label in ("training", "training_trainer"):
-            if label in entry and (label != "training" or args.loop != "trainer"):
-                t = entry[label]
-                print(f"{spec.name:<30} {match.achieved:>12,} params  {label:<16} {t['tokens_per_s']:>12,.0f} tok/s"
-                      f"  MFU {100 * t['mfu']:5.1f}%  peak {t['peak_mem_gib'] or 0:.1f} GiB", flush=True)
-        if "training_trainer" in entry:
-            print(f"    trainer: {entry['training_trainer']['batching']}; cuda graphs: "
-                  f"{entry['training_trainer']['cuda_graphs']}")
+        print_training(spec.name, match.achieved, entry, args.loop)
+        write_results(results, Path(args.out))  # before inference: a time-limited run keeps the training figures
+        entry["inference"] = infer = inference_profile(model, lengths, decode_tokens=args.decode_tokens)
         for row in infer:
             if "error" in row:
                 print(f"    L={row['length']:>6}: {row['error']}")
@@ -110,6 +103,17 @@ def main() -> int:
         write_results(results, Path(args.out))  # after every architecture: a time-limited run keeps what finished
     print(f"written: {Path(args.out) / 'efficiency.json'}")
     return 0
+
+
+def print_training(name: str, params: int, entry: dict, loop: str) -> None:
+    for label in ("training", "training_trainer"):
+        if label in entry and (label != "training" or loop != "trainer"):
+            t = entry[label]
+            print(f"{name:<30} {params:>12,} params  {label:<16} {t['tokens_per_s']:>12,.0f} tok/s"
+                  f"  MFU {100 * t['mfu']:5.1f}%  peak {t['peak_mem_gib'] or 0:.1f} GiB", flush=True)
+    if "training_trainer" in entry:
+        t = entry["training_trainer"]
+        print(f"    trainer: {t['batching']}; cuda graphs: {t['cuda_graphs']}; compile: {t['compile']}", flush=True)
 
 
 def write_results(results: dict, out: Path) -> None:

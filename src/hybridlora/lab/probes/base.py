@@ -69,14 +69,16 @@ def rng_for(seed: int, stream: str) -> np.random.Generator:
 
 
 # --- training and scoring ---------------------------------------------------------------------------
-def lm_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(summed CE over answers, answers, correct answers) of a causal LM on a batch."""
+def lm_loss(model, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed CE over answers, answers, correct answers) of a causal LM on a batch, all as device tensors: no
+    host sync per step, so a GPU run queues its steps ahead (a probe model is small and launch-bound)."""
     logits = model(input_ids=inputs, use_cache=False).logits[:, :-1].float()
     target = labels[:, 1:]
     keep = target != IGNORE
-    loss = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
-    correct = int((logits[keep].argmax(-1) == target[keep]).sum())
-    return loss, int(keep.sum()), correct
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    correct = ((logits.argmax(-1) == target) & keep).sum()
+    return loss, keep.sum(), correct
 
 
 def train_and_score(model, train: ProbeData, test: ProbeData, settings: Settings, seed: int,
@@ -90,7 +92,8 @@ def train_and_score(model, train: ProbeData, test: ProbeData, settings: Settings
     bind_kernels(model)
     ctx, precision = _autocast(device, "auto")
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                            fused=device.type == "cuda")
     n = train.inputs.shape[0]
     steps_per_epoch = math.ceil(n / settings.batch_size)
     total = steps_per_epoch * settings.epochs
@@ -102,20 +105,23 @@ def train_and_score(model, train: ProbeData, test: ProbeData, settings: Settings
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(seed)
+    inputs, labels = train.inputs.to(device), train.labels.to(device)  # the whole set once, not a copy a step
     curve = []
     model.train()
     for epoch in range(settings.epochs):
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(n, generator=gen).to(device)
         for i in range(0, n, settings.batch_size):
             idx = order[i:i + settings.batch_size]
             with ctx:
-                loss, answers, _ = loss_fn(model, train.inputs[idx].to(device), train.labels[idx].to(device))
-            (loss / max(answers, 1)).backward()
+                loss, answers, _ = loss_fn(model, inputs[idx], labels[idx])
+            mean = loss / torch.as_tensor(answers, device=device).clamp(min=1)
+            mean.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            curve.append(float(loss.detach()) / max(answers, 1))
+            curve.append(mean.detach())
+    curve = torch.stack(curve).tolist() if curve else []  # one host sync for the whole run
     model.eval()
     scored = {"test": score(model, test, settings, loss_fn, ctx)}
     for name, data in (tests or {}).items():
@@ -132,4 +138,5 @@ def score(model, data: ProbeData, settings: Settings, loss_fn: Callable, ctx) ->
             _, a, c = loss_fn(model, data.inputs[i:i + settings.batch_size].to(device),
                               data.labels[i:i + settings.batch_size].to(device))
         answers, correct = answers + a, correct + c
+    answers, correct = int(answers), int(correct)
     return {"answers": answers, "correct": correct, "accuracy": correct / max(answers, 1)}
