@@ -73,6 +73,26 @@ def test_decoder_layers_are_the_language_models_stack():
     assert decoder_layers(torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 9))) is None
 
 
+def test_the_recompile_limit_covers_every_layer_of_a_deep_model_and_is_put_back():
+    """Decoding guards each compiled layer on its cache index, so a deep model compiles once per (layer, shape):
+    a flat limit of 64 sent Falcon-H1's (36 layers, prefill + step) later compilations back to eager."""
+    import torch._dynamo
+
+    from hybridlora.fast.compile import COMPILES_PER_LAYER, uncompile
+
+    before = torch._dynamo.config.recompile_limit
+    config = tiny_config_for("falcon_h1")
+    config.num_hidden_layers = 40
+    with torch.device("meta"):
+        model = build_model(config)
+    compile_regions(model, "layers")
+    try:
+        assert torch._dynamo.config.recompile_limit >= COMPILES_PER_LAYER * 40 > 2 * 40
+    finally:
+        assert uncompile(model) == 40
+    assert torch._dynamo.config.recompile_limit == before
+
+
 def test_compile_errors_end_training_with_a_one_line_hint(tmp_path, monkeypatch):
     """An error from dynamo / Inductor is reported as a TrainingError that says to train with compile off,
     logged, and the model is handed back uncompiled."""

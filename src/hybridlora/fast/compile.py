@@ -22,6 +22,10 @@ from torch import nn
 
 SCOPES = ("off", "lora", "layers")
 RECOMPILE_LIMIT = 64  # layers of one class recompile per attribute dynamo guards on (e.g. the layer type)
+# Layers that read a cache guard on their own ``layer_idx`` (transformers' cache indexes its layers by it), so
+# decoding compiles once per (layer, shape): prefill and step, for each batch shape. Falcon-H1's 36 layers hit
+# the flat limit of 64 on the H200 (2026-12-04) and ran the rest eagerly; the limit scales with the depth.
+COMPILES_PER_LAYER = 8
 MIN_TORCH = (2, 7)  # dynamo's recompile_limit and torch.compiler.set_stance
 _MARK = "_hybridlora_compiled"
 _saved_limit: list[int] = []
@@ -72,7 +76,8 @@ def compile_regions(model: nn.Module, scope: str, *, dynamic: bool | None = Fals
         raise ValueError(f"compile scope {scope!r}: the model has no such modules")
     if not _saved_limit:  # raised while compiled regions exist, put back by uncompile
         _saved_limit.append(torch._dynamo.config.recompile_limit)
-        torch._dynamo.config.recompile_limit = max(_saved_limit[0], RECOMPILE_LIMIT)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT,
+                                               COMPILES_PER_LAYER * len(targets))
     for module in targets:
         module.compile(dynamic=dynamic)
         setattr(module, _MARK, True)
