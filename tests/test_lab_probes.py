@@ -159,6 +159,40 @@ def test_suite_in_worker_processes_gives_the_records_of_one_process(tmp_path, mo
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in sorted(two, key=key)] == strip
 
 
+def test_warm_up_runs_each_architecture_and_probe_once_and_leaves_the_records_alone(tmp_path, monkeypatch):
+    """The warm-up before runner processes start (fresh GPUs autotune each kernel shape once, not in every worker):
+    one short run per (architecture, probe), nothing written, the suite's records those of a suite without it."""
+    import hybridlora.lab.probes as probes_pkg
+
+    monkeypatch.setenv("HYBRIDLORA_THREADS", "1")
+    spec = spec_from_dict({"name": "p", "mixers": ["attention", "mamba2"], "ratio": "1:1"})
+    probes, seeds = ["memorization", "compression"], [0, 1]
+    plain = run_suite({"p": spec}, probes, seeds, SMALL, tmp_path / "plain", progress=False)
+    calls = []
+    real = probes_pkg.run_probe
+
+    def counted(spec_, name, seed, settings, device=None):
+        calls.append((name, settings.train_examples, settings.epochs))
+        return real(spec_, name, seed, settings, device)
+
+    monkeypatch.setattr(probes_pkg, "run_probe", counted)
+    warmed = run_suite({"p": spec}, probes, seeds, SMALL, tmp_path / "warm", progress=False, warm_up_steps=2)
+    short = [c for c in calls if c[1] == 2 * SMALL.batch_size]
+    assert sorted(c[0] for c in short) == sorted(probes) and all(c[2] == 1 for c in short)  # once per pair, brief
+    assert len((tmp_path / "warm" / "probes.jsonl").read_text().splitlines()) == 4
+
+    def key(r):
+        return r["probe"], r["seed"]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in sorted(rs, key=key)]
+
+    assert strip(warmed) == strip(plain)
+    calls.clear()
+    run_suite({"p": spec}, probes, seeds, SMALL, tmp_path / "warm", progress=False, warm_up_steps=2)
+    assert calls == []  # everything done: no warm-up either
+
+
 def test_a_probe_learns_memorization_on_cpu():
     spec = spec_from_dict({"name": "m", "mixers": ["attention"]})
     record = run_probe(spec, "memorization", 0, Settings(name="t", epochs=6, train_examples=256, test_examples=64,
@@ -168,7 +202,8 @@ def test_a_probe_learns_memorization_on_cpu():
 
 
 def test_probe_cli_bad_inputs(tmp_path, capsys):
-    for extra in (["--probes", "nope"], ["--seeds", "a,b"], ["--archs", "sideways"], ["--workers", "0"]):
+    for extra in (["--probes", "nope"], ["--seeds", "a,b"], ["--archs", "sideways"], ["--workers", "0"],
+                  ["--warm-up-steps", "-1"]):
         assert main(["lab", "probe", "tiny-gdn", "--output", str(tmp_path / "o"), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err

@@ -91,16 +91,38 @@ def run_probe(spec, name: str, seed: int, settings: Settings, device: str | None
             "seconds": round(time.perf_counter() - start, 2)}
 
 
+def warm_up(specs: dict, jobs: list[tuple[str, str, int]], settings: Settings, steps: int = 2,
+            progress: bool = True) -> int:
+    """A few training steps and one scoring batch of every (architecture, probe) among ``jobs``, in this process,
+    results thrown away. Why: on a fresh GPU machine each new kernel shape is autotuned by Triton (minutes for
+    fla's kernels); runner processes started together would all autotune the same shapes at once, each timing
+    its candidates on a GPU the others are using. Done here first, one at a time, the winners land in Triton's
+    on-disk cache and every runner reads them. Returns the number of architectures warmed up."""
+    import dataclasses
+
+    short = dataclasses.replace(settings, train_examples=steps * settings.batch_size,
+                                test_examples=settings.batch_size, epochs=1)
+    pairs = list(dict.fromkeys((arch, probe) for arch, probe, _ in jobs))
+    for i, (arch, probe) in enumerate(pairs, 1):
+        if progress:
+            print(f"warming up kernels {i}/{len(pairs)}: {arch} {probe}", flush=True)
+        run_probe(specs[arch], probe, 0, short)
+    return len(pairs)
+
+
 def run_suite(specs: dict, probes: list[str], seeds: list[int], settings: Settings, output: Path,
-              progress: bool = True, workers: int = 1) -> list[dict[str, Any]]:
+              progress: bool = True, workers: int = 1, warm_up_steps: int = 0) -> list[dict[str, Any]]:
     """Every (architecture, probe, seed); records appended to ``output/probes.jsonl`` as they finish, and a
     re-run skips the ones already there (resumable). ``workers`` > 1 runs that many at once in their own
-    processes (:func:`_in_processes`); each run is seeded on its own, so the records are those of one process."""
+    processes (:func:`_in_processes`); each run is seeded on its own, so the records are those of one process.
+    ``warm_up_steps`` > 0 first runs that many steps of each (architecture, probe) here (:func:`warm_up`)."""
     output.mkdir(parents=True, exist_ok=True)
     path = output / RESULTS
     done = load_records(output)
     have = {(r["arch"], r["probe"], r["seed"], r["settings"]) for r in done}
     jobs = [(a, p, s) for a in specs for p in probes for s in seeds if (a, p, s, settings.name) not in have]
+    if warm_up_steps > 0 and jobs:
+        warm_up(specs, jobs, settings, warm_up_steps, progress)
     bar = None
     if progress and jobs:
         from tqdm.auto import tqdm

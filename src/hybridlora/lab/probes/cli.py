@@ -24,6 +24,10 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="probe runs at once, each in its own process (default 1); on a GPU several small probe "
                         "models share it, on CPU they share the cores")
+    p.add_argument("--warm-up-steps", type=int, default=None, metavar="N",
+                   help="before the runs, N training steps of each (architecture, probe) in one process, so that a "
+                        "fresh GPU autotunes each kernel shape once instead of in every worker at the same time "
+                        "(default: 2 on CUDA with --workers > 1, else 0)")
     p.add_argument("--no-progress", action="store_true")
     from ...threads import add_option as add_threads_option
 
@@ -63,6 +67,9 @@ def cmd_probe(args) -> int:
         specs = {found[n].name: found[n] for n in names}
     if args.workers < 1:
         raise CliError(f"--workers {args.workers}: give at least 1")
+    if args.warm_up_steps is not None and args.warm_up_steps < 0:
+        raise CliError(f"--warm-up-steps {args.warm_up_steps}: give 0 or more")
+    warm = args.warm_up_steps if args.warm_up_steps is not None else _default_warm_up(args.workers)
     settings = Settings.tiny() if args.settings == "tiny" else Settings.mad()
     for arch in specs.values():  # every probe architecture must solve before anything runs
         for probe in probes:
@@ -71,7 +78,7 @@ def cmd_probe(args) -> int:
     if out.is_file():
         raise CliError(f"--output {out} is a file; give a directory")
     records = [r for r in run_suite(specs, probes, seeds, settings, out, progress=not args.no_progress,
-                                    workers=args.workers)
+                                    workers=args.workers, warm_up_steps=warm)
                if r["arch"] in specs and r["probe"] in probes and r["seed"] in seeds]
     rows = summarize(records)
     from ...train.loop import write_atomic
@@ -80,6 +87,12 @@ def cmd_probe(args) -> int:
     print(_table(rows))
     print(f"records: {out / 'probes.jsonl'}; summary: {out / 'probes_summary.json'}")
     return 0
+
+
+def _default_warm_up(workers: int) -> int:
+    import torch
+
+    return 2 if workers > 1 and torch.cuda.is_available() else 0  # only GPUs autotune kernels
 
 
 def _fmt(x: float) -> str:
