@@ -2,6 +2,8 @@
 probe runner, summaries and the CLI."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -191,6 +193,74 @@ def test_warm_up_runs_each_architecture_and_probe_once_and_leaves_the_records_al
     calls.clear()
     run_suite({"p": spec}, probes, seeds, SMALL, tmp_path / "warm", progress=False, warm_up_steps=2)
     assert calls == []  # everything done: no warm-up either
+
+
+class _CpuGraphs:
+    """Stand-in for the CUDA calls of ``graphed.GraphedStep.capture`` on CPU: "capturing" runs the step once and
+    a replay runs it again into the same loss tensor, as a graph replays its kernels into the same memory."""
+
+    class _Stream:
+        def wait_stream(self, other):
+            pass
+
+    class CUDAGraph:
+        def replay(self):
+            self.run()
+
+    current_stream = staticmethod(lambda device: _CpuGraphs._Stream())
+    Stream = staticmethod(lambda device: _CpuGraphs._Stream())
+    stream = staticmethod(lambda s: contextlib.nullcontext())
+    set_stream = staticmethod(lambda s: None)
+    get_rng_state = staticmethod(lambda device: torch.get_rng_state())
+    set_rng_state = staticmethod(lambda state, device: torch.set_rng_state(state))
+    synchronize = staticmethod(lambda device: None)
+    release_generator = staticmethod(lambda device: None)
+
+    @staticmethod
+    def capture(graph, fn):
+        out = fn()
+        graph.run = lambda: out.copy_(fn())
+        return out
+
+
+class _BrokenGraphs(_CpuGraphs):
+    @staticmethod
+    def capture(graph, fn):  # a graph that replays nothing: stale loss, no gradients
+        out = fn()
+        graph.run = lambda: None
+        return out
+
+
+def _graph_records(monkeypatch, cuda, probe: str, settings: Settings):
+    from hybridlora.lab.probes import graphed
+
+    spec = spec_from_dict({"name": "g", "mixers": ["attention", "mamba2"], "ratio": "1:1"})
+    eager = run_probe(spec, probe, 0, settings)
+    monkeypatch.setattr(graphed, "wanted", lambda device: True)
+    monkeypatch.setattr(graphed, "_cuda", cuda)
+    return eager, run_probe(spec, probe, 0, settings)
+
+
+@pytest.mark.parametrize("probe,examples", [("memorization", 48), ("compression", 40)])  # 40: a last batch of 8
+def test_the_graphed_probe_step_trains_exactly_as_the_eager_one(monkeypatch, probe, examples):
+    """The replayed step (inputs copied in, gradients zeroed and added into the same tensors, a smaller last batch
+    run eagerly into them, a probe head's extra parameters) gives the eager run's record, loss curve included."""
+    settings = Settings(name="g", train_examples=examples, test_examples=16, epochs=2, batch_size=16, depth=2,
+                        target_params=30_000, scale=0.25)
+    eager, graphed_run = _graph_records(monkeypatch, _CpuGraphs, probe, settings)
+    assert eager["step"] == "eager" and graphed_run["step"] == "cuda graph"
+    drop = ("seconds", "step")
+    assert {k: v for k, v in graphed_run.items() if k not in drop} == {k: v for k, v in eager.items() if k not in drop}
+
+
+def test_a_graph_that_disagrees_with_the_eager_step_is_not_used(monkeypatch):
+    settings = Settings(name="g", train_examples=32, test_examples=16, epochs=1, batch_size=16, depth=2,
+                        target_params=30_000, scale=0.25)
+    with pytest.warns(UserWarning, match="CUDA graph of the probe's training step not used"):
+        eager, fallback = _graph_records(monkeypatch, _BrokenGraphs, "memorization", settings)
+    assert fallback["step"].startswith("eager: RuntimeError: the replayed step's")
+    drop = ("seconds", "step")
+    assert {k: v for k, v in fallback.items() if k not in drop} == {k: v for k, v in eager.items() if k not in drop}
 
 
 def test_a_probe_learns_memorization_on_cpu():

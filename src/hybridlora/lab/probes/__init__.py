@@ -86,7 +86,7 @@ def run_probe(spec, name: str, seed: int, settings: Settings, device: str | None
     curve = out["loss_curve"]
     return {"arch": spec.name, "probe": name, "seed": seed, "settings": settings.name,
             "params": match.achieved, "target_params": match.target, "task": task_args(name, settings),
-            "scores": out["scores"], "steps": out["steps"], "precision": out["precision"],
+            "scores": out["scores"], "steps": out["steps"], "precision": out["precision"], "step": out["step"],
             "loss_first": curve[0] if curve else None, "loss_last": sum(curve[-5:]) / max(len(curve[-5:]), 1),
             "seconds": round(time.perf_counter() - start, 2)}
 

@@ -87,10 +87,13 @@ def train_and_score(model, train: ProbeData, test: ProbeData, settings: Settings
     """Train ``model`` (and ``extra_params``: a probe's own head) on ``train``; score per answer token on
     ``test`` (and any further named test sets). Returns counts, accuracies and the loss curve."""
     from ...train.loop import _autocast, bind_kernels
+    from . import graphed
 
     device = next(model.parameters()).device
     bind_kernels(model)
     ctx, precision = _autocast(device, "auto")
+    if precision == "bf16":
+        ctx = graphed.autocast(device, True)  # the same casts, no cache: the graph and the eager step share it
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
                             fused=device.type == "cuda")
@@ -106,27 +109,44 @@ def train_and_score(model, train: ProbeData, test: ProbeData, settings: Settings
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(seed)
     inputs, labels = train.inputs.to(device), train.labels.to(device)  # the whole set once, not a copy a step
-    curve = []
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward, mean loss over the batch's answers, backward (gradients accumulate)."""
+        with ctx:
+            loss, answers, _ = loss_fn(model, x, y)
+        mean = loss / torch.as_tensor(answers, device=device).clamp(min=1)
+        mean.backward()
+        return mean.detach()
+
     model.train()
+    fast_step, how = None, "eager"
+    if graphed.wanted(device) and n >= settings.batch_size:
+        first = torch.arange(settings.batch_size, device=device)
+        fast_step, how = graphed.GraphedStep.capture(step, params, inputs[first], labels[first])
+    curve = []
     for epoch in range(settings.epochs):
         order = torch.randperm(n, generator=gen).to(device)
         for i in range(0, n, settings.batch_size):
             idx = order[i:i + settings.batch_size]
-            with ctx:
-                loss, answers, _ = loss_fn(model, inputs[idx], labels[idx])
-            mean = loss / torch.as_tensor(answers, device=device).clamp(min=1)
-            mean.backward()
+            x, y = inputs[idx], labels[idx]
+            if fast_step is None:
+                mean = step(x, y)
+            elif fast_step.fits(x):
+                mean = fast_step(x, y)  # zeroes the gradients it adds into, then replays
+            else:
+                mean = fast_step.run_eagerly(step, x, y, params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            opt.zero_grad(set_to_none=True)
-            curve.append(mean.detach())
+            if fast_step is None:
+                opt.zero_grad(set_to_none=True)
+            curve.append(mean)
     curve = torch.stack(curve).tolist() if curve else []  # one host sync for the whole run
     model.eval()
     scored = {"test": score(model, test, settings, loss_fn, ctx)}
     for name, data in (tests or {}).items():
         scored[name] = score(model, data, settings, loss_fn, ctx)
-    return {"scores": scored, "loss_curve": curve, "precision": precision, "steps": total}
+    return {"scores": scored, "loss_curve": curve, "precision": precision, "steps": total, "step": how}
 
 
 @torch.no_grad()
