@@ -114,7 +114,8 @@ def train_and_score(model, train: ProbeData, test: ProbeData, settings: Settings
         """Forward, mean loss over the batch's answers, backward (gradients accumulate)."""
         with ctx:
             loss, answers, _ = loss_fn(model, x, y)
-        mean = loss / torch.as_tensor(answers, device=device).clamp(min=1)
+        # a count on the device stays there; a Python count is a kernel argument (a host copy could not be captured)
+        mean = loss / (answers.clamp(min=1) if torch.is_tensor(answers) else max(int(answers), 1))
         mean.backward()
         return mean.detach()
 
