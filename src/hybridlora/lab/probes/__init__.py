@@ -97,7 +97,7 @@ def warm_up(specs: dict, jobs: list[tuple[str, str, int]], settings: Settings, s
     results thrown away. Why: on a fresh GPU machine each new kernel shape is autotuned by Triton (minutes for
     fla's kernels); runner processes started together would all autotune the same shapes at once, each timing
     its candidates on a GPU the others are using. Done here first, one at a time, the winners land in Triton's
-    on-disk cache and every runner reads them. Returns the number of architectures warmed up."""
+    on-disk cache and every runner reads them. Returns the number of (architecture, probe) pairs warmed up."""
     import dataclasses
 
     short = dataclasses.replace(settings, train_examples=steps * settings.batch_size,

@@ -45,6 +45,6 @@ def make_loss(model, data: ProbeData):
         logits = decoder(hidden).float()
         target = labels[:, :-1]
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
-        return loss, target.numel(), (logits.argmax(-1) == target).sum()  # tensors: no host sync a step
+        return loss, target.numel(), (logits.argmax(-1) == target).sum()  # no host read of the device a step
 
     return loss_fn, list(decoder.parameters())
