@@ -1,8 +1,9 @@
 """A probe's training step (forward, loss, backward) replayed as a CUDA graph.
 
-Why: a probe model has ~0.5M parameters; at MAD's settings a run is 20,000 steps whose kernels take a small part
-of the time Python and the kernel launches do (300 eager steps of the ~450k-parameter sequential GDN model took
-11.1 s with their setup on an H200, 2026-12-04). A replayed graph launches the whole forward and backward at once.
+Why: a probe model has ~0.5M parameters, so an eager step waits on Python and kernel launches rather than on
+the GPU, and at MAD's settings a run is 20,000 steps (300 eager steps of the ~450k-parameter sequential GDN model
+took 11.1 s with their setup on an H200, 2026-12-04). A replayed graph launches the whole forward and backward at
+once.
 Clipping, the optimizer step and the schedule stay eager (a few fused launches).
 
 Same numbers as the eager step: the same kernels on the same inputs. Checked, not assumed: at capture, one replay
