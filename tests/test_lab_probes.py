@@ -263,6 +263,26 @@ def test_a_graph_that_disagrees_with_the_eager_step_is_not_used(monkeypatch):
     assert {k: v for k, v in fallback.items() if k not in drop} == {k: v for k, v in eager.items() if k not in drop}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shipped,variant", [("gpu-120m-gdn", "sequential"), ("gpu-120m-mamba2", "parallel")])
+def test_on_cuda_the_probe_step_is_a_graph_and_trains_as_the_eager_step(monkeypatch, shipped, variant):
+    """The real capture on the GPU, on the probe architectures of MAD's settings (fla's GDN and mamba-ssm's
+    Mamba-2 kernels): the record says the graph ran, and its scores and losses are the eager run's (the same
+    kernels; bf16 autocast, so within rounding)."""
+    from hybridlora.lab.spec import load_spec, variants
+
+    spec = variants(load_spec(shipped))[variant]
+    settings = Settings(name="c", train_examples=64, test_examples=32, epochs=3, batch_size=16, depth=2,
+                        target_params=450_000, scale=0.25)
+    graphed_run = run_probe(spec, "mqar", 0, settings)
+    monkeypatch.setenv("HYBRIDLORA_PROBE_GRAPHS", "0")
+    eager = run_probe(spec, "mqar", 0, settings)
+    assert graphed_run["step"] == "cuda graph" and eager["step"] == "eager"
+    assert graphed_run["loss_first"] == pytest.approx(eager["loss_first"], rel=1e-2)
+    assert graphed_run["loss_last"] == pytest.approx(eager["loss_last"], rel=5e-2, abs=1e-2)
+    assert abs(graphed_run["scores"]["test"]["accuracy"] - eager["scores"]["test"]["accuracy"]) <= 0.05
+
+
 def test_a_probe_learns_memorization_on_cpu():
     spec = spec_from_dict({"name": "m", "mixers": ["attention"]})
     record = run_probe(spec, "memorization", 0, Settings(name="t", epochs=6, train_examples=256, test_examples=64,
