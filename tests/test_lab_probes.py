@@ -235,10 +235,10 @@ def _graph_records(monkeypatch, cuda, probe: str, settings: Settings):
     from hybridlora.lab.probes import graphed
 
     spec = spec_from_dict({"name": "g", "mixers": ["attention", "mamba2"], "ratio": "1:1"})
-    eager = run_probe(spec, probe, 0, settings)
+    eager = run_probe(spec, probe, 0, settings, device="cpu")  # CPU also on a GPU machine: the stand-in is for CPU
     monkeypatch.setattr(graphed, "wanted", lambda device: True)
     monkeypatch.setattr(graphed, "_cuda", cuda)
-    return eager, run_probe(spec, probe, 0, settings)
+    return eager, run_probe(spec, probe, 0, settings, device="cpu")
 
 
 @pytest.mark.parametrize("probe,examples", [("memorization", 48), ("compression", 40)])  # 40: a last batch of 8
