@@ -291,6 +291,15 @@ def test_a_probe_learns_memorization_on_cpu():
     assert record["scores"]["test"]["accuracy"] > 0.5  # chance is 1/128
 
 
+def test_mads_settings_without_cuda_get_a_warning_with_the_workload():
+    from hybridlora.lab.probes.cli import workload_note
+
+    note = workload_note(32, Settings.mad(), cuda=False)
+    assert note.startswith("warning: 32 runs of 20,000 training steps") and "--settings tiny" in note
+    assert workload_note(32, Settings.mad(), cuda=True) is None
+    assert workload_note(32, Settings.tiny(), cuda=False) is None
+
+
 def test_probe_cli_bad_inputs(tmp_path, capsys):
     for extra in (["--probes", "nope"], ["--seeds", "a,b"], ["--archs", "sideways"], ["--workers", "0"],
                   ["--warm-up-steps", "-1"]):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from ...errors import CliError
@@ -77,6 +78,9 @@ def cmd_probe(args) -> int:
     out = Path(args.output)
     if out.is_file():
         raise CliError(f"--output {out} is a file; give a directory")
+    note = workload_note(len(specs) * len(probes) * len(seeds), settings)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     records = [r for r in run_suite(specs, probes, seeds, settings, out, progress=not args.no_progress,
                                     workers=args.workers, warm_up_steps=warm)
                if r["arch"] in specs and r["probe"] in probes and r["seed"] in seeds]
@@ -87,6 +91,17 @@ def cmd_probe(args) -> int:
     print(_table(rows))
     print(f"records: {out / 'probes.jsonl'}; summary: {out / 'probes_summary.json'}")
     return 0
+
+
+def workload_note(runs: int, settings, cuda: bool | None = None) -> str | None:
+    """A warning line before a long suite on a machine without CUDA (MAD's settings: 20,000 steps a run)."""
+    import torch
+
+    steps = math.ceil(settings.train_examples / settings.batch_size) * settings.epochs
+    if (torch.cuda.is_available() if cuda is None else cuda) or settings.name != "mad":
+        return None
+    return (f"warning: {runs} runs of {steps:,} training steps each at MAD's settings on a machine without CUDA: "
+            "expect many hours; --settings tiny is the CPU-sized protocol")
 
 
 def _default_warm_up(workers: int) -> int:
