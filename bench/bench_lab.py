@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 os.environ.setdefault("HYBRIDLORA_LIFT_FLA_HOPPER_GUARD", "1")
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", default="gpu-120m-gdn", help="spec file or shipped name (default gpu-120m-gdn)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke sizes: tiny-gdn, batch 2 x 64, lengths 64,128")
@@ -52,7 +52,10 @@ def main() -> int:
     parser.add_argument("--compile", choices=["off", "layers"], default="off",
                         help="torch.compile regions in the trainer loop (layers: decoder layers between kernels)")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    parser.add_argument("--fresh", action="store_true",
+                        help="measure every architecture again (default: a rerun into the same --out with the same "
+                             "settings skips the architectures its efficiency.json already holds)")
+    args = parser.parse_args(argv)
     if args.tiny:
         args.spec, args.batch, args.seq_len, args.steps, args.lengths, args.decode_tokens = \
             "tiny-gdn", 2, 64, 2, "64,128", 4
@@ -65,10 +68,18 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     found = variants(load_spec(args.spec))
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]  # '' skips prefill / decode
+    settings = {k: getattr(args, k) for k in ("batch", "seq_len", "steps", "lengths", "decode_tokens", "peak_tflops",
+                                              "loop", "compile")}
     results = {"spec": args.spec, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "torch": torch.__version__, "archs": {}}
+               "torch": torch.__version__, "settings": settings, "archs": {}}
+    if not args.fresh:
+        results["archs"] = earlier_results(Path(args.out), results)
     for key in args.archs.split(","):
         spec = found[key]
+        if spec.name in results["archs"]:
+            print(f"-- {spec.name}: measured already ({Path(args.out) / 'efficiency.json'}; --fresh measures again)",
+                  flush=True)
+            continue
         print(f"-- {spec.name}: building and timing", flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -88,8 +99,10 @@ def main() -> int:
         entry["training"] = entry.get("training") or entry["training_trainer"]
         results["archs"][spec.name] = entry
         print_training(spec.name, match.achieved, entry, args.loop)
+        entry["complete"] = False  # a rerun measures this architecture again unless its inference finishes
         write_results(results, Path(args.out))  # before inference: a time-limited run keeps the training figures
         entry["inference"] = infer = inference_profile(model, lengths, decode_tokens=args.decode_tokens)
+        entry["complete"] = True
         for row in infer:
             if "error" in row:
                 print(f"    L={row['length']:>6}: {row['error']}")
@@ -114,6 +127,18 @@ def print_training(name: str, params: int, entry: dict, loop: str) -> None:
     if "training_trainer" in entry:
         t = entry["training_trainer"]
         print(f"    trainer: {t['batching']}; cuda graphs: {t['cuda_graphs']}; compile: {t['compile']}", flush=True)
+
+
+def earlier_results(out: Path, now: dict) -> dict:
+    """The finished architectures of an earlier run into ``out`` with the same spec, device, torch and settings
+    (a run cut short by a time limit continues where it stopped); none if anything differs."""
+    try:
+        earlier = json.loads((out / "efficiency.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if any(earlier.get(k) != now[k] for k in ("spec", "device", "torch", "settings")):
+        return {}
+    return {name: entry for name, entry in earlier.get("archs", {}).items() if entry.get("complete")}
 
 
 def write_results(results: dict, out: Path) -> None:
