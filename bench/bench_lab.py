@@ -12,8 +12,9 @@ GPU (the issue's target: ~120M matched pair at >= 35% MFU of 790 TFLOP/s, batch 
     python bench/bench_lab.py --spec gpu-120m-gdn --loop trainer --compile layers --out bench/results/lab-gdn-compile
 
 A rerun into the same ``--out`` with the same settings skips the architectures already measured (``--fresh``:
-all again). Both loops are timed by default: ``plain`` (hand-written bf16 steps, fused AdamW, no packing / graphs / compile:
-the issue's reference setting) and ``trainer`` (hybridlora's trainer as ``lab pretrain`` runs it).
+all again). Both loops are timed by default: ``plain`` (hand-written bf16 steps, fused AdamW, no packing /
+graphs / compile: the issue's reference setting) and ``trainer`` (hybridlora's trainer as ``lab pretrain`` runs
+it).
 
 CPU smoke run (tiny spec, short sequences; checks the script, says nothing about speed)::
 
