@@ -71,24 +71,11 @@ def device_time_by_kind(prof, device: bool) -> dict[str, float]:
 def profile_variant(model, batch: int, seq_len: int, peak_tflops: float) -> tuple[dict, str]:
     from torch.profiler import ProfilerActivity, profile
 
-    from hybridlora.fast import causal_lm_loss_sum
-    from hybridlora.train.loop import _autocast, bind_kernels
+    from hybridlora.lab.efficiency import plain_training_step
 
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
-    bind_kernels(model)
-    ctx, _ = _autocast(device, "auto")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
-    model.train()
-
-    def step():
-        with ctx:
-            loss, n = causal_lm_loss_sum(model, ids, ids, attention_mask=torch.ones_like(ids))
-        (loss / n).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step, _, _ = plain_training_step(model, batch=batch, seq_len=seq_len)  # the step bench_lab.py times
     for _ in range(3):
         step()
     if on_gpu:

@@ -48,15 +48,16 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: in
     return sorted(times)[len(times) // 2]
 
 
-def training_profile(model, *, batch: int, seq_len: int, steps: int = 10, warmup: int = 3,
-                     peak_tflops: float = H200_BF16_TFLOPS) -> dict[str, Any]:
+def plain_training_step(model, *, batch: int, seq_len: int) -> tuple[Callable[[], None], str, list]:
+    """(one full-parameter step of ``batch × seq_len`` random tokens, the precision, the bound kernels): bf16
+    autocast on CUDA, the chunked cross-entropy, AdamW (fused on CUDA). Shared by the timing below and
+    bench/profile_lab_step.py, which profiles the very same step."""
     from ..fast import causal_lm_loss_sum
     from ..train.loop import _autocast, bind_kernels
 
     device = next(model.parameters()).device
     kernels = bind_kernels(model)
     ctx, precision = _autocast(device, "auto")
-    params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
     mask = torch.ones_like(ids)
@@ -69,6 +70,14 @@ def training_profile(model, *, batch: int, seq_len: int, steps: int = 10, warmup
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, precision, kernels
+
+
+def training_profile(model, *, batch: int, seq_len: int, steps: int = 10, warmup: int = 3,
+                     peak_tflops: float = H200_BF16_TFLOPS) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    step, precision, kernels = plain_training_step(model, batch=batch, seq_len=seq_len)
+    params = sum(p.numel() for p in model.parameters())
     _reset_peak(device)
     seconds = _timed(step, device, steps, warmup)
     tokens_per_s = batch * seq_len / seconds

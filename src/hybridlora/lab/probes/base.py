@@ -53,6 +53,11 @@ class Settings:
     scale: float = 0.25  # multiplies the MAD task lengths (sequence lengths, tokens to copy)
     task: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-probe overrides
 
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of one run."""
+        return math.ceil(self.train_examples / self.batch_size) * self.epochs
+
     @staticmethod
     def tiny() -> "Settings":
         return Settings()
@@ -93,13 +98,12 @@ def train_and_score(model, train: ProbeData, test: ProbeData, settings: Settings
     bind_kernels(model)
     ctx, precision = _autocast(device, "auto")
     if precision == "bf16":
-        ctx = graphed.autocast(device, True)  # the same casts, no cache: the graph and the eager step share it
+        ctx = graphed.autocast(device)  # the same casts, no cache: the graph and the eager step share it
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
                             fused=device.type == "cuda")
     n = train.inputs.shape[0]
-    steps_per_epoch = math.ceil(n / settings.batch_size)
-    total = steps_per_epoch * settings.epochs
+    total = math.ceil(n / settings.batch_size) * settings.epochs
     warmup = int(settings.warmup_ratio * total)
     def schedule(s: int) -> float:  # linear warmup, then cosine to zero
         if s < warmup:

@@ -97,10 +97,9 @@ def workload_note(runs: int, settings, cuda: bool | None = None) -> str | None:
     """A warning line before a long suite on a machine without CUDA (MAD's settings: 20,000 steps a run)."""
     import torch
 
-    steps = math.ceil(settings.train_examples / settings.batch_size) * settings.epochs
     if (torch.cuda.is_available() if cuda is None else cuda) or settings.name != "mad":
         return None
-    return (f"warning: {runs} runs of {steps:,} training steps each at MAD's settings on a machine without CUDA: "
+    return (f"warning: {runs} runs of {settings.steps:,} training steps each at MAD's settings on a machine without CUDA: "
             "expect many hours; --settings tiny is the CPU-sized protocol")
 
 

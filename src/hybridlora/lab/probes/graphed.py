@@ -3,8 +3,7 @@
 Why: a probe model has ~0.5M parameters, so an eager step waits on Python and kernel launches rather than on
 the GPU, and at MAD's settings a run is 20,000 steps (300 eager steps of the ~450k-parameter sequential GDN model
 took 11.1 s with their setup on an H200, 2026-12-04). A replayed graph launches the whole forward and backward at
-once.
-Clipping, the optimizer step and the schedule stay eager (a few fused launches).
+once. Clipping, the optimizer step and the schedule stay eager (a few fused launches).
 
 Same numbers as the eager step: the same kernels on the same inputs. Checked, not assumed: at capture, one replay
 on the first batch is set against an eager step on it (loss and every gradient); a mismatch, or a capture that
@@ -61,9 +60,9 @@ def wanted(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get(ENV, "1") != "0"
 
 
-def autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device):
     """bf16 autocast without the weight-cast cache (cached casts would outlive the capture that made them)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 class GraphedStep:
