@@ -43,10 +43,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def timed_run(spec, probe: str, settings: Settings, graphs: str) -> tuple[float, dict]:
+    before = os.environ.get(GRAPHS_ENV)
     os.environ[GRAPHS_ENV] = "1" if graphs == "on" else "0"
-    start = time.perf_counter()
-    record = run_probe(spec, probe, 0, settings)
-    return time.perf_counter() - start, record
+    try:
+        start = time.perf_counter()
+        record = run_probe(spec, probe, 0, settings)
+        return time.perf_counter() - start, record
+    finally:  # leave the switch as found (the bench may run inside another process, e.g. its test)
+        if before is None:
+            os.environ.pop(GRAPHS_ENV, None)
+        else:
+            os.environ[GRAPHS_ENV] = before
 
 
 def measure(spec, probe: str, settings: Settings, graphs: str, epochs: int) -> dict:
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = measure(arch, probe, settings, graphs, args.epochs)
                 rows.append(row)
                 print(f"{name:>14} {probe:<18} graphs {graphs:<3} ({row['step']}): {row['ms_per_step']:.2f} ms/step, "
-                      f"setup {row['setup_s']:.1f} s, a whole run ({settings.steps} steps) ≈ {row['run_min']:.1f} min",
+                      f"setup {row['setup_s']:.1f} s, a whole run ({settings.steps} steps) ≈ {row['run_min']:.2f} min",
                       flush=True)
     best = {}
     for row in rows:

@@ -3,6 +3,7 @@ probe runner, summaries and the CLI."""
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -307,3 +308,15 @@ def test_probe_cli_bad_inputs(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_seed_interval_of_an_accuracy_stays_within_0_and_1():
+    def record(seed, correct):
+        return {"arch": "a", "probe": "p", "seed": seed, "scores": {"test": {"correct": correct, "answers": 100,
+                                                                              "accuracy": correct / 100}}}
+
+    row, = summarize([record(0, 0), record(1, 50)])  # mean 0.25, t interval about [-2.9, 3.4] unclipped
+    assert row["seed_mean"] == pytest.approx(0.25)
+    assert row["seed_t95"] == [0.0, 1.0]
+    one, = summarize([record(0, 30)])
+    assert all(math.isnan(v) for v in one["seed_t95"])  # one seed: no interval, not a made-up one

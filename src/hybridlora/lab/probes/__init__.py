@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,8 @@ def load_records(output: Path) -> list[dict[str, Any]]:
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (architecture, probe, test set): pooled accuracy with a Wilson interval over all answer
-    tokens of all seeds, and the mean over seeds with a Student-t interval."""
+    tokens of all seeds, and the mean over seeds with a Student-t interval, clipped to [0, 1] (with few seeds the
+    t interval of an accuracy can pass 0 or 1, which no accuracy can; NaN, for one seed, stays NaN)."""
     from ...analysis.stats import seed_summary, wilson_interval
 
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -200,6 +202,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         correct, answers = sum(i["correct"] for i in items), sum(i["answers"] for i in items)
         low, high = wilson_interval(correct, answers)
         mean, s_low, s_high = seed_summary([i["accuracy"] for i in items])
+        s_low, s_high = (v if math.isnan(v) else min(max(v, 0.0), 1.0) for v in (s_low, s_high))
         rows.append({"arch": arch, "probe": probe, "test": test, "seeds": sorted(i["seed"] for i in items),
                      "answers": answers, "accuracy": correct / max(answers, 1), "wilson95": [low, high],
                      "seed_mean": mean, "seed_t95": [s_low, s_high],
