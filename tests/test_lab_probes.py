@@ -320,3 +320,14 @@ def test_the_seed_interval_of_an_accuracy_stays_within_0_and_1():
     assert row["seed_t95"] == [0.0, 1.0]
     one, = summarize([record(0, 30)])
     assert all(math.isnan(v) for v in one["seed_t95"])  # one seed: no interval, not a made-up one
+
+
+def test_several_runs_share_a_gpu_by_default_and_one_runs_on_cpu(monkeypatch):
+    from hybridlora import threads
+    from hybridlora.lab.probes import cli as probe_cli
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 16)
+    assert probe_cli.default_workers(cuda=True) == probe_cli.GPU_WORKERS == 8
+    assert probe_cli.default_workers(cuda=False) == 1
+    monkeypatch.setattr(threads, "usable_cores", lambda: 3)
+    assert probe_cli.default_workers(cuda=True) == 3  # a worker launches from a core of its own

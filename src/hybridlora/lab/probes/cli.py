@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ...errors import CliError
 
+GPU_WORKERS = 8  # default runs at once on CUDA (see default_workers)
+
 
 def register(sub) -> None:
     from . import PROBE_MODULES
@@ -22,9 +24,10 @@ def register(sub) -> None:
     p.add_argument("--settings", choices=["tiny", "mad"], default="tiny",
                    help="tiny: CPU-sized tasks and models; mad: MAD's baseline task settings (GPU)")
     p.add_argument("--output", required=True, help="results directory (probes.jsonl, probes_summary.json)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="probe runs at once, each in its own process (default 1); on a GPU several small probe "
-                        "models share it, on CPU they share the cores")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="probe runs at once, each in its own process; on a GPU several small probe models share it "
+                        f"(default there: {GPU_WORKERS}, or the usable cores if fewer), on CPU they share the cores "
+                        "(default there: 1)")
     p.add_argument("--warm-up-steps", type=int, default=None, metavar="N",
                    help="before the runs, N training steps of each (architecture, probe) in one process, so that a "
                         "fresh GPU autotunes each kernel shape once instead of in every worker at the same time "
@@ -66,11 +69,12 @@ def cmd_probe(args) -> int:
         if missing:
             raise CliError(f"--archs: {', '.join(missing)} not among this spec's variants ({', '.join(found)})")
         specs = {found[n].name: found[n] for n in names}
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise CliError(f"--workers {args.workers}: give at least 1")
     if args.warm_up_steps is not None and args.warm_up_steps < 0:
         raise CliError(f"--warm-up-steps {args.warm_up_steps}: give 0 or more")
-    warm = args.warm_up_steps if args.warm_up_steps is not None else _default_warm_up(args.workers)
+    workers = args.workers if args.workers is not None else default_workers()
+    warm = args.warm_up_steps if args.warm_up_steps is not None else _default_warm_up(workers)
     settings = Settings.tiny() if args.settings == "tiny" else Settings.mad()
     for arch in specs.values():  # every probe architecture must solve before anything runs
         for probe in probes:
@@ -82,7 +86,7 @@ def cmd_probe(args) -> int:
     if note:
         print(note, file=sys.stderr, flush=True)
     records = [r for r in run_suite(specs, probes, seeds, settings, out, progress=not args.no_progress,
-                                    workers=args.workers, warm_up_steps=warm)
+                                    workers=workers, warm_up_steps=warm)
                if r["arch"] in specs and r["probe"] in probes and r["seed"] in seeds]
     rows = summarize(records)
     from ...train.loop import write_atomic
@@ -101,6 +105,19 @@ def workload_note(runs: int, settings, cuda: bool | None = None) -> str | None:
         return None
     return (f"warning: {runs} runs of {settings.steps:,} training steps each at MAD's settings on a machine without CUDA: "
             "expect many hours; --settings tiny is the CPU-sized protocol")
+
+
+def default_workers(cuda: bool | None = None) -> int:
+    """Runs at once when ``--workers`` is not given. On CUDA several: 8 MAD-size runs sharing one H200 finished
+    about twice as many runs an hour as one at a time (2026-12-04, docs/LAB.md), each worker needing a core to
+    launch from. On CPU one: the runs would only split the same cores."""
+    import torch
+
+    from ... import threads
+
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        return 1
+    return max(1, min(GPU_WORKERS, threads.usable_cores()))
 
 
 def _default_warm_up(workers: int) -> int:
