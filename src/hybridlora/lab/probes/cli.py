@@ -109,8 +109,8 @@ def workload_note(runs: int, settings, cuda: bool | None = None) -> str | None:
 
 def default_workers(cuda: bool | None = None) -> int:
     """Runs at once when ``--workers`` is not given. On CUDA several: 8 MAD-size runs sharing one H200 finished
-    about twice as many runs an hour as one at a time (2026-12-04, docs/LAB.md), each worker needing a core to
-    launch from. On CPU one: the runs would only split the same cores."""
+    a run every 53 s, where one probe's run alone took 106 s (2026-12-04, docs/LAB.md), each worker needing a
+    core to launch from. On CPU one: the runs would only split the same cores."""
     import torch
 
     from ... import threads
