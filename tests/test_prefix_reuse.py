@@ -138,3 +138,45 @@ def test_a_forward_that_fails_on_the_cache_turns_reuse_off_instead_of_crashing(m
     scores, lm = _scores(model, "arc_challenge", reuse=True)
     assert "forward on a copied cache failed (RuntimeError: shape mismatch" in lm.prefix_reuse_note
     assert max(abs(a - b) for x, y in zip(whole, scores) for a, b in zip(x, y)) <= 1e-5
+
+
+def _shift_unless_cut_at(monkeypatch, multiple: int | None):
+    """Scored log-probs moved by 1.0 on every reused row whose prefix is not a multiple of ``multiple`` tokens (all
+    of them for None): what bf16 rounding of mis-aligned chunks would look like, made large."""
+    real = prefix.suffix_logprobs
+    letters = [ord(c) for c in "ABCD"]
+    cuts = []
+
+    def shifted(model, cache, rows, prefix_length, *args, **kwargs):
+        cuts.append(prefix_length)
+        out = real(model, cache, rows, prefix_length, *args, **kwargs)
+        if multiple is None or prefix_length % multiple:
+            for logp in out:
+                logp[-1, letters] += 1.0
+        return out
+
+    monkeypatch.setattr(prefix, "suffix_logprobs", shifted)
+    return cuts
+
+
+@needs_data
+def test_a_prefix_that_fails_uncut_is_retried_cut_at_a_chunk_boundary(monkeypatch):
+    model = build_model(tiny_config_for("qwen3_5_text"), seed=0)
+    whole, _ = _scores(model, "arc_challenge", reuse=False)
+    cuts = _shift_unless_cut_at(monkeypatch, 64)
+    reused, lm = _scores(model, "arc_challenge", reuse=True)
+    assert lm.prefix_reuse_note is None and lm.prefix_reused_rows >= 2 and lm.prefix_reuse_align == 64
+    assert cuts[0] % 64 and all(c % 64 == 0 for c in cuts[1:])  # the uncut prefix was tried first, then only cut
+    assert max(abs(a - b) for x, y in zip(whole, reused) for a, b in zip(x, y)) <= 1e-4
+
+
+@needs_data
+def test_when_no_cut_passes_reuse_is_off_and_the_note_names_each_difference(monkeypatch):
+    model = build_model(tiny_config_for("qwen3_5_text"), seed=0)
+    whole, _ = _scores(model, "arc_challenge", reuse=False)
+    cuts = _shift_unless_cut_at(monkeypatch, None)
+    scores, lm = _scores(model, "arc_challenge", reuse=True)
+    assert lm.prefix_reuse_note.startswith("prefix reuse off for this model: its log-probs differ from the whole "
+                                           "row's by 1.00e+00 (cut at a multiple of 64 tokens: 1.00e+00")
+    assert len(set(cuts)) == len(cuts) >= 2 and lm.prefix_reused_rows == 0 and lm.prefix_reuse_align is None
+    assert max(abs(a - b) for x, y in zip(whole, scores) for a, b in zip(x, y)) <= 1e-5

@@ -150,9 +150,15 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.prefix_reuse:
         print(f"note: {lm.prefix_reuse_note}" if lm.prefix_reuse_note else
               f"note: prefix reuse: {lm.prefix_reused_rows} multiple-choice rows scored on a shared few-shot "
-              "prefix's cache (checked against whole rows)", file=sys.stderr)
+              f"prefix's cache (checked against whole rows{_cut_note(lm.prefix_reuse_align)})", file=sys.stderr)
     print(f"results in {output} (protocol {args.protocol})", file=sys.stderr)
     return 0
+
+
+def _cut_note(align: int | None) -> str:
+    if not align or align == 1:
+        return ""
+    return f"; prefixes cut to multiples of {align} tokens, the uncut ones having failed the check"
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

@@ -8,7 +8,11 @@ are those of the whole row up to floating-point order.
 
 Each model is checked before it is trusted: the first group's longest row is scored both ways, and a difference
 above the dtype's tolerance (or a cache this module cannot copy) turns reuse off for the rest of the run, with
-the reason in ``CausalLM.prefix_reuse_note`` (printed in the evaluation summary).
+the reason in ``CausalLM.prefix_reuse_note`` (printed in the evaluation summary). Before giving up, the check is
+repeated with the prefix cut at a multiple of a chunked recurrent mixer's chunk (``CHUNK_ALIGNMENTS``): chunked
+kernels split a sequence into chunks from its first token, so a prefix cut elsewhere makes the continuation's
+chunks differ from the whole row's and low precision rounds the two decompositions differently; cut at a chunk
+boundary, the continuation repeats the whole row's chunks. The first cut that passes is used for every group.
 """
 from __future__ import annotations
 
@@ -20,10 +24,21 @@ import torch
 MIN_PREFIX = 64  # shared tokens below which one forward per row is as cheap as the bookkeeping
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # log-prob difference allowed by the check; else 5e-2
 LOW_PRECISION_TOLERANCE = 5e-2
+# prefix cuts tried, in order, after an uncut prefix fails the check: fla's chunked Gated DeltaNet works in chunks
+# of 64 tokens; Mamba-2 models commonly use 256 (a multiple of 64, so it aligns both)
+CHUNK_ALIGNMENTS = (64, 256)
 
 
 class ReuseUnavailable(Exception):
     """The model's cache cannot be copied to a batch (a cache type this module does not know)."""
+
+
+class _Mismatch(Exception):
+    """The checked row's reused log-probs differ from the whole row's (``diff``); nothing was scored yet."""
+
+    def __init__(self, diff: float):
+        super().__init__(f"{diff:.2e}")
+        self.diff = diff
 
 
 def prefix_groups(rows: Sequence[Sequence[int]], first_scored: Sequence[int]) -> tuple[list[tuple[int, list[int]]],
@@ -129,34 +144,32 @@ def agrees(reused: torch.Tensor, whole: torch.Tensor, dtype: torch.dtype) -> tup
 def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]], positions: Callable[[int], list[int]],
                      score_whole: Callable[[list[int]], None], use: Callable[[int, torch.Tensor], None], *,
                      model: torch.nn.Module, batch_size: int, pad_id: int, device: torch.device,
-                     check: Callable[[int, torch.Tensor], tuple[bool, float]]) -> tuple[str | None, int]:
+                     check: Callable[[int, torch.Tensor], tuple[bool, float]],
+                     alignments: Sequence[int] = (1, *CHUNK_ALIGNMENTS)) -> tuple[str | None, int, int | None]:
     """Score ``prepared`` rows: shared-prefix groups through the cache, the rest by ``score_whole(indices)``;
-    ``use(i, logp)`` receives each reused row's log-probs. The first reused row is checked by ``check`` (scoring
-    it whole); on a mismatch or an uncopyable cache every remaining row is scored whole. Returns (why reuse was
-    turned off or None, rows scored through a cache)."""
+    ``use(i, logp)`` receives each reused row's log-probs. The first group's first reused row is checked by
+    ``check`` (scoring it whole) with each prefix cut of ``alignments`` in turn (1: the whole shared prefix; N:
+    cut down to a multiple of N tokens) until one passes; every group is then cut that way. If none passes, or a
+    cache cannot be copied, every remaining row is scored whole. Returns (why reuse was turned off or None, rows
+    scored through a cache, the alignment used or None)."""
     rows = [p[0] for p in prepared]
     groups, whole = prefix_groups(rows, [positions(i)[0] for i in range(len(rows))])
     score_whole(whole)
-    checked, off, reused = False, None, 0
+    align, off, reused = None, None, 0
+    run = dict(model=model, rows=rows, positions=positions, use=use, batch_size=batch_size, pad_id=pad_id,
+               device=device)
     for length, members in groups:
         if off is not None:
             score_whole(members)
             continue
         try:
-            cache = run_prefix(model, rows[members[0]][:length], device)
-            members, done = sorted(members, key=lambda i: -len(rows[i])), 0
-            for start in range(0, len(members), batch_size):
-                batch = members[start:start + batch_size]
-                logps = suffix_logprobs(model, cache, [rows[i] for i in batch], length,
-                                        [positions(i) for i in batch], pad_id, device)
-                if not checked:
-                    ok, diff = check(batch[0], logps[0])
-                    checked = True
-                    if not ok:
-                        raise ReuseUnavailable(f"its log-probs differ from the whole row's by {diff:.2e}")
-                for i, logp in zip(batch, logps):
-                    use(i, logp)
-                done += len(batch)
+            if align is None:
+                align, done = _first_group(length, members, check, alignments, run)
+            elif length - length % align >= MIN_PREFIX:
+                done = _reuse_group(length - length % align, members, None, **run)
+            else:
+                score_whole(members)
+                done = 0
             reused += done
         except ReuseUnavailable as exc:
             off = f"prefix reuse off for this model: {exc}; rows scored whole"
@@ -165,4 +178,41 @@ def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]],
             off = (f"prefix reuse off for this model: its forward on a copied cache failed "
                    f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); rows scored whole")
             score_whole(members)
-    return off, reused
+    return off, reused, align
+
+
+def _first_group(length: int, members: list[int], check, alignments: Sequence[int], run: dict) -> tuple[int, int]:
+    """(the first alignment whose cut passes ``check``, rows scored) for the first group; ReuseUnavailable naming
+    every difference when none does."""
+    tried: list[tuple[int, int, float]] = []
+    for align in alignments:
+        cut = length - length % align
+        if cut < MIN_PREFIX or any(cut == c for _, c, _ in tried):
+            continue  # too short to pay, or the same cut as one already refused
+        try:
+            return align, _reuse_group(cut, members, check, **run)
+        except _Mismatch as exc:
+            tried.append((align, cut, exc.diff))
+    first = f"its log-probs differ from the whole row's by {tried[0][2]:.2e}"
+    cuts = "; ".join(f"cut at a multiple of {a} tokens: {d:.2e}" for a, _, d in tried[1:])
+    raise ReuseUnavailable(first + (f" ({cuts})" if cuts else ""))
+
+
+def _reuse_group(cut: int, members: list[int], check, *, model, rows, positions, use, batch_size: int, pad_id: int,
+                 device) -> int:
+    """Score ``members`` on the cache of their first ``cut`` tokens; with ``check``, the first batch's first row is
+    checked before anything is used (``_Mismatch`` if it fails). Returns the rows scored."""
+    cache = run_prefix(model, rows[members[0]][:cut], device)
+    members, done = sorted(members, key=lambda i: -len(rows[i])), 0
+    for start in range(0, len(members), batch_size):
+        batch = members[start:start + batch_size]
+        logps = suffix_logprobs(model, cache, [rows[i] for i in batch], cut, [positions(i) for i in batch], pad_id,
+                                device)
+        if check is not None and start == 0:
+            ok, diff = check(batch[0], logps[0])
+            if not ok:
+                raise _Mismatch(diff)
+        for i, logp in zip(batch, logps):
+            use(i, logp)
+        done += len(batch)
+    return done

@@ -234,7 +234,8 @@ def evaluate_benchmark(lm: CausalLM, name: str, *, data_dir: str | Path | None =
         summary["settings"]["generate_batch_size"] = lm.generate_batch_size
     if not generative and lm.prefix_reuse:  # said only when asked for: how many rows ran on a shared prefix's cache
         summary["settings"]["prefix_reuse"] = {"rows_reused_so_far": lm.prefix_reused_rows,
-                                               "off": lm.prefix_reuse_note}
+                                               "off": lm.prefix_reuse_note,
+                                               "cut_to_multiple_of": lm.prefix_reuse_align}
     kept = summary["mean_fewshot_kept"]
     if kept is not None and kept < module.NUM_FEWSHOT:
         # Trimmed shots change what is measured: say so, never silently.
