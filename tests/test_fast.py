@@ -580,6 +580,37 @@ def test_chunked_loss_equals_full_logits_loss(monkeypatch, model_type, preset, h
         assert with_grad > 0 and calls["exp"] == 0
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_5_text", "falcon_h1"])  # tied head; untied head with a logit scale
+def test_a_fully_trained_head_gets_its_gradient_from_the_fused_pass(monkeypatch, model_type):
+    """Full-parameter training (the lab's pretraining): the head's weight gradient comes from the same chunked
+    pass as the hidden states' (the head is not run again in the backward), equal to full logits' autograd for
+    every parameter, the head (tied to the embeddings or not) included."""
+    from hybridlora.fast import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 256 * 7)  # several chunks even for a tiny vocab
+    model = build_model(tiny_config_for(model_type), seed=0).eval()
+    head = loss_mod.head_and_scale(model)[1]
+    assert type(head) is torch.nn.Linear and head.weight.requires_grad
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (2, 20))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, params)
+    monkeypatch.setattr(loss_mod, "_trainable_head_ce", None)  # the checkpointed module path must not be taken
+    got, _ = fast.causal_lm_loss_sum(model, ids, labels)
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    head_grad = got_grads[[i for i, p in enumerate(params) if p is head.weight][0]]
+    assert head_grad.abs().sum() > 0
+
+
 def test_skip_input_upcast_toggles_every_lora_layer():
     model = _lora_model("qwen3_5_text", "all_layers")
     n = fast.skip_input_upcast(model)
@@ -691,7 +722,7 @@ def test_train_log_and_eval_summaries_name_the_kernels(tmp_path, data_dir):
 def test_triton_cross_entropy_equals_the_torch_path(dtype, monkeypatch):
     """Frozen-head loss and hidden-state gradient: Triton kernel vs torch ops, ignored rows and a logit scale."""
     from hybridlora.fast import ce_kernel
-    from hybridlora.fast.loss import IGNORE, _FrozenHeadCE
+    from hybridlora.fast.loss import IGNORE, _HeadCE
 
     assert ce_kernel.available()
     torch.manual_seed(0)
@@ -703,13 +734,16 @@ def test_triton_cross_entropy_equals_the_torch_path(dtype, monkeypatch):
     for torch_ce in ("1", "0"):
         monkeypatch.setenv("HYBRIDLORA_TORCH_CE", torch_ce)
         h = hidden.clone().requires_grad_()
-        loss = _FrozenHeadCE.apply(h, weight, targets, 0.7, 128, dtype)
+        w = weight.float().clone().requires_grad_()  # a trained head (float32 master weight, as under autocast)
+        loss = _HeadCE.apply(h, w, targets, 0.7, 128, dtype)
         loss.backward()
-        results.append((loss.detach(), h.grad))
+        results.append((loss.detach(), h.grad, w.grad))
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(results[1][0], results[0][0], rtol=tol, atol=tol)
     torch.testing.assert_close(results[1][1].float(), results[0][1].float(), rtol=tol, atol=tol)
     assert results[1][1][::7].abs().max() == 0  # ignored rows: no gradient
+    scale = results[0][2].abs().max()  # the head's gradient sums 300 rows: compared relative to its size
+    torch.testing.assert_close(results[1][2] / scale, results[0][2] / scale, rtol=tol, atol=tol)
 
 
 def _rms_norm_stand_in(x, weight, bias, eps):

@@ -9,8 +9,11 @@ head and the cross-entropy in row chunks:
   loss and its gradient w.r.t. the hidden states in the same pass, so no chunk's logits survive the forward
   and the backward is a single stored tensor; on CUDA the chunk's softmax cross-entropy and its gradient are
   one Triton kernel (:mod:`hybridlora.fast.ce_kernel`), elsewhere torch ops;
-* trainable head (LoRA on ``lm_head``, Falcon-H1 ``all_eligible``): each chunk calls the head module under
-  activation checkpointing, so PEFT's LoRA path is used and its gradients flow.
+* a plain trainable head (full-parameter training and the lab's pretraining: an ``nn.Linear`` without bias,
+  tied or not): the same fused pass also accumulates the head weight's gradient, so the head is not run again
+  in the backward and the softmax gradient is the Triton kernel's on CUDA;
+* any other trainable head (LoRA on ``lm_head``, Falcon-H1 ``all_eligible``): each chunk calls the head module
+  under activation checkpointing, so PEFT's LoRA path is used and its gradients flow.
 
 The result equals ``cross_entropy(logits[:, :-1].float(), labels[:, 1:], reduction="sum")`` of the plain
 forward (the logits are produced in the same dtype, then upcast).
@@ -42,52 +45,66 @@ def head_and_scale(model: nn.Module) -> tuple[nn.Module, nn.Module, float] | Non
     return decoder, head, float(getattr(decoder, scale) if isinstance(scale, str) else scale)
 
 
-class _FrozenHeadCE(torch.autograd.Function):
-    """Sum of token cross-entropies of ``(h @ W.T) * scale``; W frozen. Gradient w.r.t. h computed in forward.
-    Targets equal to ``IGNORE`` contribute neither loss nor gradient."""
+class _HeadCE(torch.autograd.Function):
+    """Sum of token cross-entropies of ``(h @ W.T) * scale``. The gradients w.r.t. h, and w.r.t. W when W is
+    trained, are computed in the forward, chunk by chunk, so no chunk's logits outlive it and the head is not run
+    again in the backward. Targets equal to ``IGNORE`` contribute neither loss nor gradient. W's gradient is
+    accumulated in W's dtype from each chunk's product in the compute dtype, as autograd sums the chunks of the
+    checkpointed path."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale, rows, dtype):
         total = hidden.new_zeros((), dtype=torch.float32)
-        want_grad = ctx.needs_input_grad[0]  # False under no_grad (validation loss): skip the softmax gradient
-        grad = torch.empty_like(hidden) if want_grad else None
+        # neither is wanted under no_grad (validation loss): then no softmax gradient is computed at all
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
         w = weight.to(dtype)
-        if hidden.is_cuda and _use_ce_kernel():
-            from .ce_kernel import cross_entropy_rows_
-
-            for start in range(0, hidden.shape[0], rows):
-                logits = hidden[start:start + rows].to(dtype) @ w.T  # becomes the gradient, in place
-                total += cross_entropy_rows_(logits, targets[start:start + rows], scale, IGNORE, want_grad).sum()
-                if want_grad:
-                    grad[start:start + rows] = (logits @ w).to(hidden.dtype)
-            if want_grad:
-                ctx.save_for_backward(grad)
-            return total
+        fused = hidden.is_cuda and _use_ce_kernel()
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows].to(dtype)
             y = targets[start:start + rows]
-            valid = y != IGNORE  # static shapes: ignored positions count zero instead of being dropped
-            y = torch.where(valid, y, 0)
-            logits = (h @ w.T).float()
-            if scale != 1.0:
-                logits = logits * scale
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, y[:, None]).squeeze(1)) * valid).sum()
-            if not want_grad:
-                continue
-            probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
-            probs[torch.arange(len(y), device=y.device), y] -= 1.0
-            if scale != 1.0:
-                probs.mul_(scale)
-            grad[start:start + rows] = ((probs.to(dtype) @ w) * valid[:, None]).to(hidden.dtype)
-        if want_grad:
-            ctx.save_for_backward(grad)
+            if fused:
+                from .ce_kernel import cross_entropy_rows_
+
+                d_logits = h @ w.T  # the logits, overwritten with their gradient by the kernel
+                total += cross_entropy_rows_(d_logits, y, scale, IGNORE, want_h or want_w).sum()
+            else:
+                loss, d_logits = _chunk_ce(h @ w.T, y, scale, want_grad=want_h or want_w)
+                total += loss
+            if want_h or want_w:
+                d_logits = d_logits.to(dtype)
+            if want_h:
+                grad[start:start + rows] = (d_logits @ w).to(hidden.dtype)
+            if want_w:
+                grad_w += d_logits.T @ h
+        ctx.save_for_backward(grad, grad_w)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None
+        grad, grad_w = ctx.saved_tensors
+        return (None if grad is None else grad * grad_output.to(grad.dtype),
+                None if grad_w is None else grad_w * grad_output.to(grad_w.dtype), None, None, None, None)
+
+
+def _chunk_ce(logits: torch.Tensor, y: torch.Tensor, scale: float, want_grad: bool):
+    """(summed CE, d loss / d logits or None) of one chunk with torch ops (CPU, or the Triton kernel switched off);
+    ignored rows count zero and get a zero gradient (static shapes: nothing is dropped)."""
+    valid = y != IGNORE
+    y = torch.where(valid, y, 0)
+    logits = logits.float()
+    if scale != 1.0:
+        logits = logits * scale
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = ((lse - logits.gather(1, y[:, None]).squeeze(1)) * valid).sum()
+    if not want_grad:
+        return loss, None
+    probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+    probs[torch.arange(len(y), device=y.device), y] -= 1.0
+    if scale != 1.0:
+        probs.mul_(scale)
+    return loss, probs.mul_(valid[:, None])
 
 
 def _trainable_head_ce(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float,
@@ -115,12 +132,14 @@ def _head_loss(head: nn.Module, hidden: torch.Tensor, y: torch.Tensor, scale: fl
     rows = max(64, CHUNK_ELEMENTS // vocab)
     weight = getattr(head, "weight", None)
     trainable = any(p.requires_grad for p in head.parameters())
-    if weight is None or trainable or getattr(head, "bias", None) is not None or not torch.is_tensor(weight):
+    plain = type(head) is nn.Linear and head.bias is None  # a LoRA-wrapped head is not: its module must run
+    if weight is None or not torch.is_tensor(weight) or getattr(head, "bias", None) is not None or (
+            trainable and not plain):
         return _trainable_head_ce(head, hidden, y, scale, rows, recompute)
     dtype = torch.get_autocast_dtype("cuda") if (hidden.is_cuda and torch.is_autocast_enabled("cuda")) else weight.dtype
     if hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
-    return _FrozenHeadCE.apply(hidden, weight, y, scale, rows, dtype)
+    return _HeadCE.apply(hidden, weight, y, scale, rows, dtype)
 
 
 def causal_lm_loss_sum_static(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
