@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="qwen,falcon")
     ap.add_argument("--length", type=int, default=900, help="row length (an MMLU prompt is about 900 tokens)")
-    ap.add_argument("--cuts", default="777,768,800,832,810,512,575,576",
-                    help="prefix lengths: multiples of 64 (and of 256) beside cuts that are not")
+    ap.add_argument("--cuts", default="777,768,800,832,810,640,575,576",
+                    help="prefix lengths: multiples of 64, 128 and 256 beside cuts that are not")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         for cut in (int(c) for c in args.cuts.split(",")):
             r = differences(model, row, cut, device)
             rows.append(r)
-            print(f"{name:>7} cut {cut:4d} ({'÷64' if cut % 64 == 0 else '   '} {'÷256' if cut % 256 == 0 else '    '}): "
+            aligned = next((f"÷{a}" for a in (256, 128, 64) if cut % a == 0), "uncut")
+            print(f"{name:>7} cut {cut:4d} ({aligned:>5}): "
                   f"scored tokens {r['scored']:.2e}, whole vocabulary {r['vocabulary']:.2e} "
                   f"(the check's bf16 bound {prefix.LOW_PRECISION_TOLERANCE:.0e})", flush=True)
         results[name] = rows

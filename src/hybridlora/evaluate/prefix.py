@@ -25,8 +25,8 @@ MIN_PREFIX = 64  # shared tokens below which one forward per row is as cheap as 
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # log-prob difference allowed by the check; else 5e-2
 LOW_PRECISION_TOLERANCE = 5e-2
 # prefix cuts tried, in order, after an uncut prefix fails the check: fla's chunked Gated DeltaNet works in chunks
-# of 64 tokens; Mamba-2 models commonly use 256 (a multiple of 64, so it aligns both)
-CHUNK_ALIGNMENTS = (64, 256)
+# of 64 tokens, Mamba-2 models in chunks of 128 (Falcon-H1-0.5B) or 256 (each a multiple of the ones before)
+CHUNK_ALIGNMENTS = (64, 128, 256)
 
 
 class ReuseUnavailable(Exception):
