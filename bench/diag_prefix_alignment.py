@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         for cut in (int(c) for c in args.cuts.split(",")):
             r = differences(model, row, cut, device)
             rows.append(r)
-            aligned = next((f"÷{a}" for a in (256, 128, 64) if cut % a == 0), "uncut")
+            aligned = next((f"÷{a}" for a in (256, 128, 64) if cut % a == 0), "none")
             print(f"{name:>7} cut {cut:4d} ({aligned:>5}): "
                   f"scored tokens {r['scored']:.2e}, whole vocabulary {r['vocabulary']:.2e} "
                   f"(the check's bf16 bound {prefix.LOW_PRECISION_TOLERANCE:.0e})", flush=True)
