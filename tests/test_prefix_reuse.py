@@ -180,3 +180,8 @@ def test_when_no_cut_passes_reuse_is_off_and_the_note_names_each_difference(monk
                                            "row's by 1.00e+00 (cut at a multiple of 64 tokens: 1.00e+00")
     assert len(set(cuts)) == len(cuts) >= 2 and lm.prefix_reused_rows == 0 and lm.prefix_reuse_align is None
     assert max(abs(a - b) for x, y in zip(whole, scores) for a, b in zip(x, y)) <= 1e-5
+
+
+def test_a_group_too_short_for_every_cut_left_is_scored_whole_and_decides_nothing():
+    # a later benchmark keeps only the cut that passed before (128 here): a 100-token prefix has no such cut
+    assert prefix._first_group(100, [0, 1], check=None, alignments=(128,), run={}) == (None, 0)

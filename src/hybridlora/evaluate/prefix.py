@@ -165,6 +165,8 @@ def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]],
         try:
             if align is None:
                 align, done = _first_group(length, members, check, alignments, run)
+                if align is None:  # no cut of this group long enough to try: whole rows, and the next group decides
+                    score_whole(members)
             elif length - length % align >= MIN_PREFIX:
                 done = _reuse_group(length - length % align, members, None, **run)
             else:
@@ -181,9 +183,10 @@ def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]],
     return off, reused, align
 
 
-def _first_group(length: int, members: list[int], check, alignments: Sequence[int], run: dict) -> tuple[int, int]:
-    """(the first alignment whose cut passes ``check``, rows scored) for the first group; ReuseUnavailable naming
-    every difference when none does."""
+def _first_group(length: int, members: list[int], check, alignments: Sequence[int],
+                 run: dict) -> tuple[int | None, int]:
+    """(the first alignment whose cut passes ``check``, rows scored) for the first group checked; (None, 0) when no
+    cut of it is long enough to try; ReuseUnavailable naming every difference when none passes."""
     tried: list[tuple[int, int, float]] = []
     for align in alignments:
         cut = length - length % align
@@ -193,9 +196,15 @@ def _first_group(length: int, members: list[int], check, alignments: Sequence[in
             return align, _reuse_group(cut, members, check, **run)
         except _Mismatch as exc:
             tried.append((align, cut, exc.diff))
-    first = f"its log-probs differ from the whole row's by {tried[0][2]:.2e}"
-    cuts = "; ".join(f"cut at a multiple of {a} tokens: {d:.2e}" for a, _, d in tried[1:])
-    raise ReuseUnavailable(first + (f" ({cuts})" if cuts else ""))
+    if not tried:
+        return None, 0
+    (align, _, diff), rest = tried[0], tried[1:]
+    text = f"its log-probs differ from the whole row's by {diff:.2e}"
+    if align != 1:
+        text += f" with the prefix cut at a multiple of {align} tokens"
+    if rest:
+        text += " (" + "; ".join(f"cut at a multiple of {a} tokens: {d:.2e}" for a, _, d in rest) + ")"
+    raise ReuseUnavailable(text)
 
 
 def _reuse_group(cut: int, members: list[int], check, *, model, rows, positions, use, batch_size: int, pad_id: int,
