@@ -48,9 +48,9 @@ def head_and_scale(model: nn.Module) -> tuple[nn.Module, nn.Module, float] | Non
 class _HeadCE(torch.autograd.Function):
     """Sum of token cross-entropies of ``(h @ W.T) * scale``. The gradients w.r.t. h, and w.r.t. W when W is
     trained, are computed in the forward, chunk by chunk, so no chunk's logits outlive it and the head is not run
-    again in the backward. Targets equal to ``IGNORE`` contribute neither loss nor gradient. W's gradient is
-    accumulated in W's dtype from each chunk's product in the compute dtype, as autograd sums the chunks of the
-    checkpointed path."""
+    again in the backward. Targets equal to ``IGNORE`` contribute neither loss nor gradient. Each chunk's product
+    for W's gradient is taken in the compute dtype (bf16 under autocast, as the checkpointed path's backward
+    matmul) and summed over chunks in W's own dtype (float32 master weights: the sum loses nothing to bf16)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale, rows, dtype):
