@@ -609,6 +609,38 @@ def test_a_fully_trained_head_gets_its_gradient_from_the_fused_pass(monkeypatch,
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     head_grad = got_grads[[i for i, p in enumerate(params) if p is head.weight][0]]
     assert head_grad.abs().sum() > 0
+    asked = []
+    real_chunk_ce = loss_mod._chunk_ce
+
+    def recording_chunk_ce(*args, want_grad, **kwargs):
+        asked.append(want_grad)
+        return real_chunk_ce(*args, want_grad=want_grad, **kwargs)
+
+    monkeypatch.setattr(loss_mod, "_chunk_ce", recording_chunk_ce)
+    with torch.no_grad():  # a validation loss: the trained weight still requires grad, but no gradient work
+        no_grad_loss, _ = fast.causal_lm_loss_sum(model, ids, labels)
+    assert asked and not any(asked)
+    torch.testing.assert_close(no_grad_loss, ref.detach(), rtol=1e-5, atol=1e-4)
+    fast.causal_lm_loss_sum(model, ids, labels)
+    assert all(asked[len(asked) // 2:])  # with grad mode on, the same chunks do compute their gradient
+
+
+def test_a_frozen_lora_head_runs_as_its_module(monkeypatch):
+    """An adapter with LoRA on lm_head loaded frozen (evaluation): the loss must include the adapter's delta, so
+    the head runs as its module, not as its base weight."""
+    from hybridlora.fast import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 256 * 7)
+    model = _lora_model("falcon_h1", "all_eligible")  # LoRA on lm_head, random non-zero B
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                                                reduction="sum")
+        got, _ = fast.causal_lm_loss_sum(model, ids, ids)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 
 def test_skip_input_upcast_toggles_every_lora_layer():
@@ -735,7 +767,7 @@ def test_triton_cross_entropy_equals_the_torch_path(dtype, monkeypatch):
         monkeypatch.setenv("HYBRIDLORA_TORCH_CE", torch_ce)
         h = hidden.clone().requires_grad_()
         w = weight.float().clone().requires_grad_()  # a trained head (float32 master weight, as under autocast)
-        loss = _HeadCE.apply(h, w, targets, 0.7, 128, dtype)
+        loss = _HeadCE.apply(h, w, targets, 0.7, 128, dtype, True)
         loss.backward()
         results.append((loss.detach(), h.grad, w.grad))
     tol = 1e-4 if dtype == torch.float32 else 2e-2

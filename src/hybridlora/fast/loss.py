@@ -53,10 +53,12 @@ class _HeadCE(torch.autograd.Function):
     matmul) and summed over chunks in W's own dtype (float32 master weights: the sum loses nothing to bf16)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, scale, rows, dtype):
+    def forward(ctx, hidden, weight, targets, scale, rows, dtype, grad_enabled):
         total = hidden.new_zeros((), dtype=torch.float32)
-        # neither is wanted under no_grad (validation loss): then no softmax gradient is computed at all
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # under no_grad (a validation loss) nothing is wanted, whatever requires grad: grad mode is always off in
+        # here, so the caller says whether it was on
+        want_h = grad_enabled and ctx.needs_input_grad[0]
+        want_w = grad_enabled and ctx.needs_input_grad[1]
         grad = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight) if want_w else None
         w = weight.to(dtype)
@@ -85,7 +87,7 @@ class _HeadCE(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad, grad_w = ctx.saved_tensors
         return (None if grad is None else grad * grad_output.to(grad.dtype),
-                None if grad_w is None else grad_w * grad_output.to(grad_w.dtype), None, None, None, None)
+                None if grad_w is None else grad_w * grad_output.to(grad_w.dtype), None, None, None, None, None)
 
 
 def _chunk_ce(logits: torch.Tensor, y: torch.Tensor, scale: float, want_grad: bool):
@@ -131,15 +133,15 @@ def _head_loss(head: nn.Module, hidden: torch.Tensor, y: torch.Tensor, scale: fl
     vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
     rows = max(64, CHUNK_ELEMENTS // vocab)
     weight = getattr(head, "weight", None)
-    trainable = any(p.requires_grad for p in head.parameters())
-    plain = type(head) is nn.Linear and head.bias is None  # a LoRA-wrapped head is not: its module must run
-    if weight is None or not torch.is_tensor(weight) or getattr(head, "bias", None) is not None or (
-            trainable and not plain):
+    # only a bare Linear is its weight: a LoRA-wrapped head (trained or loaded frozen) must run as a module, or
+    # its adapter's delta would be dropped
+    plain = type(head) is nn.Linear and head.bias is None
+    if weight is None or not torch.is_tensor(weight) or not plain:
         return _trainable_head_ce(head, hidden, y, scale, rows, recompute)
     dtype = torch.get_autocast_dtype("cuda") if (hidden.is_cuda and torch.is_autocast_enabled("cuda")) else weight.dtype
     if hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
-    return _HeadCE.apply(hidden, weight, y, scale, rows, dtype)
+    return _HeadCE.apply(hidden, weight, y, scale, rows, dtype, torch.is_grad_enabled())
 
 
 def causal_lm_loss_sum_static(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
