@@ -70,6 +70,8 @@ def measure(spec, probe: str, settings: Settings, graphs: str, epochs: int) -> d
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.epochs < 2:
+        raise SystemExit("error: --epochs must be at least 2 (the step time is the difference from a 1-epoch run)")
     settings = Settings.tiny() if args.tiny else Settings.mad()
     probes = list(PROBE_MODULES) if args.probes == "all" else args.probes.split(",")
     spec = load_spec(args.spec if not args.tiny else "tiny-gdn")

@@ -5,8 +5,9 @@ differed from the whole row's by 5.1e-2, just over the bf16 bound of 5e-2 (docs/
 fla's chunked Gated DeltaNet splits a sequence into chunks of 64 tokens from its first token, so a prefix cut
 elsewhere puts the continuation's chunk boundaries where the whole row has none, and bf16 rounds the two
 decompositions differently; a prefix cut at a multiple of 64 (or of Mamba-2's chunk) would give the whole row's
-chunks. This prints, per model and cut, the largest difference over the row's scored next tokens and over the
-whole vocabulary, so the next device session can decide whether aligning prefixes is worth building.
+chunks. This prints, per model and cut, the largest difference at the last position (where a question's letters
+are read), at the row's next tokens after the cut (stricter than the check) and over everything, at batch 1 (the
+check runs at the evaluation's batch size); `bench_ablation.py`'s prefix-reuse line is the check itself.
 
     python bench/diag_prefix_alignment.py --models qwen,falcon          # GPU, full-size architectures, bf16
     python bench/diag_prefix_alignment.py --tiny --models qwen          # CPU check of the script
@@ -43,7 +44,9 @@ def build(name: str, tiny: bool, device: str, dtype: torch.dtype):
 
 
 def differences(model, row: list[int], cut: int, device: torch.device) -> dict:
-    """Largest |reused − whole| log-prob at the row's next tokens (what a score reads) and over the vocabulary."""
+    """Largest |reused − whole| log-prob: at the last position over the vocabulary (where a multiple-choice score
+    reads its letters), at the row's next tokens over every position after the cut (stricter than the check,
+    which reads a question's few choice tokens), and over everything."""
     positions = list(range(cut, len(row) - 1))
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([row], device=device)).logits.float()
@@ -52,8 +55,9 @@ def differences(model, row: list[int], cut: int, device: torch.device) -> dict:
         reused = prefix.suffix_logprobs(model, cache, [row], cut, [positions], 0, device)[0]
     nxt = torch.tensor(row[cut + 1:], device=device)
     pick = torch.arange(len(positions), device=device)
-    return {"cut": cut, "scored": float((reused[pick, nxt] - whole[pick, nxt]).abs().max()),
-            "vocabulary": float((reused - whole).abs().max())}
+    return {"cut": cut, "last": float((reused[-1] - whole[-1]).abs().max()),
+            "next_tokens": float((reused[pick, nxt] - whole[pick, nxt]).abs().max()),
+            "everything": float((reused - whole).abs().max())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             aligned = next((f"÷{a}" for a in (256, 128, 64) if cut % a == 0), "none")
             print(f"{name:>7} cut {cut:4d} ({aligned:>5}): "
-                  f"scored tokens {r['scored']:.2e}, whole vocabulary {r['vocabulary']:.2e} "
-                  f"(the check's bf16 bound {prefix.LOW_PRECISION_TOLERANCE:.0e})", flush=True)
+                  f"last position {r['last']:.2e}, next tokens {r['next_tokens']:.2e}, everything "
+                  f"{r['everything']:.2e} (the check's bf16 bound {prefix.LOW_PRECISION_TOLERANCE:.0e}, at batch 1 "
+                  "here)", flush=True)
         results[name] = rows
         del model
     if args.out:

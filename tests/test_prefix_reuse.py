@@ -184,4 +184,38 @@ def test_when_no_cut_passes_reuse_is_off_and_the_note_names_each_difference(monk
 
 def test_a_group_too_short_for_every_cut_left_is_scored_whole_and_decides_nothing():
     # a later benchmark keeps only the cut that passed before (128 here): a 100-token prefix has no such cut
-    assert prefix._first_group(100, [0, 1], check=None, alignments=(128,), run={}) == (None, 0)
+    assert prefix._checked_cut(100, [0, 1], check=None, alignments=(128,), run={}) is None
+
+
+def _stand_in_groups(monkeypatch, lengths: list[int], chunk: int):
+    """score_with_reuse over fake groups of two rows each, with a stand-in model whose reused rows are exact only
+    when the prefix is cut at a multiple of ``chunk``; returns (off, reused, align, confirmed, scores, checks)."""
+    rows = []
+    for g, n in enumerate(lengths):  # each group: two rows sharing n tokens, then differing
+        head = [1000 + g] + [7] * (n - 1)
+        rows += [head + [1, 2, 3], head + [4, 5, 6]]
+    monkeypatch.setattr(prefix, "prefix_groups", lambda r, f: ([(n, [2 * g, 2 * g + 1]) for g, n in
+                                                                enumerate(lengths)], []))
+    monkeypatch.setattr(prefix, "run_prefix", lambda model, p, device: len(p))
+    monkeypatch.setattr(prefix, "suffix_logprobs", lambda model, cut, rs, length, pos, pad, device: [
+        torch.tensor([0.0 if length % chunk == 0 else 1.0]) for _ in rs])
+    scores, checks = {}, []
+
+    def check(i, logp):
+        checks.append(i)
+        return float(logp[0]) == 0.0, float(logp[0])
+
+    out = prefix.score_with_reuse([(r, [], []) for r in rows], lambda i: [len(rows[i]) - 1],
+                                  lambda idx: scores.update({i: "whole" for i in idx}),
+                                  lambda i, logp: scores.update({i: float(logp[0])}), model=None, batch_size=8,
+                                  pad_id=0, device=None, check=check)
+    return (*out, scores, checks)
+
+
+def test_a_pass_that_a_larger_chunk_could_explain_is_not_trusted_for_unchecked_groups(monkeypatch):
+    # 128-token chunks: the first group's 64-cut is 256, which passes only because 128 divides it; the second
+    # group's 64-cut (192) would be wrong, so it is checked, fails, and moves the run to 128-token cuts
+    off, reused, align, confirmed, scores, checks = _stand_in_groups(monkeypatch, [300, 200, 450], chunk=128)
+    assert off is None and align == 128 and confirmed
+    assert all(v == 0.0 for v in scores.values()) and len(scores) == 6  # every row scored once, none wrong
+    assert checks == [0, 0, 2, 2]  # group 0: uncut fails, 64 passes; group 1: 64 fails, 128 passes; group 2 trusted

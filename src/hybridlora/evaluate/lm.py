@@ -75,6 +75,7 @@ class CausalLM:
         self.prefix_reuse_note: str | None = None
         self.prefix_reused_rows = 0
         self.prefix_reuse_align: int | None = None  # 1: whole shared prefixes; N: cut to multiples of N tokens
+        self._confirmed_align: int | None = None  # one whose pass no larger alignment could explain
 
     def _bind_kernels(self) -> str:
         """On CUDA, the fast mixer kernels are bound and missing ones warned about; the line goes in summaries."""
@@ -207,13 +208,16 @@ class CausalLM:
                 whole = self._forward_positions([prepared[i][0]], [positions(i)])[0]
                 return reuse.agrees(scored(i, reused), scored(i, whole), next(self.model.parameters()).dtype)
 
-            # a cut that passed once is kept for the run's later benchmarks (each still checks its first row)
-            alignments = (self.prefix_reuse_align,) if self.prefix_reuse_align else (1, *reuse.CHUNK_ALIGNMENTS)
-            self.prefix_reuse_note, reused, align = reuse.score_with_reuse(
+            # a confirmed cut is kept for the run's later benchmarks (each still checks its first group)
+            alignments = ((self._confirmed_align,) if self._confirmed_align
+                          else (1, *reuse.CHUNK_ALIGNMENTS))
+            self.prefix_reuse_note, reused, align, confirmed = reuse.score_with_reuse(
                 prepared, positions, score_whole, use, model=self.model, batch_size=self.batch_size,
                 pad_id=self.tokenizer.pad_token_id, device=self.device, check=check, alignments=alignments)
             self.prefix_reused_rows += reused
             self.prefix_reuse_align = align or self.prefix_reuse_align
+            if confirmed:
+                self._confirmed_align = align
         return out
 
     def mean_loglikelihood(self, texts: Sequence[str], *, stride: int | None = None) -> dict[str, float]:

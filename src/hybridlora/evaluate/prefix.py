@@ -12,7 +12,8 @@ the reason in ``CausalLM.prefix_reuse_note`` (printed in the evaluation summary)
 repeated with the prefix cut at a multiple of a chunked recurrent mixer's chunk (``CHUNK_ALIGNMENTS``): chunked
 kernels split a sequence into chunks from its first token, so a prefix cut elsewhere makes the continuation's
 chunks differ from the whole row's and low precision rounds the two decompositions differently; cut at a chunk
-boundary, the continuation repeats the whole row's chunks. The first cut that passes is used for every group.
+boundary, the continuation repeats the whole row's chunks. The smallest alignment that passes where no larger
+one could explain the pass is used for every later group.
 """
 from __future__ import annotations
 
@@ -145,17 +146,21 @@ def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]],
                      score_whole: Callable[[list[int]], None], use: Callable[[int, torch.Tensor], None], *,
                      model: torch.nn.Module, batch_size: int, pad_id: int, device: torch.device,
                      check: Callable[[int, torch.Tensor], tuple[bool, float]],
-                     alignments: Sequence[int] = (1, *CHUNK_ALIGNMENTS)) -> tuple[str | None, int, int | None]:
+                     alignments: Sequence[int] = (1, *CHUNK_ALIGNMENTS)) -> tuple[str | None, int, int | None, bool]:
     """Score ``prepared`` rows: shared-prefix groups through the cache, the rest by ``score_whole(indices)``;
-    ``use(i, logp)`` receives each reused row's log-probs. The first group's first reused row is checked by
-    ``check`` (scoring it whole) with each prefix cut of ``alignments`` in turn (1: the whole shared prefix; N:
-    cut down to a multiple of N tokens) until one passes; every group is then cut that way. If none passes, or a
+    ``use(i, logp)`` receives each reused row's log-probs.
+
+    The prefix cut is chosen by ``check`` (the group's first reused row scored whole as well), trying the cuts of
+    ``alignments`` in turn (1: the whole shared prefix; N: cut down to a multiple of N tokens) until one passes.
+    A pass *confirms* the alignment only when no larger candidate divides the cut that passed (a cut of 256
+    passing under 64 may owe it to a 256-token chunk); until then each group is checked, moving on to larger
+    alignments if the current one fails there, and after it groups are scored unchecked. If no cut passes, or a
     cache cannot be copied, every remaining row is scored whole. Returns (why reuse was turned off or None, rows
-    scored through a cache, the alignment used or None)."""
+    scored through a cache, the alignment used last or None, whether it was confirmed)."""
     rows = [p[0] for p in prepared]
     groups, whole = prefix_groups(rows, [positions(i)[0] for i in range(len(rows))])
     score_whole(whole)
-    align, off, reused = None, None, 0
+    candidates, k, confirmed, off, reused = list(alignments), 0, False, None, 0
     run = dict(model=model, rows=rows, positions=positions, use=use, batch_size=batch_size, pad_id=pad_id,
                device=device)
     for length, members in groups:
@@ -163,15 +168,19 @@ def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]],
             score_whole(members)
             continue
         try:
-            if align is None:
-                align, done = _first_group(length, members, check, alignments, run)
-                if align is None:  # no cut of this group long enough to try: whole rows, and the next group decides
-                    score_whole(members)
-            elif length - length % align >= MIN_PREFIX:
-                done = _reuse_group(length - length % align, members, None, **run)
+            if confirmed:
+                cut = length - length % candidates[k]
+                done = _reuse_group(cut, members, None, **run) if cut >= MIN_PREFIX else 0
             else:
+                found = _checked_cut(length, members, check, candidates[k:], run)
+                if found is None:
+                    done = 0
+                else:
+                    j, cut, done = found
+                    k += j
+                    confirmed = not any(cut % c == 0 for c in candidates[k + 1:])
+            if done == 0:  # no cut of this group long enough to pay
                 score_whole(members)
-                done = 0
             reused += done
         except ReuseUnavailable as exc:
             off = f"prefix reuse off for this model: {exc}; rows scored whole"
@@ -180,24 +189,25 @@ def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]],
             off = (f"prefix reuse off for this model: its forward on a copied cache failed "
                    f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); rows scored whole")
             score_whole(members)
-    return off, reused, align
+    used = candidates[k] if reused else None
+    return off, reused, used, confirmed
 
 
-def _first_group(length: int, members: list[int], check, alignments: Sequence[int],
-                 run: dict) -> tuple[int | None, int]:
-    """(the first alignment whose cut passes ``check``, rows scored) for the first group checked; (None, 0) when no
-    cut of it is long enough to try; ReuseUnavailable naming every difference when none passes."""
+def _checked_cut(length: int, members: list[int], check, alignments: Sequence[int],
+                 run: dict) -> tuple[int, int, int] | None:
+    """(index into ``alignments`` of the first cut that passes ``check``, that cut, rows scored) for one group;
+    None when no cut of it is long enough to try; ReuseUnavailable naming every difference when none passes."""
     tried: list[tuple[int, int, float]] = []
-    for align in alignments:
+    for j, align in enumerate(alignments):
         cut = length - length % align
         if cut < MIN_PREFIX or any(cut == c for _, c, _ in tried):
             continue  # too short to pay, or the same cut as one already refused
         try:
-            return align, _reuse_group(cut, members, check, **run)
+            return j, cut, _reuse_group(cut, members, check, **run)
         except _Mismatch as exc:
             tried.append((align, cut, exc.diff))
     if not tried:
-        return None, 0
+        return None
     (align, _, diff), rest = tried[0], tried[1:]
     text = f"its log-probs differ from the whole row's by {diff:.2e}"
     if align != 1:
