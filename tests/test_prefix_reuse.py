@@ -187,7 +187,7 @@ def test_a_group_too_short_for_every_cut_left_is_scored_whole_and_decides_nothin
     assert prefix._checked_cut(100, [0, 1], check=None, alignments=(128,), run={}) is None
 
 
-def _stand_in_groups(monkeypatch, lengths: list[int], chunk: int):
+def _stand_in_groups(monkeypatch, lengths: list[int], chunk: int, batch_size: int = 8, fail_on_call: int = 0):
     """score_with_reuse over fake groups of two rows each, with a stand-in model whose reused rows are exact only
     when the prefix is cut at a multiple of ``chunk``; returns (off, reused, align, confirmed, scores, checks)."""
     rows = []
@@ -197,18 +197,32 @@ def _stand_in_groups(monkeypatch, lengths: list[int], chunk: int):
     monkeypatch.setattr(prefix, "prefix_groups", lambda r, f: ([(n, [2 * g, 2 * g + 1]) for g, n in
                                                                 enumerate(lengths)], []))
     monkeypatch.setattr(prefix, "run_prefix", lambda model, p, device: len(p))
-    monkeypatch.setattr(prefix, "suffix_logprobs", lambda model, cut, rs, length, pos, pad, device: [
-        torch.tensor([0.0 if length % chunk == 0 else 1.0]) for _ in rs])
-    scores, checks = {}, []
+    calls = []
+
+    def suffix(model, cut, rs, length, pos, pad, device):
+        calls.append(length)
+        if len(calls) == fail_on_call:
+            raise RuntimeError("out of memory")  # as a later batch of a group might
+        return [torch.tensor([0.0 if length % chunk == 0 else 1.0]) for _ in rs]
+
+    monkeypatch.setattr(prefix, "suffix_logprobs", suffix)
+    scores, checks, scored = {}, [], []
 
     def check(i, logp):
         checks.append(i)
         return float(logp[0]) == 0.0, float(logp[0])
 
-    out = prefix.score_with_reuse([(r, [], []) for r in rows], lambda i: [len(rows[i]) - 1],
-                                  lambda idx: scores.update({i: "whole" for i in idx}),
-                                  lambda i, logp: scores.update({i: float(logp[0])}), model=None, batch_size=8,
-                                  pad_id=0, device=None, check=check)
+    def whole(idx):
+        scored.extend(idx)
+        scores.update({i: "whole" for i in idx})
+
+    def use(i, logp):
+        scored.append(i)
+        scores[i] = float(logp[0])
+
+    out = prefix.score_with_reuse([(r, [], []) for r in rows], lambda i: [len(rows[i]) - 1], whole, use,
+                                  model=None, batch_size=batch_size, pad_id=0, device=None, check=check)
+    assert sorted(scored) == list(range(len(rows)))  # every row scored exactly once
     return (*out, scores, checks)
 
 
@@ -219,3 +233,11 @@ def test_a_pass_that_a_larger_chunk_could_explain_is_not_trusted_for_unchecked_g
     assert off is None and align == 128 and confirmed
     assert all(v == 0.0 for v in scores.values()) and len(scores) == 6  # every row scored once, none wrong
     assert checks == [0, 0, 2, 2]  # group 0: uncut fails, 64 passes; group 1: 64 fails, 128 passes; group 2 trusted
+
+
+def test_a_failure_in_a_later_batch_scores_the_rest_whole_and_none_twice(monkeypatch):
+    # one row a batch; the second forward (group 0's second batch, after its check passed) fails as an OOM would
+    off, reused, _, _, scores, _ = _stand_in_groups(monkeypatch, [256, 320], chunk=64, batch_size=1,
+                                                    fail_on_call=2)
+    assert off.startswith("prefix reuse off for this model: its forward on a copied cache failed (RuntimeError")
+    assert reused == 1 and scores == {0: 0.0, 1: "whole", 2: "whole", 3: "whole"}

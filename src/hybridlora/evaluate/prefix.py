@@ -161,7 +161,16 @@ def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]],
     groups, whole = prefix_groups(rows, [positions(i)[0] for i in range(len(rows))])
     score_whole(whole)
     candidates, k, confirmed, off, reused = list(alignments), 0, False, None, 0
-    run = dict(model=model, rows=rows, positions=positions, use=use, batch_size=batch_size, pad_id=pad_id,
+    used: set[int] = set()
+
+    def use_once(i: int, logp: torch.Tensor) -> None:
+        used.add(i)
+        use(i, logp)
+
+    def rest(members: list[int]) -> list[int]:  # rows a failure mid-group left unscored (none scored twice)
+        return [i for i in members if i not in used]
+
+    run = dict(model=model, rows=rows, positions=positions, use=use_once, batch_size=batch_size, pad_id=pad_id,
                device=device)
     for length, members in groups:
         if off is not None:
@@ -184,13 +193,13 @@ def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]],
             reused += done
         except ReuseUnavailable as exc:
             off = f"prefix reuse off for this model: {exc}; rows scored whole"
-            score_whole(members)
+            score_whole(rest(members))
         except Exception as exc:  # a family whose forward does not take a copied cache: opt-in must never crash
             off = (f"prefix reuse off for this model: its forward on a copied cache failed "
                    f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); rows scored whole")
-            score_whole(members)
-    used = candidates[k] if reused else None
-    return off, reused, used, confirmed
+            reused += len(used.intersection(members))
+            score_whole(rest(members))
+    return off, reused, candidates[k] if reused else None, confirmed
 
 
 def _checked_cut(length: int, members: list[int], check, alignments: Sequence[int],
