@@ -22,25 +22,22 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import bench_ablation  # noqa: E402  (its builder: the same models as the ablation bench)
 from hybridlora.evaluate import prefix  # noqa: E402
-
-MODELS = {"qwen": "qwen3.5-0.8b", "falcon": "falcon-h1-0.5b"}
 
 
 def build(name: str, tiny: bool, device: str, dtype: torch.dtype):
-    from hybridlora import fast
-    from hybridlora.families import family_for
-    from hybridlora.models import build_model, resolve_model, text_config, tiny_config
+    """bench_ablation's full-size (or --tiny) random-weight model, with missing fast kernels said."""
+    from types import SimpleNamespace
 
-    config = text_config(resolve_model(MODELS[name]).config)
-    if tiny:
-        config = tiny_config(config, family_for(config.model_type))
-    with torch.device(device):
-        model = build_model(config, seed=0, dtype=dtype)
+    from hybridlora import fast
+
+    model, _, _ = bench_ablation.build(name, SimpleNamespace(tiny=tiny, device=device, dtype=dtype))
     fast.warn_missing_kernels(model)  # a reference path where fla should run is said, not hidden
-    return model.eval()
+    return model
 
 
 def differences(model, row: list[int], cut: int, device: torch.device) -> dict:
