@@ -48,9 +48,10 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768,65536")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--peak-tflops", type=float, default=790.0)
-    parser.add_argument("--loop", choices=["plain", "trainer", "both"], default="both",
+    parser.add_argument("--loop", choices=["plain", "trainer", "both", "none"], default="both",
                         help="plain: hand-written bf16 steps (no packing/graphs/compile, as the issue's reference); "
-                             "trainer: hybridlora's trainer as lab pretrain runs it (packed rows, CUDA graphs)")
+                             "trainer: hybridlora's trainer as lab pretrain runs it (packed rows, CUDA graphs); "
+                             "none: no training, only prefill / decode at --lengths")
     parser.add_argument("--compile", choices=["off", "layers"], default="off",
                         help="torch.compile regions in the trainer loop (layers: decoder layers between kernels)")
     parser.add_argument("--out", required=True)
@@ -98,26 +99,36 @@ def main(argv=None) -> int:
                                                         steps=args.steps, compile=args.compile,
                                                         peak_tflops=args.peak_tflops)
             model.zero_grad(set_to_none=True)
-        entry["training"] = entry.get("training") or entry["training_trainer"]
+        if args.loop != "none":
+            entry["training"] = entry.get("training") or entry["training_trainer"]
         results["archs"][spec.name] = entry
         print_training(spec.name, match.achieved, entry, args.loop)
         entry["complete"] = False  # a rerun measures this architecture again unless its inference finishes
+        entry["inference"] = []
         write_results(results, Path(args.out))  # before inference: a time-limited run keeps the training figures
-        entry["inference"] = infer = inference_profile(model, lengths, decode_tokens=args.decode_tokens)
+
+        def keep(row, entry=entry):  # each length printed and written as it finishes
+            entry["inference"].append(row)
+            print_inference(row)
+            write_results(results, Path(args.out))
+
+        inference_profile(model, lengths, decode_tokens=args.decode_tokens, on_row=keep)
         entry["complete"] = True
-        for row in infer:
-            if "error" in row:
-                print(f"    L={row['length']:>6}: {row['error']}")
-            else:
-                print(f"    L={row['length']:>6}: prefill {row['prefill_tokens_per_s']:>12,.0f} tok/s  decode "
-                      f"{row['decode_tokens_per_s']:>8,.1f} tok/s ({row['decode_path']})  peak "
-                      f"{row['decode_peak_mem_gib'] or 0:.2f} GiB")
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
         write_results(results, Path(args.out))  # after every architecture: a time-limited run keeps what finished
     print(f"written: {Path(args.out) / 'efficiency.json'}")
     return 0
+
+
+def print_inference(row: dict) -> None:
+    if "error" in row:
+        print(f"    L={row['length']:>6}: {row['error']}", flush=True)
+    else:
+        print(f"    L={row['length']:>6}: prefill {row['prefill_tokens_per_s']:>12,.0f} tok/s  decode "
+              f"{row['decode_tokens_per_s']:>8,.1f} tok/s ({row['decode_path']})  peak "
+              f"{row['decode_peak_mem_gib'] or 0:.2f} GiB", flush=True)
 
 
 def print_training(name: str, params: int, entry: dict, loop: str) -> None:

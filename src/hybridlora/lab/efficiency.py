@@ -123,13 +123,14 @@ def trainer_profile(model, *, batch: int, seq_len: int, steps: int = 10, warmup:
 
 @torch.no_grad()
 def inference_profile(model, lengths: list[int], *, decode_tokens: int = 64, repeats: int = 3,
-                      warmup: int = 1) -> list[dict[str, Any]]:
+                      warmup: int = 1, on_row=None) -> list[dict[str, Any]]:
     """Prefill and greedy decode at each context length (batch 1) of the model as one serves it: a bf16 copy on
     CUDA (the model passed in, which may hold float32 training weights, is left alone), float32 on CPU. Decode
     runs the project's decoding (:func:`hybridlora.fast.decode.greedy_generate`: static cache, the step replayed
     as a CUDA graph on CUDA), timed as the marginal cost of a step between two calls of different lengths, so
     the prefill and the graph capture are not charged to the steps. A length that runs out of memory is
-    recorded so."""
+    recorded so. ``on_row(row)``, if given, is called as each length finishes (a caller under a time limit keeps
+    the lengths measured so far)."""
     device = next(model.parameters()).device
     served = _served_copy(model, device)
     rows = []
@@ -141,6 +142,8 @@ def inference_profile(model, lengths: list[int], *, decode_tokens: int = 64, rep
         except torch.OutOfMemoryError:
             rows.append({"length": length, "error": "out of memory"})
             torch.cuda.empty_cache()
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 

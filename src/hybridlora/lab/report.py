@@ -218,12 +218,21 @@ def _sections(root: Path) -> tuple[list[tuple[str, list[str], list[list[Any]]]],
     else:
         notes.append("No probe results (`hybridlora lab probe`).")
     eff = efficiency(root)
-    if eff:
+    trained = [e for e in eff if "training" in e]  # `bench_lab.py --loop none` measures inference only
+    if trained:
         tables.append(("Training efficiency", ["architecture", "device", "params", "batch × length", "tokens/s",
                                                "MFU", "peak GiB"],
                        [[e["name"], e["device"], e["params"], f"{e['training']['batch']} × {e['training']['seq_len']}",
                          round(e["training"]["tokens_per_s"]), f"{100 * e['training']['mfu']:.1f}%",
-                         e["training"].get("peak_mem_gib")] for e in eff]))
+                         e["training"].get("peak_mem_gib")] for e in trained]))
+    inference = [[e["name"], e["device"], x["length"], *((x["error"], None, None) if "error" in x else
+                 (round(x["prefill_tokens_per_s"]), round(x["decode_tokens_per_s"]), x.get("decode_peak_mem_gib")))]
+                 for e in eff for x in e.get("inference", [])]
+    if inference:
+        tables.append(("Inference (batch 1; prefill tokens/s, decode tokens/s as the marginal step)",
+                       ["architecture", "device", "context", "prefill tok/s", "decode tok/s", "decode peak GiB"],
+                       inference))
+    if eff:
         figures.append(("Prefill throughput", efficiency_figure(eff, "prefill_tokens_per_s", "prefill tokens/s")))
         figures.append(("Decode throughput", efficiency_figure(eff, "decode_tokens_per_s", "decode tokens/s")))
     else:
