@@ -305,3 +305,22 @@ def test_decoder_layers_compiled_by_inductor_decode_the_same_tokens(model):
         assert uncompile(model) > 0
     assert torch.equal(compiled, plain)
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
+
+
+def test_the_decode_step_timing_divides_by_the_steps_decoded_when_rows_end_early(model):
+    from hybridlora.fast.decode import time_decode_step
+
+    ids = torch.randint(1, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = None
+        full = time_decode_step(model, ids, mask, 24, graphs=False)
+        assert full["steps"] == (5, 23) and "ended early" not in full["timing"]
+        # the 10th generated token ends the row: the long call stops at its first check after it (16 steps)
+        model.generation_config.eos_token_id = int(full["result"].tokens[0, 9])
+        assert int(full["result"].tokens[0, 9]) not in full["result"].tokens[0, :9].tolist(), "pick another seed"
+        early = time_decode_step(model, ids, mask, 24, graphs=False)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert early["steps"] == (5, 16) and "ended early: 5 and 16 steps decoded" in early["timing"]

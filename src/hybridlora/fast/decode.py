@@ -239,9 +239,12 @@ def time_decode_step(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     """Seconds per decode step of :func:`greedy_generate` on this batch, apart from what each call costs once
     (prefill, static cache, graph capture). A warm-up call of 4 tokens at this shape first: a shape not seen
     before autotunes its kernels in its first call, which would land in a timed call and make steps look free.
-    Then calls of ``new // 4`` and ``new`` tokens: the step is their difference per token, or, where that is
-    below the timing's noise, the longer call's average, said so in ``timing``. Returns ``s_per_step``,
-    ``fixed_s``, ``timing`` and ``result`` (the longer call's :class:`GreedyResult`)."""
+    Then calls of ``new // 4`` and ``new`` tokens: the step is their difference per step *decoded* (a batch whose
+    rows all end early runs fewer steps than asked: dividing by the steps asked for would make steps look cheap),
+    or, where that is below the timing's noise, the longer call's average, said so in ``timing``. A timing meant
+    to decode every step should clear the model's end-of-sequence ids first. Returns ``s_per_step``, ``fixed_s``,
+    ``timing``, ``steps`` (decoded in the short and the long call) and ``result`` (the longer call's
+    :class:`GreedyResult`)."""
     import time
 
     if new < 3:
@@ -258,14 +261,20 @@ def time_decode_step(model: Any, input_ids: torch.Tensor, attention_mask: torch.
         return time.perf_counter() - start, result
 
     timed(4)
-    short = max(2, new // 4)
-    t_short, _ = timed(short)
+    t_short, short = timed(max(2, new // 4))
     t_long, result = timed(new)
-    if t_long > t_short:
-        step, timing = (t_long - t_short) / (new - short), f"marginal step ({short} vs {new} tokens)"
-    else:  # the extra steps cost less than the timing's noise (a tiny model, few tokens)
-        step, timing = t_long / new, "whole call (the marginal step was below the timing noise)"
-    return {"s_per_step": step, "fixed_s": max(0.0, t_long - new * step), "timing": timing, "result": result}
+    # `steps` counts device steps after the prefill, which yields the first token: a call of n tokens runs n - 1
+    n_short, n_long = short.steps, result.steps
+    ended = "" if (n_short, n_long) == (max(2, new // 4) - 1, new - 1) else \
+        f"; the rows ended early: {n_short} and {n_long} steps decoded"
+    if t_long > t_short and n_long > n_short:
+        step = (t_long - t_short) / (n_long - n_short)
+        timing = f"marginal step ({n_short + 1} vs {n_long + 1} tokens{ended})"
+    else:  # the extra steps cost less than the timing's noise (a tiny model, few tokens), or none were run
+        step = t_long / max(1, n_long + 1)
+        timing = f"whole call (the marginal step was below the timing noise{ended})"
+    return {"s_per_step": step, "fixed_s": max(0.0, t_long - n_long * step), "timing": timing,
+            "steps": (n_short, n_long), "result": result}
 
 
 def _diagnose(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
