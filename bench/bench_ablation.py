@@ -151,10 +151,11 @@ def mc_seconds(model, args, questions: int | None = None) -> float:
     return (time.perf_counter() - t) / len(rows)
 
 
-def mc_seconds_prefix_reuse(model, args) -> tuple[float, str | None, int]:
+def mc_seconds_prefix_reuse(model, args) -> tuple[float, str | None, int, int | None]:
     """Seconds per question with ``--prefix-reuse``: rows of ``--mc-len`` tokens whose first ``--mc-shared`` share
     is one few-shot block (the study's MC prompts: 86-96 %), the rest random; (s/question, why reuse was off or
-    None, rows reused). The evaluator's own check compares the first reused row with its whole-row score."""
+    None, rows reused, the cut that passed: 1 = the whole shared prefix, N = cut to a multiple of N tokens). The
+    evaluator's own check compares the first reused row with its whole-row score."""
     from hybridlora.evaluate.lm import CausalLM
 
     lm = CausalLM(model, _Tok(), batch_size=args.mc_batch, device=args.device, prefix_reuse=True)
@@ -168,7 +169,8 @@ def mc_seconds_prefix_reuse(model, args) -> tuple[float, str | None, int]:
     t = time.perf_counter()
     lm.score_choices(prepared)
     sync(args.device)
-    return (time.perf_counter() - t) / len(prepared), lm.prefix_reuse_note, lm.prefix_reused_rows
+    return ((time.perf_counter() - t) / len(prepared), lm.prefix_reuse_note, lm.prefix_reused_rows,
+            lm.prefix_reuse_align)
 
 
 def decode(model, args, batch: int, new: int, *, check: bool = True):
@@ -212,10 +214,12 @@ def rates(model, args, label: str, note) -> dict:
     out["mc_s_per_question"] = mc_seconds(model, args)
     note(f"{label}: multiple choice {out['mc_s_per_question'] * 1e3:.2f} ms/question (batch {args.mc_batch})")
     if args.mc_shared > 0:
-        s_q, off, reused = mc_seconds_prefix_reuse(model, args)
-        out.update(mc_s_per_question_prefix_reuse=s_q, prefix_reuse_off=off, prefix_reused_rows=reused)
+        s_q, off, reused, align = mc_seconds_prefix_reuse(model, args)
+        out.update(mc_s_per_question_prefix_reuse=s_q, prefix_reuse_off=off, prefix_reused_rows=reused,
+                   prefix_reuse_cut_to_multiple_of=align)
+        cut = "whole shared prefix" if align == 1 else f"prefix cut to a multiple of {align} tokens"
         note(f"{label}: multiple choice with --prefix-reuse {s_q * 1e3:.2f} ms/question ({args.mc_shared:.0%} of "
-             f"each row shared; {off or f'{reused} rows on the cache'})")
+             f"each row shared; {off or f'{reused} rows on the cache, {cut}'})")
     gen = decode(model, args, args.gen_batch, args.gen_new)
     out.update(gen_s_per_step=gen["s_per_step"], gen_fixed_s=gen["fixed_s"], gen_timing=gen["timing"],
                decode_path=gen["path"],
