@@ -7,7 +7,9 @@ ablation condition's time, so if the ablated step could run at the intact rate t
 reach for Qwen3.5. This times, in one process and in alternation (so that neither order nor warm-up favours one),
 the decode step of the intact model, of the model with every attention unit removed, and of the model with the
 ablation's hooks attached but nothing removed (the hooks' own cost), each with the end ids cleared and the steps
-actually decoded printed; then the intact model on bench_decode.py's left-padded prompts.
+actually decoded printed; then the intact model on bench_decode.py's left-padded prompts; then a profile of three
+eager decode steps of the intact and the ablated model (the CUDA graph replays exactly these kernels), whose
+kernel tables go to ``OUT/ablated_decode_profile_MODEL.txt``.
 
     python bench/diag_ablated_decode.py --models qwen,falcon --out OUT      # GPU, full-size architectures, bf16
     python bench/diag_ablated_decode.py --tiny --models qwen               # CPU check of the script
@@ -47,6 +49,29 @@ def padded_prompts(batch: int, longest: int, vocab: int):
     lengths[0] = longest
     mask = (torch.arange(longest)[None, :] >= (longest - lengths)[:, None]).long()
     return ids * mask, mask
+
+
+def step_profile(model, ids, mask, steps: int = 3) -> str:
+    """Kernel table of ``steps`` eager decode steps of the project's static-cache loop (after the prefill and two
+    warm-up steps), sorted by device time; the table's footer has the totals."""
+    from hybridlora.fast.decode import _Batch
+
+    cuda = ids.is_cuda
+    batch = _Batch(model, ids, mask, steps + 3, 0, [])
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.inference_mode():
+        batch.prefill()
+        batch.step()
+        batch.step()
+        if cuda:
+            torch.cuda.synchronize()
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(steps):
+                batch.step()
+            if cuda:
+                torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=20, max_name_column_width=70)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
                      "fixed_s": t["fixed_s"], "steps": t["steps"], "timing": t["timing"]})
         print(f"{name:>7} intact, bench_decode's padded prompts {1e3 * t['s_per_step']:7.2f} ms/step + "
               f"{t['fixed_s']:.2f} s per call ({t['timing']})", flush=True)
+        if args.out:
+            tables = []
+            for label in ("intact", "ablated"):
+                with variants(model, mu)[label]():
+                    tables.append(f"== {name}, {label}: 3 eager decode steps at {args.batch} rows ==\n"
+                                  + step_profile(model, ids.to(device), mask.to(device)))
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"ablated_decode_profile_{name}.txt").write_text("\n\n".join(tables))
+            print(f"{name:>7} kernel tables: {Path(args.out) / f'ablated_decode_profile_{name}.txt'}", flush=True)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
