@@ -515,3 +515,24 @@ def test_prefix_reuse_scores_an_ablated_model_as_whole_rows_do(model_type, metho
             scores[reuse] = lm.score_choices(prepared.inputs)
     assert lm.prefix_reused_rows >= 2 and lm.prefix_reuse_note is None
     assert max(abs(a - b) for x, y in zip(scores[False], scores[True]) for a, b in zip(x, y)) <= 1e-4
+
+
+def test_on_a_gpu_ablate_names_its_opt_in_levers_until_they_are_given(capsys, tmp_path, data_dir, monkeypatch):
+    import torch
+
+    from hybridlora.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the note reads it in a dry run
+    base = ["ablate", "qwen3.5-0.8b", "--dry-run", "--data-dir", str(data_dir), "--benchmarks", "gsm8k,mmlu",
+            "--output", str(tmp_path / "abl")]
+    assert main(base) == 0
+    err = capsys.readouterr().err
+    assert "--gen-batch-size 256" in err and "--prefix-reuse" in err
+    assert main(base + ["--gen-batch-size", "256"]) == 0
+    err = capsys.readouterr().err
+    assert "--gen-batch-size 256" not in err and "--prefix-reuse" in err
+    assert main(base + ["--gen-batch-size", "256", "--prefix-reuse"]) == 0
+    assert "note: on a GPU" not in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(base) == 0
+    assert "note: on a GPU" not in capsys.readouterr().err

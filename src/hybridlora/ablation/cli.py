@@ -189,6 +189,7 @@ def build_jobs(args) -> tuple[Path, list, Any, list]:
         common["eval"]["generate_batch_size"] = args.gen_batch_size
     if args.prefix_reuse:  # likewise
         common["eval"]["prefix_reuse"] = True
+    _say_gpu_levers(args, benchmarks)
     if args.tiny and args.max_new_tokens is None and benchmarks.keys() & {"gsm8k", "humaneval"}:
         common["eval"]["max_new_tokens"] = TINY_NEW_TOKENS
         print(f"note: --tiny: GSM8K/HumanEval generate at most {TINY_NEW_TOKENS} new tokens (a random model's text "
@@ -203,6 +204,24 @@ def build_jobs(args) -> tuple[Path, list, Any, list]:
         rows.append({**c.as_dict(), "job": jobs[c.removal].id, "removed": jobs[c.removal].spec["removed"]})
     output = Path(args.output) if args.output else Path("ablations") / _slug(model["name"])
     return output, list(jobs.values()), mu, rows
+
+
+def _say_gpu_levers(args, benchmarks: dict) -> None:
+    """On a GPU, name the opt-in levers a full-size ablation should use. They are not the default because they
+    change a job's spec (earlier ablations would be run again) and the batches' composition (the last bits of
+    bf16 scores)."""
+    import torch
+
+    if args.tiny or not torch.cuda.is_available():
+        return
+    levers = []
+    if not args.gen_batch_size and args.batch_size < 256 and benchmarks.keys() & {"gsm8k", "humaneval"}:
+        levers.append("--gen-batch-size 256 (each generation benchmark decoded in one batch)")
+    if not args.prefix_reuse and benchmarks.keys() & {"mmlu", "arc_challenge", "hellaswag"}:
+        levers.append("--prefix-reuse (multiple choice scored on the few-shot prefix's cache, checked first)")
+    if levers:
+        print(f"note: on a GPU, {' and '.join(levers)} cut the time per condition several-fold (docs/ABLATION.md, "
+              "\"Cost\"); they are opt-in so that earlier ablations keep their job ids", file=sys.stderr)
 
 
 def _check_data(benchmarks: dict, data_dir: str | None, texts: list[dict]) -> None:
