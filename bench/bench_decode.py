@@ -37,14 +37,15 @@ from hybridlora.fast.decode import greedy_generate  # noqa: E402
 SHAPES = {"gsm8k": (256, 256, 256), "humaneval": (164, 384, 512)}  # batch, longest prompt, new tokens
 
 
-def prompts(batch: int, longest: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def prompts(batch: int, longest: int, vocab: int, seed: int = 0,
+            device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded random prompts, lengths spread over [longest/2, longest] like a sorted evaluation batch."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (batch, longest), generator=g)
     lengths = torch.randint(longest // 2, longest + 1, (batch,), generator=g)
     lengths[0] = longest
     mask = (torch.arange(longest)[None, :] >= (longest - lengths)[:, None]).long()
-    return (ids * mask).cuda(), mask.cuda()
+    return (ids * mask).to(device), mask.to(device)
 
 
 def run(model, ids, mask, new: int, path: str) -> tuple[torch.Tensor, float, str]:

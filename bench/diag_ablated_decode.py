@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import bench_ablation  # noqa: E402  (its builder, its representative removal and its decode timing)
+import bench_decode  # noqa: E402  (its left-padded prompts)
 from hybridlora.ablation.methods import Ablation  # noqa: E402
 
 
@@ -39,16 +40,6 @@ def variants(model, mu):
     return {"intact": contextlib.nullcontext,
             "hooks, nothing removed": lambda: Ablation(model, [], "skip", mu.layers_path),
             "ablated": lambda: bench_ablation.ablation_of(model, mu)}
-
-
-def padded_prompts(batch: int, longest: int, vocab: int):
-    """bench_decode.py's shape: left-padded rows whose lengths spread over [longest/2, longest]."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, vocab, (batch, longest), generator=g)
-    lengths = torch.randint(longest // 2, longest + 1, (batch,), generator=g)
-    lengths[0] = longest
-    mask = (torch.arange(longest)[None, :] >= (longest - lengths)[:, None]).long()
-    return ids * mask, mask
 
 
 def step_profile(model, ids, mask, steps: int = 3) -> str:
@@ -105,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                              "fixed_s": t["fixed_s"], "steps": t["steps"], "timing": t["timing"]})
                 print(f"{name:>7} round {round_} {label:<24} {1e3 * t['s_per_step']:7.2f} ms/step + "
                       f"{t['fixed_s']:.2f} s per call ({t['timing']})", flush=True)
-        ids, mask = padded_prompts(args.batch, args.prompt, model.config.vocab_size)
+        ids, mask = bench_decode.prompts(args.batch, args.prompt, model.config.vocab_size, device=device)
         from hybridlora.fast.decode import time_decode_step
 
         model.generation_config.eos_token_id = None
         with torch.inference_mode():
-            t = time_decode_step(model, ids.to(device), mask.to(device), args.new, graphs=device == "cuda")
+            t = time_decode_step(model, ids, mask, args.new, graphs=device == "cuda")
         rows.append({"variant": "intact, padded prompts", "ms_per_step": 1e3 * t["s_per_step"],
                      "fixed_s": t["fixed_s"], "steps": t["steps"], "timing": t["timing"]})
         print(f"{name:>7} intact, bench_decode's padded prompts {1e3 * t['s_per_step']:7.2f} ms/step + "
@@ -120,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             for label in ("intact", "ablated"):
                 with variants(model, mu)[label]():
                     tables.append(f"== {name}, {label}: 3 eager decode steps at {args.batch} rows ==\n"
-                                  + step_profile(model, ids.to(device), mask.to(device)))
+                                  + step_profile(model, ids, mask))
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / f"ablated_decode_profile_{name}.txt").write_text("\n\n".join(tables))
             print(f"{name:>7} kernel tables: {Path(args.out) / f'ablated_decode_profile_{name}.txt'}", flush=True)

@@ -132,12 +132,11 @@ def _head_loss(head: nn.Module, hidden: torch.Tensor, y: torch.Tensor, scale: fl
     """Summed CE of ``head(hidden) * scale`` against ``y`` (``[N, H]``, ``[N]``; ``IGNORE`` allowed), in chunks."""
     vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
     rows = max(64, CHUNK_ELEMENTS // vocab)
-    weight = getattr(head, "weight", None)
     # only a bare Linear is its weight: a LoRA-wrapped head (trained or loaded frozen) must run as a module, or
     # its adapter's delta would be dropped
-    plain = type(head) is nn.Linear and head.bias is None
-    if weight is None or not torch.is_tensor(weight) or not plain:
+    if type(head) is not nn.Linear or head.bias is not None:
         return _trainable_head_ce(head, hidden, y, scale, rows, recompute)
+    weight = head.weight
     dtype = torch.get_autocast_dtype("cuda") if (hidden.is_cuda and torch.is_autocast_enabled("cuda")) else weight.dtype
     if hidden.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
