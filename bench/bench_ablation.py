@@ -243,6 +243,12 @@ def measure(model, mu, args, entry: dict, note) -> None:
         out["ablated"]["gen_fixed_s_small_batch"] = small["fixed_s"]
         note(f"ablated: decode {small['s_per_step'] * 1e3:.2f} ms/step + {small['fixed_s']:.2f} s per call at batch "
              f"{args.small_gen_batch}")
+        for rows in _benchmark_rows(args):  # HumanEval's 164 prompts: one batch of 164 rows
+            at = decode(model, args, rows, args.gen_new, check=False)
+            out["ablated"].setdefault("gen_at_rows", {})[rows] = {"s_per_step": at["s_per_step"],
+                                                                  "fixed_s": at["fixed_s"]}
+            note(f"ablated: decode {at['s_per_step'] * 1e3:.2f} ms/step + {at['fixed_s']:.2f} s per call at batch "
+                 f"{rows} (a benchmark's own row count)")
         wide = out["ablated"].setdefault("gen_wide_batches", {})
         for rows in _wide_batches(args):  # rows of several conditions sharing a decode step (a lever, not built)
             w = decode(model, args, rows, args.gen_new, check=False)
@@ -266,10 +272,21 @@ def _wide_batches(args) -> list[int]:
     return [args.gen_batch * int(n) for n in str(args.gen_share).split(",") if n.strip() and int(n) > 1]
 
 
-def generation_s(step_s: float, batch: int, fixed_s: float = 0.0) -> float:
+def generation_s(step_s: float, batch: int, fixed_s: float = 0.0, at_rows: dict | None = None) -> float:
     """Seconds of one condition's generation: each benchmark's prompts in batches of ``batch``, each batch one call
-    (``fixed_s``: prefill, cache, capture) decoded to the budget (random weights never stop)."""
-    return sum(-(-questions // batch) * (fixed_s + new * step_s) for questions, new in STUDY_GEN.values())
+    (``fixed_s``: prefill, cache, capture) decoded to the budget (random weights never stop). ``at_rows``:
+    ``{rows: {"s_per_step", "fixed_s"}}`` measured at a benchmark's own row count (HumanEval's 164 prompts are one
+    batch of 164 rows, whose step costs less than 256 rows': the recurrent states are most of a step)."""
+    total = 0.0
+    for questions, new in STUDY_GEN.values():
+        rate = (at_rows or {}).get(min(questions, batch)) or {"s_per_step": step_s, "fixed_s": fixed_s}
+        total += -(-questions // batch) * (rate["fixed_s"] + new * rate["s_per_step"])
+    return total
+
+
+def _benchmark_rows(args) -> list[int]:
+    """Decode batch sizes the study's generation benchmarks run at, other than ``--gen-batch`` itself."""
+    return sorted({min(q, args.gen_batch) for q, _ in STUDY_GEN.values()} - {args.gen_batch})
 
 
 def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -> dict:
@@ -277,7 +294,7 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
     ppl = args.ppl_tokens / r["ppl_tokens_per_s"]
     mc = STUDY_MC * r["mc_s_per_question"]
     # decode steps cost about the same at batch 164-256 on the GPU (memory-bound): one batch per benchmark
-    gen = generation_s(r["gen_s_per_step"], args.gen_batch, r.get("gen_fixed_s", 0.0))
+    gen = generation_s(r["gen_s_per_step"], args.gen_batch, r.get("gen_fixed_s", 0.0), r.get("gen_at_rows"))
     per = ppl + mc + gen
     n_removals = len({c.removal for c in conditions}) + 1  # + intact
     # Lighter split: perplexity for every removal, benchmarks only for groups, progressive and the intact model
@@ -303,6 +320,11 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
             w["s_per_step"], args.gen_batch, w["fixed_s"]) / share
     if "ppl_tokens_per_s_large_batch" in r:
         out["perplexity_s_at_large_batch"] = args.ppl_tokens / r["ppl_tokens_per_s_large_batch"]
+        # what `ablate` does on the GPU with every opt-in lever it names (--gen-batch-size 256, --batch-size 64 for
+        # perplexity, --prefix-reuse where its check passed) and the runner gain given
+        levers = out["perplexity_s_at_large_batch"] + extra.get("mc_with_prefix_reuse_s", mc) + gen
+        out["with_every_lever"] = {"per_condition_s": levers, "total_min": n_removals * levers / 60 / gain,
+                                   "prefix_reuse": "mc_with_prefix_reuse_s" in extra}
     return out
 
 
@@ -394,6 +416,9 @@ def measure_runners(name: str, args, entry: dict, conditions, note) -> None:
         entry["projection_with_runners"] = project(entry["rates"], conditions, args, gain=best)
         note(f"projection with the best runner count (gain {best:.2f}x): "
              f"{entry['projection_with_runners']['total_min']:.1f} min")
+        if "with_every_lever" in entry["projection_with_runners"]:
+            note(f"projection with every lever and the runner gain: "
+                 f"{entry['projection_with_runners']['with_every_lever']['total_min']:.1f} min")
 
 
 def mps_status() -> str:
@@ -487,6 +512,11 @@ def measure_model(name: str, args, results: dict) -> list[Condition]:
     if "with_prefix_reuse_min" in pr:
         note(f"projection with --prefix-reuse: MC {pr['mc_with_prefix_reuse_s']:.1f} s per condition, whole set "
              f"{pr['with_prefix_reuse_min']:.1f} min")
+    if "with_every_lever" in pr:
+        levers = pr["with_every_lever"]
+        note(f"projection with every lever (perplexity at batch {args.ppl_batch_large}"
+             f"{', --prefix-reuse' if levers['prefix_reuse'] else ''}): {levers['per_condition_s']:.1f} s per "
+             f"condition, whole set {levers['total_min']:.1f} min (runner gain not included)")
     del model
     if args.device == "cuda":
         torch.cuda.empty_cache()

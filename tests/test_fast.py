@@ -530,6 +530,155 @@ def test_fla_decode_convolution_equals_transformers_on_cuda():
                 torch.testing.assert_close(ours.float(), theirs.float(), atol=tol, rtol=tol)
 
 
+# --- Gated DeltaNet decode: the recurrent state written over the cache's buffer -----------------------------
+def _written_out_recurrence(q, k, v, g, beta, initial_state=None, output_final_state=False,
+                            use_qk_l2norm_in_kernel=False):
+    """The gated delta rule, one token at a time, in float32: q, k ``[B, T, H, K]``, v ``[B, T, HV, V]``, g and
+    beta ``[B, T, HV]``, state ``[B, HV, K, V]``; returns (output in v's dtype, final state or None)."""
+    q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
+    q, k = (t.repeat_interleave(v.shape[2] // k.shape[2], 2) for t in (q, k))  # a key head serves consecutive value heads
+    if use_qk_l2norm_in_kernel:
+        q, k = (t / torch.sqrt((t * t).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
+    q = q * q.shape[-1] ** -0.5
+    batch, length, v_heads, k_dim = k.shape
+    h = torch.zeros(batch, v_heads, k_dim, v.shape[-1]) if initial_state is None else initial_state.float().clone()
+    out = torch.empty(batch, length, v_heads, v.shape[-1])
+    for t in range(length):
+        h = h * g[:, t].exp()[..., None, None]
+        delta = (v[:, t] - (h * k[:, t, ..., None]).sum(-2)) * beta[:, t, :, None]
+        h = h + k[:, t, ..., None] * delta[..., None, :]
+        out[:, t] = (h * q[:, t, ..., None]).sum(-2)
+    return out.to(v.dtype), (h if output_final_state else None)
+
+
+class _RecurrentKernelStandIn:
+    """fla's fused recurrent kernel for CPU tests: its argument names, and what one launch computes written out
+    (transformers' recurrence into ``o`` and ``ht``); remembers each launch's ``h0`` and ``ht``."""
+
+    def __init__(self, arg_names=tuple(kernels._STEP_KERNEL_ARGS)):
+        self.fn = types.SimpleNamespace(arg_names=list(arg_names))
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(**kw):
+            self.launches.append((kw["h0"], kw["ht"]))
+            o, final = _written_out_recurrence(kw["q"], kw["k"], kw["v"], kw["g"], kw["beta"], kw["h0"], True,
+                                               kw["USE_QK_L2NORM_IN_KERNEL"])
+            kw["o"].copy_(o)
+            kw["ht"].copy_(final)
+        return launch
+
+
+def _fla_recurrent_stand_in(q, k, v, g=None, beta=None, initial_state=None, output_final_state=False,
+                            use_qk_l2norm_in_kernel=False, cu_seqlens=None):
+    return _written_out_recurrence(q, k, v, g, beta, initial_state, output_final_state, use_qk_l2norm_in_kernel)
+
+
+def _recurrent_case(batch=3, heads=2, v_heads=4, k_dim=8, v_dim=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(batch, 1, heads, k_dim, generator=g) for _ in range(2))  # key heads: fewer than value heads
+    v = torch.randn(batch, 1, v_heads, v_dim, generator=g)
+    gate = -torch.rand(batch, 1, v_heads, generator=g)
+    beta = torch.rand(batch, 1, v_heads, generator=g)
+    state = torch.randn(batch, v_heads, k_dim, v_dim, generator=g).to(dtype)
+    return q, k, v, gate, beta, state
+
+
+def test_gdn_decode_step_overwrites_the_state_it_is_handed_only_where_that_is_safe():
+    """A forward-only call with a float32 state gets transformers' output and final state, the final state
+    written over the state handed in and that same tensor returned (the cache's copy then copies a tensor onto
+    itself: nothing); every other call keeps fla's own call, which leaves the state alone."""
+    kernel = _RecurrentKernelStandIn()
+    step = ops.make_gdn_recurrent(_fla_recurrent_stand_in, ops.make_gdn_step_in_place(kernel))
+    assert "in place" in step.__hybridlora_kernel__
+    q, k, v, gate, beta, state = _recurrent_case()
+    expected_out, expected_state = _written_out_recurrence(q, k, v, gate, beta, state, True, True)
+    handed = state.clone()
+    out, final = step(q, k, v, gate, beta, initial_state=handed, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert final is handed and len(kernel.launches) == 1 and kernel.launches[0][0] is kernel.launches[0][1] is handed
+    torch.testing.assert_close(out, expected_out)
+    torch.testing.assert_close(final, expected_state)
+    assert not torch.equal(final, state)  # the state moved on: the test compares something
+    before = handed.clone()
+    handed.copy_(final)  # what transformers' update_recurrent_state then does: a copy onto itself
+    torch.testing.assert_close(handed, before)
+
+    def kept(**overrides):
+        case = dict(zip(("query", "key", "value", "g", "beta", "initial_state"), _recurrent_case()))
+        case.update(output_final_state=True, use_qk_l2norm_in_kernel=True)
+        case.update(overrides)
+        launches, given = len(kernel.launches), case["initial_state"]
+        copy = None if given is None else given.detach().clone()
+        out = step(**case)
+        assert len(kernel.launches) == launches, f"launched in place for {overrides}"
+        if given is not None:
+            assert out[1] is not given and torch.equal(given.detach(), copy)  # the handed state left alone
+
+    state = _recurrent_case()[5]
+    kept(initial_state=state.to(torch.bfloat16))
+    kept(initial_state=state[:1].expand(3, -1, -1, -1))  # rows sharing one memory
+    kept(initial_state=state.clone().requires_grad_())
+    kept(initial_state=None)
+    kept(output_final_state=False)
+    kept(cu_seqlens=torch.tensor([0, 1, 2, 3]))
+
+
+def test_gdn_decode_in_place_binds_by_default_and_decodes_transformers_tokens(monkeypatch):
+    """Bound into Qwen3.5's module by default (fla's kernel taking the arguments the launch passes), a greedy
+    decode on the static cache launches it on the cache's own state buffers and gives the tokens of the pure
+    PyTorch path; $HYBRIDLORA_GDN_STATE_COPY=1, or a kernel with other arguments, keeps fla's own call."""
+    from hybridlora.fast.decode import greedy_generate
+
+    probe = {k: {"fn": None, "reason": "absent"} for k in fast.KERNEL_PURPOSE}
+    probe["fla.fused_recurrent_gated_delta_rule"] = {"fn": _fla_recurrent_stand_in, "reason": "stand-in"}
+    kernel = _RecurrentKernelStandIn()
+    monkeypatch.setattr(kernels, "_cuda", lambda: True)
+    monkeypatch.setattr(kernels, "_probe", lambda: probe)
+    monkeypatch.setattr(kernels, "_on_cuda", lambda args, kwargs: True)
+    monkeypatch.setattr(kernels, "_fla_recurrent_kernel", lambda: kernel)
+    monkeypatch.delenv(kernels.STATE_COPY_ENV, raising=False)
+    model = build_model(tiny_config_for("qwen3_5_text"), seed=3)
+    ids = torch.randint(1, 200, (3, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    try:
+        bound = fast.use("fast")
+        assert bound["modeling_qwen3_5.torch_recurrent_gated_delta_rule"].endswith("(decode state updated in place)")
+        ours = greedy_generate(model, ids, mask, max_new_tokens=6, pad_token_id=0).tokens
+        buffers = {id(h0) for h0, ht in kernel.launches if h0 is ht}
+        assert len(kernel.launches) == 5 * len(buffers) and len(buffers) == model.config.layer_types.count(
+            "linear_attention")  # every recurrent layer, every step after the prefill, on one buffer each
+        monkeypatch.setenv(kernels.STATE_COPY_ENV, "1")
+        assert "in place" not in fast.use("fast")["modeling_qwen3_5.torch_recurrent_gated_delta_rule"]
+        monkeypatch.delenv(kernels.STATE_COPY_ENV)
+        monkeypatch.setattr(kernels, "_fla_recurrent_kernel",
+                            lambda: _RecurrentKernelStandIn(kernels._STEP_KERNEL_ARGS - {"ht"}))
+        assert "in place" not in fast.use("fast")["modeling_qwen3_5.torch_recurrent_gated_delta_rule"]
+    finally:
+        kernels.restore()
+    reference = greedy_generate(model, ids, mask, max_new_tokens=6, pad_token_id=0).tokens
+    assert torch.equal(ours, reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla's Triton kernels need a GPU")
+@pytest.mark.parametrize("heads, v_heads", [(16, 16), (16, 32)])  # Qwen3.5-0.8B; the larger Qwen3.5 models
+def test_gdn_decode_in_place_is_bitwise_fla_on_cuda(heads, v_heads):
+    recurrent = pytest.importorskip("fla.ops.gated_delta_rule").fused_recurrent_gated_delta_rule
+    step_in_place = kernels._gdn_step_in_place()
+    assert step_in_place is not None, "this fla's fused recurrent kernel takes other arguments than the launch"
+    step = ops.make_gdn_recurrent(recurrent, step_in_place)
+    q, k, v, gate, beta, state = (t.cuda() for t in _recurrent_case(64, heads, v_heads, 128, 128))
+    q, k, v, beta = (t.to(torch.bfloat16) for t in (q, k, v, beta))
+    with torch.inference_mode():
+        expected_out, expected_state = recurrent(q, k, v, g=gate, beta=beta, initial_state=state.clone(),
+                                                 output_final_state=True, use_qk_l2norm_in_kernel=True)
+        handed = state.clone()
+        out, final = step(q, k, v, gate, beta, initial_state=handed, output_final_state=True,
+                          use_qk_l2norm_in_kernel=True)
+    assert final is handed
+    assert torch.equal(out, expected_out) and torch.equal(final, expected_state)
+
+
 def test_unfused_stand_in_sends_falcon_down_the_module_path():
     assert ops.unfused_split_conv1d_scan(torch.zeros(1), outproj_weight=torch.zeros(1)) is None
 

@@ -237,9 +237,9 @@ def greedy_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
 def time_decode_step(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, new: int, *,
                      graphs: bool = True, pad_token_id: int = 0) -> dict[str, Any]:
     """Seconds per decode step of :func:`greedy_generate` on this batch, apart from what each call costs once
-    (prefill, static cache, graph capture). A warm-up call of 4 tokens at this shape first: a shape not seen
-    before autotunes its kernels in its first call, which would land in a timed call and make steps look free.
-    Then calls of ``new // 4`` and ``new`` tokens: the step is their difference per step *decoded* (a batch whose
+    (prefill, static cache, graph capture). An untimed call at each timed length first: a shape not seen
+    before autotunes its kernels in its first call, which would land in a timed call and make steps look free
+    or dear. Then calls of ``new // 4`` and ``new`` tokens: the step is their difference per step *decoded* (a batch whose
     rows all end early runs fewer steps than asked: dividing by the steps asked for would make steps look cheap),
     or, where that is below the timing's noise, the longer call's average, said so in ``timing``. A timing meant
     to decode every step should clear the model's end-of-sequence ids first. Returns ``s_per_step``, ``fixed_s``,
@@ -260,7 +260,11 @@ def time_decode_step(model: Any, input_ids: torch.Tensor, attention_mask: torch.
             torch.cuda.synchronize()
         return time.perf_counter() - start, result
 
-    timed(4)
+    # warm-up calls at both timed lengths: each length is its own cache shape, whose first call pays one-time
+    # costs (attention plans, autotuning) that would otherwise land in one timed call and skew the difference
+    # (on the H200 a short call carrying them made Qwen3.5's step read 4.24 ms where it was 10-11 ms)
+    timed(max(2, new // 4))
+    timed(new)
     t_short, short = timed(max(2, new // 4))
     t_long, result = timed(new)
     # `steps` counts device steps after the prefill, which yields the first token: a call of n tokens runs n - 1

@@ -176,6 +176,34 @@ def _fla_conv_kernels() -> tuple[Callable, Callable] | None:
         return None
 
 
+STATE_COPY_ENV = "HYBRIDLORA_GDN_STATE_COPY"  # =1: fla's own recurrent call and the cache's copy (side-by-side timing)
+_STEP_KERNEL_ARGS = {"q", "k", "v", "g", "gk", "gv", "beta", "A_log", "dt_bias", "o", "h0", "ht", "cu_seqlens",
+                     "scale", "T", "H", "HV", "K", "V", "BK", "BV", "IS_BETA_HEADWISE", "USE_QK_L2NORM_IN_KERNEL",
+                     "APPLY_BETA_SIGMOID", "ALLOW_NEG_EIGVAL", "STATE_V_FIRST"}
+
+
+def _fla_recurrent_kernel() -> Any:
+    from fla.ops.gated_delta_rule import fused_recurrent
+
+    return fused_recurrent.fused_recurrent_gated_delta_rule_fwd_kernel
+
+
+def _gdn_step_in_place() -> Callable | None:
+    """The in-place decode step on fla's fused recurrent kernel (:func:`ops.make_gdn_step_in_place`); None with
+    $HYBRIDLORA_GDN_STATE_COPY=1, or where this fla's kernel takes other arguments than the launch passes (an fla
+    whose kernel changed keeps fla's own call, and its state copy, rather than launching it wrongly)."""
+    if os.environ.get(STATE_COPY_ENV) == "1":
+        return None
+    try:
+        kernel = _fla_recurrent_kernel()
+        names = set(getattr(getattr(kernel, "fn", kernel), "arg_names", ()))
+    except Exception:
+        return None
+    if not names or not _STEP_KERNEL_ARGS <= names:
+        return None
+    return ops.make_gdn_step_in_place(kernel)
+
+
 def _implementation(key: str, original: Callable | None = None) -> Callable | None:
     if key == "conv":  # fla's Triton kernel where it imports, else PyTorch's conv1d; both packing-aware
         # $HYBRIDLORA_TORCH_CONV=1 keeps PyTorch's conv1d (side-by-side timing and checks)
@@ -192,8 +220,9 @@ def _implementation(key: str, original: Callable | None = None) -> Callable | No
         return (ops.make_rms_norm if key == "fla.rms_norm" else ops.make_rms_norm_gated)(fn, inspect.unwrap(original))
     if key == "fla.causal_conv1d_update":
         return ops.make_conv_update(fn, inspect.unwrap(original))
+    if key == "fla.fused_recurrent_gated_delta_rule":
+        return ops.make_gdn_recurrent(fn, _gdn_step_in_place())
     makers = {"fla.chunk_gated_delta_rule": ops.make_gdn_chunk,
-              "fla.fused_recurrent_gated_delta_rule": ops.make_gdn_recurrent,
               "mamba_ssm.mamba_chunk_scan_combined": ops.make_ssd_chunk,
               "mamba_ssm.selective_state_update": ops.make_ssd_step}
     return makers[key](fn)
