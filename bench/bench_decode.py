@@ -14,6 +14,7 @@ Usage (GPU machine, fla-core / mamba-ssm wheels on PYTHONPATH)::
     python bench/bench_decode.py --out OUT [--models qwen,falcon] [--new 64]
     python bench/bench_decode.py --out OUT --paths graph,graph_conv   # fla's one-token convolution, side by side
     python bench/bench_decode.py --out OUT --paths graph,graph_compiled --models falcon  # Inductor-compiled layers
+    python bench/bench_decode.py --out OUT --paths graph,graph_state_in_place --models qwen  # GDN state in place
 """
 from __future__ import annotations
 
@@ -108,24 +109,27 @@ def _with_compiled_layers(model, ids, mask, new: int) -> dict:
         uncompile(model)
 
 
-def _with_state_copy(model, ids, mask, new: int) -> dict:
-    """The graph path as it was before 2026-12-04 ($HYBRIDLORA_GDN_STATE_COPY=1): fla's recurrent call returns a
-    new final state and the cache copies it into its buffer, where the default writes it in place. Same kernel,
-    so the same tokens; the difference is the copy. The binding is put back afterwards."""
-    from hybridlora.fast.kernels import STATE_COPY_ENV
+def _with_state_in_place(model, ids, mask, new: int) -> dict:
+    """The graph path with the Gated DeltaNet decode state written in place (the opt-in
+    $HYBRIDLORA_GDN_STATE_IN_PLACE=1), where the default has fla's recurrent call return a new final state that the
+    cache copies into its buffer. Same kernel, so the same tokens; the difference is the copy. The binding is put
+    back afterwards."""
+    from hybridlora.fast.kernels import STATE_IN_PLACE_ENV
 
-    os.environ[STATE_COPY_ENV] = "1"
+    os.environ[STATE_IN_PLACE_ENV] = "1"
     try:
-        fast.use("fast")
-        return step_seconds(model, ids, mask, new, "graph")
+        bound = fast.use("fast")
+        result = step_seconds(model, ids, mask, new, "graph")
+        result["recurrent_step"] = sorted({v for k, v in bound.items() if k.endswith("recurrent_gated_delta_rule")})
+        return result
     finally:
-        del os.environ[STATE_COPY_ENV]
+        del os.environ[STATE_IN_PLACE_ENV]
         fast.use("fast")
 
 
 # each set against "graph"
 VARIANTS = {"graph_conv": _with_conv_update, "graph_compiled": _with_compiled_layers,
-            "graph_state_copy": _with_state_copy}
+            "graph_state_in_place": _with_state_in_place}
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -171,8 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=0, help="new tokens per timing (default: the benchmark's own)")
     ap.add_argument("--paths", default="hf,eager,graph",
                     help="comma list of hf, eager, graph, graph_conv (graph with fla's one-token convolution), "
-                    "graph_compiled (graph with the decoder layers compiled by Inductor), graph_state_copy (graph "
-                    "with the Gated DeltaNet state copied, not written in place)")
+                    "graph_compiled (graph with the decoder layers compiled by Inductor), graph_state_in_place "
+                    "(graph with the Gated DeltaNet decode state written in place)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}

@@ -623,10 +623,11 @@ def test_gdn_decode_step_overwrites_the_state_it_is_handed_only_where_that_is_sa
     kept(cu_seqlens=torch.tensor([0, 1, 2, 3]))
 
 
-def test_gdn_decode_in_place_binds_by_default_and_decodes_transformers_tokens(monkeypatch):
-    """Bound into Qwen3.5's module by default (fla's kernel taking the arguments the launch passes), a greedy
-    decode on the static cache launches it on the cache's own state buffers and gives the tokens of the pure
-    PyTorch path; $HYBRIDLORA_GDN_STATE_COPY=1, or a kernel with other arguments, keeps fla's own call."""
+def test_gdn_decode_in_place_binds_when_asked_for_and_decodes_transformers_tokens(monkeypatch):
+    """Bound into Qwen3.5's module with $HYBRIDLORA_GDN_STATE_IN_PLACE=1 (and fla's kernel taking the arguments the
+    launch passes), a greedy decode on the static cache launches it on the cache's own state buffers and gives
+    the tokens of the pure PyTorch path; without the variable, or with a kernel taking other arguments, fla's
+    own call stays."""
     from hybridlora.fast.decode import greedy_generate
 
     probe = {k: {"fn": None, "reason": "absent"} for k in fast.KERNEL_PURPOSE}
@@ -636,21 +637,22 @@ def test_gdn_decode_in_place_binds_by_default_and_decodes_transformers_tokens(mo
     monkeypatch.setattr(kernels, "_probe", lambda: probe)
     monkeypatch.setattr(kernels, "_on_cuda", lambda args, kwargs: True)
     monkeypatch.setattr(kernels, "_fla_recurrent_kernel", lambda: kernel)
-    monkeypatch.delenv(kernels.STATE_COPY_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    monkeypatch.delenv(kernels.STATE_IN_PLACE_ENV, raising=False)
     model = build_model(tiny_config_for("qwen3_5_text"), seed=3)
     ids = torch.randint(1, 200, (3, 7), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # a left-padded row
     try:
+        assert "in place" not in fast.use("fast")["modeling_qwen3_5.torch_recurrent_gated_delta_rule"]
+        monkeypatch.setenv(kernels.STATE_IN_PLACE_ENV, "1")
         bound = fast.use("fast")
+        assert "Gated DeltaNet decode state in place=on" in fast.describe()
         assert bound["modeling_qwen3_5.torch_recurrent_gated_delta_rule"].endswith("(decode state updated in place)")
         ours = greedy_generate(model, ids, mask, max_new_tokens=6, pad_token_id=0).tokens
         buffers = {id(h0) for h0, ht in kernel.launches if h0 is ht}
         assert len(kernel.launches) == 5 * len(buffers) and len(buffers) == model.config.layer_types.count(
             "linear_attention")  # every recurrent layer, every step after the prefill, on one buffer each
-        monkeypatch.setenv(kernels.STATE_COPY_ENV, "1")
-        assert "in place" not in fast.use("fast")["modeling_qwen3_5.torch_recurrent_gated_delta_rule"]
-        monkeypatch.delenv(kernels.STATE_COPY_ENV)
         monkeypatch.setattr(kernels, "_fla_recurrent_kernel",
                             lambda: _RecurrentKernelStandIn(kernels._STEP_KERNEL_ARGS - {"ht"}))
         assert "in place" not in fast.use("fast")["modeling_qwen3_5.torch_recurrent_gated_delta_rule"]

@@ -176,7 +176,9 @@ def _fla_conv_kernels() -> tuple[Callable, Callable] | None:
         return None
 
 
-STATE_COPY_ENV = "HYBRIDLORA_GDN_STATE_COPY"  # =1: fla's own recurrent call and the cache's copy (side-by-side timing)
+# Opt-in until the GPU test (tests/test_fast.py, "gdn_decode_in_place") has compared it with fla's own call on the
+# GPU: it launches fla's kernel itself, and a wrong launch would corrupt every Qwen3.5 decode there
+STATE_IN_PLACE_ENV = "HYBRIDLORA_GDN_STATE_IN_PLACE"
 _STEP_KERNEL_ARGS = {"q", "k", "v", "g", "gk", "gv", "beta", "A_log", "dt_bias", "o", "h0", "ht", "cu_seqlens",
                      "scale", "T", "H", "HV", "K", "V", "BK", "BV", "IS_BETA_HEADWISE", "USE_QK_L2NORM_IN_KERNEL",
                      "APPLY_BETA_SIGMOID", "ALLOW_NEG_EIGVAL", "STATE_V_FIRST"}
@@ -189,11 +191,9 @@ def _fla_recurrent_kernel() -> Any:
 
 
 def _gdn_step_in_place() -> Callable | None:
-    """The in-place decode step on fla's fused recurrent kernel (:func:`ops.make_gdn_step_in_place`); None with
-    $HYBRIDLORA_GDN_STATE_COPY=1, or where this fla's kernel takes other arguments than the launch passes (an fla
-    whose kernel changed keeps fla's own call, and its state copy, rather than launching it wrongly)."""
-    if os.environ.get(STATE_COPY_ENV) == "1":
-        return None
+    """The in-place decode step on fla's fused recurrent kernel (:func:`ops.make_gdn_step_in_place`); None where
+    this fla's kernel takes other arguments than the launch passes (an fla whose kernel changed keeps fla's own
+    call, and the cache's copy of the state, rather than launching it wrongly)."""
     try:
         kernel = _fla_recurrent_kernel()
         names = set(getattr(getattr(kernel, "fn", kernel), "arg_names", ()))
@@ -221,7 +221,8 @@ def _implementation(key: str, original: Callable | None = None) -> Callable | No
     if key == "fla.causal_conv1d_update":
         return ops.make_conv_update(fn, inspect.unwrap(original))
     if key == "fla.fused_recurrent_gated_delta_rule":
-        return ops.make_gdn_recurrent(fn, _gdn_step_in_place())
+        in_place = _gdn_step_in_place() if os.environ.get(STATE_IN_PLACE_ENV) == "1" else None
+        return ops.make_gdn_recurrent(fn, in_place)
     makers = {"fla.chunk_gated_delta_rule": ops.make_gdn_chunk,
               "mamba_ssm.mamba_chunk_scan_combined": ops.make_ssd_chunk,
               "mamba_ssm.selective_state_update": ops.make_ssd_step}
@@ -592,6 +593,8 @@ def describe(model: Any = None, *, training: bool = True) -> str:
                      "HYBRIDLORA_CONV_AUTOGRAD_CORRECTION=1)")
     if "fla.causal_conv1d_update" in info["bound"].values():
         parts.append(f"fla.causal_conv1d_update=on (opt-in {CONV_UPDATE_ENV}=1)")
+    if any(v.endswith("(decode state updated in place)") for v in info["bound"].values()):
+        parts.append(f"Gated DeltaNet decode state in place=on (opt-in {STATE_IN_PLACE_ENV}=1)")
     parts.append(f"triton cross-entropy={'on' if use_ce_kernel() else 'off'}")
     return f"kernels ({info['device']}, mode={info['mode']}): " + ", ".join(parts) + \
         (f"; notes: {'; '.join(info['notes'])}" if info["notes"] else "")
