@@ -76,20 +76,27 @@ def step_seconds(model, ids, mask, new: int, path: str) -> dict:
     return {"s_per_step": (long - short) / (new - 4), "setup_s": short, "how": how, "tokens": tokens}
 
 
-def _with_conv_update(model, ids, mask, new: int) -> dict:
-    """The graph path with fla's one-token convolution bound (the opt-in $HYBRIDLORA_FLA_CONV_UPDATE=1) instead of
-    transformers' PyTorch fallback; the binding is put back afterwards."""
-    from hybridlora.fast.kernels import CONV_UPDATE_ENV
-
-    os.environ[CONV_UPDATE_ENV] = "1"
+def _graph_with_opt_in(variable: str, model, ids, mask, new: int, record: tuple[str, str]) -> dict:
+    """The graph path with the opt-in environment ``variable`` set to 1 and the kernels bound again; ``record``:
+    (result key, suffix of the bound attributes whose bindings it lists). The binding is put back afterwards."""
+    os.environ[variable] = "1"
     try:
         bound = fast.use("fast")
         result = step_seconds(model, ids, mask, new, "graph")
-        result["conv_update"] = sorted({v for k, v in bound.items() if k.endswith("causal_conv1d_update")})
+        key, suffix = record
+        result[key] = sorted({v for k, v in bound.items() if k.endswith(suffix)})
         return result
     finally:
-        del os.environ[CONV_UPDATE_ENV]
+        del os.environ[variable]
         fast.use("fast")
+
+
+def _with_conv_update(model, ids, mask, new: int) -> dict:
+    """The graph path with fla's one-token convolution bound (the opt-in $HYBRIDLORA_FLA_CONV_UPDATE=1) instead of
+    transformers' PyTorch fallback."""
+    from hybridlora.fast.kernels import CONV_UPDATE_ENV
+
+    return _graph_with_opt_in(CONV_UPDATE_ENV, model, ids, mask, new, ("conv_update", "causal_conv1d_update"))
 
 
 def _with_compiled_layers(model, ids, mask, new: int) -> dict:
@@ -112,19 +119,11 @@ def _with_compiled_layers(model, ids, mask, new: int) -> dict:
 def _with_state_in_place(model, ids, mask, new: int) -> dict:
     """The graph path with the Gated DeltaNet decode state written in place (the opt-in
     $HYBRIDLORA_GDN_STATE_IN_PLACE=1), where the default has fla's recurrent call return a new final state that the
-    cache copies into its buffer. Same kernel, so the same tokens; the difference is the copy. The binding is put
-    back afterwards."""
+    cache copies into its buffer. Same kernel, so the same tokens; the difference is the copy."""
     from hybridlora.fast.kernels import STATE_IN_PLACE_ENV
 
-    os.environ[STATE_IN_PLACE_ENV] = "1"
-    try:
-        bound = fast.use("fast")
-        result = step_seconds(model, ids, mask, new, "graph")
-        result["recurrent_step"] = sorted({v for k, v in bound.items() if k.endswith("recurrent_gated_delta_rule")})
-        return result
-    finally:
-        del os.environ[STATE_IN_PLACE_ENV]
-        fast.use("fast")
+    return _graph_with_opt_in(STATE_IN_PLACE_ENV, model, ids, mask, new,
+                              ("recurrent_step", "recurrent_gated_delta_rule"))
 
 
 # each set against "graph"

@@ -289,8 +289,8 @@ def make_gdn_recurrent(fla_recurrent: Callable, step_in_place: Callable | None =
     (see :func:`make_gdn_step_in_place`), a forward-only call that hands in a float32 state and asks for the final
     one gets the final state written over the state it handed in, and that same tensor back: transformers'
     decode hands in its cache's buffer and copies the result into that buffer at once (``update_recurrent_state``),
-    a copy PyTorch skips when source and target are one tensor. Measured on the H200 (2026-12-04), that copy was
-    a fifth of Qwen3.5-0.8B's decode step at 256 rows (2.3 of 10.6 ms)."""
+    a copy PyTorch skips when source and target are one tensor. In a kernel table of Qwen3.5-0.8B's eager decode
+    steps at 256 rows on the H200 (2026-12-04) that copy was a fifth of the step (2.3 of 10.6 ms)."""
     @functools.wraps(fla_recurrent)
     def gdn_recurrent(query, key, value, g, beta, initial_state=None, output_final_state=False,
                       use_qk_l2norm_in_kernel: bool = False, cu_seqlens=None, **kwargs):
