@@ -38,6 +38,29 @@ def test_reused_prefix_gives_the_whole_rows_log_probs(model_type, task):
 
 
 @needs_data
+def test_the_head_runs_only_where_a_score_reads_in_both_paths(monkeypatch):
+    """Whole rows and reused rows alike ask the model for logits at the positions some row's scores read (the
+    choices' shared tokens and the letter), not at every position of the forward: a 248k vocabulary makes full
+    logits gigabytes; the prefix's own forward keeps one position. The scores stay the whole rows' (the equality
+    test above); here every forward's logits are counted against its width."""
+    model = build_model(tiny_config_for("qwen3_5_text"), seed=0)
+    kept: list[tuple[int, int]] = []  # (logit positions computed, input width) of each scoring forward
+    forward = type(model).forward
+
+    def spy(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        kept.append((out.logits.shape[1], kwargs["input_ids"].shape[1]))
+        return out
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    for reuse in (False, True):
+        kept.clear()
+        _, lm = _scores(model, "arc_challenge", reuse=reuse)
+        assert kept and (lm.prefix_reused_rows >= 2) == reuse
+        assert all(positions <= 2 * lm.batch_size < width for positions, width in kept), kept
+
+
+@needs_data
 @pytest.mark.parametrize("moved", ["unscored", "scored"])
 def test_the_check_compares_the_log_probs_the_scores_read(monkeypatch, moved):
     """Rounding in bf16 moves the largest of a vocabulary's log-probs more than the check's tolerance while the

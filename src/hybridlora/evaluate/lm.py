@@ -33,6 +33,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import prefix as reuse
 
 DECODE_MODES = ("auto", "static", "hf")
 
@@ -131,18 +132,8 @@ class CausalLM:
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
-        wanted = sorted({p for ps in positions for p in ps})
-        keep = torch.tensor(wanted, dtype=torch.long)
-        kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-        try:
-            logits = self.model(**kwargs, logits_to_keep=keep.to(self.device)).logits
-            if logits.shape[1] != len(wanted):
-                raise TypeError
-        except TypeError:  # a model without logits_to_keep: slice afterwards
-            logits = self.model(**kwargs).logits[:, keep.to(self.device)]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        where = {p: j for j, p in enumerate(wanted)}
-        return [logp[i, [where[p] for p in ps]] for i, ps in enumerate(positions)]
+        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        return reuse.logprobs_at(self.model, inputs, positions)
 
     def choice_logprobs(self, contexts: Sequence[str], choices: Sequence[Sequence[str]], *,
                         progress: Any = None) -> list[list[float]]:
@@ -199,8 +190,6 @@ class CausalLM:
             if not self.prefix_reuse or self.prefix_reuse_note is not None:
                 score_whole(range(len(prepared)))
                 return out
-            from . import prefix as reuse
-
             def check(i: int, reused: torch.Tensor) -> tuple[bool, float]:
                 # compared where the scores read, not over the whole vocabulary: in bf16 the largest of ~250k
                 # differences is set by rounding (a whole row is itself ~0.15 from float32 there, the reused
