@@ -127,13 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode(), bench_ablation.ablation_of(model, mu):
             results[name] = phases(model, rows, cut, device, args.repeats)
             for part, seconds in results[name].items():
-                print(f"{name:>7} {part:<48} {seconds * 1e3:9.2f} ms  ({seconds * 1e3 / args.batch:.3f} ms/question)",
-                      flush=True)
+                per_question = seconds * 1e3 / args.batch
+                print(f"{name:>7} {part:<48} {seconds * 1e3:9.2f} ms  ({per_question:.3f} ms/question)", flush=True)
             if args.out:
                 Path(args.out).mkdir(parents=True, exist_ok=True)
                 path = Path(args.out) / f"mc_reuse_profile_{name}.txt"
-                path.write_text(f"== {name}: one reused batch of {args.batch} questions ({args.len} tokens, "
-                                f"{cut} shared), every attention unit removed ==\n" + profile_tables(model, rows, device))
+                head = (f"== {name}: one reused batch of {args.batch} questions ({args.len} tokens, {cut} shared), "
+                        "every attention unit removed ==\n")
+                path.write_text(head + profile_tables(model, rows, device))
                 print(f"{name:>7} kernel tables: {path}", flush=True)
         del model
         if device == "cuda":

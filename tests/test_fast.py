@@ -536,7 +536,8 @@ def _written_out_recurrence(q, k, v, g, beta, initial_state=None, output_final_s
     """The gated delta rule, one token at a time, in float32: q, k ``[B, T, H, K]``, v ``[B, T, HV, V]``, g and
     beta ``[B, T, HV]``, state ``[B, HV, K, V]``; returns (output in v's dtype, final state or None)."""
     q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
-    q, k = (t.repeat_interleave(v.shape[2] // k.shape[2], 2) for t in (q, k))  # a key head serves consecutive value heads
+    # a key head serves consecutive value heads
+    q, k = (t.repeat_interleave(v.shape[2] // k.shape[2], 2) for t in (q, k))
     if use_qk_l2norm_in_kernel:
         q, k = (t / torch.sqrt((t * t).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
     q = q * q.shape[-1] ** -0.5

@@ -120,19 +120,20 @@ def run_prefix(model: torch.nn.Module, prefix: Sequence[int], device: torch.devi
     return cache
 
 
-def logprobs_at(model: torch.nn.Module, inputs: dict[str, Any], positions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+def logprobs_at(model: torch.nn.Module, inputs: dict[str, Any],
+                positions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """Log-softmax of one forward's logits at ``positions`` (per row, in the forward's own coordinates): the head
-    runs only at the positions some row wants (``logits_to_keep``; sliced afterwards for a model without it), not
-    over every position: with a 248k vocabulary a batch's full logits are gigabytes (64 rows x 90 tokens: 2.9 GB
-    in bf16, twice that in float32 for the softmax)."""
+    runs only at the positions some row wants (``logits_to_keep``; sliced afterwards for a model that ignores
+    it), not over every position: with a 248k vocabulary a batch's full logits are gigabytes (64 rows x 90
+    tokens: 2.9 GB in bf16, twice that in float32 for the softmax)."""
     wanted = sorted({p for ps in positions for p in ps})
     keep = torch.tensor(wanted, dtype=torch.long, device=inputs["input_ids"].device)
     try:
         logits = model(**inputs, logits_to_keep=keep).logits
-        if logits.shape[1] != len(wanted):
-            raise TypeError
-    except TypeError:  # a model without logits_to_keep: slice afterwards
-        logits = model(**inputs).logits[:, keep]
+    except TypeError:  # a forward without logits_to_keep refuses it before running: run it plainly
+        logits = model(**inputs).logits
+    if logits.shape[1] != len(wanted):  # every position came back (the argument was ignored): slice, never
+        logits = logits[:, keep]        # run again, as a forward on a cache has moved that cache on
     logp = torch.log_softmax(logits.float(), dim=-1)
     where = {p: j for j, p in enumerate(wanted)}
     return [logp[i, [where[p] for p in ps]] for i, ps in enumerate(positions)]
