@@ -5,13 +5,15 @@ whole rows, and Qwen3.5-0.8B's at 1.97 against 3.04 ms, although only a tenth of
 cache: at the whole rows' throughput a reused question would take about 0.4 ms. This times the parts of one
 batch of ``--batch`` questions (``--len`` tokens, ``--shared`` of them one prefix), each between device
 synchronisations and averaged over ``--repeats``: the prefix's forward, copying its cache to the batch
-(``prefix.batch_cache``), the continuation's forward with the log-probs read (``prefix.logprobs_at``), and the
-scores' host reads; the same batch scored whole for comparison; then a profile of one reused batch as a kernel
-table sorted by device time and one sorted by host time (``OUT/mc_reuse_profile_MODEL.txt``). The model is the
-bench's full-size random-weight architecture with every attention unit removed, as an ablation condition runs.
+(``prefix.batch_cache``), the continuation's forward with the log-probs read (``prefix.logprobs_at``; and, beside
+it, with the head and the softmax at every continuation token, as before 2026-12-04), and the scores' host reads;
+the same batch scored whole for comparison; then a profile of one reused batch as a kernel table sorted by device
+time and one sorted by host time (``OUT/mc_reuse_profile_MODEL.txt``). The model is the bench's full-size
+random-weight architecture with every attention unit removed, as an ablation condition runs.
 
     python bench/diag_mc_reuse.py --models qwen,falcon --out OUT      # GPU, full-size architectures, bf16
     python bench/diag_mc_reuse.py --tiny --models qwen               # CPU check of the script
+    python bench/diag_mc_reuse.py --device cpu --models qwen --batch 2 --len 448 --repeats 1   # full size, CPU
 """
 from __future__ import annotations
 
@@ -73,7 +75,17 @@ def phases(model, rows: list[list[int]], cut: int, device: str, repeats: int) ->
     out["copy + continuation forward + log-probs"], logps = timed(device, continuation, repeats)
     out["continuation alone (the two above, subtracted)"] = (out["copy + continuation forward + log-probs"]
                                                             - out["copy the cache to the batch"])
-    out["host reads of the scores (one per row)"], _ = timed(device, lambda: [lp.tolist() for lp in logps], repeats)
+
+    def every_position():  # how the continuation ran before 2026-12-04: the head and softmax at every token
+        inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": True,
+                  cache_argument(model): prefix.batch_cache(cache, len(rows))}
+        logp = torch.log_softmax(model(**inputs).logits.float(), dim=-1)
+        return [logp[i, [p - cut for p in ps]] for i, ps in enumerate(positions)]
+
+    out["copy + continuation, head at every position"], _ = timed(device, every_position, repeats)
+    letters = torch.tensor([1, 2, 3, 4], device=logps[0].device)  # what the evaluator reads of each row
+    out["host reads of the scores (one per row)"], _ = timed(
+        device, lambda: [lp[-1, letters].tolist() for lp in logps], repeats)
     whole_ids = torch.tensor(rows, device=device)
     out["the same rows scored whole"], _ = timed(
         device, lambda: prefix.logprobs_at(model, {"input_ids": whole_ids, "attention_mask": mask}, positions),
@@ -110,16 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", type=float, default=0.9, help="share of each row that is the one prefix")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--device", default=None, help="cuda (default) or cpu: the full-size architectures on the CPU "
+                    "(slow; for side-by-side ratios, with a small --batch and --len)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
-    device = "cpu" if args.tiny else "cuda"
+    device = "cpu" if args.tiny else (args.device or "cuda")
     if args.tiny:
         args.batch, args.len, args.repeats = 4, 160, 2
-    else:
+    elif device == "cuda":
         from hybridlora import fast
 
         fast.use("fast")
-    settings = SimpleNamespace(tiny=args.tiny, device=device, dtype=torch.float32 if args.tiny else torch.bfloat16)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    settings = SimpleNamespace(tiny=args.tiny, device=device, dtype=dtype)
     results = {}
     for name in args.models.split(","):
         model, _, mu = bench_ablation.build(name, settings)
