@@ -527,11 +527,14 @@ def test_on_a_gpu_ablate_names_its_opt_in_levers_until_they_are_given(capsys, tm
             "--output", str(tmp_path / "abl")]
     assert main(base) == 0
     err = capsys.readouterr().err
-    assert "--gen-batch-size 256" in err and "--prefix-reuse" in err
+    assert "--gen-batch-size 256" in err and "--prefix-reuse" in err and "--batch-size 64" in err
     assert main(base + ["--gen-batch-size", "256"]) == 0
     err = capsys.readouterr().err
-    assert "--gen-batch-size 256" not in err and "--prefix-reuse" in err
+    assert "--gen-batch-size 256" not in err and "--prefix-reuse" in err and "--batch-size 64" in err
     assert main(base + ["--gen-batch-size", "256", "--prefix-reuse"]) == 0
+    err = capsys.readouterr().err
+    assert "--prefix-reuse" not in err and "--batch-size 64" in err
+    assert main(base + ["--gen-batch-size", "256", "--prefix-reuse", "--batch-size", "64"]) == 0
     assert "note: on a GPU" not in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(base) == 0
