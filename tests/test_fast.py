@@ -5,6 +5,7 @@ The kernels themselves need CUDA; bench/bench_gpu.py checks them against the ref
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import sys
@@ -586,16 +587,21 @@ def _recurrent_case(batch=3, heads=2, v_heads=4, k_dim=8, v_dim=16, dtype=torch.
 
 
 def test_gdn_decode_step_overwrites_the_state_it_is_handed_only_where_that_is_safe():
-    """A forward-only call with a float32 state gets transformers' output and final state, the final state
-    written over the state handed in and that same tensor returned (the cache's copy then copies a tensor onto
-    itself: nothing); every other call keeps fla's own call, which leaves the state alone."""
+    """Inside the static decode step, a forward-only call with a float32 state gets transformers' output and final
+    state, the final state written over the state handed in and that same tensor returned (the cache's copy then
+    copies a tensor onto itself: nothing); every other call, and every call outside that step (a caller that may
+    still need the state it handed in), keeps fla's own call, which leaves the state alone."""
+    from hybridlora.fast.state import static_decode_step
+
     kernel = _RecurrentKernelStandIn()
     step = ops.make_gdn_recurrent(_fla_recurrent_stand_in, ops.make_gdn_step_in_place(kernel))
     assert "in place" in step.__hybridlora_kernel__
     q, k, v, gate, beta, state = _recurrent_case()
     expected_out, expected_state = _written_out_recurrence(q, k, v, gate, beta, state, True, True)
     handed = state.clone()
-    out, final = step(q, k, v, gate, beta, initial_state=handed, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    with static_decode_step():
+        out, final = step(q, k, v, gate, beta, initial_state=handed, output_final_state=True,
+                          use_qk_l2norm_in_kernel=True)
     assert final is handed and len(kernel.launches) == 1 and kernel.launches[0][0] is kernel.launches[0][1] is handed
     torch.testing.assert_close(out, expected_out)
     torch.testing.assert_close(final, expected_state)
@@ -604,13 +610,14 @@ def test_gdn_decode_step_overwrites_the_state_it_is_handed_only_where_that_is_sa
     handed.copy_(final)  # what transformers' update_recurrent_state then does: a copy onto itself
     torch.testing.assert_close(handed, before)
 
-    def kept(**overrides):
+    def kept(in_decode_step=True, **overrides):
         case = dict(zip(("query", "key", "value", "g", "beta", "initial_state"), _recurrent_case()))
         case.update(output_final_state=True, use_qk_l2norm_in_kernel=True)
         case.update(overrides)
         launches, given = len(kernel.launches), case["initial_state"]
         copy = None if given is None else given.detach().clone()
-        out = step(**case)
+        with static_decode_step() if in_decode_step else contextlib.nullcontext():
+            out = step(**case)
         assert len(kernel.launches) == launches, f"launched in place for {overrides}"
         if given is not None:
             assert out[1] is not given and torch.equal(given.detach(), copy)  # the handed state left alone
@@ -622,6 +629,7 @@ def test_gdn_decode_step_overwrites_the_state_it_is_handed_only_where_that_is_sa
     kept(initial_state=None)
     kept(output_final_state=False)
     kept(cu_seqlens=torch.tensor([0, 1, 2, 3]))
+    kept(in_decode_step=False)  # e.g. transformers 5.25's assisted decoding, which clones the buffer afterwards
 
 
 def test_gdn_decode_in_place_binds_when_asked_for_and_decodes_transformers_tokens(monkeypatch):
@@ -672,7 +680,9 @@ def test_gdn_decode_in_place_is_bitwise_fla_on_cuda(heads, v_heads):
     step = ops.make_gdn_recurrent(recurrent, step_in_place)
     q, k, v, gate, beta, state = (t.cuda() for t in _recurrent_case(64, heads, v_heads, 128, 128))
     q, k, v, beta = (t.to(torch.bfloat16) for t in (q, k, v, beta))
-    with torch.inference_mode():
+    from hybridlora.fast.state import static_decode_step
+
+    with torch.inference_mode(), static_decode_step():
         expected_out, expected_state = recurrent(q, k, v, g=gate, beta=beta, initial_state=state.clone(),
                                                  output_final_state=True, use_qk_l2norm_in_kernel=True)
         handed = state.clone()

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .graphs import release_generator_after_failed_capture
+from .state import static_decode_step
 
 
 # Generation-config fields that make transformers' greedy search add a logits processor, with the value that
@@ -151,8 +152,9 @@ class _Batch:
         self._pick(logits)
 
     def step(self) -> None:
-        logits = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.position,
-                            use_cache=True, **self.cache_arg).logits
+        with static_decode_step():
+            logits = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=self.position,
+                                use_cache=True, **self.cache_arg).logits
         self._pick(logits)
         self.position += 1
 

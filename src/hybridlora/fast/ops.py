@@ -16,6 +16,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .state import STATE
+
 
 def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
     """``[1, length]`` int32 segment index (0, 0, ..., 1, 1, ...) from cumulative lengths ``[0, l1, l1+l2, ...]``."""
@@ -286,15 +288,19 @@ def make_gdn_chunk(chunk_fn: Callable, name: str = "fla.chunk_gated_delta_rule")
 
 def make_gdn_recurrent(fla_recurrent: Callable, step_in_place: Callable | None = None) -> Callable:
     """transformers' ``torch_recurrent_gated_delta_rule`` on fla's fused recurrent kernel. With ``step_in_place``
-    (see :func:`make_gdn_step_in_place`), a forward-only call that hands in a float32 state and asks for the final
-    one gets the final state written over the state it handed in, and that same tensor back: transformers'
-    decode hands in its cache's buffer and copies the result into that buffer at once (``update_recurrent_state``),
-    a copy PyTorch skips when source and target are one tensor. In a kernel table of Qwen3.5-0.8B's eager decode
+    (see :func:`make_gdn_step_in_place`), a forward-only call inside the project's static decode step
+    (:func:`.state.static_decode_step`) that hands in a float32 state and asks for the final one gets the final
+    state written over the state it handed in, and that same tensor back: that step hands in its cache's buffer
+    and copies the result into that buffer at once (``update_recurrent_state``), a copy PyTorch skips when source
+    and target are one tensor. Elsewhere a caller may still need the state it handed in (transformers >= 5.25
+    clones the buffer for its rollback history after the call, and chains intermediate states), so fla's own
+    call runs. In a kernel table of Qwen3.5-0.8B's eager decode
     steps at 256 rows on the H200 (2026-12-04) that copy was a fifth of the step (2.3 of 10.6 ms)."""
     @functools.wraps(fla_recurrent)
     def gdn_recurrent(query, key, value, g, beta, initial_state=None, output_final_state=False,
                       use_qk_l2norm_in_kernel: bool = False, cu_seqlens=None, **kwargs):
         if step_in_place is not None and cu_seqlens is None and output_final_state \
+                and STATE.get("static_decode_step") \
                 and _state_updatable_in_place(initial_state, (query, key, value, g, beta)):
             return step_in_place(query, key, value, g, beta, initial_state, use_qk_l2norm_in_kernel)
         if cu_seqlens is not None:
