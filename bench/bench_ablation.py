@@ -57,6 +57,10 @@ from hybridlora.ablation.plans import (Condition, group_conditions, layer_condit
 MODELS = {"qwen": "qwen3.5-0.8b", "falcon": "falcon-h1-0.5b"}
 REFERENCE_N = (1, 2, 4, 6, 8, 12, 18)
 STUDY_MC = 512 + 299 + 512  # MMLU, ARC-Challenge, HellaSwag at the study's sizes
+# MMLU's few-shot examples are per subject: its 512-question subset forms 52 shared-prefix groups (median 7
+# questions) and 40 rows scored whole (the evaluator's grouping of the data folder's subset); ARC-Challenge and
+# HellaSwag share one prefix across all their questions
+STUDY_MMLU, MMLU_GROUP_ROWS = 512, 7
 STUDY_GEN = {"gsm8k": (256, 256), "humaneval": (164, 512)}  # questions, new tokens
 START = time.perf_counter()
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamings, once per runner process
@@ -151,19 +155,22 @@ def mc_seconds(model, args, questions: int | None = None) -> float:
     return (time.perf_counter() - t) / len(rows)
 
 
-def mc_seconds_prefix_reuse(model, args) -> tuple[float, str | None, int, int | None]:
+def mc_seconds_prefix_reuse(model, args, group_rows: int | None = None) -> tuple[float, str | None, int, int | None]:
     """Seconds per question with ``--prefix-reuse``: rows of ``--mc-len`` tokens whose first ``--mc-shared`` share
-    is one few-shot block (the study's MC prompts: 86-96 %), the rest random; (s/question, why reuse was off or
-    None, rows reused, the cut that passed: 1 = the whole shared prefix, N = cut to a multiple of N tokens). The
+    is a few-shot block (the study's MC prompts: 86-96 %), the rest random; one block for every row (ARC-Challenge,
+    HellaSwag), or with ``group_rows`` a different block for each ``group_rows`` rows (MMLU's per-subject shots: each
+    group costs its own prefix forward and continuation forwards). Returns (s/question, why reuse was off or None,
+    rows reused, the cut that passed: 1 = the whole shared prefix, N = cut to a multiple of N tokens). The
     evaluator's own check compares the first reused row with its whole-row score."""
     from hybridlora.evaluate.lm import CausalLM
 
     lm = CausalLM(model, _Tok(), batch_size=args.mc_batch, device=args.device, prefix_reuse=True)
     g = torch.Generator().manual_seed(1)
     shared = round(args.mc_len * args.mc_shared)
-    block = torch.randint(1, model.config.vocab_size, (shared,), generator=g).tolist()
+    n_blocks = -(-args.mc_questions // group_rows) if group_rows else 1
+    blocks = [torch.randint(1, model.config.vocab_size, (shared,), generator=g).tolist() for _ in range(n_blocks)]
     tails = torch.randint(1, model.config.vocab_size, (args.mc_questions, args.mc_len - shared), generator=g)
-    prepared = [(block + t, [], [1, 2, 3, 4]) for t in tails.tolist()]
+    prepared = [(blocks[i * n_blocks // args.mc_questions] + t, [], [1, 2, 3, 4]) for i, t in enumerate(tails.tolist())]
     lm.score_choices(prepared[:args.mc_batch + 1])  # warm-up, and the check
     sync(args.device)
     t = time.perf_counter()
@@ -220,6 +227,10 @@ def rates(model, args, label: str, note) -> dict:
         cut = "whole shared prefix" if align == 1 else f"prefix cut to a multiple of {align} tokens"
         note(f"{label}: multiple choice with --prefix-reuse {s_q * 1e3:.2f} ms/question ({args.mc_shared:.0%} of "
              f"each row shared; {off or f'{reused} rows on the cache, {cut}'})")
+        s_g, off_g, reused_g, _ = mc_seconds_prefix_reuse(model, args, MMLU_GROUP_ROWS)
+        out.update(mc_s_per_question_prefix_reuse_grouped=s_g, prefix_reuse_grouped_off=off_g)
+        note(f"{label}: multiple choice with --prefix-reuse, a prefix per {MMLU_GROUP_ROWS} questions (MMLU's "
+             f"subjects) {s_g * 1e3:.2f} ms/question ({off_g or f'{reused_g} rows on the cache'})")
     gen = decode(model, args, args.gen_batch, args.gen_new)
     out.update(gen_s_per_step=gen["s_per_step"], gen_fixed_s=gen["fixed_s"], gen_timing=gen["timing"],
                decode_path=gen["path"],
@@ -302,7 +313,9 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
     light = (n_removals * ppl + benched * (mc + gen)) / 60 / gain
     total = n_removals * per / 60 / gain
     if r.get("prefix_reused_rows") and not r.get("prefix_reuse_off"):  # only when the cache path really ran
-        mc_reuse = STUDY_MC * r["mc_s_per_question_prefix_reuse"]
+        # MMLU at the rate of its per-subject groups where measured, ARC-Challenge and HellaSwag at one prefix's
+        grouped = r.get("mc_s_per_question_prefix_reuse_grouped", r["mc_s_per_question_prefix_reuse"])
+        mc_reuse = ((STUDY_MC - STUDY_MMLU) * r["mc_s_per_question_prefix_reuse"] + STUDY_MMLU * grouped)
         extra = {"with_prefix_reuse_min": n_removals * (per - mc + mc_reuse) / 60 / gain,
                  "mc_with_prefix_reuse_s": mc_reuse}
     else:
@@ -321,10 +334,12 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
     if "ppl_tokens_per_s_large_batch" in r:
         out["perplexity_s_at_large_batch"] = args.ppl_tokens / r["ppl_tokens_per_s_large_batch"]
         # what `ablate` does on the GPU with every opt-in lever it names (--gen-batch-size 256, --batch-size 64 for
-        # perplexity, --prefix-reuse where its check passed) and the runner gain given
-        levers = out["perplexity_s_at_large_batch"] + extra.get("mc_with_prefix_reuse_s", mc) + gen
+        # perplexity, --prefix-reuse where its check passed and it is faster) and the runner gain given
+        # --prefix-reuse only where it pays: with MMLU's per-subject groups it can cost more forwards than it saves
+        reuse_pays = extra.get("mc_with_prefix_reuse_s", mc) < mc
+        levers = out["perplexity_s_at_large_batch"] + (extra["mc_with_prefix_reuse_s"] if reuse_pays else mc) + gen
         out["with_every_lever"] = {"per_condition_s": levers, "total_min": n_removals * levers / 60 / gain,
-                                   "prefix_reuse": "mc_with_prefix_reuse_s" in extra}
+                                   "prefix_reuse": reuse_pays}
     return out
 
 
