@@ -228,6 +228,36 @@ def test_perplexity_single_window_equals_hand_computed_nll(data_dir):
     assert math.isclose(summary["ppl"], math.exp(hand / (len(ids) - 1)), rel_tol=1e-5)
 
 
+def test_a_perplexity_batch_that_does_not_fit_runs_in_halves_with_a_warning(monkeypatch, data_dir):
+    """A forward of more than 2 windows "runs out of GPU memory" (simulated): the batch is run again in halves,
+    every window scored once with the records of an unsplit run, and the warning names the size that fitted."""
+    from hybridlora.ablation import perplexity
+    from hybridlora.evaluate.tokenizer import byte_tokenizer
+
+    model = tiny_model("qwen3_5_text")
+    text = (data_dir / "wikitext-2" / "test.txt").read_text(encoding="utf-8")[:400]
+    ids = list(byte_tokenizer()(text).input_ids)
+    windows = plan_windows(len(ids), 32, 16)[:9]  # 9 full windows: one batch of 8, then 1
+    assert {w.end - w.begin for w in windows} == {32}
+    expected = strided_nll(model, ids, windows, batch_size=1)
+    real, sizes = perplexity._logits, []
+
+    def small_gpu(model, rows, keep):
+        sizes.append(rows.shape[0])
+        if rows.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, rows, keep)
+
+    monkeypatch.setattr(perplexity, "_logits", small_gpu)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with pytest.warns(RuntimeWarning, match="batch of 8 windows did not fit.*batches of 4"):
+        records = strided_nll(model, ids, windows, batch_size=8)
+    assert [r["window"] for r in records] == [r["window"] for r in expected]
+    for got, want in zip(records, expected):
+        assert got["tokens"] == want["tokens"] and math.isclose(got["nll_sum"], want["nll_sum"], rel_tol=1e-6)
+    assert max(s for s in sizes if s <= 2) == 2 and 8 in sizes and 4 in sizes
+
+
 def test_strided_perplexity_scores_each_token_once_with_its_window_context(data_dir):
     from hybridlora.evaluate.tokenizer import byte_tokenizer
 

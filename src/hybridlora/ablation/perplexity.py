@@ -18,6 +18,7 @@ the summary then says how many of the set's tokens were scored.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -103,26 +104,47 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 def strided_nll(model: torch.nn.Module, ids: Sequence[int], windows: Sequence[Window], *,
                 batch_size: int = 4, progress: Any = None) -> list[dict]:
-    """One record per window: ``{"window", "begin", "end", "tokens", "nll_sum"}`` (see the module docstring)."""
+    """One record per window: ``{"window", "begin", "end", "tokens", "nll_sum"}`` (see the module docstring).
+    A batch that does not fit in GPU memory (its logits are ``batch x (stride + 1) x vocabulary``: 16 GB for 32
+    windows with a 248k vocabulary) is run again in halves, with a warning naming the size that fitted."""
     device = next(model.parameters()).device
     records = []
     with torch.inference_mode():
         # windows of one length share a forward; only the last window is usually shorter
         for group in _same_length_batches(windows, batch_size):
-            rows = torch.tensor([list(ids[w.begin:w.end]) for w in group], device=device)
-            keep = max(w.end - w.first_target for w in group) + 1  # logits predicting the scored tokens
-            logits = _logits(model, rows, keep)
-            for row, w in zip(range(len(group)), group):
-                n = w.end - w.first_target
-                pred = logits[row, -(n + 1):-1].float()
-                target = rows[row, -n:]
-                # per-token NLL in float32, summed in float64: a condition's change can be far below a float32
-                # sum's rounding over thousands of tokens
-                nll = torch.nn.functional.cross_entropy(pred, target, reduction="none").double().sum()
-                records.append({"window": w.index, "begin": w.begin, "end": w.end, "tokens": n,
-                                "nll_sum": float(nll)})
+            records += _nll_fitting(model, ids, group, device)
             if progress is not None:
                 progress.update(len(group))
+    return records
+
+
+def _nll_fitting(model: torch.nn.Module, ids: Sequence[int], group: Sequence[Window], device) -> list[dict]:
+    """:func:`_window_nll` of ``group``, halving it until a forward fits in GPU memory."""
+    try:
+        return _window_nll(model, ids, group, device)
+    except torch.cuda.OutOfMemoryError:
+        if len(group) == 1:
+            raise
+    torch.cuda.empty_cache()  # outside the except block: the failed attempt's tensors are released first
+    half = len(group) // 2
+    warnings.warn(f"hybridlora: a perplexity batch of {len(group)} windows did not fit in GPU memory; running it in "
+                  f"batches of {half} (a smaller --batch-size avoids the retry)", RuntimeWarning, stacklevel=3)
+    return _nll_fitting(model, ids, group[:half], device) + _nll_fitting(model, ids, group[half:], device)
+
+
+def _window_nll(model: torch.nn.Module, ids: Sequence[int], group: Sequence[Window], device) -> list[dict]:
+    rows = torch.tensor([list(ids[w.begin:w.end]) for w in group], device=device)
+    keep = max(w.end - w.first_target for w in group) + 1  # logits predicting the scored tokens
+    logits = _logits(model, rows, keep)
+    records = []
+    for row, w in zip(range(len(group)), group):
+        n = w.end - w.first_target
+        pred = logits[row, -(n + 1):-1].float()
+        target = rows[row, -n:]
+        # per-token NLL in float32, summed in float64: a condition's change can be far below a float32
+        # sum's rounding over thousands of tokens
+        nll = torch.nn.functional.cross_entropy(pred, target, reduction="none").double().sum()
+        records.append({"window": w.index, "begin": w.begin, "end": w.end, "tokens": n, "nll_sum": float(nll)})
     return records
 
 
