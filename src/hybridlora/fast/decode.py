@@ -241,10 +241,10 @@ def time_decode_step(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     """Seconds per decode step of :func:`greedy_generate` on this batch, apart from what each call costs once
     (prefill, static cache, graph capture). An untimed call at each timed length first: a shape not seen
     before autotunes its kernels in its first call, which would land in a timed call and make steps look free
-    or dear. Then calls of ``new // 4`` and ``new`` tokens: the step is their difference per step *decoded* (a batch whose
-    rows all end early runs fewer steps than asked: dividing by the steps asked for would make steps look cheap),
-    or, where that is below the timing's noise, the longer call's average, said so in ``timing``. A timing meant
-    to decode every step should clear the model's end-of-sequence ids first. Returns ``s_per_step``, ``fixed_s``,
+    or dear. Then calls of ``new // 4`` and ``new`` tokens: the step is their difference per step *decoded* (a
+    batch whose rows all end early runs fewer steps than asked: dividing by the steps asked for would make steps
+    look cheap), or, where that is below the timing's noise, the longer call's average, said so in ``timing``.
+    A timing meant to decode every step should clear the model's end-of-sequence ids first. Returns ``s_per_step``, ``fixed_s``,
     ``timing``, ``steps`` (decoded in the short and the long call) and ``result`` (the longer call's
     :class:`GreedyResult`)."""
     import time
@@ -264,7 +264,7 @@ def time_decode_step(model: Any, input_ids: torch.Tensor, attention_mask: torch.
 
     # warm-up calls at both timed lengths: each length is its own cache shape, whose first call pays one-time
     # costs (attention plans, autotuning) that would otherwise land in one timed call and skew the difference
-    # (on the H200 a short call carrying them made Qwen3.5's step read 4.24 ms where it was 10-11 ms)
+    # (bench_decode.py's 4.24 ms for Qwen3.5's step on the H200 came from such a call; the step is 10-11 ms)
     timed(max(2, new // 4))
     timed(new)
     t_short, short = timed(max(2, new // 4))
