@@ -106,12 +106,12 @@ def test_a_wrong_cache_is_caught_and_every_row_is_scored_whole(monkeypatch):
     whole, _ = _scores(model, "arc_challenge", reuse=False)
     real = prefix.batch_cache
 
-    def stale(cache, size):  # states of another prefix: what a cache copied wrongly would give
+    def stale(cache, size, copies=1):  # states of another prefix: what a cache copied wrongly would give
         for layer in cache.layers:
             for name, value in list(vars(layer).items()):
                 if torch.is_tensor(value) and value.dim() > 1:
                     setattr(layer, name, value.flip(-1))
-        return real(cache, size)
+        return real(cache, size, copies)
 
     monkeypatch.setattr(prefix, "batch_cache", stale)
     scores, lm = _scores(model, "arc_challenge", reuse=True)
@@ -219,10 +219,10 @@ def _stand_in_groups(monkeypatch, lengths: list[int], chunk: int, batch_size: in
         rows += [head + [1, 2, 3], head + [4, 5, 6]]
     monkeypatch.setattr(prefix, "prefix_groups", lambda r, f: ([(n, [2 * g, 2 * g + 1]) for g, n in
                                                                 enumerate(lengths)], []))
-    monkeypatch.setattr(prefix, "run_prefix", lambda model, p, device: len(p))
+    monkeypatch.setattr(prefix, "run_prefix", lambda model, p, device, copies=1: len(p))
     calls = []
 
-    def suffix(model, cut, rs, length, pos, pad, device):
+    def suffix(model, cut, rs, length, pos, pad, device, copies=1):
         calls.append(length)
         if len(calls) == fail_on_call:
             raise RuntimeError("out of memory")  # as a later batch of a group might
@@ -231,9 +231,9 @@ def _stand_in_groups(monkeypatch, lengths: list[int], chunk: int, batch_size: in
     monkeypatch.setattr(prefix, "suffix_logprobs", suffix)
     scores, checks, scored = {}, [], []
 
-    def check(i, logp):
-        checks.append(i)
-        return float(logp[0]) == 0.0, float(logp[0])
+    def check(indices, logps):
+        checks.append(indices[0])
+        return float(logps[0][0]) == 0.0, float(logps[0][0])
 
     def whole(idx):
         scored.extend(idx)

@@ -214,6 +214,127 @@ class Ablation:
         self.remove()
 
 
+class SharedAblation:
+    """Several conditions in one batch: the hooks of ``conditions`` (each ``(units, method)``; ``([], "none")`` is
+    the intact model) attached at once, each acting only on its own rows. Every forward's batch must hold the rows
+    interleaved by condition — row ``r`` belongs to condition ``r % len(conditions)`` (each row's copies next to
+    each other, as :class:`hybridlora.evaluate.lm.CausalLM` lays them out with ``copies``); a batch that is not a
+    multiple of the conditions raises instead of mixing them up.
+
+    Each hooked output becomes ``output * keep[c] + replacement[c]`` for its row's condition ``c`` (keep 1 and
+    replacement 0 where ``c`` leaves the unit alone; 0 and zeros or the stored mean where it removes it), so a
+    row computes exactly what its condition alone computes at the same batch size: ``x * 1 + 0`` is ``x``, and
+    ``x * 0 + m`` is ``m`` for any finite ``x``. ``skip_layer`` blends the layer's output with its input the same
+    way. Pure tensor operations on shapes known before the forward: recorded into CUDA graphs like
+    :class:`Ablation`'s."""
+
+    def __init__(self, model: nn.Module, conditions: Sequence[tuple[Sequence[Unit], str]], layers_path: str, *,
+                 means: dict[str, dict[str, torch.Tensor]] | None = None):
+        for _, method in conditions:
+            if method not in METHODS + ("none",):
+                raise AblationError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        self.count = len(conditions)
+        if self.count < 1:
+            raise AblationError("no condition to attach")
+        self.tracker = LayerTracker(model, layers_path)
+        self.handles: list = []
+        param = next(model.parameters())
+        # per hooked module and layer: which conditions remove it, and with what
+        removed: dict[str, dict[int, dict[int, torch.Tensor | None]]] = {}
+        skipped_layers: dict[str, set[int]] = {}
+        for c, (units, method) in enumerate(conditions):
+            for unit in units if method != "none" else ():
+                if method == "skip_layer":
+                    skipped_layers.setdefault(unit.layer_module, set()).add(c)
+                    continue
+                for name in unit.modules:
+                    value = None
+                    if method == "mean":
+                        try:
+                            value = means[unit.key][name]
+                        except (KeyError, TypeError):
+                            raise AblationError(f"no stored mean for {unit.key} ({name}); compute the means first"
+                                                ) from None
+                        value = value.to(device=param.device, dtype=param.dtype)  # never inside a graph capture
+                    removed.setdefault(name, {}).setdefault(unit.layer, {})[c] = value
+        for layer_name, by in sorted(skipped_layers.items()):
+            keep = self._keep(by, param)
+            self.handles.append(model.get_submodule(layer_name).register_forward_hook(self._layer_hook(keep),
+                                                                                     with_kwargs=True))
+        for name, per_layer in removed.items():
+            self.handles.append(model.get_submodule(name).register_forward_hook(self._hook(per_layer, param)))
+
+    def _keep(self, removing: Iterable[int], param: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones(self.count, device=param.device, dtype=param.dtype)
+        keep[list(removing)] = 0
+        return keep
+
+    def _rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` as ``[rows / conditions, conditions, ...]`` (its batch interleaved by condition)."""
+        if hidden.shape[0] % self.count:
+            raise AblationError(f"a batch of {hidden.shape[0]} rows cannot hold {self.count} conditions' rows "
+                                "equally; shared conditions need every forward to carry each row once per condition")
+        return hidden.reshape(hidden.shape[0] // self.count, self.count, *hidden.shape[1:])
+
+    def _hook(self, per_layer: dict[int, dict[int, torch.Tensor | None]], param: torch.Tensor):
+        tracker, count = self.tracker, self.count
+        factors: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for layer, by in per_layer.items():
+            keep = self._keep(by, param)
+            means = {c: v for c, v in by.items() if v is not None}
+            replacement = None
+            if means:
+                width = next(iter(means.values())).shape[-1]
+                replacement = torch.zeros(count, width, device=param.device, dtype=param.dtype)
+                for c, v in means.items():
+                    replacement[c] = v.reshape(-1)
+            factors[layer] = (keep, replacement)
+        cast: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+        def hook(module, args, output):
+            if tracker.current not in factors:
+                return None
+            hidden = _primary(output)
+            key = (tracker.current, hidden.device, hidden.dtype)
+            if key not in cast:  # e.g. fp32 outputs of a bf16 model: cast once, before any graph capture replays it
+                keep, replacement = factors[tracker.current]
+                cast[key] = (keep.to(device=hidden.device, dtype=hidden.dtype),
+                             None if replacement is None else replacement.to(device=hidden.device, dtype=hidden.dtype))
+            keep, replacement = cast[key]
+            rows = self._rows(hidden)
+            shape = (1, count) + (1,) * (rows.dim() - 2)
+            out = rows * keep.view(shape)
+            if replacement is not None:
+                out = out + replacement.view(1, count, *(1,) * (rows.dim() - 3), -1)
+            return _replace(output, out.reshape(hidden.shape))
+        return hook
+
+    def _layer_hook(self, keep: torch.Tensor):
+        count = self.count
+
+        def hook(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs.get("hidden_states")
+            if not isinstance(hidden_in, torch.Tensor):
+                raise AblationError(f"skip_layer: cannot find the input hidden states of {type(module).__name__}")
+            hidden_out = _primary(output)
+            k = keep.to(device=hidden_out.device, dtype=hidden_out.dtype).view((1, count) + (1,) * (hidden_out.dim() - 1))
+            out = self._rows(hidden_out) * k + self._rows(hidden_in) * (1 - k)
+            return _replace(output, out.reshape(hidden_out.shape))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.tracker.remove()
+
+    def __enter__(self) -> "SharedAblation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
 def _identity_layer(module, args, kwargs, output):
     hidden_in = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(hidden_in, torch.Tensor):

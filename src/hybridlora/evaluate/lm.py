@@ -51,9 +51,13 @@ class PromptRows:
 class CausalLM:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int | str = 8, max_length: int | None = None,
                  name: str = "model", adapter: str | None = None, device: str | torch.device | None = None,
-                 decode: str = "auto", generate_batch_size: int | None = None, prefix_reuse: bool = False) -> None:
+                 decode: str = "auto", generate_batch_size: int | None = None, prefix_reuse: bool = False,
+                 copies: int = 1) -> None:
         if decode not in DECODE_MODES:
             raise ValueError(f"decode={decode!r}: use one of {', '.join(DECODE_MODES)}")
+        # rows arrive ``copies`` times each, in a row (several ablation conditions sharing each forward,
+        # hybridlora.ablation.shared): batches are multiples of it, and the prefix-reuse path keeps copies together
+        self.copies = max(1, int(copies))
         self.model = model.eval()
         self.decode = decode
         self.decode_path: str | None = None
@@ -70,6 +74,9 @@ class CausalLM:
         # prompts per greedy-decoding batch (default: batch_size): a decode step of a small model costs about the
         # same at 8 or 256 rows on a GPU, so a whole benchmark in one batch takes a fraction of the steps
         self.generate_batch_size = max(1, int(generate_batch_size or self.batch_size))
+        if self.batch_size % self.copies or self.generate_batch_size % self.copies:
+            raise ValueError(f"batch sizes {self.batch_size}/{self.generate_batch_size} must be multiples of "
+                             f"copies={self.copies}, so that no forward splits a row's copies")
         # multiple choice: run a shared few-shot prefix once and score each question on top of its cache
         # (evaluate/prefix.py; checked against the whole row before it is trusted)
         self.prefix_reuse = prefix_reuse
@@ -190,19 +197,23 @@ class CausalLM:
             if not self.prefix_reuse or self.prefix_reuse_note is not None:
                 score_whole(range(len(prepared)))
                 return out
-            def check(i: int, reused: torch.Tensor) -> tuple[bool, float]:
+            def check(indices: list[int], reused: list[torch.Tensor]) -> tuple[bool, float]:
                 # compared where the scores read, not over the whole vocabulary: in bf16 the largest of ~250k
                 # differences is set by rounding (a whole row is itself ~0.15 from float32 there, the reused
                 # one no further: measured on Qwen3.5-0.8B's architecture), a wrong cache moves the scores too
-                whole = self._forward_positions([prepared[i][0]], [positions(i)])[0]
-                return reuse.agrees(scored(i, reused), scored(i, whole), next(self.model.parameters()).dtype)
+                wholes = self._forward_positions([prepared[i][0] for i in indices], [positions(i) for i in indices])
+                dtype = next(self.model.parameters()).dtype
+                results = [reuse.agrees(scored(i, r), scored(i, w), dtype)
+                           for i, r, w in zip(indices, reused, wholes)]
+                return all(ok for ok, _ in results), max(diff for _, diff in results)
 
             # a confirmed cut is kept for the run's later benchmarks (each still checks its first group)
             alignments = ((self._confirmed_align,) if self._confirmed_align
                           else (1, *reuse.CHUNK_ALIGNMENTS))
             self.prefix_reuse_note, reused, align, confirmed = reuse.score_with_reuse(
                 prepared, positions, score_whole, use, model=self.model, batch_size=self.batch_size,
-                pad_id=self.tokenizer.pad_token_id, device=self.device, check=check, alignments=alignments)
+                pad_id=self.tokenizer.pad_token_id, device=self.device, check=check, alignments=alignments,
+                copies=self.copies)
             self.prefix_reused_rows += reused
             self.prefix_reuse_align = align or self.prefix_reuse_align
             if confirmed:

@@ -14,6 +14,11 @@ kernels split a sequence into chunks from its first token, so a prefix cut elsew
 chunks differ from the whole row's and low precision rounds the two decompositions differently; cut at a chunk
 boundary, the continuation repeats the whole row's chunks. The smallest alignment that passes where no larger
 one could explain the pass is used for every later group.
+
+With ``copies`` > 1 (several ablation conditions sharing each forward: ``hybridlora.ablation.methods.
+SharedAblation``) every distinct row arrives that many times in a row, and every forward here keeps a row's
+copies together and in order: the prefix runs once per copy, each question's batch takes the prefix's rows in
+turn, and the check compares all copies of its row.
 """
 from __future__ import annotations
 
@@ -85,31 +90,36 @@ def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
     return lo
 
 
-def batch_cache(cache: Any, size: int) -> Any:
-    """A copy of a batch-1 cache repeated to ``size`` rows (transformers' layered caches: each layer's tensors of
-    batch 1 — keys, values, convolution and recurrent states)."""
+def batch_cache(cache: Any, size: int, copies: int = 1) -> Any:
+    """A copy of a cache of ``copies`` rows (batch 1 unless conditions share the forward) tiled to ``size`` rows,
+    row ``r`` taking the cache's row ``r % copies`` (transformers' layered caches: each layer's tensors of that
+    batch — keys, values, convolution and recurrent states)."""
     layers = getattr(cache, "layers", None)
     if not layers:
         raise ReuseUnavailable(f"its cache ({type(cache).__name__}) has no per-layer states to copy")
     out = copy.deepcopy(cache)
     for layer in out.layers:
         for name, value in list(vars(layer).items()):
-            if _batch_one(value):
-                setattr(layer, name, value.repeat_interleave(size, 0))
+            if _prefix_rows(value, copies):
+                setattr(layer, name, _tile(value, size // copies))
             elif isinstance(value, dict):
                 for key, item in list(value.items()):
-                    if _batch_one(item):
-                        value[key] = item.repeat_interleave(size, 0)
+                    if _prefix_rows(item, copies):
+                        value[key] = _tile(item, size // copies)
     return out
 
 
-def _batch_one(value: Any) -> bool:
-    return torch.is_tensor(value) and value.dim() > 1 and value.shape[0] == 1
+def _prefix_rows(value: Any, copies: int) -> bool:
+    return torch.is_tensor(value) and value.dim() > 1 and value.shape[0] == copies
 
 
-def run_prefix(model: torch.nn.Module, prefix: Sequence[int], device: torch.device) -> Any:
-    """The model's cache after ``prefix`` (batch 1); its logits are not read (one position kept)."""
-    ids = torch.tensor([list(prefix)], device=device)
+def _tile(value: torch.Tensor, times: int) -> torch.Tensor:
+    return value.repeat(times, *(1,) * (value.dim() - 1))
+
+
+def run_prefix(model: torch.nn.Module, prefix: Sequence[int], device: torch.device, copies: int = 1) -> Any:
+    """The model's cache after ``prefix`` (batch ``copies``); its logits are not read (one position kept)."""
+    ids = torch.tensor([list(prefix)] * copies, device=device)
     try:
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     except TypeError:  # a model without logits_to_keep
@@ -140,7 +150,8 @@ def logprobs_at(model: torch.nn.Module, inputs: dict[str, Any],
 
 
 def suffix_logprobs(model: torch.nn.Module, cache: Any, rows: Sequence[Sequence[int]], prefix_length: int,
-                    positions: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> list[torch.Tensor]:
+                    positions: Sequence[Sequence[int]], pad_id: int, device: torch.device,
+                    copies: int = 1) -> list[torch.Tensor]:
     """Log-softmax at ``positions`` (whole-row coordinates) of ``rows``, whose first ``prefix_length`` tokens are
     in ``cache``: one forward over the rest, right-padded."""
     tails = [list(r[prefix_length:]) for r in rows]
@@ -154,7 +165,7 @@ def suffix_logprobs(model: torch.nn.Module, cache: Any, rows: Sequence[Sequence[
     from ..fast.decode import cache_argument
 
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": True,
-              cache_argument(model): batch_cache(cache, len(rows))}
+              cache_argument(model): batch_cache(cache, len(rows), copies)}
     return logprobs_at(model, inputs, [[p - prefix_length for p in ps] for ps in positions])
 
 
@@ -167,12 +178,15 @@ def agrees(reused: torch.Tensor, whole: torch.Tensor, dtype: torch.dtype) -> tup
 def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]], positions: Callable[[int], list[int]],
                      score_whole: Callable[[list[int]], None], use: Callable[[int, torch.Tensor], None], *,
                      model: torch.nn.Module, batch_size: int, pad_id: int, device: torch.device,
-                     check: Callable[[int, torch.Tensor], tuple[bool, float]],
-                     alignments: Sequence[int] = (1, *CHUNK_ALIGNMENTS)) -> tuple[str | None, int, int | None, bool]:
+                     check: Callable[[list[int], list[torch.Tensor]], tuple[bool, float]],
+                     alignments: Sequence[int] = (1, *CHUNK_ALIGNMENTS),
+                     copies: int = 1) -> tuple[str | None, int, int | None, bool]:
     """Score ``prepared`` rows: shared-prefix groups through the cache, the rest by ``score_whole(indices)``;
-    ``use(i, logp)`` receives each reused row's log-probs.
+    ``use(i, logp)`` receives each reused row's log-probs. ``copies``: each distinct row's copies in a row (the
+    module docstring); ``batch_size`` is then a multiple of it.
 
-    The prefix cut is chosen by ``check`` (the group's first reused row scored whole as well), trying the cuts of
+    The prefix cut is chosen by ``check`` (the group's first reused row — each of its copies — scored whole as well,
+    ``check(indices, reused log-probs)``), trying the cuts of
     ``alignments`` in turn (1: the whole shared prefix; N: cut down to a multiple of N tokens) until one passes.
     A pass *confirms* the alignment only when no larger candidate divides the cut that passed (a cut of 256
     passing under 64 may owe it to a 256-token chunk); until then each group is checked, moving on to larger
@@ -180,7 +194,10 @@ def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]],
     cache cannot be copied, every remaining row is scored whole. Returns (why reuse was turned off or None, rows
     scored through a cache, the alignment used last or None, whether it was confirmed)."""
     rows = [p[0] for p in prepared]
-    groups, whole = prefix_groups(rows, [positions(i)[0] for i in range(len(rows))])
+    groups, whole = prefix_groups(rows[::copies], [positions(i)[0] for i in range(0, len(rows), copies)])
+    if copies > 1:  # groups of distinct rows, each index expanded to its copies (which stay next to each other)
+        expand = lambda indices: [i * copies + c for i in indices for c in range(copies)]  # noqa: E731
+        groups, whole = [(length, expand(members)) for length, members in groups], expand(whole)
     score_whole(whole)
     candidates, k, confirmed, off, reused = list(alignments), 0, False, None, 0
     used: set[int] = set()
@@ -193,7 +210,7 @@ def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]],
         return [i for i in members if i not in used]
 
     run = dict(model=model, rows=rows, positions=positions, use=use_once, batch_size=batch_size, pad_id=pad_id,
-               device=device)
+               device=device, copies=copies)
     for length, members in groups:
         if off is not None:
             score_whole(members)
@@ -249,17 +266,17 @@ def _checked_cut(length: int, members: list[int], check, alignments: Sequence[in
 
 
 def _reuse_group(cut: int, members: list[int], check, *, model, rows, positions, use, batch_size: int, pad_id: int,
-                 device) -> int:
-    """Score ``members`` on the cache of their first ``cut`` tokens; with ``check``, the first batch's first row is
-    checked before anything is used (``_Mismatch`` if it fails). Returns the rows scored."""
-    cache = run_prefix(model, rows[members[0]][:cut], device)
+                 device, copies: int = 1) -> int:
+    """Score ``members`` on the cache of their first ``cut`` tokens; with ``check``, the first batch's first row
+    (its copies) is checked before anything is used (``_Mismatch`` if it fails). Returns the rows scored."""
+    cache = run_prefix(model, rows[members[0]][:cut], device, copies)
     members, done = sorted(members, key=lambda i: -len(rows[i])), 0
     for start in range(0, len(members), batch_size):
         batch = members[start:start + batch_size]
         logps = suffix_logprobs(model, cache, [rows[i] for i in batch], cut, [positions(i) for i in batch], pad_id,
-                                device)
+                                device, copies)
         if check is not None and start == 0:
-            ok, diff = check(batch[0], logps[0])
+            ok, diff = check(batch[:copies], logps[:copies])
             if not ok:
                 raise _Mismatch(diff)
         for i, logp in zip(batch, logps):
