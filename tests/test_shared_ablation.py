@@ -2,6 +2,9 @@
 condition computes alone, in every family, and every path that runs a forward keeps a row's copies together."""
 from __future__ import annotations
 
+import json
+import sqlite3
+
 import pytest
 import torch
 
@@ -63,3 +66,137 @@ def test_mean_conditions_need_stored_means():
     mu = model_units(build_component_map(model))
     with pytest.raises(AblationError, match="no stored mean"):
         SharedAblation(model, [([], "none"), (mu.units[:1], "mean")], mu.layers_path, means={})
+
+
+def _records(root, job: str) -> dict:
+    """Every per-instance line a job wrote (benchmark JSONL and perplexity windows), by file."""
+    out = {}
+    for path in sorted((root / "runs" / job).rglob("*.jsonl")):
+        out[path.name] = [{k: v for k, v in json.loads(line).items() if k != "wall_s"}
+                          for line in path.read_text().splitlines()]
+    return out
+
+
+def test_conditions_sharing_batches_get_the_records_they_get_alone(tmp_path, data_dir, capsys):
+    """Seven conditions (skip and mean of three removals, and the intact model) in groups of three — the last
+    group filled with intact rows — against the same conditions run one by one: every perplexity window, every
+    multiple-choice score and every generated completion equal."""
+    from hybridlora.cli import main
+    from test_ablation import _args
+
+    extra = ["--remove", "softmax_attention", "--remove", "linear_attention@0-1", "--remove", "mlp@0",
+             "--method", "skip,mean", "--benchmarks", "mmlu,gsm8k", "--limit", "3", "--max-new-tokens", "6",
+             "--format", "json", "--no-report"]
+    objects, roots = {}, {}
+    for k in (1, 3):
+        roots[k] = tmp_path / f"k{k}"
+        roots[k].mkdir()
+        assert main(_args(roots[k], data_dir, *extra, "--conditions-per-batch", str(k))) == 0
+        objects[k] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(objects[1]) == 7
+    for alone, shared in zip(objects[1], objects[3]):
+        assert (alone["name"], alone["method"]) == (shared["name"], shared["method"])
+        assert alone["metrics"] == shared["metrics"]
+        assert _records(roots[1] / "abl", alone["job"]) == _records(roots[3] / "abl", shared["job"])
+    assert len({json.dumps(o["metrics"]["perplexity"]) for o in objects[3]}) == 7  # the conditions differ
+    db = sqlite3.connect(roots[3] / "abl" / "study.db")
+    summaries = [json.loads(s) for (s,) in db.execute("SELECT summary FROM metrics WHERE benchmark = 'mmlu'")]
+    assert len(summaries) == 7
+    assert all(s["conditions_per_batch"] == 3 and s["settings"]["batch_size"] == 8 for s in summaries)
+    assert [a for (a,) in db.execute("SELECT attempts FROM jobs")] == [1] * 7
+
+
+def test_prefix_reuse_with_shared_conditions_scores_as_each_condition_alone(data_dir):
+    from hybridlora.ablation.shared import SharedLM
+    from hybridlora.evaluate.lm import CausalLM
+    from hybridlora.evaluate.runner import prepare_benchmark
+    from hybridlora.evaluate.tokenizer import byte_tokenizer
+
+    model = tiny_model("qwen3_5_text")
+    mu = model_units(build_component_map(model))
+    ids = torch.randint(1, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    units = mu.of("linear_attention")[:2]
+    means = collect_means(model, units, mu.layers_path, [ids[0].tolist()])
+    conditions = [([], "none"), (units, "skip"), (units, "mean")]
+    alone = []
+    for units_, method in conditions:
+        lm = CausalLM(model, byte_tokenizer(), batch_size=4, max_length=1536, prefix_reuse=True)
+        prepared = prepare_benchmark(lm, "arc_challenge", data_dir=data_dir, limit=6)
+        if method == "none":
+            alone.append(lm.score_choices(prepared.inputs))
+            continue
+        with Ablation(model, units_, method, mu.layers_path, means=means):
+            alone.append(lm.score_choices(prepared.inputs))
+    assert lm.prefix_reused_rows >= 2 and lm.prefix_reuse_note is None
+    fanned = CausalLM(model, byte_tokenizer(), batch_size=12, max_length=1536, prefix_reuse=True, copies=3)
+    shared = SharedLM(fanned, 3)
+    with SharedAblation(model, conditions, mu.layers_path, means=means):
+        scores = [shared.view(c).score_choices(prepared.inputs) for c in range(3)]
+    assert fanned.prefix_reuse_note is None and shared.view(0).prefix_reused_rows == lm.prefix_reused_rows
+    for c in range(3):
+        assert max(abs(a - b) for x, y in zip(scores[c], alone[c]) for a, b in zip(x, y)) <= 1e-4
+    assert max(abs(a - b) for x, y in zip(alone[0], alone[1]) for a, b in zip(x, y)) > 1e-3  # they differ
+
+
+def test_a_condition_asking_twice_for_one_request_is_an_error():
+    from hybridlora.ablation.shared import SharedLM
+
+    class Scorer:
+        def score_choices(self, rows):
+            return [[float(i)] for i in range(len(rows))]
+
+    shared = SharedLM(Scorer(), 2)
+    rows = [([1, 2], [], [3])]
+    assert shared.view(1).score_choices(rows) == [[1.0]]  # row 0's second copy
+    assert shared.view(0).score_choices(rows) == [[0.0]]
+    shared.view(0).score_choices(rows)  # a new round: computed again
+    with pytest.raises(RuntimeError, match="asked twice"):
+        shared.view(0).score_choices(rows)
+
+
+class _Killed(BaseException):
+    """Stands for kill -9 inside one process."""
+
+
+@pytest.mark.parametrize("point", ["claimed", "evaluated", "before_complete", "after_complete"])
+def test_resume_after_a_crash_in_a_group_runs_every_condition_once(tmp_path, data_dir, monkeypatch, point):
+    """Groups of two conditions: a runner killed at any point of the second group leaves it to the next run,
+    which runs it again; each condition is recorded once."""
+    from hybridlora.cli import main
+    from test_ablation import _args
+
+    calls = {"n": 0}
+
+    def crash(name):
+        if name == point:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise _Killed(name)
+    monkeypatch.setattr("hybridlora.ablation.jobs.crash_point", crash)
+    monkeypatch.setattr("hybridlora.study.runner.crash_point", crash)
+    argv = _args(tmp_path, data_dir, "--remove", "softmax_attention", "--remove", "mlp@0", "--benchmarks", "none",
+                 "--no-report", "--conditions-per-batch", "2")
+    with pytest.raises(_Killed):
+        main(argv)
+    monkeypatch.undo()
+    assert main(argv) == 0
+    db = sqlite3.connect(tmp_path / "abl" / "study.db")
+    rows = db.execute("SELECT status, attempts FROM jobs").fetchall()
+    assert {s for s, _ in rows} == {"complete"} and len(rows) == 3
+    assert sorted(a for _, a in rows) == ([1, 1, 1] if point == "after_complete" else [1, 1, 2])
+    assert db.execute("SELECT COUNT(*) FROM metrics WHERE benchmark = 'perplexity'").fetchone()[0] == 3
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--conditions-per-batch", "0"], "--conditions-per-batch must be at least 1"),
+    (["--conditions-per-batch", "2", "--backend", "ray"], "runs with the local backend only"),
+])
+def test_bad_sharing_input_is_one_error_line(capsys, tmp_path, data_dir, extra, message):
+    from hybridlora.cli import main
+    from test_ablation import _args
+
+    code = main(_args(tmp_path, data_dir, *extra))
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "abl").exists()

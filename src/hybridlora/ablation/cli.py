@@ -60,6 +60,9 @@ def register(subparsers) -> None:
     p.add_argument("--prefix-reuse", action="store_true",
                    help="multiple choice: run each benchmark's shared few-shot prefix once and score the questions "
                         "on its cache (checked against whole rows first; docs/EVALUATION.md)")
+    p.add_argument("--conditions-per-batch", type=int, default=1, metavar="K",
+                   help="run K conditions in each forward, each row once per condition (the numbers a condition "
+                        "gets alone at that batch size; docs/ABLATION.md); default 1")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--decode", choices=["auto", "static", "hf"], default="auto",
@@ -134,7 +137,8 @@ def _validate(args) -> None:
 
     for flag, value in (("--limit", args.limit), ("--window", args.window), ("--stride", args.stride),
                         ("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
-                        ("--gen-batch-size", args.gen_batch_size)):
+                        ("--gen-batch-size", args.gen_batch_size),
+                        ("--conditions-per-batch", args.conditions_per_batch)):
         if value is not None and value < 1:
             raise CliError(f"{flag} must be at least 1")
     if args.trials < 0 or args.reference_windows < 1:
@@ -189,6 +193,10 @@ def build_jobs(args) -> tuple[Path, list, Any, list]:
         common["eval"]["generate_batch_size"] = args.gen_batch_size
     if args.prefix_reuse:  # likewise
         common["eval"]["prefix_reuse"] = True
+    if args.conditions_per_batch > 1:  # likewise
+        from .shared import SPEC_KEY
+
+        common[SPEC_KEY] = args.conditions_per_batch
     _say_gpu_levers(args, benchmarks)
     if args.tiny and args.max_new_tokens is None and benchmarks.keys() & {"gsm8k", "humaneval"}:
         common["eval"]["max_new_tokens"] = TINY_NEW_TOKENS
@@ -268,6 +276,9 @@ def cmd_ablate(args) -> int:
 
     try:
         backend = None if args.dry_run else backend_from_args(args, None)
+        if backend is not None and backend.name != "local" and args.conditions_per_batch > 1:
+            raise CliError(f"--conditions-per-batch {args.conditions_per_batch} runs with the local backend only (a Ray "
+                           "task runs one condition); drop it, or run with --backend local")
         if backend is not None:
             check_backend(backend)  # Ray missing or the cluster unreachable: say so before any work
         output, jobs, mu, conditions = build_jobs(args)

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from ..study.backends.processes import repeats_another_runner
 from ..study.jobs import crash_point, load_base
 from .methods import Ablation, AblationError, ModelUnits, collect_means, model_units
-from .perplexity import encode, plan_windows, read_text, strided_nll, summarize
+from .perplexity import encode, plan_windows, read_text, strided_nll_copies, summarize
+from .shared import group_key, group_size  # noqa: F401 - with run_conditions, the runner's JOB_GROUPS entry
 
 _MODEL_CACHE: dict[str, "Base"] = {}  # one entry: the last base model, reused by the next condition of that model
 _TEXT_CACHE: dict[str, list[int]] = {}
@@ -136,15 +137,34 @@ def stored_means(spec: dict, ablation_dir: Path, model, tokenizer, mu) -> dict:
 
 
 def run_condition(spec: dict, ablation_dir: str | Path, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """One condition (with ``conditions_per_batch`` K > 1 in its spec: beside K - 1 intact rows, see
+    :mod:`.shared`)."""
+    return run_conditions([spec], ablation_dir, [out], progress=progress)[0]
+
+
+def run_conditions(specs: list[dict], ablation_dir: str | Path, outs: list, *,
+                   progress: bool = True) -> list[dict[str, Any]]:
+    """The results of conditions that share every setting but the removal (:func:`.shared.group_key`), run together
+    in batches of ``conditions_per_batch`` conditions' rows when their spec asks for it, else one by one."""
+    ablation_dir, outs = Path(ablation_dir), [Path(o) for o in outs]
+    size = group_size(specs[0])
+    if size == 1:
+        return [_run_alone(spec, ablation_dir, out, progress) for spec, out in zip(specs, outs)]
+    if len(specs) > size:
+        raise AblationError(f"{len(specs)} conditions given to a group of {size}")
+    return _run_shared(specs, ablation_dir, outs, progress)
+
+
+def _run_alone(spec: dict, ablation_dir: Path, out: Path, progress: bool) -> dict[str, Any]:
     start = time.perf_counter()
-    ablation_dir, out = Path(ablation_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = base_model(spec)
     ablation = _attach(spec, base, ablation_dir)
     try:
         summaries, records = {}, []
         if spec["perplexity"]["enabled"]:
-            summaries["perplexity"], ppl_records = _perplexity(spec, base.model, base.tokenizer, out, progress)
+            rows, wall = _perplexity_rows(spec, base, progress, copies=1)
+            summaries["perplexity"], ppl_records = _perplexity_result(spec, base, rows[0], wall, out)
             records += ppl_records
         bench_summaries, bench_records = _benchmarks(spec, base, out, progress)
         summaries.update(bench_summaries)
@@ -155,24 +175,92 @@ def run_condition(spec: dict, ablation_dir: str | Path, out: str | Path, *, prog
     finally:
         if ablation is not None:
             ablation.remove()
+    return _finish(spec, summaries, records, out, ablation_dir, time.perf_counter() - start)
+
+
+def _finish(spec: dict, summaries: dict, records: list, out: Path, ablation_dir: Path, wall: float) -> dict[str, Any]:
     _write_json(out / "removal.json", {"removal": spec["removal"], "removed": spec["removed"]})
     return {"summaries": summaries, "records": records, "train_log": [], "trainable_params": 0,
-            "params_by_component": {}, "artifact_dir": str(out.relative_to(ablation_dir)),
-            "wall_s": time.perf_counter() - start}
+            "params_by_component": {}, "artifact_dir": str(out.relative_to(ablation_dir)), "wall_s": wall}
+
+
+def _run_shared(specs: list[dict], ablation_dir: Path, outs: list[Path], progress: bool) -> list[dict[str, Any]]:
+    """Conditions sharing each forward (:mod:`.shared`); a group short of ``conditions_per_batch`` is filled with
+    the intact model's rows, whose results are dropped. The time of shared work is split evenly."""
+    from .shared import INTACT, SharedLM
+
+    start = time.perf_counter()
+    size = group_size(specs[0])
+    for out in outs:
+        out.mkdir(parents=True, exist_ok=True)
+    base = base_model(specs[0])
+    removals = [spec["removal"] for spec in specs] + [INTACT] * (size - len(specs))
+    hooks = _attach_shared(specs, removals, base, ablation_dir)
+    summaries: list[dict] = [{} for _ in specs]
+    records: list[list] = [[] for _ in specs]
+    try:
+        if specs[0]["perplexity"]["enabled"]:
+            rows, wall = _perplexity_rows(specs[0], base, progress, copies=size)
+            for i, spec in enumerate(specs):
+                summaries[i]["perplexity"], ppl_records = _perplexity_result(spec, base, rows[i], wall / size, outs[i])
+                summaries[i]["perplexity"][_SHARED_NOTE] = size
+                records[i] += ppl_records
+        shared = SharedLM(_causal_lm(specs[0], base, copies=size), size)
+        for i, spec in enumerate(specs):
+            view = shared.view(i)
+            bench_summaries, bench_records = _benchmarks(spec, base, outs[i], progress, lm=view)
+            for summary in bench_summaries.values():
+                summary[_SHARED_NOTE] = size
+            summaries[i].update(bench_summaries)
+            records[i] += bench_records
+        crash_point("evaluated")
+    finally:
+        hooks.remove()
+    shared_wall = (time.perf_counter() - start) / len(specs)
+    results = []
+    for i, spec in enumerate(specs):
+        own = time.perf_counter()
+        if spec["diagnostics"]["windows"]:
+            ablation = _attach(spec, base, ablation_dir)
+            try:
+                summaries[i]["diagnostics"] = _diagnostics(spec, base, ablation, outs[i])
+            finally:
+                if ablation is not None:
+                    ablation.remove()
+        results.append(_finish(spec, summaries[i], records[i], outs[i], ablation_dir,
+                               shared_wall + time.perf_counter() - own))
+    return results
+
+
+_SHARED_NOTE = "conditions_per_batch"  # in each summary of a shared run: how many conditions' rows each forward held
+
+
+def _units_of(condition: dict, base: Base) -> list:
+    by_key = base.units.by_key()
+    missing = [k for k in condition["units"] if k not in by_key]
+    if missing:
+        raise AblationError(f"units {missing} are not in this model")
+    return [by_key[k] for k in condition["units"]]
 
 
 def _attach(spec: dict, base: Base, ablation_dir: Path) -> Ablation | None:
     """The condition's hooks attached to the base model (None for the intact model)."""
     condition, mu = spec["removal"], base.units
-    by_key = mu.by_key()
-    missing = [k for k in condition["units"] if k not in by_key]
-    if missing:
-        raise AblationError(f"units {missing} are not in this model")
+    units = _units_of(condition, base)
     if condition["method"] == "none":
         return None
-    units = [by_key[k] for k in condition["units"]]
     means = stored_means(spec, ablation_dir, base.model, base.tokenizer, mu) if condition["method"] == "mean" else None
     return Ablation(base.model, units, condition["method"], mu.layers_path, means=means)
+
+
+def _attach_shared(specs: list[dict], removals: list[dict], base: Base, ablation_dir: Path):
+    from .methods import SharedAblation
+
+    mu = base.units
+    conditions = [(_units_of(r, base), r["method"]) for r in removals]
+    means = (stored_means(specs[0], ablation_dir, base.model, base.tokenizer, mu)
+             if any(r["method"] == "mean" for r in removals) else None)
+    return SharedAblation(base.model, conditions, mu.layers_path, means=means)
 
 
 def _diagnostics(spec: dict, base: Base, ablation: Ablation | None, out: Path) -> dict:
@@ -188,20 +276,26 @@ def _diagnostics(spec: dict, base: Base, ablation: Ablation | None, out: Path) -
     return {"n": diag["tokens"], "accuracy": None, "correct": None, **diag}
 
 
-def _perplexity(spec: dict, model, tokenizer, out: Path, progress: bool) -> tuple[dict, list[dict]]:
+def _perplexity_rows(spec: dict, base: Base, progress: bool, *, copies: int) -> tuple[list[list[dict]], float]:
+    """Each copy's window records (one copy per condition sharing the forwards) and the wall time."""
     p = spec["perplexity"]
-    ids = text_ids(spec, tokenizer)
+    ids = text_ids(spec, base.tokenizer)
     windows = plan_windows(len(ids), p["window"], p["stride"], p["max_windows"])
     start = time.perf_counter()
     with tqdm(total=len(windows), desc="  perplexity", unit="win", leave=False, disable=not progress,
               position=1) as bar:
-        rows = strided_nll(model, ids, windows, batch_size=p["batch_size"], progress=bar)
-    wall = time.perf_counter() - start
+        rows = strided_nll_copies(base.model, ids, windows, copies=copies, batch_size=p["batch_size"], progress=bar)
+    return rows, time.perf_counter() - start
+
+
+def _perplexity_result(spec: dict, base: Base, rows: list[dict], wall: float, out: Path) -> tuple[dict, list[dict]]:
+    p = spec["perplexity"]
+    ids = text_ids(spec, base.tokenizer)
     _write_jsonl(out / "perplexity.jsonl", rows)
     summary = summarize(rows, len(ids))
     summary.update(n=summary["tokens"], accuracy=None, correct=None, protocol="strided",
                    source=p["source"]["label"], window=p["window"], stride=p["stride"], wall_s=wall,
-                   kernels=_describe_kernels(model),
+                   kernels=_describe_kernels(base.model),
                    tokens_per_s=summary["tokens"] / wall if wall > 0 else None)
     records = [{"benchmark": "perplexity", "example_id": f"window-{r['window']:06d}", "correct": None,
                 "prediction": {"nll_sum": r["nll_sum"], "tokens": r["tokens"]}} for r in rows]
@@ -214,18 +308,27 @@ def _describe_kernels(model) -> str:
     return fast.describe(model, training=False)
 
 
-def _benchmarks(spec: dict, base: Base, out: Path, progress: bool):
+def _causal_lm(spec: dict, base: Base, *, copies: int = 1):
+    """The evaluator's model boundary; with ``copies``, every batch holds that many conditions' rows."""
     from ..evaluate.lm import CausalLM
+
+    e = spec["eval"]
+    generate = e.get("generate_batch_size") or e["batch_size"]
+    return CausalLM(base.model, base.tokenizer, batch_size=e["batch_size"] * copies, max_length=e["max_length"],
+                    name=spec["model"]["name"], adapter=spec.get("adapter"), decode=e["decode"],
+                    generate_batch_size=generate * copies, prefix_reuse=e.get("prefix_reuse", False), copies=copies)
+
+
+def _benchmarks(spec: dict, base: Base, out: Path, progress: bool, lm: Any = None):
     from ..evaluate.runner import evaluate_benchmark
 
     e = spec["eval"]
     if not e["benchmarks"]:
         return {}, []
-    lm = CausalLM(base.model, base.tokenizer, batch_size=e["batch_size"], max_length=e["max_length"],
-                  name=spec["model"]["name"], adapter=spec.get("adapter"), decode=e["decode"],
-                  generate_batch_size=e.get("generate_batch_size"), prefix_reuse=e.get("prefix_reuse", False))
+    lm = lm if lm is not None else _causal_lm(spec, base)
     summaries, records = {}, []
     for bench, size in e["benchmarks"].items():
+        shared_before = (lm.shared_s, lm.spent_s) if hasattr(lm, "shared_s") else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a trimmed-shots note is kept in the summary; said once per run below
             summary = evaluate_benchmark(lm, bench, data_dir=e["data_dir"], n=size, limit=e["limit"],
@@ -239,6 +342,9 @@ def _benchmarks(spec: dict, base: Base, out: Path, progress: bool):
             tqdm.write("note: " + note, file=sys.stderr)
         records += summary.pop("records")
         summary.pop("files", None)
+        if shared_before is not None:  # this condition's share of the forwards it shared, not whoever ran them
+            summary["wall_s"] += (lm.shared_s - shared_before[0]) - (lm.spent_s - shared_before[1])
+            summary["examples_per_s"] = summary["n"] / summary["wall_s"] if summary["wall_s"] > 0 else None
         summaries[bench] = summary
     return summaries, records
 

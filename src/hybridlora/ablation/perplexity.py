@@ -107,21 +107,31 @@ def strided_nll(model: torch.nn.Module, ids: Sequence[int], windows: Sequence[Wi
     """One record per window: ``{"window", "begin", "end", "tokens", "nll_sum"}`` (see the module docstring).
     A batch that does not fit in GPU memory (its logits are ``batch x (stride + 1) x vocabulary``: 16 GB for 32
     windows with a 248k vocabulary) is run again in halves, with a warning naming the size that fitted."""
+    return strided_nll_copies(model, ids, windows, copies=1, batch_size=batch_size, progress=progress)[0]
+
+
+def strided_nll_copies(model: torch.nn.Module, ids: Sequence[int], windows: Sequence[Window], *, copies: int,
+                       batch_size: int = 4, progress: Any = None) -> list[list[dict]]:
+    """:func:`strided_nll` with each window's row run ``copies`` times in a row in its forward (several ablation
+    conditions sharing each forward, :class:`~hybridlora.ablation.methods.SharedAblation`): the records of each
+    copy. ``batch_size`` counts windows, so a forward holds ``batch_size x copies`` rows."""
     device = next(model.parameters()).device
-    records = []
+    records: list[list[dict]] = [[] for _ in range(copies)]
     with torch.inference_mode():
         # windows of one length share a forward; only the last window is usually shorter
         for group in _same_length_batches(windows, batch_size):
-            records += _nll_fitting(model, ids, group, device)
+            for copy, rows in enumerate(_nll_fitting(model, ids, group, device, copies)):
+                records[copy] += rows
             if progress is not None:
                 progress.update(len(group))
     return records
 
 
-def _nll_fitting(model: torch.nn.Module, ids: Sequence[int], group: Sequence[Window], device) -> list[dict]:
+def _nll_fitting(model: torch.nn.Module, ids: Sequence[int], group: Sequence[Window], device,
+                 copies: int) -> list[list[dict]]:
     """:func:`_window_nll` of ``group``, halving it until a forward fits in GPU memory."""
     try:
-        return _window_nll(model, ids, group, device)
+        return _window_nll(model, ids, group, device, copies)
     except torch.cuda.OutOfMemoryError:
         if len(group) == 1:
             raise
@@ -129,22 +139,26 @@ def _nll_fitting(model: torch.nn.Module, ids: Sequence[int], group: Sequence[Win
     half = len(group) // 2
     warnings.warn(f"hybridlora: a perplexity batch of {len(group)} windows did not fit in GPU memory; running it in "
                   f"batches of {half} (a smaller --batch-size avoids the retry)", RuntimeWarning, stacklevel=3)
-    return _nll_fitting(model, ids, group[:half], device) + _nll_fitting(model, ids, group[half:], device)
+    first, second = (_nll_fitting(model, ids, part, device, copies) for part in (group[:half], group[half:]))
+    return [a + b for a, b in zip(first, second)]
 
 
-def _window_nll(model: torch.nn.Module, ids: Sequence[int], group: Sequence[Window], device) -> list[dict]:
-    rows = torch.tensor([list(ids[w.begin:w.end]) for w in group], device=device)
+def _window_nll(model: torch.nn.Module, ids: Sequence[int], group: Sequence[Window], device,
+                copies: int) -> list[list[dict]]:
+    rows = torch.tensor([list(ids[w.begin:w.end]) for w in group], device=device).repeat_interleave(copies, 0)
     keep = max(w.end - w.first_target for w in group) + 1  # logits predicting the scored tokens
     logits = _logits(model, rows, keep)
-    records = []
-    for row, w in zip(range(len(group)), group):
+    records: list[list[dict]] = [[] for _ in range(copies)]
+    for row in range(rows.shape[0]):
+        w = group[row // copies]
         n = w.end - w.first_target
         pred = logits[row, -(n + 1):-1].float()
         target = rows[row, -n:]
         # per-token NLL in float32, summed in float64: a condition's change can be far below a float32
         # sum's rounding over thousands of tokens
         nll = torch.nn.functional.cross_entropy(pred, target, reduction="none").double().sum()
-        records.append({"window": w.index, "begin": w.begin, "end": w.end, "tokens": n, "nll_sum": float(nll)})
+        records[row % copies].append({"window": w.index, "begin": w.begin, "end": w.end, "tokens": n,
+                                      "nll_sum": float(nll)})
     return records
 
 

@@ -196,6 +196,35 @@ JOB_KINDS: dict[str, str] = {
 JOB_USES_GPU: dict[str, bool] = {"base": True, "train": True}
 
 
+# Kinds whose jobs may run several at once, sharing their forwards: a module with ``group_size(spec)`` (how many
+# jobs a group holds; 1: alone), ``group_key(spec)`` (jobs with equal keys may share) and ``run_conditions(specs,
+# study_dir, outs, progress=)`` (their results, in order).
+JOB_GROUPS: dict[str, str] = {"ablation": "hybridlora.ablation.jobs"}
+
+
+def group_rule(spec: dict) -> tuple[int, str] | None:
+    """(group size, sharing key) of a job whose kind runs in groups and whose spec asks for more than one; None:
+    it runs alone."""
+    import importlib
+
+    path = JOB_GROUPS.get(spec.get("kind"))
+    if path is None:
+        return None
+    module = importlib.import_module(path)
+    size = module.group_size(spec)
+    return (size, module.group_key(spec)) if size > 1 else None
+
+
+def execute_group(specs: list[dict], study_dir: str | Path, outs: list, *, progress: bool = True) -> list[dict]:
+    """Run jobs that share a :func:`group_rule` together (one job: :func:`execute`)."""
+    if len(specs) == 1 and group_rule(specs[0]) is None:
+        return [execute(specs[0], study_dir, outs[0], progress=progress)]
+    import importlib
+
+    module = importlib.import_module(JOB_GROUPS[specs[0]["kind"]])
+    return module.run_conditions(specs, study_dir, outs, progress=progress)
+
+
 def execute(spec: dict, study_dir: str | Path, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Run one job of any registered kind."""
     kind = spec.get("kind")

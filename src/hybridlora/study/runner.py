@@ -23,7 +23,7 @@ from ..threads import current as current_threads
 from .backends import LOCAL, Backend, run_on_backend
 from .config import BUILTIN_DATA, StudyConfig
 from .grid import Job, expand_grid, filter_jobs, parse_only
-from .jobs import crash_point, execute
+from .jobs import crash_point, execute_group, group_rule
 from .store import HEARTBEAT_S, Store, make_owner, release_owner
 
 
@@ -44,7 +44,7 @@ class _Heartbeat:
 
     def __init__(self, study_dir: Path, owner: str):
         self.study_dir, self.owner = study_dir, owner
-        self.job_id: str | None = None
+        self.job_ids: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -53,8 +53,8 @@ class _Heartbeat:
         store = Store(self.study_dir)
         try:
             while not self._stop.wait(HEARTBEAT_S):
-                if self.job_id:
-                    store.heartbeat(self.job_id, self.owner)
+                for job_id in list(self.job_ids):
+                    store.heartbeat(job_id, self.owner)
         finally:
             store.close()
 
@@ -122,43 +122,49 @@ def run_jobs(study_dir: Path, jobs: list[Job], *, progress: bool = True, desc: s
     store = Store(study_dir)
     owner = make_owner()
     ids = [j.id for j in jobs]
+    rules = {j.id: group_rule(j.spec) for j in jobs}  # jobs that may share their forwards (ablate's groups)
     failures: dict[str, int] = {}
     done = store.counts(ids)["complete"]
     beat = _Heartbeat(study_dir, owner)
     bar = tqdm(total=len(jobs), initial=done, desc=desc, unit="job", disable=not progress, position=0)
     try:
         while True:
-            job = store.claim(owner, skip=set(run.ran) | set(run.failed), ids=ids)
+            skip = set(run.ran) | set(run.failed)
+            job = store.claim(owner, skip=skip, ids=ids)
             if job is None:
                 break
-            beat.job_id = job.id
+            group = _claim_partners(store, owner, job, rules, skip)
+            beat.job_ids = [j.id for j in group]
             _rebalance_threads(progress)
             crash_point("claimed")
             _test_delay()
-            bar.set_postfix_str(job.label)
+            bar.set_postfix_str(job.label if len(group) == 1 else f"{job.label} + {len(group) - 1} sharing its batches")
             try:
-                result = execute(job.spec, study_dir, study_dir / "runs" / job.id, progress=progress)
+                results = execute_group([j.spec for j in group], study_dir, [study_dir / "runs" / j.id for j in group],
+                                        progress=progress)
             except Exception as exc:  # noqa: BLE001 — one failed cell must not stop the grid
                 message = f"{type(exc).__name__}: {exc}"
-                store.fail(job.id, owner, message + "\n" + traceback.format_exc(limit=8))
-                failures[job.id] = failures.get(job.id, 0) + 1
-                retry = failures[job.id] <= backend.retries
-                if not retry:
-                    run.failed[job.id] = message
-                tqdm.write(f"FAILED {job.label}: {message}" + (
-                    f" (retry {failures[job.id]} of {backend.retries})" if retry else ""), file=sys.stderr)
+                for j in group:
+                    store.fail(j.id, owner, message + "\n" + traceback.format_exc(limit=8))
+                    failures[j.id] = failures.get(j.id, 0) + 1
+                    retry = failures[j.id] <= backend.retries
+                    if not retry:
+                        run.failed[j.id] = message
+                    tqdm.write(f"FAILED {j.label}: {message}" + (
+                        f" (retry {failures[j.id]} of {backend.retries})" if retry else ""), file=sys.stderr)
                 continue
             finally:
-                beat.job_id = None
+                beat.job_ids = []
             _flush_to_disk()  # the artifacts are durable before the database says the job is complete
             crash_point("before_complete")
-            if store.complete(job.id, owner, result):
-                run.ran.append(job.id)
-                bar.update(1)
-            else:
-                tqdm.write(f"note: {job.label} was taken over by another runner; its result is kept, not ours",
-                           file=sys.stderr)
-            crash_point("after_complete")
+            for j, result in zip(group, results):
+                if store.complete(j.id, owner, result):
+                    run.ran.append(j.id)
+                    bar.update(1)
+                else:
+                    tqdm.write(f"note: {j.label} was taken over by another runner; its result is kept, not ours",
+                               file=sys.stderr)
+                crash_point("after_complete")
     finally:
         bar.close()
         beat.stop()
@@ -166,6 +172,24 @@ def run_jobs(study_dir: Path, jobs: list[Job], *, progress: bool = True, desc: s
     run.counts = store.counts(ids)
     store.close()
     return run
+
+
+def _claim_partners(store: Store, owner: str, first: Job, rules: dict, skip: set) -> list[Job]:
+    """``first`` and, when its kind runs in groups, up to the group's size less one more unclaimed jobs with the
+    same sharing key (fewer near the end of a run, or where other runners hold them)."""
+    rule = rules.get(first.id)
+    if rule is None:
+        return [first]
+    size, _ = rule
+    partners = [jid for jid, r in rules.items() if r == rule and jid != first.id]
+    group = [first]
+    while len(group) < size and partners:
+        job = store.claim(owner, skip=skip, ids=partners)
+        if job is None:
+            break
+        group.append(job)
+        partners.remove(job.id)
+    return group
 
 
 def _rebalance_threads(progress: bool) -> None:
