@@ -17,7 +17,9 @@ the script, measures nothing meaningful) it
    windows a forward, and ``--workers`` runner processes sharing the GPU (``--workers-per-gpu N``): each builds
    the model, attaches the ablation and warms up, then all run the same scaled-down condition (``--unit-scale``
    of one condition's perplexity, multiple-choice and generation work, two decode batches) at once; the
-   throughput gain is N × (one runner's time) / (the wall time of N at once);
+   throughput gain is N × (one runner's time) / (the wall time of N at once); and ``--share K`` conditions in
+   each forward (``ablate --conditions-per-batch K``): the hooks of K one-unit removals attached at once, every
+   multiple-choice row repeated K times, decoding at K times each generation benchmark's rows;
 5. projects one condition (perplexity over ``--ppl-tokens`` tokens + MMLU 512 + ARC 299 + HellaSwag 512 questions +
    GSM8K 256 × 256 and HumanEval 164 × 512 new tokens, each benchmark one decode batch, decoded to the budget) and
    the whole set, with and without the measured runner gain.
@@ -137,46 +139,53 @@ def ppl_rate(model, args, batch: int | None = None) -> float:
     return sum(r["tokens"] for r in records) / (time.perf_counter() - t)
 
 
-def mc_seconds(model, args, questions: int | None = None) -> float:
+def mc_seconds(model, args, questions: int | None = None, copies: int = 1) -> float:
+    """Seconds per question (per condition and question with ``copies`` conditions sharing each forward: every
+    row repeated, ``--mc-batch`` questions a forward)."""
     from hybridlora.evaluate.lm import CausalLM
 
-    lm = CausalLM(model, _Tok(), batch_size=args.mc_batch, device=args.device)
+    batch_size = args.mc_batch * copies
+    lm = CausalLM(model, _Tok(), batch_size=batch_size, device=args.device, copies=copies)
     g = torch.Generator().manual_seed(1)
     shape = (questions or args.mc_questions, args.mc_len)
-    rows = torch.randint(1, model.config.vocab_size, shape, generator=g).tolist()
+    rows = [r for r in torch.randint(1, model.config.vocab_size, shape, generator=g).tolist() for _ in range(copies)]
     with torch.inference_mode():
-        lm._forward_positions(rows[:args.mc_batch], [[len(r) - 1] for r in rows[:args.mc_batch]])
+        lm._forward_positions(rows[:batch_size], [[len(r) - 1] for r in rows[:batch_size]])
         sync(args.device)
         t = time.perf_counter()
-        for s in range(0, len(rows), args.mc_batch):
-            batch = rows[s:s + args.mc_batch]
+        for s in range(0, len(rows), batch_size):
+            batch = rows[s:s + batch_size]
             lm._forward_positions(batch, [[len(r) - 1] for r in batch])
         sync(args.device)
     return (time.perf_counter() - t) / len(rows)
 
 
-def mc_seconds_prefix_reuse(model, args, group_rows: int | None = None) -> tuple[float, str | None, int, int | None]:
+def mc_seconds_prefix_reuse(model, args, group_rows: int | None = None,
+                            copies: int = 1) -> tuple[float, str | None, int, int | None]:
     """Seconds per question with ``--prefix-reuse``: rows of ``--mc-len`` tokens whose first ``--mc-shared`` share
     is a few-shot block (the study's MC prompts: 86-96 %), the rest random; one block for every row (ARC-Challenge,
     HellaSwag), or with ``group_rows`` a different block for each ``group_rows`` rows (MMLU's per-subject shots: each
     group costs its own prefix forward and continuation forwards). Returns (s/question, why reuse was off or None,
     rows reused, the cut that passed: 1 = the whole shared prefix, N = cut to a multiple of N tokens). The
-    evaluator's own check compares the first reused row with its whole-row score."""
+    evaluator's own check compares the first reused row with its whole-row score. ``copies``: conditions sharing
+    each forward (every row repeated; the seconds are per condition and question)."""
     from hybridlora.evaluate.lm import CausalLM
 
-    lm = CausalLM(model, _Tok(), batch_size=args.mc_batch, device=args.device, prefix_reuse=True)
+    lm = CausalLM(model, _Tok(), batch_size=args.mc_batch * copies, device=args.device, prefix_reuse=True,
+                  copies=copies)
     g = torch.Generator().manual_seed(1)
     shared = round(args.mc_len * args.mc_shared)
     n_blocks = -(-args.mc_questions // group_rows) if group_rows else 1
     blocks = [torch.randint(1, model.config.vocab_size, (shared,), generator=g).tolist() for _ in range(n_blocks)]
     tails = torch.randint(1, model.config.vocab_size, (args.mc_questions, args.mc_len - shared), generator=g)
-    prepared = [(blocks[i * n_blocks // args.mc_questions] + t, [], [1, 2, 3, 4]) for i, t in enumerate(tails.tolist())]
-    lm.score_choices(prepared[:args.mc_batch + 1])  # warm-up, and the check
+    prepared = [(blocks[i * n_blocks // args.mc_questions] + t, [], [1, 2, 3, 4]) for i, t in enumerate(tails.tolist())
+                for _ in range(copies)]
+    lm.score_choices(prepared[:(args.mc_batch + 1) * copies])  # warm-up, and the check
     sync(args.device)
     t = time.perf_counter()
     lm.score_choices(prepared)
     sync(args.device)
-    return ((time.perf_counter() - t) / len(prepared), lm.prefix_reuse_note, lm.prefix_reused_rows,
+    return ((time.perf_counter() - t) / len(prepared), lm.prefix_reuse_note, lm.prefix_reused_rows // copies,
             lm.prefix_reuse_align)
 
 
@@ -260,15 +269,11 @@ def measure(model, mu, args, entry: dict, note) -> None:
                                                                   "fixed_s": at["fixed_s"]}
             note(f"ablated: decode {at['s_per_step'] * 1e3:.2f} ms/step + {at['fixed_s']:.2f} s per call at batch "
                  f"{rows} (a benchmark's own row count)")
-        wide = out["ablated"].setdefault("gen_wide_batches", {})
-        for rows in _wide_batches(args):  # rows of several conditions sharing a decode step (a lever, not built)
-            w = decode(model, args, rows, args.gen_new, check=False)
-            wide[rows] = {"s_per_step": w["s_per_step"], "fixed_s": w["fixed_s"]}
-            note(f"ablated: decode {w['s_per_step'] * 1e3:.2f} ms/step + {w['fixed_s']:.2f} s per call at batch "
-                 f"{rows} ({rows // args.gen_batch} conditions' rows)")
         out["ablated"]["ppl_tokens_per_s_large_batch"] = ppl_rate(model, args, args.ppl_batch_large)
         note(f"ablated: perplexity {out['ablated']['ppl_tokens_per_s_large_batch'] / 1e3:.1f}k tokens/s at batch "
              f"{args.ppl_batch_large}")
+    for k in args.share:
+        measure_sharing(model, mu, args, k, out.setdefault("shared", {}).setdefault(k, {}), note)
     # mean ablation inside the decode graph: stored vectors (here from random tokens) replayed like zeros
     attention = mu.of("softmax_attention") or mixer_units(mu)
     rows = torch.randint(1, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3)).tolist()
@@ -279,8 +284,34 @@ def measure(model, mu, args, entry: dict, note) -> None:
     note(f"mean ablation: decode {small['path']}, equal to eager: {small['graph_equals_eager']}")
 
 
-def _wide_batches(args) -> list[int]:
-    return [args.gen_batch * int(n) for n in str(args.gen_share).split(",") if n.strip() and int(n) > 1]
+def sharing_conditions(mu, k: int) -> list[tuple[list, str]]:
+    """``k`` different one-unit removals, as a group of ``ablate --conditions-per-batch k`` holds in a layer sweep."""
+    pool = mixer_units(mu)
+    return [([pool[i % len(pool)]], "zero" if pool[i % len(pool)].parallel else "skip") for i in range(k)]
+
+
+def measure_sharing(model, mu, args, k: int, out: dict, note) -> None:
+    """The rates per condition with ``k`` conditions in each forward (``ablate --conditions-per-batch k``): the
+    hooks of ``k`` removals attached at once, every row repeated ``k`` times; multiple choice whole and with
+    --prefix-reuse, and decoding at ``k`` times each benchmark's rows (the step time of the whole batch)."""
+    from hybridlora.ablation.methods import SharedAblation
+
+    with SharedAblation(model, sharing_conditions(mu, k), mu.layers_path):
+        out["mc_s_per_question"] = mc_seconds(model, args, copies=k)
+        note(f"{k} conditions a batch: multiple choice {out['mc_s_per_question'] * 1e3:.2f} ms per condition and "
+             f"question")
+        if args.mc_shared > 0:
+            s_q, off, reused, _ = mc_seconds_prefix_reuse(model, args, copies=k)
+            s_g, off_g, _, _ = mc_seconds_prefix_reuse(model, args, MMLU_GROUP_ROWS, copies=k)
+            out.update(mc_s_per_question_prefix_reuse=s_q, prefix_reuse_off=off, prefix_reused_rows=reused,
+                       mc_s_per_question_prefix_reuse_grouped=s_g, prefix_reuse_grouped_off=off_g)
+            note(f"{k} conditions a batch: multiple choice with --prefix-reuse {s_q * 1e3:.2f} ms, a prefix per "
+                 f"{MMLU_GROUP_ROWS} questions {s_g * 1e3:.2f} ms per condition and question ({off or off_g or 'on'})")
+        for rows in sorted({min(q, args.gen_batch) for q, _ in STUDY_GEN.values()}):
+            d = decode(model, args, rows * k, args.gen_new, check=False)
+            out.setdefault("gen_at_rows", {})[rows] = {"s_per_step": d["s_per_step"], "fixed_s": d["fixed_s"]}
+            note(f"{k} conditions a batch: decode {d['s_per_step'] * 1e3:.2f} ms/step + {d['fixed_s']:.2f} s per call "
+                 f"at {rows * k} rows ({rows} per condition)")
 
 
 def generation_s(step_s: float, batch: int, fixed_s: float = 0.0, at_rows: dict | None = None) -> float:
@@ -312,14 +343,9 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
     benched = len({c.removal for c in conditions if c.plan in ("group", "progressive")}) + 1
     light = (n_removals * ppl + benched * (mc + gen)) / 60 / gain
     total = n_removals * per / 60 / gain
-    if r.get("prefix_reused_rows") and not r.get("prefix_reuse_off"):  # only when the cache path really ran
-        # MMLU at the rate of its per-subject groups where measured, ARC-Challenge and HellaSwag at one prefix's
-        grouped = r.get("mc_s_per_question_prefix_reuse_grouped", r["mc_s_per_question_prefix_reuse"])
-        mc_reuse = ((STUDY_MC - STUDY_MMLU) * r["mc_s_per_question_prefix_reuse"] + STUDY_MMLU * grouped)
-        extra = {"with_prefix_reuse_min": n_removals * (per - mc + mc_reuse) / 60 / gain,
-                 "mc_with_prefix_reuse_s": mc_reuse}
-    else:
-        extra = {}
+    mc_reuse = mc_with_prefix_reuse(r)
+    extra = {} if mc_reuse is None else {"with_prefix_reuse_min": n_removals * (per - mc + mc_reuse) / 60 / gain,
+                                         "mc_with_prefix_reuse_s": mc_reuse}
     out = {**extra, "per_condition_s": {"perplexity": ppl, "mc": mc, "generation": gen, "total": per},
            "removals": n_removals, "runner_gain": gain, "total_min": total,
            "perplexity_everywhere_benchmarks_on_groups_progressive_min": light, "benchmarked_removals": benched,
@@ -327,10 +353,6 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
     if "gen_s_per_step_small_batch" in r:
         out["generation_s_in_batches_of_small"] = generation_s(r["gen_s_per_step_small_batch"], args.small_gen_batch,
                                                                r.get("gen_fixed_s_small_batch", 0.0))
-    for rows, w in r.get("gen_wide_batches", {}).items():  # generation per condition if rows//batch share a step
-        share = int(rows) // args.gen_batch
-        out.setdefault("generation_s_sharing_decode", {})[share] = generation_s(
-            w["s_per_step"], args.gen_batch, w["fixed_s"]) / share
     if "ppl_tokens_per_s_large_batch" in r:
         out["perplexity_s_at_large_batch"] = args.ppl_tokens / r["ppl_tokens_per_s_large_batch"]
         # what `ablate` does on the GPU with every opt-in lever it names (--gen-batch-size 256, --batch-size 64 for
@@ -340,7 +362,38 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
         levers = out["perplexity_s_at_large_batch"] + (extra["mc_with_prefix_reuse_s"] if reuse_pays else mc) + gen
         out["with_every_lever"] = {"per_condition_s": levers, "total_min": n_removals * levers / 60 / gain,
                                    "prefix_reuse": reuse_pays}
+        for k, shared in rates.get("shared", {}).items():
+            out.setdefault("with_every_lever_sharing", {})[k] = project_sharing(
+                shared, int(k), out["perplexity_s_at_large_batch"], n_removals, args)
     return out
+
+
+def mc_with_prefix_reuse(r: dict) -> float | None:
+    """Seconds of one condition's multiple choice with --prefix-reuse (None unless the cache path really ran): MMLU
+    at the rate of its per-subject groups where measured, ARC-Challenge and HellaSwag at one prefix's."""
+    if not r.get("prefix_reused_rows") or r.get("prefix_reuse_off"):
+        return None
+    grouped = r.get("mc_s_per_question_prefix_reuse_grouped", r["mc_s_per_question_prefix_reuse"])
+    return (STUDY_MC - STUDY_MMLU) * r["mc_s_per_question_prefix_reuse"] + STUDY_MMLU * grouped
+
+
+def project_sharing(shared: dict, k: int, perplexity_s: float, n_removals: int, args) -> dict:
+    """Every lever with ``k`` conditions in each forward (``ablate --conditions-per-batch k``): perplexity at the
+    large batch's rate (its forwards are full already; sharing leaves their cost per window), multiple choice at
+    the shared rates (whole rows or --prefix-reuse, whichever is faster), generation at the step time of ``k``
+    times each benchmark's rows, divided among the ``k`` conditions. The removals run in whole groups (the last
+    filled with intact rows); the runner gain is not included (not measured with sharing)."""
+    mc_whole = STUDY_MC * shared["mc_s_per_question"]
+    mc_reuse = mc_with_prefix_reuse(shared)
+    mc = min(mc_whole, mc_reuse) if mc_reuse is not None else mc_whole
+    at_rows = shared["gen_at_rows"]
+    full = at_rows.get(args.gen_batch) or next(iter(at_rows.values()))
+    gen = generation_s(full["s_per_step"], args.gen_batch, full["fixed_s"], at_rows) / k
+    per = perplexity_s + mc + gen
+    groups = -(-n_removals // k)
+    return {"per_condition_s": {"perplexity": perplexity_s, "mc": mc, "generation": gen, "total": per},
+            "prefix_reuse": mc_reuse is not None and mc_reuse < mc_whole, "groups": groups,
+            "total_min": groups * k * per / 60}
 
 
 # ------------------------------------------------------------------------------------------ several runners
@@ -461,8 +514,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--gen-batch", type=int, default=256)
     ap.add_argument("--small-gen-batch", type=int, default=8)
-    ap.add_argument("--gen-share", default="2,4", help="also decode N x --gen-batch rows: the step cost if N "
-                    "conditions shared a decode batch ('' skips)")
+    ap.add_argument("--share", default="2,4", help="conditions in each forward (ablate --conditions-per-batch), "
+                    "measured in turn: multiple choice and decoding with that many removals' hooks and every row "
+                    "repeated ('' skips)")
     ap.add_argument("--gen-new", type=int, default=256, help="new tokens of the longer timed decode call")
     ap.add_argument("--check-new", type=int, default=64, help="new tokens of the graph-against-eager check")
     ap.add_argument("--workers", default="1,2,4", help="runner processes at once, measured in turn ('' skips)")
@@ -470,6 +524,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--runner-timeout", type=float, default=240.0, help="seconds a round of runners may take")
     args = ap.parse_args()
     args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    args.share = [int(k) for k in args.share.split(",") if k.strip() and int(k) > 1]
     args.device = "cpu" if args.tiny else "cuda"
     args.dtype = torch.float32 if args.tiny else torch.bfloat16
     if args.tiny:
@@ -522,8 +577,6 @@ def measure_model(name: str, args, results: dict) -> list[Condition]:
          f"{pr['per_condition_s']['perplexity']:.1f}, MC {pr['per_condition_s']['mc']:.1f}, generation "
          f"{pr['per_condition_s']['generation']:.1f}; in batches of {args.small_gen_batch}: "
          f"{pr['generation_s_in_batches_of_small']:.1f}) x {pr['removals']} removals = {pr['total_min']:.1f} min")
-    for share, gen in pr.get("generation_s_sharing_decode", {}).items():
-        note(f"projection: generation {gen:.1f} s per condition if {share} conditions shared each decode step")
     if "with_prefix_reuse_min" in pr:
         note(f"projection with --prefix-reuse: MC {pr['mc_with_prefix_reuse_s']:.1f} s per condition, whole set "
              f"{pr['with_prefix_reuse_min']:.1f} min")
@@ -532,6 +585,12 @@ def measure_model(name: str, args, results: dict) -> list[Condition]:
         note(f"projection with every lever (perplexity at batch {args.ppl_batch_large}"
              f"{', --prefix-reuse' if levers['prefix_reuse'] else ''}): {levers['per_condition_s']:.1f} s per "
              f"condition, whole set {levers['total_min']:.1f} min (runner gain not included)")
+    for k, shared in pr.get("with_every_lever_sharing", {}).items():
+        c = shared["per_condition_s"]
+        note(f"projection with every lever and {k} conditions a batch: {c['total']:.1f} s per condition (perplexity "
+             f"{c['perplexity']:.1f}, MC {c['mc']:.1f}{' with reuse' if shared['prefix_reuse'] else ''}, generation "
+             f"{c['generation']:.1f}), whole set {shared['total_min']:.1f} min in {shared['groups']} groups (runner "
+             f"gain not included)")
     del model
     if args.device == "cuda":
         torch.cuda.empty_cache()

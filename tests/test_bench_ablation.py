@@ -78,3 +78,24 @@ def test_reuse_that_was_switched_off_is_not_projected(bench):
     projection = bench.project(_rates(prefix_reuse_off="its log-probs differ"), _conditions(bench, 3), _args())
     assert "mc_with_prefix_reuse_s" not in projection
     assert projection["with_every_lever"]["prefix_reuse"] is False
+
+
+def test_sharing_divides_each_decode_call_among_its_conditions_and_runs_whole_groups(bench):
+    """K conditions a forward: a decode call at K x 256 rows serves K conditions; multiple choice at the shared
+    rate (reuse where faster); perplexity at the large batch's rate; 10 removals in groups of 4 cost 12."""
+    shared = {"mc_s_per_question": 3e-3, "mc_s_per_question_prefix_reuse": 1e-3,
+              "mc_s_per_question_prefix_reuse_grouped": 2e-3, "prefix_reused_rows": 100,
+              "gen_at_rows": {256: {"s_per_step": 20e-3, "fixed_s": 1.0}, 164: {"s_per_step": 16e-3, "fixed_s": 0.8}}}
+    rates = _rates()
+    rates["shared"] = {4: shared}
+    projection = bench.project(rates, _conditions(bench, 9), _args())
+    got = projection["with_every_lever_sharing"][4]
+    gen = ((1.0 + 256 * 20e-3) + (0.8 + 512 * 16e-3)) / 4
+    mc = (299 + 512) * 1e-3 + 512 * 2e-3
+    assert math.isclose(got["per_condition_s"]["generation"], gen) and got["prefix_reuse"] is True
+    per = 290_000 / 100_000.0 + mc + gen
+    assert math.isclose(got["per_condition_s"]["total"], per)
+    assert got["groups"] == 3 and math.isclose(got["total_min"], 12 * per / 60)
+    rates["shared"][4] = shared | {"prefix_reuse_off": "its log-probs differ"}
+    off = bench.project(rates, _conditions(bench, 9), _args())["with_every_lever_sharing"][4]
+    assert off["prefix_reuse"] is False and math.isclose(off["per_condition_s"]["mc"], 1323 * 3e-3)
