@@ -200,3 +200,38 @@ def test_bad_sharing_input_is_one_error_line(capsys, tmp_path, data_dir, extra, 
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "abl").exists()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5_text", "falcon_h1"])
+def test_shared_decoding_gives_each_condition_its_own_tokens(model_type):
+    """The static decode loop over interleaved rows (its step a CUDA graph where CUDA is present, recording the
+    hooks) decodes for each condition the tokens it decodes alone; eos cleared so that every step runs."""
+    from hybridlora.fast.decode import greedy_generate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model(model_type).to(device)
+    model.generation_config.eos_token_id = None
+    mu = model_units(build_component_map(model))
+    ids = torch.randint(1, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1)).to(device)
+    mixers = [c for c in mu.components if c not in ("mlp", "moe")]
+    conditions = [([], "none")] + [(mu.of(c), "zero" if mu.of(c)[0].parallel else "skip") for c in mixers]
+    graphs = device == "cuda"
+
+    def run(ids):
+        with torch.inference_mode():
+            return greedy_generate(model, ids, torch.ones_like(ids), max_new_tokens=12, pad_token_id=0,
+                                   graphs=graphs)
+    alone = []
+    for units, method in conditions:
+        if method == "none":
+            alone.append(run(ids).tokens)
+            continue
+        with Ablation(model, units, method, mu.layers_path):
+            alone.append(run(ids).tokens)
+    k = len(conditions)
+    with SharedAblation(model, conditions, mu.layers_path):
+        result = run(ids.repeat_interleave(k, 0))
+    assert result.graph == ("replayed" if graphs else "eager")
+    for c in range(k):
+        assert torch.equal(result.tokens[c::k], alone[c]), c
+    assert not torch.equal(alone[0], alone[1])  # the removals change the tokens
