@@ -396,8 +396,12 @@ class _Killed(BaseException):
     """Stands for kill -9 inside one process (as in test_study)."""
 
 
+@pytest.mark.parametrize("per_batch", ["1", "2"])
 @pytest.mark.parametrize("point", ["claimed", "evaluated", "before_complete", "after_complete"])
-def test_resume_after_crash_runs_every_condition_once(tmp_path, data_dir, monkeypatch, capsys, point):
+def test_resume_after_crash_runs_every_condition_once(tmp_path, data_dir, monkeypatch, capsys, point, per_batch):
+    """A runner killed at any point of its second job (with --conditions-per-batch 2: of its second group, the
+    third condition beside an intact filler) leaves it to the next run, which runs it again; each condition is
+    recorded once."""
     from hybridlora.cli import main
 
     calls = {"n": 0}
@@ -410,7 +414,7 @@ def test_resume_after_crash_runs_every_condition_once(tmp_path, data_dir, monkey
     monkeypatch.setattr("hybridlora.ablation.jobs.crash_point", crash)
     monkeypatch.setattr("hybridlora.study.runner.crash_point", crash)
     argv = _args(tmp_path, data_dir, "--remove", "softmax_attention", "--remove", "mlp@0", "--benchmarks", "none",
-                 "--no-report")
+                 "--no-report", "--conditions-per-batch", per_batch)
     with pytest.raises(_Killed):
         main(argv)
     monkeypatch.undo()

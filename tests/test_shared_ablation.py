@@ -154,39 +154,6 @@ def test_a_condition_asking_twice_for_one_request_is_an_error():
         shared.view(0).score_choices(rows)
 
 
-class _Killed(BaseException):
-    """Stands for kill -9 inside one process."""
-
-
-@pytest.mark.parametrize("point", ["claimed", "evaluated", "before_complete", "after_complete"])
-def test_resume_after_a_crash_in_a_group_runs_every_condition_once(tmp_path, data_dir, monkeypatch, point):
-    """Groups of two conditions: a runner killed at any point of the second group leaves it to the next run,
-    which runs it again; each condition is recorded once."""
-    from hybridlora.cli import main
-    from test_ablation import _args
-
-    calls = {"n": 0}
-
-    def crash(name):
-        if name == point:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise _Killed(name)
-    monkeypatch.setattr("hybridlora.ablation.jobs.crash_point", crash)
-    monkeypatch.setattr("hybridlora.study.runner.crash_point", crash)
-    argv = _args(tmp_path, data_dir, "--remove", "softmax_attention", "--remove", "mlp@0", "--benchmarks", "none",
-                 "--no-report", "--conditions-per-batch", "2")
-    with pytest.raises(_Killed):
-        main(argv)
-    monkeypatch.undo()
-    assert main(argv) == 0
-    db = sqlite3.connect(tmp_path / "abl" / "study.db")
-    rows = db.execute("SELECT status, attempts FROM jobs").fetchall()
-    assert {s for s, _ in rows} == {"complete"} and len(rows) == 3
-    assert sorted(a for _, a in rows) == ([1, 1, 1] if point == "after_complete" else [1, 1, 2])
-    assert db.execute("SELECT COUNT(*) FROM metrics WHERE benchmark = 'perplexity'").fetchone()[0] == 3
-
-
 @pytest.mark.parametrize("extra,message", [
     (["--conditions-per-batch", "0"], "--conditions-per-batch must be at least 1"),
     (["--conditions-per-batch", "2", "--backend", "ray"], "runs with the local backend only"),

@@ -150,7 +150,26 @@ class LayerTracker:
             h.remove()
 
 
-class Ablation:
+class _Hooks:
+    """Forward hooks attached to a model with a layer tracker; a context manager (``remove()`` detaches every hook,
+    leaving the model as it was)."""
+    handles: list
+    tracker: LayerTracker
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.tracker.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class Ablation(_Hooks):
     """Attach the hooks removing ``units`` with ``method`` from ``model``; a context manager (``remove()``
     detaches every hook, leaving the model as it was)."""
 
@@ -168,13 +187,7 @@ class Ablation:
         wanted: dict[str, dict[int, torch.Tensor | None]] = {}
         for unit in units:
             for name in unit.modules:
-                value = None
-                if method == "mean":
-                    try:
-                        value = means[unit.key][name]
-                    except (KeyError, TypeError):
-                        raise AblationError(f"no stored mean for {unit.key} ({name}); compute the means first") from None
-                wanted.setdefault(name, {})[unit.layer] = value
+                wanted.setdefault(name, {})[unit.layer] = _stored_mean(means, unit, name) if method == "mean" else None
         param = next(model.parameters())
         for name, per_layer in wanted.items():
             # means moved to the model's device now: no host-to-device copy may happen inside a CUDA-graph capture
@@ -201,20 +214,9 @@ class Ablation:
             return _replace(output, mean.expand_as(hidden).clone())
         return hook
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        self.tracker.remove()
-
-    def __enter__(self) -> "Ablation":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
-class SharedAblation:
+class SharedAblation(_Hooks):
     """Several conditions in one batch: the hooks of ``conditions`` (each ``(units, method)``; ``([], "none")`` is
     the intact model) attached at once, each acting only on its own rows. Every forward's batch must hold the rows
     interleaved by condition — row ``r`` belongs to condition ``r % len(conditions)`` (each row's copies next to
@@ -249,13 +251,8 @@ class SharedAblation:
                     continue
                 for name in unit.modules:
                     value = None
-                    if method == "mean":
-                        try:
-                            value = means[unit.key][name]
-                        except (KeyError, TypeError):
-                            raise AblationError(f"no stored mean for {unit.key} ({name}); compute the means first"
-                                                ) from None
-                        value = value.to(device=param.device, dtype=param.dtype)  # never inside a graph capture
+                    if method == "mean":  # moved now: never a host-to-device copy inside a graph capture
+                        value = _stored_mean(means, unit, name).to(device=param.device, dtype=param.dtype)
                     removed.setdefault(name, {}).setdefault(unit.layer, {})[c] = value
         for layer_name, by in sorted(skipped_layers.items()):
             keep = self._keep(by, param)
@@ -322,17 +319,13 @@ class SharedAblation:
             return _replace(output, out.reshape(hidden_out.shape))
         return hook
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        self.tracker.remove()
 
-    def __enter__(self) -> "SharedAblation":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
+def _stored_mean(means: dict | None, unit: Unit, name: str) -> torch.Tensor:
+    try:
+        return means[unit.key][name]
+    except (KeyError, TypeError):
+        raise AblationError(f"no stored mean for {unit.key} ({name}); compute the means first") from None
 
 
 def _identity_layer(module, args, kwargs, output):
