@@ -277,14 +277,18 @@ def _diagnostics(spec: dict, base: Base, ablation: Ablation | None, out: Path) -
 
 
 def _perplexity_rows(spec: dict, base: Base, progress: bool, *, copies: int) -> tuple[list[list[dict]], float]:
-    """Each copy's window records (one copy per condition sharing the forwards) and the wall time."""
+    """Each copy's window records (one copy per condition sharing the forwards) and the wall time. Shared, a
+    forward takes ``batch_size / copies`` windows (at least one), so that it holds about the rows of an unshared
+    one: a perplexity forward of full windows is not short of work, and its logits are most of its memory (32
+    windows of 2,048 tokens with a 248k vocabulary: 16 GB)."""
     p = spec["perplexity"]
     ids = text_ids(spec, base.tokenizer)
     windows = plan_windows(len(ids), p["window"], p["stride"], p["max_windows"])
     start = time.perf_counter()
     with tqdm(total=len(windows), desc="  perplexity", unit="win", leave=False, disable=not progress,
               position=1) as bar:
-        rows = strided_nll_copies(base.model, ids, windows, copies=copies, batch_size=p["batch_size"], progress=bar)
+        rows = strided_nll_copies(base.model, ids, windows, copies=copies, batch_size=max(1, p["batch_size"] // copies),
+                                  progress=bar)
     return rows, time.perf_counter() - start
 
 
