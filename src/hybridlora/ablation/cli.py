@@ -290,8 +290,10 @@ def cmd_ablate(args) -> int:
         for c in conditions:
             print(f"{c['job']}  {c['name']:<40} {c['method']:<10} {len(c['units']):>3} units  "
                   f"{' '.join(c['units'])[:80]}")
+        groups = (f" in {-(-len(jobs) // args.conditions_per_batch)} groups of {args.conditions_per_batch} sharing "
+                  "each forward" if args.conditions_per_batch > 1 else "")
         print(f"{len(conditions)} conditions of {args.model}" + (" [tiny]" if args.tiny else "") +
-              f", {len(jobs)} distinct removals to run")
+              f", {len(jobs)} distinct removals to run{groups}")
         return 0
     try:
         store = Store(output)
