@@ -105,6 +105,8 @@ def run_jobs(study_dir: Path, jobs: list[Job], *, progress: bool = True, desc: s
 
     The one dispatch loop for every kind of job (study cells, ablation conditions, …): each job runs through
     :func:`.jobs.execute`, which looks its kind up in ``JOB_KINDS``; the result is recorded complete atomically.
+    A kind in ``JOB_GROUPS`` whose spec asks for it (``ablate --conditions-per-batch K``) is claimed up to K jobs
+    at a time that run together (:func:`.jobs.execute_group`), each still recorded on its own.
     ``backend`` says where jobs run (default: here); ``ray`` hands the same claim/record protocol to
     :mod:`.backends.ray_backend`, ``workers_per_gpu`` runs this loop in several processes at once
     (:mod:`.backends.processes`). A job that raises is rerun up to ``backend.retries`` times.
