@@ -202,3 +202,19 @@ def test_shared_decoding_gives_each_condition_its_own_tokens(model_type):
     for c in range(k):
         assert torch.equal(result.tokens[c::k], alone[c]), c
     assert not torch.equal(alone[0], alone[1])  # the removals change the tokens
+
+
+def test_an_output_whose_first_dimension_is_not_the_batch_is_refused(monkeypatch):
+    """A module returning its tokens flattened (``[batch x tokens, width]``) would assign conditions by token, not
+    by row: refused, not mixed up."""
+    model = tiny_model("qwen3_5_text")
+    mu = model_units(build_component_map(model))
+    unit = mu.of("softmax_attention")[0]
+    module = model.get_submodule(unit.modules[0])
+    flatten = module.register_forward_hook(lambda m, a, out: (out[0].reshape(-1, out[0].shape[-1]), *out[1:]))
+    try:
+        with SharedAblation(model, [([], "none"), ([unit], "skip")], mu.layers_path), \
+                pytest.raises(AblationError, match="first dimension is the batch"):
+            _logits(model, torch.ones((2, 6), dtype=torch.long))
+    finally:
+        flatten.remove()

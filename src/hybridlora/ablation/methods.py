@@ -127,19 +127,23 @@ def _replace(output: Any, tensor: torch.Tensor) -> Any:
 
 
 class LayerTracker:
-    """Which decoder layer is running now: lets a hook on a module shared by several layers (Zamba2's shared
-    block) act only when called from the layers being ablated."""
+    """Which decoder layer is running now, and its batch size: lets a hook on a module shared by several layers
+    (Zamba2's shared block) act only when called from the layers being ablated, and a shared-conditions hook check
+    that its output's first dimension is the batch."""
 
     def __init__(self, model: nn.Module, layers_path: str):
         self.current: int | None = None
+        self.batch: int | None = None
         self.handles = []
         for index, layer in enumerate(model.get_submodule(layers_path)):
-            self.handles.append(layer.register_forward_pre_hook(self._enter(index)))
+            self.handles.append(layer.register_forward_pre_hook(self._enter(index), with_kwargs=True))
             self.handles.append(layer.register_forward_hook(self._leave))
 
     def _enter(self, index: int):
-        def hook(module, args):
+        def hook(module, args, kwargs):
             self.current = index
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            self.batch = hidden.shape[0] if isinstance(hidden, torch.Tensor) else None
         return hook
 
     def _leave(self, module, args, output):
@@ -268,6 +272,10 @@ class SharedAblation(_Hooks):
 
     def _rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` as ``[rows / conditions, conditions, ...]`` (its batch interleaved by condition)."""
+        batch = self.tracker.batch
+        if batch is not None and hidden.shape[0] != batch:  # e.g. tokens flattened: rows would be mixed up
+            raise AblationError(f"an ablated module's output has {hidden.shape[0]} rows in a batch of {batch}; shared "
+                                "conditions need outputs whose first dimension is the batch (--conditions-per-batch 1)")
         if hidden.shape[0] % self.count:
             raise AblationError(f"a batch of {hidden.shape[0]} rows cannot hold {self.count} conditions' rows "
                                 "equally; shared conditions need every forward to carry each row once per condition")
