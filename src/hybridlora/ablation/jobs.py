@@ -9,6 +9,9 @@ layer outputs the diagnostics compare with. The job returns one metrics row per 
 ``perplexity`` (n = scored tokens) and ``diagnostics`` (n = diagnostic tokens), and per-instance records
 (benchmark items; perplexity windows with their ``nll_sum`` and ``tokens`` as the prediction).
 
+``run_conditions(specs, ablation_dir, outs)`` runs several conditions in each forward when their spec asks for it
+(``conditions_per_batch``, :mod:`.shared`): the study runner claims them as a group (``JOB_GROUPS``).
+
 Artifacts in ``runs/<job id>/``: ``eval/`` (benchmark JSONL + summaries), ``perplexity.jsonl``,
 ``diagnostics.json``, ``removal.json``. Mean-ablation vectors live in ``means/<hash>.pt`` of the ablation
 directory, computed once on the intact model and reused by every mean condition of that model.
@@ -32,7 +35,7 @@ from ..study.backends.processes import repeats_another_runner
 from ..study.jobs import crash_point, load_base
 from .methods import Ablation, AblationError, ModelUnits, collect_means, model_units
 from .perplexity import encode, plan_windows, read_text, strided_nll_copies, summarize
-from .shared import group_key, group_size  # noqa: F401 - with run_conditions, the runner's JOB_GROUPS entry
+from .shared import SPEC_KEY, group_key, group_size  # noqa: F401 - with run_conditions: the runner's JOB_GROUPS entry
 
 _MODEL_CACHE: dict[str, "Base"] = {}  # one entry: the last base model, reused by the next condition of that model
 _TEXT_CACHE: dict[str, list[int]] = {}
@@ -203,14 +206,14 @@ def _run_shared(specs: list[dict], ablation_dir: Path, outs: list[Path], progres
             rows, wall = _perplexity_rows(specs[0], base, progress, copies=size)
             for i, spec in enumerate(specs):
                 summaries[i]["perplexity"], ppl_records = _perplexity_result(spec, base, rows[i], wall / size, outs[i])
-                summaries[i]["perplexity"][_SHARED_NOTE] = size
+                summaries[i]["perplexity"][SPEC_KEY] = size  # rows of how many conditions a forward held
                 records[i] += ppl_records
         shared = SharedLM(_causal_lm(specs[0], base, copies=size), size)
         for i, spec in enumerate(specs):
             view = shared.view(i)
             bench_summaries, bench_records = _benchmarks(spec, base, outs[i], progress, lm=view)
             for summary in bench_summaries.values():
-                summary[_SHARED_NOTE] = size
+                summary[SPEC_KEY] = size
             summaries[i].update(bench_summaries)
             records[i] += bench_records
         crash_point("evaluated")
@@ -230,9 +233,6 @@ def _run_shared(specs: list[dict], ablation_dir: Path, outs: list[Path], progres
         results.append(_finish(spec, summaries[i], records[i], outs[i], ablation_dir,
                                shared_wall + time.perf_counter() - own))
     return results
-
-
-_SHARED_NOTE = "conditions_per_batch"  # in each summary of a shared run: how many conditions' rows each forward held
 
 
 def _units_of(condition: dict, base: Base) -> list:
