@@ -218,3 +218,15 @@ def test_an_output_whose_first_dimension_is_not_the_batch_is_refused(monkeypatch
             _logits(model, torch.ones((2, 6), dtype=torch.long))
     finally:
         flatten.remove()
+
+
+def test_dry_run_names_the_groups_and_a_k_beyond_the_removals(capsys, data_dir):
+    from hybridlora.cli import main
+
+    base = ["ablate", "qwen3.5-0.8b", "--tiny", "--dry-run", "--data-dir", str(data_dir)]
+    assert main(base + ["--conditions-per-batch", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "6 distinct removals to run in 2 groups of 4 sharing each forward" in out and "exceeds" not in err
+    assert main(base + ["--conditions-per-batch", "9"]) == 0
+    out, err = capsys.readouterr()
+    assert "in 1 group of 9" in out and "each forward carries 3 intact fillers" in err

@@ -211,6 +211,10 @@ def build_jobs(args) -> tuple[Path, list, Any, list]:
             jobs[c.removal] = Job(job_id("ablation", spec), "ablation", model["name"], c.name, c.method, None, spec)
         rows.append({**c.as_dict(), "job": jobs[c.removal].id, "removed": jobs[c.removal].spec["removed"]})
     output = Path(args.output) if args.output else Path("ablations") / _slug(model["name"])
+    if args.conditions_per_batch > len(jobs):
+        print(f"note: --conditions-per-batch {args.conditions_per_batch} exceeds the {len(jobs)} distinct removals: "
+              f"each forward carries {args.conditions_per_batch - len(jobs)} intact fillers; "
+              f"--conditions-per-batch {len(jobs)} does the same work with less", file=sys.stderr)
     return output, list(jobs.values()), mu, rows
 
 
@@ -290,8 +294,9 @@ def cmd_ablate(args) -> int:
         for c in conditions:
             print(f"{c['job']}  {c['name']:<40} {c['method']:<10} {len(c['units']):>3} units  "
                   f"{' '.join(c['units'])[:80]}")
-        groups = (f" in {-(-len(jobs) // args.conditions_per_batch)} groups of {args.conditions_per_batch} sharing "
-                  "each forward" if args.conditions_per_batch > 1 else "")
+        count = -(-len(jobs) // args.conditions_per_batch)
+        groups = (f" in {count} group{'s' if count > 1 else ''} of {args.conditions_per_batch} sharing each forward"
+                  if args.conditions_per_batch > 1 else "")
         print(f"{len(conditions)} conditions of {args.model}" + (" [tiny]" if args.tiny else "") +
               f", {len(jobs)} distinct removals to run{groups}")
         return 0
