@@ -316,14 +316,20 @@ class SharedAblation(_Hooks):
 
     def _layer_hook(self, keep: torch.Tensor):
         count = self.count
+        weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (keep, 1 - keep) per device and dtype
 
         def hook(module, args, kwargs, output):
             hidden_in = args[0] if args else kwargs.get("hidden_states")
             if not isinstance(hidden_in, torch.Tensor):
                 raise AblationError(f"skip_layer: cannot find the input hidden states of {type(module).__name__}")
             hidden_out = _primary(output)
-            k = keep.to(device=hidden_out.device, dtype=hidden_out.dtype).view((1, count) + (1,) * (hidden_out.dim() - 1))
-            out = self._rows(hidden_out) * k + self._rows(hidden_in) * (1 - k)
+            key = (hidden_out.device, hidden_out.dtype, hidden_out.dim())
+            if key not in weights:  # made once, before any graph capture replays the hook
+                k = keep.to(device=hidden_out.device, dtype=hidden_out.dtype).view(
+                    (1, count) + (1,) * (hidden_out.dim() - 1))
+                weights[key] = (k, 1 - k)
+            k, skip = weights[key]
+            out = self._rows(hidden_out) * k + self._rows(hidden_in) * skip
             return _replace(output, out.reshape(hidden_out.shape))
         return hook
 

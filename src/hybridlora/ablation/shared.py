@@ -22,6 +22,7 @@ its last bits may vary with what shares the batch (measured on CPU: up to 1e-7 i
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable, Sequence
 
@@ -35,8 +36,6 @@ def group_size(spec: dict) -> int:
 
 def group_key(spec: dict) -> str:
     """What conditions sharing a forward must have in common: every setting but the removal."""
-    import json
-
     return json.dumps({k: v for k, v in spec.items() if k not in ("removal", "removed")}, sort_keys=True,
                       default=str)
 
