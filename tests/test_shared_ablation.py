@@ -156,7 +156,6 @@ def test_a_condition_asking_twice_for_one_request_is_an_error():
 
 @pytest.mark.parametrize("extra,message", [
     (["--conditions-per-batch", "0"], "--conditions-per-batch must be at least 1"),
-    (["--conditions-per-batch", "2", "--backend", "ray"], "runs with the local backend only"),
 ])
 def test_bad_sharing_input_is_one_error_line(capsys, tmp_path, data_dir, extra, message):
     from hybridlora.cli import main

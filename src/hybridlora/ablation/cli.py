@@ -280,9 +280,6 @@ def cmd_ablate(args) -> int:
 
     try:
         backend = None if args.dry_run else backend_from_args(args, None)
-        if backend is not None and backend.name != "local" and args.conditions_per_batch > 1:
-            raise CliError(f"--conditions-per-batch {args.conditions_per_batch} runs with the local backend only (a Ray "
-                           "task runs one condition); drop it, or run with --backend local")
         if backend is not None:
             check_backend(backend)  # Ray missing or the cluster unreachable: say so before any work
         output, jobs, mu, conditions = build_jobs(args)

@@ -196,6 +196,38 @@ JOB_KINDS: dict[str, str] = {
 JOB_USES_GPU: dict[str, bool] = {"base": True, "train": True}
 
 
+# Kinds whose jobs may follow one another in one worker process: the Ray backend keeps such a process (a Ray actor
+# holding its GPU) for the kind's next job, so what a process caches across jobs (an ablation's model, tokenized
+# texts and prepared benchmarks) is built once per process, as in the local runner. Kinds that train are left out:
+# a fresh process per job returns all of a job's GPU memory.
+JOB_KEEPS_PROCESS: dict[str, bool] = {"ablation": True}
+
+
+# The entries of a job's spec (dotted keys) that may name a file or folder the job reads. The Ray backend ships
+# those that exist on the driver to workers that cannot see its disk and points the job at the copies; the value
+# ``builtin:demo`` travels as the study's own data folder; anything else (a hub id, a known domain) is left as is.
+JOB_INPUTS: dict[str, tuple[str, ...]] = {
+    "base": ("data.source",),
+    "train": ("data.source", "domain.name"),
+    "ablation": ("eval.data_dir", "perplexity.source.path", "reference.source.path", "adapter"),
+}
+
+
+def spec_value(spec: dict, dotted: str):
+    """``spec["a"]["b"]`` for ``"a.b"``; None where a level is missing."""
+    value = spec
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def set_spec_value(spec: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        spec = spec[part]
+    spec[last] = value
+
+
 # Kinds whose jobs may run several at once, sharing their forwards: a module with ``group_size(spec)`` (how many
 # jobs a group holds; 1: alone), ``group_key(spec)`` (jobs with equal keys may share) and ``run_conditions(specs,
 # study_dir, outs, progress=)`` (their results, in order).

@@ -135,7 +135,7 @@ def run_jobs(study_dir: Path, jobs: list[Job], *, progress: bool = True, desc: s
             job = store.claim(owner, skip=skip, ids=ids)
             if job is None:
                 break
-            group = _claim_partners(store, owner, job, rules, skip)
+            group = store.claim_partners(owner, job, rules, skip)
             beat.job_ids = [j.id for j in group]
             _rebalance_threads(progress)
             crash_point("claimed")
@@ -174,24 +174,6 @@ def run_jobs(study_dir: Path, jobs: list[Job], *, progress: bool = True, desc: s
     run.counts = store.counts(ids)
     store.close()
     return run
-
-
-def _claim_partners(store: Store, owner: str, first: Job, rules: dict, skip: set) -> list[Job]:
-    """``first`` and, when its kind runs in groups, up to the group's size less one more unclaimed jobs with the
-    same sharing key (fewer near the end of a run, or where other runners hold them)."""
-    rule = rules.get(first.id)
-    if rule is None:
-        return [first]
-    size, _ = rule
-    partners = [jid for jid, r in rules.items() if r == rule and jid != first.id]
-    group = [first]
-    while len(group) < size and partners:
-        job = store.claim(owner, skip=skip, ids=partners)
-        if job is None:
-            break
-        group.append(job)
-        partners.remove(job.id)
-    return group
 
 
 def _rebalance_threads(progress: bool) -> None:

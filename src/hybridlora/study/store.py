@@ -179,6 +179,24 @@ class Store:
                 return Job(jid, kind, model, placement, domain, seed, json.loads(spec))
         return None
 
+    def claim_partners(self, owner: str, first: Job, rules: dict, skip: Iterable[str] = ()) -> list[Job]:
+        """``first`` and, when ``rules[first.id]`` (a :func:`.jobs.group_rule`: group size and sharing key) is
+        set, up to the group's size less one more unclaimed jobs with the same rule (fewer near the end of a run,
+        or where other runners hold them)."""
+        rule = rules.get(first.id)
+        if rule is None:
+            return [first]
+        size, _ = rule
+        partners = [jid for jid, r in rules.items() if r == rule and jid != first.id]
+        group = [first]
+        while len(group) < size and partners:
+            job = self.claim(owner, skip=skip, ids=partners)
+            if job is None:
+                break
+            group.append(job)
+            partners.remove(job.id)
+        return group
+
     def heartbeat(self, job_id: str, owner: str) -> None:
         self.db.execute("UPDATE jobs SET heartbeat = ? WHERE id = ? AND owner = ? AND status = 'running'",
                         (time.time(), job_id, owner))

@@ -1,4 +1,7 @@
-"""The Ray backend: one driver owns the study's SQLite store; every job is a Ray task in a fresh worker process.
+"""The Ray backend: one driver owns the study's SQLite store; every job is a Ray task in a fresh worker process,
+except jobs of kinds that may follow one another in one process (``JOB_KEEPS_PROCESS``: ablation conditions),
+which run one after another in kept worker processes (Ray actors, each holding its GPU), reusing what the
+process caches, and groups of jobs that share their forwards (``JOB_GROUPS``), which run as one task.
 
 The driver claims jobs in the store exactly as the local runner does (so ``kill -9`` of the driver, a rerun,
 or a local runner working on the same study all keep "every cell exactly once"), keeps as many tasks in flight
@@ -22,11 +25,11 @@ import ray
 from tqdm.auto import tqdm
 
 from ..config import BUILTIN_DATA
-from ..jobs import JOB_KINDS, JOB_USES_GPU, crash_point
+from ..jobs import JOB_INPUTS, JOB_KEEPS_PROCESS, JOB_KINDS, JOB_USES_GPU, crash_point, group_rule, spec_value
 from ..store import HEARTBEAT_S, Store, make_owner, release_owner
 from . import Backend, BackendError
 from .transfer import pack, replace_with
-from .worker import run_remote_job
+from .worker import JobProcess, run_remote_jobs
 
 WAIT_S = 1.0  # how often the driver looks at events (job started, checkpoint arrived) between results
 MAX_LOST = 3  # reruns of a job whose worker or node died, before it is recorded failed
@@ -124,12 +127,16 @@ class _Driver:
         self.owner = make_owner()
         self.ids = [j.id for j in run.jobs]
         self.labels = {j.id: j.label for j in run.jobs}
-        self.inflight: dict = {}  # ObjectRef -> _Attempt
+        self.rules = {j.id: group_rule(j.spec) for j in run.jobs}  # jobs that may share their forwards
+        self.inflight: dict = {}  # ObjectRef -> [_Attempt] (one job, or a group run together)
         self.failures, self.lost, self.submitted = Counter(), Counter(), Counter()
         self.finished: set[str] = set()  # complete, or given up, in this run
         self.events = ray.remote(num_cpus=0)(JobEvents).remote()
-        self.task = ray.remote(max_calls=1)(run_remote_job)  # a fresh process per job: GPU memory returned
-        self.inputs: dict[str, object] = {}  # data source -> ObjectRef of its tar, put once, shared by all jobs
+        self.task = ray.remote(max_calls=1)(run_remote_jobs)  # a fresh process per job: GPU memory returned
+        self.kept = ray.remote(JobProcess)  # a process kept across jobs, for kinds in JOB_KEEPS_PROCESS
+        self.idle: dict[str, list] = {}  # kind -> kept processes with no job now (they still hold their resources)
+        self.running_on: dict = {}  # ObjectRef -> the kept process running it
+        self.inputs: dict[tuple, object] = {}  # (form, path) -> ObjectRef of its bytes, put once, shared by all jobs
         self.beat = _Heartbeat(self.study_dir, self.owner)
         done = self.store.counts(self.ids)["complete"]
         self.bar = tqdm(total=len(run.jobs), initial=done, desc=desc, unit="job", disable=not progress, position=0)
@@ -178,6 +185,7 @@ class _Driver:
                 for ref in ready:
                     self._finish(ref, self.inflight.pop(ref))
         finally:
+            self._retire_idle()
             self.bar.close()
             self.beat.stop()
             release_owner(self.owner)
@@ -186,52 +194,83 @@ class _Driver:
 
     def _fill(self) -> None:
         while len(self.inflight) < self._slots():
-            busy = {a.job.id for a in self.inflight.values()}
-            job = self.store.claim(self.owner, skip=self.finished | busy, ids=self.ids)
+            busy = {a.job.id for attempts in self.inflight.values() for a in attempts}
+            skip = self.finished | busy
+            job = self.store.claim(self.owner, skip=skip, ids=self.ids)
             if job is None:
+                self._retire_idle()  # nothing left to start: kept processes give their GPUs back
                 return
+            group = self.store.claim_partners(self.owner, job, self.rules, skip)
             crash_point("claimed")
-            self._submit(job)
+            self._submit(group)
 
-    def _submit(self, job) -> None:
-        self.submitted[job.id] += 1
-        token = f"{job.id}#{self.submitted[job.id]}"
-        out = self.study_dir / "runs" / job.id
-        prior = pack(out, keep=lambda rel: not rel.parts[0].startswith(".")) if out.is_dir() else None
-        resumed_from = _resume_point(out) if prior else None
-        task = {"job_id": job.id, "token": token, "spec": job.spec, "kind_path": JOB_KINDS.get(job.kind),
-                "study_dir": str(self.study_dir), "data": "builtin" if _data_source(job.spec) == BUILTIN_DATA
-                else "folder", "resumed_from": resumed_from}
-        gpus, cpus = self._needs(job.kind)
-        options = dict(num_gpus=gpus, num_cpus=cpus, max_retries=0, retry_exceptions=False,
-                       name=f"hybridlora:{job.id}")
-        ref = self.task.options(**options).remote(task, self._data_ref(job.spec), self._domain_ref(job.spec),
-                                                  prior, self.events)
-        self.inflight[ref] = _Attempt(job, token, resumed_from)
-        self.beat.job_ids.add(job.id)
+    def _submit(self, group: list) -> None:
+        tasks, inputs, priors, attempts = [], [], [], []
+        for job in group:
+            self.submitted[job.id] += 1
+            token = f"{job.id}#{self.submitted[job.id]}"
+            out = self.study_dir / "runs" / job.id
+            prior = pack(out, keep=lambda rel: not rel.parts[0].startswith(".")) if out.is_dir() else None
+            resumed_from = _resume_point(out) if prior else None
+            tasks.append({"job_id": job.id, "token": token, "spec": job.spec, "kind_path": JOB_KINDS.get(job.kind),
+                          "study_dir": str(self.study_dir), "resumed_from": resumed_from})
+            inputs.append(self._input_refs(job))
+            priors.append(prior)
+            attempts.append(_Attempt(job, token, resumed_from))
+        kind = group[0].kind
+        gpus, cpus = self._needs(kind)
+        if JOB_KEEPS_PROCESS.get(kind):
+            process = self._kept_process(kind, gpus, cpus)
+            ref = process.run.remote(tasks, inputs, priors, self.events)
+            self.running_on[ref] = (kind, process)
+        else:
+            self._retire_idle()  # their resources, for a fresh process
+            options = dict(num_gpus=gpus, num_cpus=cpus, max_retries=0, retry_exceptions=False,
+                           name=f"hybridlora:{group[0].id}")
+            ref = self.task.options(**options).remote(tasks, inputs, priors, self.events)
+        self.inflight[ref] = attempts
+        self.beat.job_ids.update(job.id for job in group)
 
-    def _data_ref(self, spec: dict):
-        """The job's data folder as one shared object: packed and put once per study run, fetched once per node."""
-        source = _data_source(spec)
-        folder = self.study_dir / "data" if source == BUILTIN_DATA else (Path(source) if source else None)
-        if folder is None or not folder.is_dir():
-            return None  # the hub: each worker downloads what it needs
-        if source not in self.inputs:
-            self.inputs[source] = ray.put(pack(folder))
-        return self.inputs[source]
+    def _kept_process(self, kind: str, gpus: float, cpus: float):
+        """An idle kept process of this kind, or a new one (it keeps the resources it asked for until retired)."""
+        idle = self.idle.setdefault(kind, [])
+        if idle:
+            return idle.pop()
+        return self.kept.options(num_gpus=gpus, num_cpus=cpus, max_restarts=0, max_task_retries=0).remote()
 
-    def _domain_ref(self, spec: dict):
-        name = spec.get("domain", {}).get("name")
-        if not name or not Path(name).is_file():
-            return None  # a known domain (in the data folder) or a hub dataset
-        key = f"file:{Path(name).resolve()}"
-        if key not in self.inputs:
-            self.inputs[key] = ray.put(Path(name).read_bytes())
-        return self.inputs[key]
+    def _retire(self, process) -> None:
+        ray.kill(process, no_restart=True)
+
+    def _retire_idle(self) -> None:
+        for processes in self.idle.values():
+            for process in processes:
+                self._retire(process)
+        self.idle.clear()
+
+    def _input_refs(self, job) -> list[dict]:
+        """What the job reads (``JOB_INPUTS`` of its kind) that exists here, each put once per run and shared by
+        every job: a folder as a tar, a file as its bytes; ``builtin:demo`` as the study's data folder."""
+        items = []
+        for key in JOB_INPUTS.get(job.kind, ()):
+            value = spec_value(job.spec, key)
+            if not isinstance(value, str) or not value:
+                continue
+            if value == BUILTIN_DATA:
+                path, form = self.study_dir / "data", "builtin"
+            else:
+                path = Path(value)
+                form = "folder" if path.is_dir() else "file" if path.is_file() else None
+            if form is None or not path.exists():
+                continue  # a hub id, a known domain name: the worker resolves it itself
+            ident = (form, str(path))
+            if ident not in self.inputs:
+                self.inputs[ident] = ray.put(pack(path) if form != "file" else path.read_bytes())
+            items.append({"key": key, "form": form, "source": value, "ref": self.inputs[ident]})
+        return items
 
     # ------------------------------------------------------------ events and results
     def _current(self, token: str) -> _Attempt | None:
-        return next((a for a in self.inflight.values() if a.token == token), None)
+        return next((a for attempts in self.inflight.values() for a in attempts if a.token == token), None)
 
     def _drain_events(self) -> None:
         for event in ray.get(self.events.drain.remote()):
@@ -248,20 +287,30 @@ class _Driver:
                 replace_with(event[3], self.study_dir / "runs" / attempt.job.id)
                 crash_point("checkpoint")
 
-    def _finish(self, ref, attempt: _Attempt) -> None:
-        self.beat.job_ids.discard(attempt.job.id)
+    def _finish(self, ref, attempts: list[_Attempt]) -> None:
+        kept = self.running_on.pop(ref, None)
+        for attempt in attempts:
+            self.beat.job_ids.discard(attempt.job.id)
         try:
-            payload = ray.get(ref)
+            payloads = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:  # the task wrapper itself raised (inputs could not unpack)
-            self._failed(attempt, {"message": str(exc).strip().splitlines()[-1], "traceback": str(exc)})
-            return
+            error = {"message": str(exc).strip().splitlines()[-1], "traceback": str(exc)}
+            payloads = [{"error": error} for _ in attempts]
         except ray.exceptions.RayError as exc:  # the worker process or its node died
-            self._lost(attempt, exc)
+            for attempt in attempts:
+                self._lost(attempt, exc)
             return
-        if "error" in payload:
-            self._failed(attempt, payload["error"], payload.get("where"))
-        else:
-            self._complete(attempt, payload)
+        for attempt, payload in zip(attempts, payloads):
+            if "error" in payload:
+                self._failed(attempt, payload["error"], payload.get("where"))
+            else:
+                self._complete(attempt, payload)
+        if kept is not None:
+            kind, process = kept
+            if any("error" in p for p in payloads):
+                self._retire(process)  # a process whose job raised may hold a broken state: the next gets a new one
+            else:
+                self.idle.setdefault(kind, []).append(process)
 
     def _complete(self, attempt: _Attempt, payload: dict) -> None:
         job = attempt.job
@@ -308,11 +357,6 @@ class _Driver:
 
     def _log(self, line: str) -> None:
         tqdm.write(line, file=sys.stderr)
-
-
-def _data_source(spec: dict) -> str | None:
-    """The data folder a job reads (``builtin:demo``, a path, or None for the hub or a kind that reads none)."""
-    return (spec.get("data") or {}).get("source")
 
 
 def _resume_point(out: Path) -> str | None:

@@ -1,4 +1,5 @@
-"""What runs inside a Ray worker process: one job, in a private temporary folder, with the node's kernel caches.
+"""What runs inside a Ray worker process: one job (or a group sharing its forwards), in a private temporary folder,
+with the node's kernel caches.
 
 The worker never reads or writes the study directory: its inputs (the job spec, the data folder or file, the
 state an earlier attempt left: checkpoints or a finished adapter) arrive as arguments, and what it makes goes back
@@ -113,30 +114,57 @@ class _CheckpointStreamer:
         self._thread.join()
 
 
-def _localise_inputs(task: dict, root: Path, study: Path, data_blob: bytes | None, domain_blob: bytes | None,
-                     prior_blob: bytes | None) -> tuple[dict, dict[str, str]]:
-    """Unpack what the driver shipped; the spec the job runs with (pointing at the local copies) and the map
-    from local paths back to the driver's, for the paths the job writes into its result."""
+def _process_inputs_dir() -> Path:
+    """Where this process keeps the inputs it was shipped (removed with the process's other folders once it is
+    gone, see :func:`_new_work_dir`)."""
+    return Path(tempfile.gettempdir()) / "hybridlora-ray-jobs" / f"{os.getpid()}-inputs"
+
+
+_LOCAL_INPUTS: dict[tuple[str, str], Path] = {}  # (form, driver path) -> this process's copy, unpacked once
+
+
+def _local_copy(item: dict) -> Path:
+    """This process's copy of one shipped file or folder, at the same place for every job it runs (so that what
+    the job caches by path — prepared benchmarks, tokenized texts — is found again by the next job)."""
+    import ray
+
+    key = (item["form"], item["source"])
+    if key not in _LOCAL_INPUTS:
+        import hashlib
+
+        slot = _process_inputs_dir() / hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
+        local = slot / (Path(item["source"]).name or "input")
+        blob = ray.get(item["ref"])
+        if item["form"] == "folder":
+            unpack(blob, local)
+        else:
+            slot.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(blob)
+        _LOCAL_INPUTS[key] = local
+    return _LOCAL_INPUTS[key]
+
+
+def _localise_inputs(task: dict, study: Path, inputs: list[dict], prior_blob: bytes | None) -> tuple[dict, dict]:
+    """Unpack what the driver shipped for one job; the spec the job runs with (pointing at the local copies) and
+    the map from local paths back to the driver's, for the paths the job writes into its result."""
     import copy
+
+    import ray
+
+    from ..jobs import set_spec_value
 
     spec = copy.deepcopy(task["spec"])
     back = {str(study): task["study_dir"]}
-    out = study / "runs" / task["job_id"]
     if prior_blob is not None:
-        unpack(prior_blob, out)
-    if data_blob is not None:
-        if task["data"] == "builtin":  # the job reads <study>/data
-            unpack(data_blob, study / "data")
-        else:
-            unpack(data_blob, root / "data")
-            back[str(root / "data")] = spec["data"]["source"]
-            spec["data"]["source"] = str(root / "data")
-    if domain_blob is not None:
-        local = root / "domain" / Path(spec["domain"]["name"]).name
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(domain_blob)
-        back[str(local)] = spec["domain"]["name"]
-        spec["domain"]["name"] = str(local)
+        unpack(prior_blob, study / "runs" / task["job_id"])
+    for item in inputs:
+        if item["form"] == "builtin":  # the job reads <study>/data
+            if not (study / "data").is_dir():
+                unpack(ray.get(item["ref"]), study / "data")
+            continue
+        local = _local_copy(item)
+        back[str(local)] = item["source"]
+        set_spec_value(spec, item["key"], str(local))
     return spec, back
 
 
@@ -164,53 +192,93 @@ def _job_function(kind_path: str | None, kind: str):
     return job_function(kind_path)
 
 
-def run_remote_job(task: dict, data_blob: bytes | None, domain_blob: bytes | None, prior_blob: bytes | None,
-                   events) -> dict[str, Any]:
-    """The Ray task of one job. Returns {"result" | "error", "artifacts" (tar of the job's folder), "where",
-    "timing", "paths" (local path -> driver path)}; a job that raises is returned as an error, not raised, so
-    that the driver tells a failed job (recorded, maybe retried) from a lost worker (rerun)."""
+def _job_error(exc: BaseException) -> dict:
+    return {"message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
+
+
+def run_remote_jobs(tasks: list[dict], inputs: list[list[dict]], priors: list[bytes | None], events, *,
+                    keep_process: bool = False, jobs_before: int = 0) -> list[dict[str, Any]]:
+    """Run one job, or a group of jobs that share their forwards (:func:`..jobs.execute_group`), in this process.
+
+    ``tasks[i]``: the job's id, spec, token and the driver's study path; ``inputs[i]``: what it reads, shipped as
+    object refs (:data:`..jobs.JOB_INPUTS`); ``priors[i]``: the state an earlier attempt left. Returns per job
+    {"result" | "error", "artifacts" (tar of the job's folder), "where", "timing", "paths" (local path -> driver
+    path)}; a job that raises is returned as an error, not raised, so that the driver tells a failed job
+    (recorded, maybe retried) from a lost worker (rerun). ``keep_process``: this process runs later jobs too (a
+    kept process, :class:`JobProcess`): its shipped inputs stay for them."""
     task_start = time.time()
-    timing: dict[str, Any] = {"process_age_at_task_s": _process_age_s(), "task_start": task_start}
+    timing: dict[str, Any] = {"process_age_at_task_s": _process_age_s(), "task_start": task_start,
+                              "jobs_before_in_process": jobs_before, "group_size": len(tasks)}
     from ...quiet import quiet_libraries
 
     quiet_libraries()  # a Ray worker never passes through the command line: the same filters here
     caches = use_node_kernel_caches()
     where = where_am_i()
-    where["saw_study_dir"] = os.path.exists(task["study_dir"])  # True only on a shared file system (never used)
+    where["saw_study_dir"] = os.path.exists(tasks[0]["study_dir"])  # True only on a shared file system (never used)
     import ray
 
-    ray.get(events.started.remote(task["token"], where))  # waited for: the driver hears it before the result
-    root = _new_work_dir(task["job_id"])
+    ray.get([events.started.remote(t["token"], where) for t in tasks])  # the driver hears it before the result
+    root = _new_work_dir(tasks[0]["job_id"])
     study = root / "study"
-    out = study / "runs" / task["job_id"]
+    outs = [study / "runs" / t["job_id"] for t in tasks]
     try:
-        spec, back = _localise_inputs(task, root, study, data_blob, domain_blob, prior_blob)
-        where.update(work_dir=str(root), resumed_from=task.get("resumed_from"))
+        localised = [_localise_inputs(t, study, i, p) for t, i, p in zip(tasks, inputs, priors)]
+        where.update(work_dir=str(root), resumed_from=tasks[0].get("resumed_from"))
         timing["inputs_s"] = time.time() - task_start
         t = time.time()
         import torch  # noqa: F401 — timed apart: part of every fresh process's start cost
 
         timing["import_torch_s"] = time.time() - t
         streamer = _CheckpointStreamer(
-            out, lambda name, blob: ray.get(events.checkpoint.remote(task["token"], name, blob)))
+            outs[0], lambda name, blob: ray.get(events.checkpoint.remote(tasks[0]["token"], name, blob)))
         t = time.time()
         try:
-            result, error = _job_function(task["kind_path"], spec["kind"])(spec, study, out, progress=False), None
+            results, error = _execute(tasks, [spec for spec, _ in localised], study, outs), None
         except Exception as exc:  # noqa: BLE001 — the job failed; its message goes to the store
-            result, error = None, {"message": f"{type(exc).__name__}: {exc}",
-                                   "traceback": traceback.format_exc(limit=8)}
+            results, error = None, _job_error(exc)
         finally:
             streamer.stop()
         timing["job_s"] = time.time() - t
         timing["task_end"] = time.time()
         timing["task_s"] = timing["task_end"] - task_start
         if error is not None:
-            return {"error": error, "where": where, "timing": timing}
-        _write_worker_info(out, where, timing, caches)
-        return {"result": result, "artifacts": pack(out, keep=lambda rel: not rel.parts[0].startswith(".")),
-                "where": where, "timing": timing, "paths": back}
+            return [{"error": error, "where": where, "timing": timing} for _ in tasks]
+        payloads = []
+        for out, result, (_, back) in zip(outs, results, localised):
+            _write_worker_info(out, where, timing, caches)
+            payloads.append({"result": result, "artifacts": pack(out, keep=lambda rel: not rel.parts[0].startswith(".")),
+                             "where": where, "timing": timing, "paths": back})
+        return payloads
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        if not keep_process:
+            shutil.rmtree(_process_inputs_dir(), ignore_errors=True)
+
+
+def _execute(tasks: list[dict], specs: list[dict], study: Path, outs: list[Path]) -> list[dict]:
+    """The jobs' results: one job through the function the driver's ``JOB_KINDS`` named, a group through
+    :func:`..jobs.execute_group` (which also runs a group's last lone job as its kind asks)."""
+    from ..jobs import execute_group, group_rule
+
+    for task, spec in zip(tasks, specs):
+        _job_function(task["kind_path"], spec["kind"])  # a kind the driver does not know fails here
+    if len(tasks) == 1 and group_rule(specs[0]) is None:
+        return [_job_function(tasks[0]["kind_path"], specs[0]["kind"])(specs[0], study, outs[0], progress=False)]
+    return execute_group(specs, study, outs, progress=False)
+
+
+class JobProcess:
+    """A worker process kept for one job (or group) after another, for kinds in ``JOB_KEEPS_PROCESS``: the driver
+    makes it a Ray actor holding the job's GPUs and CPUs for its whole life, so that a job always runs on the
+    device its process first initialised."""
+
+    def __init__(self):
+        self.jobs_run = 0
+
+    def run(self, tasks: list[dict], inputs: list[list[dict]], priors: list[bytes | None], events) -> list[dict]:
+        payloads = run_remote_jobs(tasks, inputs, priors, events, keep_process=True, jobs_before=self.jobs_run)
+        self.jobs_run += len(tasks)
+        return payloads
 
 
 def _write_worker_info(out: Path, where: dict, timing: dict, caches: dict) -> None:
