@@ -160,11 +160,13 @@ def _write(tmp_path: Path, data: dict, name: str = "c.yaml") -> Path:
 
 
 class Driver:
-    """``hybridlora study`` as a child process; its stderr lines collected as they come."""
+    """``hybridlora study`` (or the command ``argv`` gives) as a child process; its stderr lines collected as they
+    come."""
 
-    def __init__(self, tmp_path: Path, cfg: Path | str, *args: str, env: dict | None = None):
-        self.proc = subprocess.Popen([sys.executable, "-m", "hybridlora.cli", "study", str(cfg), "--quiet",
-                                      "--no-report", *args], cwd=tmp_path, env=env or _env(),
+    def __init__(self, tmp_path: Path, cfg: Path | str | None, *args: str, env: dict | None = None,
+                 argv: list[str] | None = None):
+        argv = argv or ["study", str(cfg), "--quiet", "--no-report", *args]
+        self.proc = subprocess.Popen([sys.executable, "-m", "hybridlora.cli", *argv], cwd=tmp_path, env=env or _env(),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")),
@@ -403,6 +405,108 @@ def test_two_node_cluster_runs_the_demo_on_a_node_that_cannot_see_the_study(tmp_
             assert where["saw_study_dir"] is False
     train_id = next(k for k, j in facts["jobs"].items() if j["kind"] == "train")
     assert (tmp_path / "study" / "runs" / train_id / "train" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ ablation conditions
+def _ablate(tmp_path: Path, data_dir: Path, out: str, *extra: str) -> list[str]:
+    """``hybridlora ablate`` of the tiny Qwen3.5's groups: 6 conditions, two benchmarks, a short text."""
+    text = tmp_path / "text.txt"
+    if not text.exists():
+        text.write_text((Path(data_dir) / "wikitext-2" / "test.txt").read_text(encoding="utf-8")[:3000])
+    return ["ablate", "qwen3.5-0.8b", "--tiny", "--data-dir", str(data_dir), "--text", str(text), "--window", "128",
+            "--reference-windows", "2", "--benchmarks", "arc_challenge,gsm8k", "--limit", "3",
+            "--max-new-tokens", "8", "--output", str(tmp_path / out), "--quiet", "--format", "json", *extra]
+
+
+def _lines(out: str, *, with_job: bool = True) -> list[dict]:
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    if not with_job:  # sharing changes the job ids (the spec holds the group size), not the numbers
+        rows = [{k: v for k, v in r.items() if k != "job"} for r in rows]
+    return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
+
+
+def test_ray_ablation_keeps_its_processes_shares_groups_and_equals_local(tmp_path, cluster, data_dir):
+    ray_args = ("--backend", "ray", "--address", cluster.address)
+    rc, ray_out, err = Driver(tmp_path, None, argv=_ablate(tmp_path, data_dir, "ray", *ray_args)).finish()
+    assert rc == 0, err
+    rc, local_out, err = Driver(tmp_path, None, argv=_ablate(tmp_path, data_dir, "local")).finish()
+    assert rc == 0, err
+    rc, shared_out, err = Driver(tmp_path, None, argv=_ablate(tmp_path, data_dir, "shared", *ray_args,
+                                                               "--conditions-per-batch", "2")).finish()
+    assert rc == 0, err
+    assert len(_lines(ray_out)) == 6 and _lines(ray_out) == _lines(local_out)
+    assert _lines(shared_out, with_job=False) == _lines(local_out, with_job=False)
+    ray_db, local_db = _db(tmp_path / "ray"), _db(tmp_path / "local")
+    assert ray_db["integrity"] == "ok" and {j["status"] for j in ray_db["jobs"].values()} == {"complete"}
+    for key in ("metrics", "summaries", "instances"):  # the per-instance records too (perplexity windows, items)
+        assert ray_db[key] == local_db[key], key
+
+    # The conditions ran one after another in kept processes (two GPUs: at most two), each on one GPU for life.
+    infos = _worker_infos(tmp_path / "ray")
+    by_pid: dict[int, list] = {}
+    for info in infos.values():
+        by_pid.setdefault(info["where"]["pid"], []).append(info)
+    assert len(infos) == 6 and len(by_pid) <= 2, by_pid.keys()
+    assert sorted(i["timing"]["jobs_before_in_process"] for i in infos.values()) != [0] * 6
+    for runs in by_pid.values():
+        assert len({tuple(i["where"]["gpu_ids"]) for i in runs}) == 1
+        assert sorted(i["timing"]["jobs_before_in_process"] for i in runs) == list(range(len(runs)))
+    # With --conditions-per-batch 2 each task ran a group of two.
+    shared = _worker_infos(tmp_path / "shared")
+    assert len(shared) == 6 and {i["timing"]["group_size"] for i in shared.values()} == {2}
+
+
+def test_kept_process_that_dies_mid_condition_is_replaced_and_every_condition_recorded_once(tmp_path, cluster,
+                                                                                            data_dir):
+    marker = tmp_path / "crashed"
+    env = _env(HYBRIDLORA_TEST_CRASH_ONCE=f"evaluated:{marker}")  # forwarded to the workers by the driver
+    driver = Driver(tmp_path, None, env=env, argv=_ablate(tmp_path, data_dir, "abl", "--backend", "ray", "--address",
+                                                          cluster.address))
+    rc, out, err = driver.finish()
+    assert rc == 0, err
+    assert marker.exists()  # one process died at the point
+    lost = re.findall(r"LOST (.*): worker lost", err)
+    assert len(lost) == 1, err
+    facts = _db(tmp_path / "abl")
+    assert facts["integrity"] == "ok" and {j["status"] for j in facts["jobs"].values()} == {"complete"}
+    assert sorted(j["attempts"] for j in facts["jobs"].values()) == [1] * 5 + [2]
+    assert len(_lines(out)) == 6 and len(facts["per_job"]) == 6
+    assert len(set(facts["per_job"].values())) == 1  # every condition's instances once: none recorded twice
+    label = re.escape(lost[0])
+    pids = re.findall(rf"started {label} \[.*\] on .* pid (\d+)", err)
+    assert len(pids) == 2 and pids[0] != pids[1], err  # rerun in a new process
+
+
+def test_two_node_ablation_ships_its_data_and_texts_to_a_node_that_cannot_see_them(tmp_path, data_dir):
+    import shutil
+
+    hide = can_hide_folders()
+    data = tmp_path / "data"  # inside the folder the node cannot see: the benchmark and the texts must travel
+    shutil.copytree(Path(data_dir) / "arc", data / "arc")
+    shutil.copytree(Path(data_dir) / "wikitext-2", data / "wikitext-2")
+    c = Cluster(tmp_path / "cluster")
+    (tmp_path / "cluster").mkdir()
+    node_cwd = Path(f"/tmp/hlnode-{uuid.uuid4().hex[:8]}")
+    try:
+        c.head(cpus=0, gpus=0)  # every condition runs on the second node
+        c.add_node(cpus=1, gpus=1, cwd=node_cwd, hide=tmp_path if hide else None)
+        argv = ["ablate", "qwen3.5-0.8b", "--tiny", "--data-dir", str(data), "--window", "128", "--limit", "2",
+                "--reference-windows", "2", "--benchmarks", "arc_challenge", "--remove", "softmax_attention",
+                "--method", "mean", "--output", str(tmp_path / "abl"), "--quiet", "--format", "json",
+                "--backend", "ray", "--address", c.address]
+        rc, out, err = Driver(tmp_path, None, argv=argv).finish()
+    finally:
+        c.stop()
+        shutil.rmtree(node_cwd, ignore_errors=True)
+    assert rc == 0, err
+    rows = _lines(out)
+    assert sorted(r["method"] for r in rows) == ["mean", "none"]
+    for row in rows:  # the default texts (WikiText-2 test, valid for the means) were read on the node
+        assert row["metrics"]["perplexity"]["tokens"] > 0 and row["metrics"]["arc_challenge"]["n"] == 2
+    infos = _worker_infos(tmp_path / "abl")
+    assert len(infos) == 2 and len({i["where"]["pid"] for i in infos.values()}) == 1  # one kept process
+    if hide:
+        assert all(i["where"]["saw_study_dir"] is False for i in infos.values())
 
 
 # ------------------------------------------------------------------ config and errors

@@ -22,9 +22,20 @@ from .config import BUILTIN_DATA
 CRASH_ENV = "HYBRIDLORA_TEST_CRASH"
 """Test hook: when set to a point name, the process dies there as if killed (``os._exit(137)``)."""
 
+CRASH_ONCE_ENV = "HYBRIDLORA_TEST_CRASH_ONCE"
+"""Test hook: ``POINT:MARKER_FILE`` — the first process of the machine to reach the point dies there (it creates
+the marker file; later processes find it and go on). The Ray backend forwards it to its workers."""
+
 
 def crash_point(name: str) -> None:
     if os.environ.get(CRASH_ENV) == name:
+        os._exit(137)
+    point, _, marker = os.environ.get(CRASH_ONCE_ENV, "").partition(":")
+    if point == name and marker:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
         os._exit(137)
 
 

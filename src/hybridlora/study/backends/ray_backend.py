@@ -25,7 +25,8 @@ import ray
 from tqdm.auto import tqdm
 
 from ..config import BUILTIN_DATA
-from ..jobs import JOB_INPUTS, JOB_KEEPS_PROCESS, JOB_KINDS, JOB_USES_GPU, crash_point, group_rule, spec_value
+from ..jobs import (CRASH_ONCE_ENV, JOB_INPUTS, JOB_KEEPS_PROCESS, JOB_KINDS, JOB_USES_GPU, crash_point, group_rule,
+                    spec_value)
 from ..store import HEARTBEAT_S, Store, make_owner, release_owner
 from . import Backend, BackendError
 from .transfer import pack, replace_with
@@ -33,7 +34,7 @@ from .worker import JobProcess, run_remote_jobs
 
 WAIT_S = 1.0  # how often the driver looks at events (job started, checkpoint arrived) between results
 MAX_LOST = 3  # reruns of a job whose worker or node died, before it is recorded failed
-FORWARDED_ENV = ("PYTHONPATH", "HYBRIDLORA_KERNEL_CACHE")  # the driver's values reach every worker
+FORWARDED_ENV = ("PYTHONPATH", "HYBRIDLORA_KERNEL_CACHE", CRASH_ONCE_ENV)  # the driver's values reach every worker
 
 
 class JobEvents:
