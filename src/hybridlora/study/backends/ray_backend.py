@@ -282,8 +282,10 @@ class _Driver:
                 where = event[2]
                 gpus = ",".join(where["gpu_ids"]) or "none"
                 resumed = f", resuming from {attempt.resumed_from}" if attempt.resumed_from else ""
+                before = where.get("jobs_before_in_process")
+                kept = f" (kept process, {before} job{'s' if before > 1 else ''} before)" if before else ""
                 self._log(f"started {attempt.job.label} [{attempt.job.id}] on {where['host']} ({where['node_ip']}, "
-                          f"node {where['node_id'][:8]}), GPUs {gpus}, pid {where['pid']}{resumed}")
+                          f"node {where['node_id'][:8]}), GPUs {gpus}, pid {where['pid']}{kept}{resumed}")
             else:
                 replace_with(event[3], self.study_dir / "runs" / attempt.job.id)
                 crash_point("checkpoint")

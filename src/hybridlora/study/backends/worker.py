@@ -215,6 +215,7 @@ def run_remote_jobs(tasks: list[dict], inputs: list[list[dict]], priors: list[by
     caches = use_node_kernel_caches()
     where = where_am_i()
     where["saw_study_dir"] = os.path.exists(tasks[0]["study_dir"])  # True only on a shared file system (never used)
+    where["jobs_before_in_process"] = jobs_before
     import ray
 
     ray.get([events.started.remote(t["token"], where) for t in tasks])  # the driver hears it before the result
