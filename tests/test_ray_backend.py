@@ -310,6 +310,35 @@ def test_local_backend_retries_a_job_that_raises(tmp_path, monkeypatch):
     assert row["status"] == "failed" and row["attempts"] == 3
 
 
+def fails_once_per_marker(spec, study_dir, out, progress=True):
+    """A job kind (registered by the kept-process test) that raises on its first attempt (its marker file does
+    not exist yet) and succeeds later; the file holds the pid of the process that failed."""
+    marker = Path(spec["marker"])
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+        raise ValueError("deliberate first failure")
+    return {"summaries": {}, "records": [], "artifact_dir": f"runs/{Path(out).name}", "wall_s": 0.0}
+
+
+def test_a_kept_process_whose_job_raised_is_replaced_for_the_retry(tmp_path, cluster, monkeypatch):
+    monkeypatch.setitem(jobs_module.JOB_KINDS, "fails_once", f"{__name__}:fails_once_per_marker")
+    monkeypatch.setitem(jobs_module.JOB_KEEPS_PROCESS, "fails_once", True)
+    # The workers import this module: the driver forwards its PYTHONPATH to them.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]))
+    job = Job("fails-once-1", "fails_once", "m", "p", "d", 1, {"kind": "fails_once", "name": "f",
+                                                                "marker": str(tmp_path / "failed_in")})
+    store = Store(tmp_path / "study")
+    store.register([job])
+    store.close()
+    run = run_jobs(tmp_path / "study", [job], progress=False,
+                   backend=Backend(name="ray", address=cluster.address, retries=1))
+    assert not run.failed and run.ran == ["fails-once-1"]
+    failed_pid = int((tmp_path / "failed_in").read_text())
+    info = _worker_infos(tmp_path / "study")["fails-once-1"]
+    assert info["where"]["pid"] != failed_pid  # the retry ran in a new process, not the one whose job raised
+    assert info["timing"]["jobs_before_in_process"] == 0
+
+
 def _longer_training(tmp_path: Path) -> dict:
     """48 optimizer steps, a checkpoint after each: on a quiet machine several seconds of training remain after
     the first checkpoint reached the driver (the worker streams them every second), so a kill lands mid-job."""
