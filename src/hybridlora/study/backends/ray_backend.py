@@ -237,6 +237,7 @@ class _Driver:
         idle = self.idle.setdefault(kind, [])
         if idle:
             return idle.pop()
+        self._retire_idle()  # those of other kinds: their resources, for this one (else it could wait forever)
         return self.kept.options(num_gpus=gpus, num_cpus=cpus, max_restarts=0, max_task_retries=0).remote()
 
     def _retire(self, process) -> None:
@@ -256,13 +257,12 @@ class _Driver:
             value = spec_value(job.spec, key)
             if not isinstance(value, str) or not value:
                 continue
-            if value == BUILTIN_DATA:
-                path, form = self.study_dir / "data", "builtin"
-            else:
-                path = Path(value)
-                form = "folder" if path.is_dir() else "file" if path.is_file() else None
-            if form is None or not path.exists():
+            path = self.study_dir / "data" if value == BUILTIN_DATA else Path(value)
+            form = "folder" if path.is_dir() else "file" if path.is_file() else None
+            if form is None:
                 continue  # a hub id, a known domain name: the worker resolves it itself
+            if value == BUILTIN_DATA:
+                form = "builtin"
             ident = (form, str(path))
             if ident not in self.inputs:
                 self.inputs[ident] = ray.put(pack(path) if form != "file" else path.read_bytes())

@@ -230,7 +230,7 @@ def run_remote_jobs(tasks: list[dict], inputs: list[list[dict]], priors: list[by
         import torch  # noqa: F401 — timed apart: part of every fresh process's start cost
 
         timing["import_torch_s"] = time.time() - t
-        streamer = _CheckpointStreamer(
+        streamer = _CheckpointStreamer(  # training jobs run alone; a group's kinds write no checkpoints
             outs[0], lambda name, blob: ray.get(events.checkpoint.remote(tasks[0]["token"], name, blob)))
         t = time.time()
         try:
