@@ -334,7 +334,6 @@ class SharedAblation(_Hooks):
         return hook
 
 
-
 def _stored_mean(means: dict | None, unit: Unit, name: str) -> torch.Tensor:
     try:
         return means[unit.key][name]
