@@ -3,9 +3,11 @@
 For each model (full-size architecture, random weights, bf16 on CUDA; ``--tiny``: tiny config, fp32, CPU — checks
 the script, measures nothing meaningful) it
 
-1. counts the conditions of the reference's set on our units — groups (each mixer type), every (mixer, layer),
-   progressive first / last / random N (N in 1, 2, 4, 6, 8, 12, 18 below the pool size), 5 random matched-count
-   controls per group and first/last condition — and the distinct removals left after sharing identical ones;
+1. counts the conditions of the reference's set on our units (``ablate --plan reference``,
+   ``plans.reference_conditions``) — groups (each mixer type), every (mixer, layer), progressive first / last /
+   random N (N in 1, 2, 4, 6, 8, 12, 18 up to the pool size), early / middle / late thirds of each mixer type, 5
+   random matched-count controls per group and first/last condition — and the distinct removals left after
+   sharing identical ones;
 2. measures, intact and with a representative ablation attached (every attention unit removed), the rates of the
    three kinds of work one condition does: strided perplexity (tokens/s, windows of ``--window``), one-forward
    multiple choice (s per question at ``--mc-len`` prompt tokens, batch ``--mc-batch``) and greedy decoding on
@@ -53,11 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from hybridlora.ablation.methods import Ablation, collect_means, model_units  # noqa: E402
 from hybridlora.ablation.perplexity import plan_windows, strided_nll  # noqa: E402
-from hybridlora.ablation.plans import (Condition, group_conditions, layer_conditions, mixer_units,  # noqa: E402
-                                       progressive_pool, random_controls)
+from hybridlora.ablation.plans import Condition, mixer_units, reference_conditions  # noqa: E402
 
 MODELS = {"qwen": "qwen3.5-0.8b", "falcon": "falcon-h1-0.5b"}
-REFERENCE_N = (1, 2, 4, 6, 8, 12, 18)
 STUDY_MC = 512 + 299 + 512  # MMLU, ARC-Challenge, HellaSwag at the study's sizes
 # MMLU's few-shot examples are per subject: its 512-question subset forms 52 shared-prefix groups (median 7
 # questions) and 40 rows scored whole (the evaluator's grouping of the data folder's subset); ARC-Challenge and
@@ -79,25 +79,6 @@ class _Tok:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def reference_conditions(mu) -> list[Condition]:
-    """The reference's set on our units (its methods: whole-layer skip for sequential, zero for parallel)."""
-    method = "zero" if mu.topology == "parallel" else "skip_layer"
-    groups = [c for c in group_conditions(mu, [method]) if c.detail["component"] not in ("mlp", "moe")]
-    layers = [c for c in layer_conditions(mu, ["zero" if mu.topology == "parallel" else "skip"])
-              if c.detail["component"] in {u.component for u in mixer_units(mu)}]
-    label, pool = progressive_pool(mu)
-    progressive = []
-    import random
-
-    for n in [n for n in REFERENCE_N if n <= len(pool)]:
-        rng = random.Random(f"0:progressive-random:{n}")
-        for order, units in (("first", pool[:n]), ("last", pool[-n:]), ("random", rng.sample(pool, n))):
-            progressive.append(Condition(f"{order}_{n}", method, [u.key for u in units], "progressive",
-                                         {"order": order, "n": n, "component": label}))
-    controls = random_controls(groups + progressive, mu, trials=5, seed=0)
-    return groups + layers + progressive + controls
 
 
 def build(name: str, args):
@@ -567,7 +548,7 @@ def measure_model(name: str, args, results: dict) -> list[Condition]:
 
         fast.warn_missing_kernels(model)
         results.setdefault("kernels", {})[name] = fast.describe(model)
-    conditions = reference_conditions(mu)
+    conditions = reference_conditions(mu, trials=5, seed=0)  # what `ablate --plan reference` runs
     entry["conditions"] = len(conditions)
     note(f"built {MODELS[name]}: {len(mu.units)} units, {len(conditions)} reference conditions")
     measure(model, mu, args, entry, note)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from family_fixtures import REQUIRED_MODEL_TYPES, tiny_model
-from hybridlora.ablation.methods import Ablation, collect_means, model_units
+from hybridlora.ablation.methods import Ablation, AblationError, collect_means, model_units
 from hybridlora.ablation.perplexity import plan_windows, strided_nll, summarize
 from hybridlora.ablation.plans import build_plan, parse_remove, random_controls, group_conditions
 from hybridlora.components import build_component_map
@@ -134,8 +134,6 @@ def test_mean_ablation_uses_the_stored_means():
 
 
 def test_mean_needs_stored_means():
-    from hybridlora.ablation.methods import AblationError
-
     model = tiny_model("falcon_h1")
     mu = model_units(build_component_map(model))
     with pytest.raises(AblationError, match="no stored mean"):
@@ -190,6 +188,39 @@ def test_plans_cover_every_family_with_sensible_conditions():
         assert any(c.plan == "layer" for c in conditions)
         parallel = any(u.parallel for u in mu.units if u.component in SEQUENCE_MIXERS)
         assert any(c.method == ("zero" if parallel and mu.topology == "parallel" else "skip") for c in conditions)
+
+
+@pytest.mark.parametrize("name,method,layers", [("qwen3.5-0.8b", "skip_layer", 24), ("falcon-h1-0.5b", "zero", 72)])
+def test_reference_plan_is_the_papers_set_with_its_methods(name, method, layers):
+    from collections import Counter
+
+    mu = _meta_units(name)
+    plan = build_plan(mu, "reference")
+    assert plan[0].method == "none" and {c.method for c in plan[1:]} == {method}
+    assert all(mu.by_key()[k].component in SEQUENCE_MIXERS for c in plan for k in c.units)  # no MLP removed
+    counts = Counter((c.plan, c.detail.get("order")) for c in plan[1:])
+    assert counts[("group", None)] == 2 and counts[("layer", None)] == layers
+    # N in 1, 2, 4, 6, 8, 12, 18: every size fits both recurrent pools (18 Gated DeltaNet, 36 Mamba-2 layers)
+    assert counts[("progressive", "first")] == counts[("progressive", "last")] == counts[("progressive", "random")] == 7
+    assert counts[("progressive", "early")] == counts[("progressive", "middle")] == counts[("progressive", "late")] == 2
+    assert counts[("random", None)] == 5 * (2 + 14)  # 5 controls of each group and each first / last condition
+    by_name = {c.name: c for c in plan}
+    for control in (c for c in plan if c.plan == "random"):
+        target = by_name[control.detail["control_of"]]
+        assert target.plan == "group" or target.detail["order"] in ("first", "last")
+        assert len(control.units) == len(target.units) and control.units != target.units
+    assert [c.units for c in plan] == [c.units for c in build_plan(mu, "reference")]  # seeded
+    with pytest.raises(AblationError, match="drop --method"):
+        build_plan(mu, "reference", methods=["skip"])
+
+
+def test_reference_plan_builds_for_every_family():
+    for model_type in REQUIRED_MODEL_TYPES:
+        mu = model_units(build_component_map(tiny_model(model_type)))
+        plan = build_plan(mu, "reference", trials=2, seed=0)
+        keys = set(mu.by_key())
+        assert len(plan) > 2 and all(set(c.units) <= keys for c in plan), model_type
+        assert any(c.plan == "layer" for c in plan) and any(c.plan == "group" for c in plan), model_type
 
 
 def test_progressive_sizes_follow_the_model():
@@ -432,6 +463,7 @@ def test_resume_after_crash_runs_every_condition_once(tmp_path, data_dir, monkey
     (["--remove", "ssm"], "this model has no ssm"),
     (["--remove", "softmax_attention@0"], "no softmax_attention at layer(s) 0"),
     (["--plan", "everything"], "--plan everything"),
+    (["--plan", "reference", "--method", "skip"], "drop --method"),
     (["--method", "delete"], "--method delete"),
     (["--benchmarks", "trivia"], "unknown benchmark"),
     (["--workers-per-gpu", "0"], "--workers-per-gpu 0"),

@@ -6,7 +6,7 @@ an all-attention model — with N from 1, 2, 4, 6, 8, 12, 18, … below the coun
 thirds of each mixer type), ``random`` (matched-count controls of every group and progressive condition:
 ``trials`` draws of as many units from all mixer units — from all units for targets holding MLPs — seeded,
 never the targeted set), ``all`` (every
-plan), a YAML file, or ``--remove`` specs (``softmax_attention``, ``ssm@0-5``, ``linear_attention@3+mlp@3``).
+plan), ``reference`` (the reference paper's set with its methods, :func:`reference_conditions`), a YAML file, or ``--remove`` specs (``softmax_attention``, ``ssm@0-5``, ``linear_attention@3+mlp@3``).
 
 Method ``auto``: ``zero`` for units of parallel blocks, ``skip`` otherwise; group and progressive conditions of
 sequential layers also get the whole-layer variant (``skip_layer``) the reference used.
@@ -21,8 +21,10 @@ from typing import Any, Iterable, Sequence
 from ..families import COMPONENT_TYPES, RECURRENT_MIXERS, SEQUENCE_MIXERS
 from .methods import METHODS, AblationError, ModelUnits, Unit, default_method
 
-PLANS = ("groups", "layers", "progressive", "random", "all")
+PLANS = ("groups", "layers", "progressive", "random", "all", "reference")
 PROGRESSIVE_N = (1, 2, 4, 6, 8, 12, 18, 24, 32, 48, 64)
+# The reference paper's progressive sizes (arXiv 2603.22473: first / last / random N recurrent layers)
+REFERENCE_N = (1, 2, 4, 6, 8, 12, 18)
 ALIASES = {"recurrent": RECURRENT_MIXERS, "attention": ("softmax_attention",), "mixers": SEQUENCE_MIXERS}
 
 
@@ -123,6 +125,36 @@ def progressive_conditions(mu: ModelUnits, methods: Sequence[str], seed: int) ->
     return out
 
 
+def reference_conditions(mu: ModelUnits, trials: int, seed: int) -> list[Condition]:
+    """The reference paper's condition set on this model's units, with its methods: the whole layer removed
+    (``skip_layer``) in sequential models, the branch zeroed (``zero``) in parallel blocks. Each mixer type as a
+    group; every (mixer, layer); the first / last / random N of the recurrent pool (attention for an
+    all-attention model) for N in :data:`REFERENCE_N` up to the pool's size; early / middle / late thirds of each
+    mixer type (the reference's Falcon-H1 buckets, here for every model); ``trials`` matched-count random
+    controls of each group and each first / last condition. No MLP units (the reference removed none)."""
+    method = "zero" if mu.topology == "parallel" else "skip_layer"
+    mixers = [c for c in SEQUENCE_MIXERS if mu.of(c)]
+    groups = [Condition(f"no_{c}", method, [u.key for u in mu.of(c)], "group", {"component": c}) for c in mixers]
+    layers = [Condition(f"only_{u.key}", method, [u.key], "layer", {"component": u.component, "layer": u.layer})
+              for u in mixer_units(mu)]
+    label, pool = progressive_pool(mu)
+    ordered = []
+    for n in [n for n in REFERENCE_N if n <= len(pool)]:
+        rng = random.Random(f"{seed}:progressive-random:{n}")
+        chosen = sorted(rng.sample(pool, n), key=lambda u: (u.layer, u.component))
+        for order, units in (("first", pool[:n]), ("last", pool[-n:]), ("random", chosen)):
+            ordered.append(Condition(f"{order}_{n}_{label}", method, [u.key for u in units], "progressive",
+                                     {"component": label, "order": order, "n": n}))
+    buckets = []
+    for component in [c for c in mixers if len(mu.of(c)) >= 3]:
+        units = mu.of(component)
+        for bucket, (lo, hi) in zip(("early", "middle", "late"), _thirds(len(units))):
+            buckets.append(Condition(f"{bucket}_{component}", method, [u.key for u in units[lo:hi]], "progressive",
+                                     {"component": component, "order": bucket, "n": hi - lo}))
+    controls = random_controls(groups + ordered, mu, trials, seed)  # random-N conditions are skipped there
+    return groups + layers + ordered + buckets + controls
+
+
 def _thirds(n: int) -> list[tuple[int, int]]:
     cuts = [round(i * n / 3) for i in range(4)]
     return [(cuts[i], cuts[i + 1]) for i in range(3)]
@@ -176,6 +208,11 @@ def build_plan(mu: ModelUnits, plan: str, *, methods: Sequence[str] = ("auto",),
         if path.suffix in (".yaml", ".yml"):
             return [intact()] + load_plan_file(path, mu, trials=trials, seed=seed)
         raise AblationError(f"--plan {plan}: choose from {', '.join(PLANS)} or give a YAML file")
+    if plan == "reference":
+        if list(methods) != ["auto"]:
+            raise AblationError("--plan reference uses the reference's methods (skip_layer in sequential models, "
+                                "zero in parallel blocks); drop --method")
+        return _dedupe([intact()] + reference_conditions(mu, trials, seed))
     _check_methods(methods, mu)
     out = [intact()]
     if plan in ("groups", "all", "random"):
