@@ -5,8 +5,9 @@ Plans: ``groups`` (every unit of one component type; ``recurrent`` = every recur
 an all-attention model — with N from 1, 2, 4, 6, 8, 12, 18, … below the count, and early / middle / late
 thirds of each mixer type), ``random`` (matched-count controls of every group and progressive condition:
 ``trials`` draws of as many units from all mixer units — from all units for targets holding MLPs — seeded,
-never the targeted set), ``all`` (every
-plan), ``reference`` (the reference paper's set with its methods, :func:`reference_conditions`), a YAML file, or ``--remove`` specs (``softmax_attention``, ``ssm@0-5``, ``linear_attention@3+mlp@3``).
+never the targeted set), ``all`` (every plan), ``reference`` (the reference paper's set with its methods,
+:func:`reference_conditions`), a YAML file, or ``--remove`` specs (``softmax_attention``, ``ssm@0-5``,
+``linear_attention@3+mlp@3``).
 
 Method ``auto``: ``zero`` for units of parallel blocks, ``skip`` otherwise; group and progressive conditions of
 sequential layers also get the whole-layer variant (``skip_layer``) the reference used.

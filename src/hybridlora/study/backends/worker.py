@@ -247,8 +247,9 @@ def run_remote_jobs(tasks: list[dict], inputs: list[list[dict]], priors: list[by
         payloads = []
         for out, result, (_, back) in zip(outs, results, localised):
             _write_worker_info(out, where, timing, caches)
-            payloads.append({"result": result, "artifacts": pack(out, keep=lambda rel: not rel.parts[0].startswith(".")),
-                             "where": where, "timing": timing, "paths": back})
+            artifacts = pack(out, keep=lambda rel: not rel.parts[0].startswith("."))
+            payloads.append({"result": result, "artifacts": artifacts, "where": where, "timing": timing,
+                             "paths": back})
         return payloads
     finally:
         shutil.rmtree(root, ignore_errors=True)
