@@ -469,6 +469,7 @@ def test_resume_after_crash_runs_every_condition_once(tmp_path, data_dir, monkey
     (["--workers-per-gpu", "0"], "--workers-per-gpu 0"),
     (["--backend", "ray", "--workers-per-gpu", "2"], "--gpus-per-job 1/N"),
     (["--gen-batch-size", "0"], "--gen-batch-size must be at least 1"),
+    (["--conditions-per-batch", "0"], "--conditions-per-batch must be at least 1"),
 ])
 def test_bad_input_is_one_error_line(capsys, tmp_path, data_dir, extra, message):
     from hybridlora.cli import main

@@ -152,22 +152,6 @@ def test_a_condition_asking_twice_for_one_request_is_an_error():
     shared.view(0).score_choices(rows)  # a new round: computed again
     with pytest.raises(RuntimeError, match="asked twice"):
         shared.view(0).score_choices(rows)
-
-
-@pytest.mark.parametrize("extra,message", [
-    (["--conditions-per-batch", "0"], "--conditions-per-batch must be at least 1"),
-])
-def test_bad_sharing_input_is_one_error_line(capsys, tmp_path, data_dir, extra, message):
-    from hybridlora.cli import main
-    from test_ablation import _args
-
-    code = main(_args(tmp_path, data_dir, *extra))
-    out, err = capsys.readouterr()
-    assert code == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
-    assert not (tmp_path / "abl").exists()
-
-
 @pytest.mark.parametrize("model_type", ["qwen3_5_text", "falcon_h1"])
 def test_shared_decoding_gives_each_condition_its_own_tokens(model_type):
     """The static decode loop over interleaved rows (its step a CUDA graph where CUDA is present, recording the
