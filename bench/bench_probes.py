@@ -62,7 +62,9 @@ def measure(spec, probe: str, settings: Settings, graphs: str, epochs: int) -> d
     short_s, short = timed_run(spec, probe, dataclasses.replace(settings, epochs=1), graphs)
     long_s, long = timed_run(spec, probe, dataclasses.replace(settings, epochs=epochs), graphs)
     per_step = (long_s - short_s) / max(long["steps"] - short["steps"], 1)
+    # a difference under the runs' timing noise (tiny steps in a CUDA graph) is no step time: flagged, not clipped
     return {"arch": spec.name, "probe": probe, "graphs": graphs, "step": long["step"], "params": long["params"],
+            "measured": per_step > 0,
             "short_s": round(short_s, 3), "long_s": round(long_s, 3), "steps": [short["steps"], long["steps"]],
             "ms_per_step": round(1000 * per_step, 3), "setup_s": round(short_s - per_step * short["steps"], 2),
             "run_min": round((short_s - per_step * short["steps"] + per_step * settings.steps) / 60, 2)}
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             for graphs in args.graphs.split(","):
                 row = measure(arch, probe, settings, graphs, args.epochs)
                 rows.append(row)
+                if not row["measured"]:
+                    print(f"warning: {name} {probe} graphs {graphs}: the longer run was not slower; the step is under "
+                          "the timing noise, raise --epochs for a figure", flush=True)
                 print(f"{name:>14} {probe:<18} graphs {graphs:<3} ({row['step']}): {row['ms_per_step']:.2f} ms/step, "
                       f"setup {row['setup_s']:.1f} s, a whole run ({settings.steps} steps) ≈ {row['run_min']:.2f} min",
                       flush=True)

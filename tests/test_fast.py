@@ -167,6 +167,7 @@ def test_binding_kernels_into_a_transformers_newer_than_the_gpu_tests_is_said(mo
     monkeypatch.setattr(kernels, "_cuda", lambda: True)
     monkeypatch.setattr(kernels, "_probe", lambda: probe)
     monkeypatch.setattr(kernels, "_gdn_backward_blocked", lambda *a: None)
+    monkeypatch.delenv(kernels.LIFT_GUARD_ENV, raising=False)  # its narrowing note is not this test's concern
     monkeypatch.setitem(kernels._state, "notes", [])
     try:
         monkeypatch.setattr(transformers, "__version__", f"{kernels.GPU_VERIFIED_TRANSFORMERS}.9")
@@ -666,6 +667,7 @@ def test_gdn_decode_in_place_binds_when_asked_for_and_decodes_transformers_token
                             lambda: _RecurrentKernelStandIn(kernels._STEP_KERNEL_ARGS - {"ht"}))
         assert "in place" not in fast.use("fast")["modeling_qwen3_5.torch_recurrent_gated_delta_rule"]
     finally:
+        monkeypatch.undo()  # before restore: with _on_cuda still faked, CPU tensors would reach a real fla kernel
         kernels.restore()
     reference = greedy_generate(model, ids, mask, max_new_tokens=6, pad_token_id=0).tokens
     assert torch.equal(ours, reference)

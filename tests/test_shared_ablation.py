@@ -2,6 +2,7 @@
 condition computes alone, in every family, and every path that runs a forward keeps a row's copies together."""
 from __future__ import annotations
 
+import copy
 import json
 import sqlite3
 
@@ -159,7 +160,7 @@ def test_shared_decoding_gives_each_condition_its_own_tokens(model_type):
     from hybridlora.fast.decode import greedy_generate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = tiny_model(model_type).to(device)
+    model = copy.deepcopy(tiny_model(model_type)).to(device)  # a copy: the cached CPU model stays as other tests expect
     model.generation_config.eos_token_id = None
     mu = model_units(build_component_map(model))
     ids = torch.randint(1, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1)).to(device)
