@@ -6,7 +6,7 @@ the script, measures nothing meaningful) it
 1. counts the conditions of the reference's set on our units (``ablate --plan reference``,
    ``plans.reference_conditions``) — groups (each mixer type), every (mixer, layer), progressive first / last /
    random N (N in 1, 2, 4, 6, 8, 12, 18 up to the pool size), early / middle / late thirds of each mixer type, 5
-   random matched-count controls per group and first/last condition — and the distinct removals left after
+   random matched-count controls per group (the reference's controls) — and the distinct removals left after
    sharing identical ones;
 2. measures, intact and with a representative ablation attached (every attention unit removed), the rates of the
    three kinds of work one condition does: strided perplexity (tokens/s, windows of ``--window``), one-forward
@@ -479,6 +479,8 @@ def mps_status() -> str:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--reproject", metavar="JSON", help="no measurement: the rates of an earlier run's "
+                    "bench_ablation.json projected over the current plan's conditions (CPU, meta-device counts)")
     ap.add_argument("--models", default="qwen,falcon")
     ap.add_argument("--tiny", action="store_true", help="tiny configs on CPU: checks the script, measures nothing")
     ap.add_argument("--window", type=int, default=2048)
@@ -518,6 +520,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.reproject:
+        return reproject(Path(args.reproject), args)
     if not args.tiny:
         from hybridlora.study.backends.worker import use_node_kernel_caches
 
@@ -537,6 +541,60 @@ def main() -> None:
         if args.workers:
             measure_runners(name, args, results["models"][name], conditions[name], _noter(name, results, args))
     log("done")
+
+
+def reproject(path: Path, args) -> None:
+    """Project the rates measured by an earlier run (``path``: its bench_ablation.json) over the conditions the
+    current ``plans.reference_conditions`` builds on the full-size architecture (meta device: counts only). The
+    measured rates are not touched; only the count of removals can differ from the run's."""
+    from hybridlora.components import build_component_map
+    from hybridlora.models import build_meta_model, resolve_model
+
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        sys.exit(f"error: --reproject {path}: {exc}; give a bench_ablation.json written by this bench")
+    saved = argparse.Namespace(**{**vars(args), **{k: _number(v) for k, v in earlier["args"].items()}})
+    log(f"rates measured {earlier['date']} on {earlier['device']} ({path}); counts of the current plan")
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        entry = earlier["models"].get(name)
+        if not entry or "rates" not in entry:
+            log(f"{name}: no rates in {path}; skipped")
+            continue
+        mu = model_units(build_component_map(build_meta_model(resolve_model(MODELS[name]).config)))
+        conditions = reference_conditions(mu, trials=5, seed=0)
+        pr = project(_int_keys(entry["rates"]), conditions, saved)
+        log(f"{name}: {len(conditions)} reference conditions, {pr['removals']} removals (the run counted "
+            f"{entry.get('conditions')} conditions)")
+        log(f"{name}: projection: {pr['per_condition_s']['total']:.1f} s per condition x {pr['removals']} removals "
+            f"= {pr['total_min']:.1f} min")
+        if "with_every_lever" in pr:
+            levers = pr["with_every_lever"]
+            log(f"{name}: with every lever: {levers['per_condition_s']:.1f} s per condition, whole set "
+                f"{levers['total_min']:.1f} min (runner gain not included)")
+        for k, shared in pr.get("with_every_lever_sharing", {}).items():
+            c = shared["per_condition_s"]
+            log(f"{name}: with every lever and {k} conditions a batch: {c['total']:.1f} s per condition (perplexity "
+                f"{c['perplexity']:.1f}, MC {c['mc']:.1f}, generation {c['generation']:.1f}), whole set "
+                f"{shared['total_min']:.1f} min in {shared['groups']} groups")
+
+
+def _int_keys(value):
+    """JSON's string keys back to the row counts they were (``gen_at_rows``: {rows: rate}); shares stay text."""
+    if isinstance(value, dict):
+        return {int(k) if k.isdigit() and isinstance(v, dict) and "s_per_step" in v else k: _int_keys(v)
+                for k, v in value.items()}
+    return value
+
+
+def _number(text: str):
+    """A saved argument back to the number it was (the results file stores arguments as text)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
 
 
 def measure_model(name: str, args, results: dict) -> list[Condition]:

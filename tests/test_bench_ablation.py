@@ -99,3 +99,30 @@ def test_sharing_divides_each_decode_call_among_its_conditions_and_runs_whole_gr
     rates["shared"][4] = shared | {"prefix_reuse_off": "its log-probs differ"}
     off = bench.project(rates, _conditions(bench, 9), _args())["with_every_lever_sharing"][4]
     assert off["prefix_reuse"] is False and math.isclose(off["per_condition_s"]["mc"], 1323 * 3e-3)
+
+
+def test_reproject_reads_a_saved_run_back_to_the_live_projection(bench, tmp_path, capsys):
+    """--reproject: a run's bench_ablation.json (JSON keys are text, arguments stored as text) projects to the
+    numbers the run itself printed, over the current reference plan's count of removals."""
+    import json
+
+    from hybridlora.ablation.plans import reference_conditions
+    from hybridlora.components import build_component_map
+    from hybridlora.models import build_meta_model, resolve_model
+
+    shared = {"mc_s_per_question": 3e-3, "mc_s_per_question_prefix_reuse": 1e-3, "prefix_reused_rows": 100,
+              "gen_at_rows": {256: {"s_per_step": 20e-3, "fixed_s": 1.0}, 164: {"s_per_step": 16e-3, "fixed_s": 0.8}}}
+    rates = _rates(gen_at_rows={164: {"s_per_step": 8e-3, "fixed_s": 0.3}})["ablated"]
+    saved = {"date": "2026-12-05", "device": "stand-in", "args": {k: str(v) for k, v in vars(_args()).items()},
+             "models": {"qwen": {"conditions": 1, "rates": {"ablated": rates, "shared": {"4": shared}}}}}
+    path = tmp_path / "bench_ablation.json"
+    path.write_text(json.dumps(saved))
+    mu = bench.model_units(build_component_map(build_meta_model(resolve_model("qwen3.5-0.8b").config)))
+    live = bench.project({"ablated": rates, "shared": {"4": shared}}, reference_conditions(mu, 5, 0), _args())
+    bench.reproject(path, argparse.Namespace(models="qwen"))
+    printed = capsys.readouterr().out
+    assert f"whole set {live['with_every_lever']['total_min']:.1f} min" in printed
+    assert f"whole set {live['with_every_lever_sharing']['4']['total_min']:.1f} min in 14 groups" in printed
+    assert f"{live['removals']} removals (the run counted 1 conditions)" in printed
+    with pytest.raises(SystemExit, match="give a bench_ablation.json"):
+        bench.reproject(tmp_path / "missing.json", argparse.Namespace(models="qwen"))

@@ -132,7 +132,12 @@ def reference_conditions(mu: ModelUnits, trials: int, seed: int) -> list[Conditi
     group; every (mixer, layer); the first / last / random N of the recurrent pool (attention for an
     all-attention model) for N in :data:`REFERENCE_N` up to the pool's size; early / middle / late thirds of each
     mixer type (the reference's Falcon-H1 buckets, here for every model); ``trials`` matched-count random
-    controls of each group and each first / last condition. No MLP units (the reference removed none)."""
+    controls of each group. No MLP units (the reference removed none).
+
+    The controls are the reference's: its published results (``random_control_perplexity.csv``,
+    ``experiment1_summary.csv``) hold random controls of the groups only, its "random N" progressive arm being
+    the control of the first / last N. ``--plan all`` adds controls of every progressive condition (the bands of
+    the report's progressive curves)."""
     method = "zero" if mu.topology == "parallel" else "skip_layer"
     mixers = [c for c in SEQUENCE_MIXERS if mu.of(c)]
     groups = [Condition(f"no_{c}", method, [u.key for u in mu.of(c)], "group", {"component": c}) for c in mixers]
@@ -152,8 +157,7 @@ def reference_conditions(mu: ModelUnits, trials: int, seed: int) -> list[Conditi
         for bucket, (lo, hi) in zip(("early", "middle", "late"), _thirds(len(units))):
             buckets.append(Condition(f"{bucket}_{component}", method, [u.key for u in units[lo:hi]], "progressive",
                                      {"component": component, "order": bucket, "n": hi - lo}))
-    controls = random_controls(groups + ordered, mu, trials, seed)  # random-N conditions are skipped there
-    return groups + layers + ordered + buckets + controls
+    return groups + layers + ordered + buckets + random_controls(groups, mu, trials, seed)
 
 
 def _thirds(n: int) -> list[tuple[int, int]]:
