@@ -77,8 +77,9 @@ def step_seconds(model, ids, mask, new: int, path: str) -> dict:
 
 
 def _graph_with_opt_in(variable: str, model, ids, mask, new: int, record: tuple[str, str]) -> dict:
-    """The graph path with the opt-in environment ``variable`` set to 1 and the kernels bound again; ``record``:
+    """The graph path with the environment ``variable`` set to 1 and the kernels bound again; ``record``:
     (result key, suffix of the bound attributes whose bindings it lists). The binding is put back afterwards."""
+    before = os.environ.get(variable)
     os.environ[variable] = "1"
     try:
         bound = fast.use("fast")
@@ -87,7 +88,10 @@ def _graph_with_opt_in(variable: str, model, ids, mask, new: int, record: tuple[
         result[key] = sorted({v for k, v in bound.items() if k.endswith(suffix)})
         return result
     finally:
-        del os.environ[variable]
+        if before is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = before
         fast.use("fast")
 
 
@@ -117,9 +121,10 @@ def _with_compiled_layers(model, ids, mask, new: int) -> dict:
 
 
 def _with_state_in_place(model, ids, mask, new: int) -> dict:
-    """The graph path with the Gated DeltaNet decode state written in place (the opt-in
-    $HYBRIDLORA_GDN_STATE_IN_PLACE=1), where the default has fla's recurrent call return a new final state that the
-    cache copies into its buffer. Same kernel, so the same tokens; the difference is the copy."""
+    """The graph path with the Gated DeltaNet decode state written in place ($HYBRIDLORA_GDN_STATE_IN_PLACE=1, the
+    default since 2026-12-05), against "graph" run with the variable at 0 (``main`` sets it for this comparison):
+    fla's recurrent call returning a new final state that the cache copies into its buffer. Same kernel, so the
+    same tokens; the difference is the copy."""
     from hybridlora.fast.kernels import STATE_IN_PLACE_ENV
 
     return _graph_with_opt_in(STATE_IN_PLACE_ENV, model, ids, mask, new,
@@ -179,6 +184,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
+    if "graph_state_in_place" in args.paths.split(","):
+        from hybridlora.fast.kernels import STATE_IN_PLACE_ENV
+
+        os.environ[STATE_IN_PLACE_ENV] = "0"  # the other paths with the state copied, as before 2026-12-05
     fast.use("fast")
     for name in args.models.split(","):
         model, _ = btl.build(name)
