@@ -157,17 +157,33 @@ def mc_seconds_prefix_reuse(model, args, group_rows: int | None = None,
     g = torch.Generator().manual_seed(1)
     shared = round(args.mc_len * args.mc_shared)
     n_blocks = -(-args.mc_questions // group_rows) if group_rows else 1
-    blocks = [torch.randint(1, model.config.vocab_size, (shared,), generator=g).tolist() for _ in range(n_blocks)]
+    blocks = [torch.randint(1, model.config.vocab_size, (round(shared * scale),), generator=g).tolist()
+              for scale in block_scales(n_blocks)]
     tails = torch.randint(1, model.config.vocab_size, (args.mc_questions, args.mc_len - shared), generator=g)
     prepared = [(blocks[i * n_blocks // args.mc_questions] + t, [], [1, 2, 3, 4]) for i, t in enumerate(tails.tolist())
                 for _ in range(copies)]
-    lm.score_choices(prepared[:(args.mc_batch + 1) * copies])  # warm-up, and the check
+    # warm-up over every row: the check, and each chunk's shapes once (an ablation run scores the same rows for
+    # every condition, so only its first condition meets them new)
+    lm.score_choices(prepared)
     sync(args.device)
     t = time.perf_counter()
     lm.score_choices(prepared)
     sync(args.device)
     return ((time.perf_counter() - t) / len(prepared), lm.prefix_reuse_note, lm.prefix_reused_rows // copies,
             lm.prefix_reuse_align)
+
+
+def block_scales(n: int) -> list[float]:
+    """Relative lengths of ``n`` few-shot blocks, mean 1: one block as is; several spread evenly over 0.6-1.4 in a
+    fixed shuffled order, as MMLU's per-subject shots differ (the data folder's 512-question subset: 56 subjects,
+    prefixes of 718 / 1,275 / 1,626 / 2,205 / 11,617 characters at min / quartiles / max), so that grouping
+    prefixes of similar length (``evaluate.prefix._next_chunk``) is measured with the cut it loses, not at one
+    length shared by every group."""
+    if n == 1:
+        return [1.0]
+    scales = [0.6 + 0.8 * i / (n - 1) for i in range(n)]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(3)).tolist()
+    return [scales[i] for i in order]
 
 
 def decode(model, args, batch: int, new: int, *, check: bool = True):

@@ -17,9 +17,9 @@ DATA = Path(os.environ.get("HYBRIDLORA_TEST_DATA", Path(__file__).resolve().pare
 needs_data = pytest.mark.skipif(not (DATA / "arc").is_dir(), reason="needs ../shared/data")
 
 
-def _scores(model, benchmark: str, reuse: bool) -> tuple[list[list[float]], CausalLM]:
+def _scores(model, benchmark: str, reuse: bool, limit: int = 9) -> tuple[list[list[float]], CausalLM]:
     lm = CausalLM(model, byte_tokenizer(), batch_size=4, max_length=1536, prefix_reuse=reuse)
-    prepared = prepare_benchmark(lm, benchmark, data_dir=DATA, limit=9)
+    prepared = prepare_benchmark(lm, benchmark, data_dir=DATA, limit=limit)
     return lm.score_choices(prepared.inputs), lm
 
 
@@ -101,17 +101,50 @@ def test_lab_models_reuse_the_prefix_exactly(name):
 
 
 @needs_data
+@pytest.mark.parametrize("model_type", ["qwen3_5_text", "falcon_h1", "llama"])
+def test_groups_of_several_subjects_share_one_prefix_forward_and_give_the_whole_rows_log_probs(model_type,
+                                                                                                  monkeypatch):
+    """MMLU's per-subject shots: once the cut is trusted, subjects of similar prefix length run their prefixes in
+    one forward and their questions in common batches (each row on its own subject's cache row), and every score
+    is the whole row's."""
+    model = build_model(tiny_config_for(model_type), seed=0)
+    whole, _ = _scores(model, "mmlu", reuse=False, limit=64)
+    chunks = []
+    real = prefix.run_prefixes
+
+    def spy(model_, prefixes, device, copies=1):
+        chunks.append(len(prefixes))
+        return real(model_, prefixes, device, copies)
+
+    monkeypatch.setattr(prefix, "run_prefixes", spy)
+    reused, lm = _scores(model, "mmlu", reuse=True, limit=64)
+    assert lm.prefix_reuse_note is None and max(chunks) >= 2  # some forward ran several subjects' prefixes
+    assert lm.prefix_reused_rows >= 2 * max(chunks)
+    assert max(abs(a - b) for row_a, row_b in zip(whole, reused) for a, b in zip(row_a, row_b)) <= 1e-4
+
+
+def test_chunks_take_groups_of_similar_length_up_to_a_count():
+    groups = [(400, [0]), (100, [1]), (120, [2]), (126, [3]), (110, [4]), (500, [5])]
+    chunk, rest = prefix._next_chunk(groups, most=8)
+    assert chunk == [(100, [1]), (110, [4]), (120, [2])]  # 126 > 100 x 1.25: the next chunk's
+    assert rest == [(126, [3]), (400, [0]), (500, [5])]
+    chunk, rest = prefix._next_chunk(groups, most=2)
+    assert chunk == [(100, [1]), (110, [4])] and len(rest) == 4
+    assert prefix._next_chunk([(400, [0])], most=8) == ([(400, [0])], [])
+
+
+@needs_data
 def test_a_wrong_cache_is_caught_and_every_row_is_scored_whole(monkeypatch):
     model = build_model(tiny_config_for("qwen3_5_text"), seed=0)
     whole, _ = _scores(model, "arc_challenge", reuse=False)
     real = prefix.batch_cache
 
-    def stale(cache, size, copies=1):  # states of another prefix: what a cache copied wrongly would give
+    def stale(cache, *args):  # states of another prefix: what a cache copied wrongly would give
         for layer in cache.layers:
             for name, value in list(vars(layer).items()):
                 if torch.is_tensor(value) and value.dim() > 1:
                     setattr(layer, name, value.flip(-1))
-        return real(cache, size, copies)
+        return real(cache, *args)
 
     monkeypatch.setattr(prefix, "batch_cache", stale)
     scores, lm = _scores(model, "arc_challenge", reuse=True)
@@ -222,7 +255,7 @@ def _stand_in_groups(monkeypatch, lengths: list[int], chunk: int, batch_size: in
     monkeypatch.setattr(prefix, "run_prefix", lambda model, p, device, copies=1: len(p))
     calls = []
 
-    def suffix(model, cut, rs, length, pos, pad, device, copies=1):
+    def suffix(model, cut, rs, length, pos, pad, device, copies=1, cache_rows=None):
         calls.append(length)
         if len(calls) == fail_on_call:
             raise RuntimeError("out of memory")  # as a later batch of a group might

@@ -107,7 +107,8 @@ def test_conditions_sharing_batches_get_the_records_they_get_alone(tmp_path, dat
     assert [a for (a,) in db.execute("SELECT attempts FROM jobs")] == [1] * 7
 
 
-def test_prefix_reuse_with_shared_conditions_scores_as_each_condition_alone(data_dir):
+@pytest.mark.parametrize("benchmark, limit", [("arc_challenge", 6), ("mmlu", 64)])  # one prefix; per subject
+def test_prefix_reuse_with_shared_conditions_scores_as_each_condition_alone(data_dir, benchmark, limit):
     from hybridlora.ablation.shared import SharedLM
     from hybridlora.evaluate.lm import CausalLM
     from hybridlora.evaluate.runner import prepare_benchmark
@@ -122,7 +123,7 @@ def test_prefix_reuse_with_shared_conditions_scores_as_each_condition_alone(data
     alone = []
     for units_, method in conditions:
         lm = CausalLM(model, byte_tokenizer(), batch_size=4, max_length=1536, prefix_reuse=True)
-        prepared = prepare_benchmark(lm, "arc_challenge", data_dir=data_dir, limit=6)
+        prepared = prepare_benchmark(lm, benchmark, data_dir=data_dir, limit=limit)
         if method == "none":
             alone.append(lm.score_choices(prepared.inputs))
             continue

@@ -33,6 +33,9 @@ LOW_PRECISION_TOLERANCE = 5e-2
 # prefix cuts tried, in order, after an uncut prefix fails the check: fla's chunked Gated DeltaNet works in chunks
 # of 64 tokens, Mamba-2 models in chunks of 128 (Falcon-H1-0.5B) or 256 (each a multiple of the ones before)
 CHUNK_ALIGNMENTS = (64, 128, 256)
+# once the cut is trusted, groups whose shared lengths lie within this share of each other run their prefixes in one
+# forward and their questions in common batches, all cut at the shortest (_next_chunk)
+CHUNK_SLACK = 0.25
 
 
 class ReuseUnavailable(Exception):
@@ -90,36 +93,58 @@ def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
     return lo
 
 
-def batch_cache(cache: Any, size: int, copies: int = 1) -> Any:
-    """A copy of a cache of ``copies`` rows (batch 1 unless conditions share the forward) tiled to ``size`` rows,
-    row ``r`` taking the cache's row ``r % copies`` (transformers' layered caches: each layer's tensors of that
-    batch — keys, values, convolution and recurrent states)."""
+def batch_cache(cache: Any, size: int, copies: int = 1, rows: Sequence[int] | None = None) -> Any:
+    """A copy of a prefix cache as the cache of a batch of ``size`` rows (transformers' layered caches: each layer's
+    tensors of the prefix batch — keys, values, convolution and recurrent states). Row ``r`` takes the cache's row
+    ``rows[r]`` when given (prefixes of several groups in one cache), else ``r % copies`` (one prefix, run once per
+    condition sharing the forward)."""
     layers = getattr(cache, "layers", None)
     if not layers:
         raise ReuseUnavailable(f"its cache ({type(cache).__name__}) has no per-layer states to copy")
+    cached = copies if rows is None else _cache_batch(layers)
+    index = [r % copies for r in range(size)] if rows is None else list(rows)
     out = copy.deepcopy(cache)
     for layer in out.layers:
         for name, value in list(vars(layer).items()):
-            if _prefix_rows(value, copies):
-                setattr(layer, name, _tile(value, size // copies))
+            if _prefix_rows(value, cached):
+                setattr(layer, name, _take(value, index))
             elif isinstance(value, dict):
                 for key, item in list(value.items()):
-                    if _prefix_rows(item, copies):
-                        value[key] = _tile(item, size // copies)
+                    if _prefix_rows(item, cached):
+                        value[key] = _take(item, index)
     return out
 
 
-def _prefix_rows(value: Any, copies: int) -> bool:
-    return torch.is_tensor(value) and value.dim() > 1 and value.shape[0] == copies
+def _cache_batch(layers: Sequence[Any]) -> int:
+    """The batch a cache was computed at: the first dimension of its per-row tensors."""
+    for layer in layers:
+        for value in (*vars(layer).values(), *(v for d in vars(layer).values() if isinstance(d, dict)
+                                               for v in d.values())):
+            if torch.is_tensor(value) and value.dim() > 1:
+                return value.shape[0]
+    raise ReuseUnavailable("its cache holds no per-row tensors to copy")
 
 
-def _tile(value: torch.Tensor, times: int) -> torch.Tensor:
-    return value.repeat(times, *(1,) * (value.dim() - 1))
+def _prefix_rows(value: Any, batch: int) -> bool:
+    return torch.is_tensor(value) and value.dim() > 1 and value.shape[0] == batch
+
+
+def _take(value: torch.Tensor, index: list[int]) -> torch.Tensor:
+    if index == list(range(value.shape[0])) * (len(index) // value.shape[0]):  # plain tiling: repeat, no gather
+        return value.repeat(len(index) // value.shape[0], *(1,) * (value.dim() - 1))
+    return value.index_select(0, torch.tensor(index, dtype=torch.long, device=value.device))
 
 
 def run_prefix(model: torch.nn.Module, prefix: Sequence[int], device: torch.device, copies: int = 1) -> Any:
     """The model's cache after ``prefix`` (batch ``copies``); its logits are not read (one position kept)."""
-    ids = torch.tensor([list(prefix)] * copies, device=device)
+    return run_prefixes(model, [prefix], device, copies)
+
+
+def run_prefixes(model: torch.nn.Module, prefixes: Sequence[Sequence[int]], device: torch.device,
+                 copies: int = 1) -> Any:
+    """The model's cache after ``prefixes`` (equal lengths, no padding), each run ``copies`` times in a row: row
+    ``p * copies + c`` holds prefix ``p``'s copy ``c``."""
+    ids = torch.tensor([list(p) for p in prefixes for _ in range(copies)], device=device)
     try:
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     except TypeError:  # a model without logits_to_keep
@@ -151,9 +176,10 @@ def logprobs_at(model: torch.nn.Module, inputs: dict[str, Any],
 
 def suffix_logprobs(model: torch.nn.Module, cache: Any, rows: Sequence[Sequence[int]], prefix_length: int,
                     positions: Sequence[Sequence[int]], pad_id: int, device: torch.device,
-                    copies: int = 1) -> list[torch.Tensor]:
+                    copies: int = 1, cache_rows: Sequence[int] | None = None) -> list[torch.Tensor]:
     """Log-softmax at ``positions`` (whole-row coordinates) of ``rows``, whose first ``prefix_length`` tokens are
-    in ``cache``: one forward over the rest, right-padded."""
+    in ``cache`` (row ``i``'s at the cache's row ``cache_rows[i]`` when given): one forward over the rest,
+    right-padded."""
     tails = [list(r[prefix_length:]) for r in rows]
     width = max(len(t) for t in tails)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -165,7 +191,7 @@ def suffix_logprobs(model: torch.nn.Module, cache: Any, rows: Sequence[Sequence[
     from ..fast.decode import cache_argument
 
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": True,
-              cache_argument(model): batch_cache(cache, len(rows), copies)}
+              cache_argument(model): batch_cache(cache, len(rows), copies, cache_rows)}
     return logprobs_at(model, inputs, [[p - prefix_length for p in ps] for ps in positions])
 
 
@@ -211,7 +237,13 @@ def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]],
 
     run = dict(model=model, rows=rows, positions=positions, use=use_once, batch_size=batch_size, pad_id=pad_id,
                device=device, copies=copies)
-    for length, members in groups:
+    pending = list(groups)
+    while pending:
+        if off is None and confirmed:  # trusted: groups of similar length share one prefix forward (_next_chunk)
+            chunk, pending = _next_chunk(pending, max(1, batch_size // copies))
+            length, members = min(n for n, _ in chunk), [i for _, group in chunk for i in group]
+        else:
+            (length, members), pending = pending[0], pending[1:]
         if off is not None:
             score_whole(members)
             continue
@@ -241,6 +273,20 @@ def score_with_reuse(prepared: Sequence[tuple[list[int], list[int], list[int]]],
     return off, reused, candidates[k] if reused else None, confirmed
 
 
+def _next_chunk(groups: list[tuple[int, list[int]]], most: int) -> tuple[list[tuple[int, list[int]]],
+                                                                        list[tuple[int, list[int]]]]:
+    """(the next chunk, the groups left): the shortest group and the next ones by length, up to ``most`` groups and
+    while their shared length stays within CHUNK_SLACK of the first's. A chunk is cut at its shortest length, so a
+    longer member recomputes at most that share of its prefix on the continuation; in exchange each prefix forward
+    and each continuation forward serves several groups (MMLU's per-subject shots: 56 groups of median 7
+    questions, whose one-group forwards were launch-bound on the H200: 40-55 ms each for 7 rows, 2026-12-05)."""
+    ordered = sorted(groups, key=lambda g: g[0])
+    first, count = ordered[0][0], 1
+    while count < min(most, len(ordered)) and ordered[count][0] <= first * (1 + CHUNK_SLACK):
+        count += 1
+    return ordered[:count], ordered[count:]
+
+
 def _checked_cut(length: int, members: list[int], check, alignments: Sequence[int],
                  run: dict) -> tuple[int, int, int] | None:
     """(index into ``alignments`` of the first cut that passes ``check``, that cut, rows scored) for one group;
@@ -267,14 +313,23 @@ def _checked_cut(length: int, members: list[int], check, alignments: Sequence[in
 
 def _reuse_group(cut: int, members: list[int], check, *, model, rows, positions, use, batch_size: int, pad_id: int,
                  device, copies: int = 1) -> int:
-    """Score ``members`` on the cache of their first ``cut`` tokens; with ``check``, the first batch's first row
-    (its copies) is checked before anything is used (``_Mismatch`` if it fails). Returns the rows scored."""
-    cache = run_prefix(model, rows[members[0]][:cut], device, copies)
+    """Score ``members`` on the cache of their first ``cut`` tokens, one prefix forward over the distinct prefixes
+    among them (one for a group, several for a chunk of groups); with ``check``, the first batch's first row (its
+    copies) is checked before anything is used (``_Mismatch`` if it fails). Returns the rows scored."""
+    prefixes: dict[tuple[int, ...], int] = {}
+    for i in members[::copies]:  # each distinct row's first copy (copies sit next to each other)
+        prefixes.setdefault(tuple(rows[i][:cut]), len(prefixes))
+    if len(prefixes) == 1:
+        cache, where = run_prefix(model, rows[members[0]][:cut], device, copies), None
+    else:
+        cache = run_prefixes(model, list(prefixes), device, copies)
+        where = lambda i: prefixes[tuple(rows[i][:cut])] * copies + i % copies  # noqa: E731  (row p*copies + c)
     members, done = sorted(members, key=lambda i: -len(rows[i])), 0
     for start in range(0, len(members), batch_size):
         batch = members[start:start + batch_size]
+        extra = {} if where is None else {"cache_rows": [where(i) for i in batch]}
         logps = suffix_logprobs(model, cache, [rows[i] for i in batch], cut, [positions(i) for i in batch], pad_id,
-                                device, copies)
+                                device, copies, **extra)
         if check is not None and start == 0:
             ok, diff = check(batch[:copies], logps[:copies])
             if not ok:
