@@ -250,11 +250,13 @@ def rates(model, args, label: str, note) -> dict:
 def measure(model, mu, args, entry: dict, note) -> None:
     """Rates intact and ablated, the graph checks and the single-process levers, into ``entry["rates"]``."""
     out = entry.setdefault("rates", {})
-    out["intact"] = rates(model, args, "intact", note)
+    if not args.no_intact:
+        out["intact"] = rates(model, args, "intact", note)
     with ablation_of(model, mu):
         out["ablated"] = rates(model, args, "ablated", note)
-        out["ablated_decode_differs_from_intact"] = not torch.equal(out["intact"].pop("_tokens"),
-                                                                    out["ablated"].pop("_tokens"))
+        ablated_tokens = out["ablated"].pop("_tokens")
+        if not args.no_intact:
+            out["ablated_decode_differs_from_intact"] = not torch.equal(out["intact"].pop("_tokens"), ablated_tokens)
         small = decode(model, args, args.small_gen_batch, args.gen_new, check=False)
         out["ablated"]["gen_s_per_step_small_batch"] = small["s_per_step"]
         out["ablated"]["gen_fixed_s_small_batch"] = small["fixed_s"]
@@ -495,6 +497,8 @@ def mps_status() -> str:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--no-intact", action="store_true", help="skip the intact model's rates (the projection reads "
+                    "only the ablated ones; a short device call)")
     ap.add_argument("--reproject", metavar="JSON", help="no measurement: the rates of an earlier run's "
                     "bench_ablation.json projected over the current plan's conditions (CPU, meta-device counts)")
     ap.add_argument("--models", default="qwen,falcon")
