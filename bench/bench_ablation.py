@@ -19,7 +19,8 @@ the script, measures nothing meaningful) it
    windows a forward, and ``--workers`` runner processes sharing the GPU (``--workers-per-gpu N``): each builds
    the model, attaches the ablation and warms up, then all run the same scaled-down condition (``--unit-scale``
    of one condition's perplexity, multiple-choice and generation work, two decode batches) at once; the
-   throughput gain is N × (one runner's time) / (the wall time of N at once); and ``--share K`` conditions in
+   throughput gain is N × (one runner's time) / (the wall time of N at once), with ``--runner-share K`` for
+   runners whose unit holds K conditions a forward (the gain then projects only that K); and ``--share K`` conditions in
    each forward (``ablate --conditions-per-batch K``): the hooks of K one-unit removals attached at once, every
    multiple-choice row repeated K times, decoding at K times each generation benchmark's rows;
 5. projects one condition (perplexity over ``--ppl-tokens`` tokens + MMLU 512 + ARC 299 + HellaSwag 512 questions +
@@ -331,7 +332,11 @@ def _benchmark_rows(args) -> list[int]:
 
 
 def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -> dict:
+    """Minutes for ``conditions`` at ``rates``; ``gain``: the runner-process gain, measured with
+    ``args.runner_share`` conditions a batch, so applied to that projection only (1: the unshared ones)."""
     r = rates["ablated"]
+    share_measured = getattr(args, "runner_share", 1)
+    plain_gain, gain = (gain, 1.0) if share_measured == 1 else (1.0, gain)
     ppl = args.ppl_tokens / r["ppl_tokens_per_s"]
     mc = STUDY_MC * r["mc_s_per_question"]
     # decode steps cost about the same at batch 164-256 on the GPU (memory-bound): one batch per benchmark
@@ -340,13 +345,13 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
     n_removals = len({c.removal for c in conditions}) + 1  # + intact
     # Lighter split: perplexity for every removal, benchmarks only for groups, progressive and the intact model
     benched = len({c.removal for c in conditions if c.plan in ("group", "progressive")}) + 1
-    light = (n_removals * ppl + benched * (mc + gen)) / 60 / gain
-    total = n_removals * per / 60 / gain
+    light = (n_removals * ppl + benched * (mc + gen)) / 60 / plain_gain
+    total = n_removals * per / 60 / plain_gain
     mc_reuse = mc_with_prefix_reuse(r)
-    extra = {} if mc_reuse is None else {"with_prefix_reuse_min": n_removals * (per - mc + mc_reuse) / 60 / gain,
+    extra = {} if mc_reuse is None else {"with_prefix_reuse_min": n_removals * (per - mc + mc_reuse) / 60 / plain_gain,
                                          "mc_with_prefix_reuse_s": mc_reuse}
     out = {**extra, "per_condition_s": {"perplexity": ppl, "mc": mc, "generation": gen, "total": per},
-           "removals": n_removals, "runner_gain": gain, "total_min": total,
+           "removals": n_removals, "runner_gain": plain_gain, "total_min": total,
            "perplexity_everywhere_benchmarks_on_groups_progressive_min": light, "benchmarked_removals": benched,
            "target_min": 20, "target_met": total <= 20, "decoded_to_budget": True}
     if "gen_s_per_step_small_batch" in r:
@@ -359,11 +364,13 @@ def project(rates: dict, conditions: list[Condition], args, gain: float = 1.0) -
         # --prefix-reuse only where it pays: with MMLU's per-subject groups it can cost more forwards than it saves
         reuse_pays = extra.get("mc_with_prefix_reuse_s", mc) < mc
         levers = out["perplexity_s_at_large_batch"] + (extra["mc_with_prefix_reuse_s"] if reuse_pays else mc) + gen
-        out["with_every_lever"] = {"per_condition_s": levers, "total_min": n_removals * levers / 60 / gain,
+        out["with_every_lever"] = {"per_condition_s": levers, "total_min": n_removals * levers / 60 / plain_gain,
                                    "prefix_reuse": reuse_pays}
         for k, shared in rates.get("shared", {}).items():
+            # a runner gain counts only where it was measured with the same conditions a batch
+            k_gain = gain if int(k) == share_measured else 1.0
             out.setdefault("with_every_lever_sharing", {})[k] = project_sharing(
-                shared, int(k), out["perplexity_s_at_large_batch"], n_removals, args)
+                shared, int(k), out["perplexity_s_at_large_batch"], n_removals, args, k_gain)
     return out
 
 
@@ -376,12 +383,12 @@ def mc_with_prefix_reuse(r: dict) -> float | None:
     return (STUDY_MC - STUDY_MMLU) * r["mc_s_per_question_prefix_reuse"] + STUDY_MMLU * grouped
 
 
-def project_sharing(shared: dict, k: int, perplexity_s: float, n_removals: int, args) -> dict:
+def project_sharing(shared: dict, k: int, perplexity_s: float, n_removals: int, args, gain: float = 1.0) -> dict:
     """Every lever with ``k`` conditions in each forward (``ablate --conditions-per-batch k``): perplexity at the
     large batch's rate (its forwards are full already; sharing leaves their cost per window), multiple choice at
     the shared rates (whole rows or --prefix-reuse, whichever is faster), generation at the step time of ``k``
     times each benchmark's rows, divided among the ``k`` conditions. The removals run in whole groups (the last
-    filled with intact rows); the runner gain is not included (not measured with sharing)."""
+    filled with intact rows); ``gain``: the runner gain measured with ``k`` conditions a batch (1: none)."""
     mc_whole = STUDY_MC * shared["mc_s_per_question"]
     mc_reuse = mc_with_prefix_reuse(shared)
     mc = min(mc_whole, mc_reuse) if mc_reuse is not None else mc_whole
@@ -392,7 +399,7 @@ def project_sharing(shared: dict, k: int, perplexity_s: float, n_removals: int, 
     groups = -(-n_removals // k)
     return {"per_condition_s": {"perplexity": perplexity_s, "mc": mc, "generation": gen, "total": per},
             "prefix_reuse": mc_reuse is not None and mc_reuse < mc_whole, "groups": groups,
-            "total_min": groups * k * per / 60}
+            "runner_gain": gain, "total_min": groups * k * per / 60 / gain}
 
 
 # ------------------------------------------------------------------------------------------ several runners
@@ -405,18 +412,22 @@ def unit_work(args) -> dict:
             "decode": [(min(q, args.gen_batch), max(4, round(new * scale))) for q, new in STUDY_GEN.values()]}
 
 
-def run_unit(model, args, work: dict) -> None:
+def run_unit(model, args, work: dict, copies: int = 1) -> None:
+    """The unit of work, each row ``copies`` times (conditions sharing each forward, as ``--runner-share``)."""
+    from hybridlora.ablation.perplexity import strided_nll_copies
     from hybridlora.fast.decode import greedy_generate
 
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(1, vocab, (args.window + args.stride * work["windows"],), generator=g).tolist()
     windows = plan_windows(len(ids), args.window, args.stride)[:work["windows"]]
-    strided_nll(model, ids, windows, batch_size=args.ppl_batch)
-    mc_seconds(model, args, work["mc_questions"])
+    # perplexity keeps about its unshared rows a forward, as ablate does (batch / K windows, each K times)
+    strided_nll_copies(model, ids, windows, copies=copies, batch_size=max(1, args.ppl_batch // copies))
+    mc_seconds(model, args, work["mc_questions"], copies=copies)
     model.generation_config.eos_token_id = None  # decoded to the budget, as in decode() (the runner's own model)
     for batch, new in work["decode"]:
         prompt = torch.randint(1, vocab, (batch, args.gen_len), generator=g).to(args.device)
+        prompt = prompt.repeat_interleave(copies, 0)
         greedy_generate(model, prompt, torch.ones_like(prompt), max_new_tokens=new, pad_token_id=0,
                         graphs=args.device == "cuda")
     sync(args.device)
@@ -435,11 +446,18 @@ def runner_process(name: str, settings: dict, barrier, results) -> None:
         fast.use("fast")
     model, _, mu = build(name, args)
     work = unit_work(args)
-    with ablation_of(model, mu):
-        run_unit(model, args, work)  # warm-up: kernels, graph capture paths, allocator
+    k = args.runner_share
+    if k > 1:
+        from hybridlora.ablation.methods import SharedAblation
+
+        removal = SharedAblation(model, sharing_conditions(mu, k), mu.layers_path)
+    else:
+        removal = ablation_of(model, mu)
+    with removal:
+        run_unit(model, args, work, k)  # warm-up: kernels, graph capture paths, allocator
         barrier.wait()
         t = time.perf_counter()
-        run_unit(model, args, work)
+        run_unit(model, args, work, k)
         results.put(time.perf_counter() - t)
 
 
@@ -481,11 +499,17 @@ def measure_runners(name: str, args, entry: dict, conditions, note) -> None:
     if gains and "rates" in entry:
         best = max(gains)
         entry["projection_with_runners"] = project(entry["rates"], conditions, args, gain=best)
-        note(f"projection with the best runner count (gain {best:.2f}x): "
-             f"{entry['projection_with_runners']['total_min']:.1f} min")
-        if "with_every_lever" in entry["projection_with_runners"]:
+        if args.runner_share == 1:
+            note(f"projection with the best runner count (gain {best:.2f}x): "
+                 f"{entry['projection_with_runners']['total_min']:.1f} min")
+        if "with_every_lever" in entry["projection_with_runners"] and args.runner_share == 1:
             note(f"projection with every lever and the runner gain: "
                  f"{entry['projection_with_runners']['with_every_lever']['total_min']:.1f} min")
+        shared = entry["projection_with_runners"].get("with_every_lever_sharing", {})
+        k = next((key for key in shared if int(key) == args.runner_share), None)
+        if k is not None:
+            note(f"projection with every lever, {k} conditions a batch and the runner gain measured with them "
+                 f"({best:.2f}x): {shared[k]['total_min']:.1f} min")
 
 
 def mps_status() -> str:
@@ -524,6 +548,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--check-new", type=int, default=64, help="new tokens of the graph-against-eager check")
     ap.add_argument("--workers", default="1,2,4", help="runner processes at once, measured in turn ('' skips)")
     ap.add_argument("--unit-scale", type=float, default=0.125, help="share of one condition each runner does")
+    ap.add_argument("--runner-share", type=int, default=1, help="conditions in each forward of the runners' unit "
+                    "(ablate --workers-per-gpu N with --conditions-per-batch K); its gain then projects that K")
     ap.add_argument("--runner-timeout", type=float, default=240.0, help="seconds a round of runners may take")
     args = ap.parse_args()
     args.workers = [int(w) for w in args.workers.split(",") if w.strip()]

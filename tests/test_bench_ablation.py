@@ -126,3 +126,19 @@ def test_reproject_reads_a_saved_run_back_to_the_live_projection(bench, tmp_path
     assert f"{live['removals']} removals (the run counted 1 conditions)" in printed
     with pytest.raises(SystemExit, match="give a bench_ablation.json"):
         bench.reproject(tmp_path / "missing.json", argparse.Namespace(models="qwen"))
+
+
+def test_a_runner_gain_counts_only_for_the_conditions_a_batch_it_was_measured_with(bench):
+    shared = {"mc_s_per_question": 3e-3, "gen_at_rows": {256: {"s_per_step": 20e-3, "fixed_s": 1.0},
+                                                         164: {"s_per_step": 16e-3, "fixed_s": 0.8}}}
+    rates = _rates()
+    rates["shared"] = {2: dict(shared), 4: dict(shared)}
+    alone = bench.project(rates, _conditions(bench, 9), _args(runner_share=4))
+    gained = bench.project(rates, _conditions(bench, 9), _args(runner_share=4), gain=1.25)
+    assert math.isclose(gained["with_every_lever_sharing"][4]["total_min"],
+                        alone["with_every_lever_sharing"][4]["total_min"] / 1.25)
+    assert gained["with_every_lever_sharing"][2]["total_min"] == alone["with_every_lever_sharing"][2]["total_min"]
+    assert gained["total_min"] == alone["total_min"] and gained["runner_gain"] == 1.0
+    unshared = bench.project(rates, _conditions(bench, 9), _args(runner_share=1), gain=1.25)
+    assert math.isclose(unshared["total_min"], alone["total_min"] / 1.25)
+    assert unshared["with_every_lever_sharing"][4]["total_min"] == alone["with_every_lever_sharing"][4]["total_min"]
