@@ -123,6 +123,19 @@ def test_groups_of_several_subjects_share_one_prefix_forward_and_give_the_whole_
     assert max(abs(a - b) for row_a, row_b in zip(whole, reused) for a, b in zip(row_a, row_b)) <= 1e-4
 
 
+@needs_data
+def test_a_chunk_cache_of_the_wrong_batch_turns_reuse_off_and_scores_the_rest_whole(monkeypatch):
+    model = build_model(tiny_config_for("qwen3_5_text"), seed=0)
+    whole, _ = _scores(model, "mmlu", reuse=False, limit=64)
+    real = prefix.run_prefixes
+    monkeypatch.setattr(prefix, "run_prefixes", lambda m, prefixes, device, copies=1: real(m, prefixes[:1], device,
+                                                                                              copies))
+    reused, lm = _scores(model, "mmlu", reuse=True, limit=64)
+    assert lm.prefix_reuse_note == ("prefix reuse off for this model: its cache's rows do not follow the prefixes' "
+                                    "batch; rows scored whole")
+    assert max(abs(a - b) for row_a, row_b in zip(whole, reused) for a, b in zip(row_a, row_b)) <= 1e-4
+
+
 def test_chunks_take_groups_of_similar_length_up_to_a_count():
     groups = [(400, [0]), (100, [1]), (120, [2]), (126, [3]), (110, [4]), (500, [5])]
     chunk, rest = prefix._next_chunk(groups, most=8)

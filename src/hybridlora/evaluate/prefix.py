@@ -317,17 +317,19 @@ def _reuse_group(cut: int, members: list[int], check, *, model, rows, positions,
     among them (one for a group, several for a chunk of groups); with ``check``, the first batch's first row (its
     copies) is checked before anything is used (``_Mismatch`` if it fails). Returns the rows scored."""
     prefixes: dict[tuple[int, ...], int] = {}
-    for i in members[::copies]:  # each distinct row's first copy (copies sit next to each other)
-        prefixes.setdefault(tuple(rows[i][:cut]), len(prefixes))
+    cache_row = {}  # member -> its prefix's row for its copy: prefix p's copy c is row p * copies + c
+    for i in members:  # a distinct row's copies sit next to each other, copy c at index i with i % copies == c
+        cache_row[i] = prefixes.setdefault(tuple(rows[i][:cut]), len(prefixes)) * copies + i % copies
     if len(prefixes) == 1:
-        cache, where = run_prefix(model, rows[members[0]][:cut], device, copies), None
+        cache = run_prefix(model, rows[members[0]][:cut], device, copies)
     else:
         cache = run_prefixes(model, list(prefixes), device, copies)
-        where = lambda i: prefixes[tuple(rows[i][:cut])] * copies + i % copies  # noqa: E731  (row p*copies + c)
+        if _cache_batch(getattr(cache, "layers", None) or []) != len(prefixes) * copies:
+            raise ReuseUnavailable("its cache's rows do not follow the prefixes' batch")
     members, done = sorted(members, key=lambda i: -len(rows[i])), 0
     for start in range(0, len(members), batch_size):
         batch = members[start:start + batch_size]
-        extra = {} if where is None else {"cache_rows": [where(i) for i in batch]}
+        extra = {} if len(prefixes) == 1 else {"cache_rows": [cache_row[i] for i in batch]}
         logps = suffix_logprobs(model, cache, [rows[i] for i in batch], cut, [positions(i) for i in batch], pad_id,
                                 device, copies, **extra)
         if check is not None and start == 0:
