@@ -49,6 +49,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -589,6 +590,29 @@ def main() -> None:
     log("done")
 
 
+def say_projection(pr: dict, args, say: Callable[[str], None]) -> None:
+    """The lines of a :func:`project` result: bench defaults, --prefix-reuse, every lever, K conditions a batch."""
+    per = pr["per_condition_s"]
+    small = (f"; in batches of {args.small_gen_batch}: {pr['generation_s_in_batches_of_small']:.1f}"
+             if "generation_s_in_batches_of_small" in pr else "")
+    say(f"projection: {per['total']:.1f} s per condition (perplexity {per['perplexity']:.1f}, MC {per['mc']:.1f}, "
+        f"generation {per['generation']:.1f}{small}) x {pr['removals']} removals = {pr['total_min']:.1f} min")
+    if "with_prefix_reuse_min" in pr:
+        say(f"projection with --prefix-reuse: MC {pr['mc_with_prefix_reuse_s']:.1f} s per condition, whole set "
+            f"{pr['with_prefix_reuse_min']:.1f} min")
+    if "with_every_lever" in pr:
+        levers = pr["with_every_lever"]
+        say(f"projection with every lever (perplexity at batch {args.ppl_batch_large}"
+            f"{', --prefix-reuse' if levers['prefix_reuse'] else ''}): {levers['per_condition_s']:.1f} s per "
+            f"condition, whole set {levers['total_min']:.1f} min (runner gain not included)")
+    for k, shared in pr.get("with_every_lever_sharing", {}).items():
+        c = shared["per_condition_s"]
+        say(f"projection with every lever and {k} conditions a batch: {c['total']:.1f} s per condition (perplexity "
+            f"{c['perplexity']:.1f}, MC {c['mc']:.1f}{' with reuse' if shared['prefix_reuse'] else ''}, generation "
+            f"{c['generation']:.1f}), whole set {shared['total_min']:.1f} min in {shared['groups']} groups (runner "
+            f"gain {'x%.2f' % shared['runner_gain'] if shared.get('runner_gain', 1) != 1 else 'not included'})")
+
+
 def reproject(path: Path, args) -> None:
     """Project the rates measured by an earlier run (``path``: its bench_ablation.json) over the conditions the
     current ``plans.reference_conditions`` builds on the full-size architecture (meta device: counts only). The
@@ -612,17 +636,7 @@ def reproject(path: Path, args) -> None:
         pr = project(_int_keys(entry["rates"]), conditions, saved)
         log(f"{name}: {len(conditions)} reference conditions, {pr['removals']} removals (the run counted "
             f"{entry.get('conditions')} conditions)")
-        log(f"{name}: projection: {pr['per_condition_s']['total']:.1f} s per condition x {pr['removals']} removals "
-            f"= {pr['total_min']:.1f} min")
-        if "with_every_lever" in pr:
-            levers = pr["with_every_lever"]
-            log(f"{name}: with every lever: {levers['per_condition_s']:.1f} s per condition, whole set "
-                f"{levers['total_min']:.1f} min (runner gain not included)")
-        for k, shared in pr.get("with_every_lever_sharing", {}).items():
-            c = shared["per_condition_s"]
-            log(f"{name}: with every lever and {k} conditions a batch: {c['total']:.1f} s per condition (perplexity "
-                f"{c['perplexity']:.1f}, MC {c['mc']:.1f}, generation {c['generation']:.1f}), whole set "
-                f"{shared['total_min']:.1f} min in {shared['groups']} groups")
+        say_projection(pr, saved, lambda message: log(f"{name}: {message}"))
 
 
 def _int_keys(value):
@@ -657,25 +671,7 @@ def measure_model(name: str, args, results: dict) -> list[Condition]:
     note(f"built {MODELS[name]}: {len(mu.units)} units, {len(conditions)} reference conditions")
     measure(model, mu, args, entry, note)
     entry["projection"] = project(entry["rates"], conditions, args)
-    pr = entry["projection"]
-    note(f"projection: {pr['per_condition_s']['total']:.1f} s per condition (perplexity "
-         f"{pr['per_condition_s']['perplexity']:.1f}, MC {pr['per_condition_s']['mc']:.1f}, generation "
-         f"{pr['per_condition_s']['generation']:.1f}; in batches of {args.small_gen_batch}: "
-         f"{pr['generation_s_in_batches_of_small']:.1f}) x {pr['removals']} removals = {pr['total_min']:.1f} min")
-    if "with_prefix_reuse_min" in pr:
-        note(f"projection with --prefix-reuse: MC {pr['mc_with_prefix_reuse_s']:.1f} s per condition, whole set "
-             f"{pr['with_prefix_reuse_min']:.1f} min")
-    if "with_every_lever" in pr:
-        levers = pr["with_every_lever"]
-        note(f"projection with every lever (perplexity at batch {args.ppl_batch_large}"
-             f"{', --prefix-reuse' if levers['prefix_reuse'] else ''}): {levers['per_condition_s']:.1f} s per "
-             f"condition, whole set {levers['total_min']:.1f} min (runner gain not included)")
-    for k, shared in pr.get("with_every_lever_sharing", {}).items():
-        c = shared["per_condition_s"]
-        note(f"projection with every lever and {k} conditions a batch: {c['total']:.1f} s per condition (perplexity "
-             f"{c['perplexity']:.1f}, MC {c['mc']:.1f}{' with reuse' if shared['prefix_reuse'] else ''}, generation "
-             f"{c['generation']:.1f}), whole set {shared['total_min']:.1f} min in {shared['groups']} groups (runner "
-             f"gain not included)")
+    say_projection(entry["projection"], args, note)
     del model
     if args.device == "cuda":
         torch.cuda.empty_cache()
