@@ -107,8 +107,9 @@ def test_conditions_sharing_batches_get_the_records_they_get_alone(tmp_path, dat
     assert [a for (a,) in db.execute("SELECT attempts FROM jobs")] == [1] * 7
 
 
-@pytest.mark.parametrize("benchmark, limit", [("arc_challenge", 6), ("mmlu", 64)])  # one prefix; per subject
-def test_prefix_reuse_with_shared_conditions_scores_as_each_condition_alone(data_dir, benchmark, limit):
+# not named `benchmark`: pytest-benchmark, where installed, owns a fixture of that name and fails the test's set-up
+@pytest.mark.parametrize("bench_name, limit", [("arc_challenge", 6), ("mmlu", 64)])  # one prefix; per subject
+def test_prefix_reuse_with_shared_conditions_scores_as_each_condition_alone(data_dir, bench_name, limit):
     from hybridlora.ablation.shared import SharedLM
     from hybridlora.evaluate.lm import CausalLM
     from hybridlora.evaluate.runner import prepare_benchmark
@@ -123,7 +124,7 @@ def test_prefix_reuse_with_shared_conditions_scores_as_each_condition_alone(data
     alone = []
     for units_, method in conditions:
         lm = CausalLM(model, byte_tokenizer(), batch_size=4, max_length=1536, prefix_reuse=True)
-        prepared = prepare_benchmark(lm, benchmark, data_dir=data_dir, limit=limit)
+        prepared = prepare_benchmark(lm, bench_name, data_dir=data_dir, limit=limit)
         if method == "none":
             alone.append(lm.score_choices(prepared.inputs))
             continue
