@@ -601,7 +601,12 @@ def test_on_a_gpu_ablate_names_its_opt_in_levers_until_they_are_given(capsys, tm
     assert main(base + ["--gen-batch-size", "256", "--prefix-reuse"]) == 0
     err = capsys.readouterr().err
     assert "--prefix-reuse" not in err and "--batch-size 64" in err
-    assert main(base + ["--gen-batch-size", "256", "--prefix-reuse", "--batch-size", "64"]) == 0
+    all_three = base + ["--gen-batch-size", "256", "--prefix-reuse", "--batch-size", "64"]
+    assert main(all_three + ["--plan", "groups"]) == 0  # two removals: sharing forwards would not pay
+    assert "note: on a GPU" not in capsys.readouterr().err
+    assert main(all_three + ["--plan", "reference"]) == 0
+    assert "--conditions-per-batch 4" in capsys.readouterr().err
+    assert main(all_three + ["--plan", "reference", "--conditions-per-batch", "8"]) == 0
     assert "note: on a GPU" not in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(base) == 0

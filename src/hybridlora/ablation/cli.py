@@ -197,7 +197,6 @@ def build_jobs(args) -> tuple[Path, list, Any, list]:
         from .shared import SPEC_KEY
 
         common[SPEC_KEY] = args.conditions_per_batch
-    _say_gpu_levers(args, benchmarks)
     if args.tiny and args.max_new_tokens is None and benchmarks.keys() & {"gsm8k", "humaneval"}:
         common["eval"]["max_new_tokens"] = TINY_NEW_TOKENS
         print(f"note: --tiny: GSM8K/HumanEval generate at most {TINY_NEW_TOKENS} new tokens (a random model's text "
@@ -211,6 +210,7 @@ def build_jobs(args) -> tuple[Path, list, Any, list]:
             jobs[c.removal] = Job(job_id("ablation", spec), "ablation", model["name"], c.name, c.method, None, spec)
         rows.append({**c.as_dict(), "job": jobs[c.removal].id, "removed": jobs[c.removal].spec["removed"]})
     output = Path(args.output) if args.output else Path("ablations") / _slug(model["name"])
+    _say_gpu_levers(args, benchmarks, len(jobs))
     if args.conditions_per_batch > len(jobs):
         print(f"note: --conditions-per-batch {args.conditions_per_batch} exceeds the {len(jobs)} distinct removals: "
               f"each forward carries {args.conditions_per_batch - len(jobs)} intact fillers; "
@@ -218,7 +218,7 @@ def build_jobs(args) -> tuple[Path, list, Any, list]:
     return output, list(jobs.values()), mu, rows
 
 
-def _say_gpu_levers(args, benchmarks: dict) -> None:
+def _say_gpu_levers(args, benchmarks: dict, removals: int) -> None:
     """On a GPU, name the opt-in levers a full-size ablation should use. They are not the default because they
     change a job's spec (earlier ablations would be run again) and the batches' composition (the last bits of
     bf16 scores)."""
@@ -234,6 +234,9 @@ def _say_gpu_levers(args, benchmarks: dict) -> None:
     if args.batch_size < 64:  # perplexity at 32 windows a forward ran 1.6-1.9x faster than at 4 on the H200
         levers.append("--batch-size 64 (perplexity 32 windows a forward, multiple choice 64 questions; a 248k "
                       "vocabulary's logits take ~17 GB at that size)")
+    if args.conditions_per_batch == 1 and removals >= 16:  # a handful of removals leaves little to share
+        levers.append("--conditions-per-batch 4 (four conditions share each forward; 8 took Falcon-H1-0.5B's "
+                      "--plan reference under 20 minutes on one H200)")
     if levers:
         print(f"note: on a GPU, {', '.join(levers)} cut the time per condition several-fold (docs/ABLATION.md, "
               "\"Cost\"); they are opt-in so that earlier ablations keep their job ids", file=sys.stderr)
