@@ -602,7 +602,7 @@ def test_on_a_gpu_ablate_names_its_opt_in_levers_until_they_are_given(capsys, tm
     err = capsys.readouterr().err
     assert "--prefix-reuse" not in err and "--batch-size 64" in err
     all_three = base + ["--gen-batch-size", "256", "--prefix-reuse", "--batch-size", "64"]
-    assert main(all_three + ["--plan", "groups"]) == 0  # two removals: sharing forwards would not pay
+    assert main(all_three + ["--plan", "groups"]) == 0  # a few removals: sharing forwards would not pay
     assert "note: on a GPU" not in capsys.readouterr().err
     assert main(all_three + ["--plan", "reference"]) == 0
     assert "--conditions-per-batch 4" in capsys.readouterr().err
